@@ -1,0 +1,1 @@
+"""looprl.ops: the `looprl` command line, config, logging, metrics, scheduler and loop supervision."""

@@ -1,0 +1,9 @@
+"""`looprl` subcommands for the ingest stage (see ops/cli.py for the convention)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    pass

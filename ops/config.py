@@ -1,0 +1,310 @@
+"""The one configuration schema of looprl.
+
+Every process reads the same typed config: defaults below, overridden by a TOML file
+(`looprl.toml` in the working directory, or the path in ``LOOPRL_CONFIG`` / ``--config``),
+overridden by ``LOOPRL_<SECTION>__<KEY>`` environment variables
+(e.g. ``LOOPRL_KAFKA__BOOTSTRAP_SERVERS=broker:9092``).
+
+Unknown keys and bad values are errors that name the key: a typo in a config file must never
+silently fall back to a default.
+
+Each stage owns one section class below. Add a field to your own section; keep defaults small
+enough that the whole loop runs on a 2-core laptop, and document production values in a comment.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+
+ENV_PREFIX = "LOOPRL_"
+ENV_NESTED = "__"
+# Environment variables with the prefix that are not config keys.
+_NON_CONFIG_ENV = {"LOOPRL_CONFIG"}
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong. The message names the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class KafkaConfig(Section):
+    # None: start the embedded Tansu broker on a free loopback port (memory only, dev/CI).
+    bootstrap_servers: str | None = None
+    topic_feedback: str = "looprl.feedback"
+    topic_responses: str = "looprl.responses"
+    topic_dlq: str = "looprl.dlq"
+    # Tansu 0.6 takes ~half the session timeout to complete a group join; keep it short.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(2000, ge=100)
+    # Where the embedded broker writes its address so other processes find it.
+    embedded_port: int = Field(0, ge=0, le=65535)
+    client: Literal["kafka-python", "confluent"] = "kafka-python"
+
+
+class IngestConfig(Section):
+    group_id: str = "looprl-ingest"
+    batch_max_events: int = Field(5000, ge=1)
+    batch_max_seconds: float = Field(1.0, gt=0)
+    max_text_chars: int = Field(16_000, ge=1)
+    max_event_bytes: int = Field(256 * 1024, ge=256)
+    metrics_port: int = Field(9101, ge=0, le=65535)
+    # HTTP feedback collector (POST /v1/feedback)
+    collector_host: str = "127.0.0.1"
+    collector_port: int = Field(8090, ge=0, le=65535)
+    collector_token: SecretStr | None = None
+    collector_max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+
+class ModelConfig(Section):
+    # A Hugging Face checkpoint directory. None: <workspace>/base, created by `looprl init`.
+    base_path: Path | None = None
+    family: Literal["qwen3_moe", "mixtral"] = "qwen3_moe"
+    hidden_size: int = Field(64, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    num_experts: int = Field(4, ge=2)
+    experts_per_token: int = Field(2, ge=1)
+    expert_intermediate_size: int = Field(64, ge=4)
+    vocab_size: int = Field(512, ge=64)
+    max_position_embeddings: int = Field(256, ge=16)
+    pretrain_steps: int = Field(300, ge=0)
+    seed: int = 0
+
+
+class KernelsConfig(Section):
+    # peft: peft's target_parameters path; torch: grouped reference; triton: GPU kernel.
+    moe_lora: Literal["peft", "torch", "triton"] = "peft"
+    # naive: full log_softmax; chunked: vocabulary chunks with a custom backward.
+    logprob: Literal["naive", "chunked", "triton"] = "naive"
+    logprob_chunk_size: int = Field(4096, ge=16)
+
+
+class RewardConfig(Section):
+    # Optional sequence-classification checkpoint used instead of base+LoRA+head.
+    checkpoint_path: Path | None = None
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    batch_size: int = Field(16, ge=1)
+    epochs_per_update: int = Field(2, ge=1)
+    replay_ratio: float = Field(1.0, ge=0)
+    max_seq_len: int = Field(128, ge=8)
+    holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    publish_margin: float = Field(0.0, ge=0)
+    min_new_events: int = Field(32, ge=1)
+    poll_seconds: float = Field(5.0, gt=0)
+    metrics_port: int = Field(9102, ge=0, le=65535)
+    seed: int = 0
+
+
+class PolicyConfig(Section):
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    # LoRA rule of thumb: ~10x the full fine-tuning learning rate.
+    learning_rate: float = Field(1e-3, gt=0)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    target_parameters: list[str] = ["experts.gate_up_proj", "experts.down_proj"]
+    prompts_file: Path | None = None
+    rollout_batch_size: int = Field(16, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    ppo_epochs: int = Field(2, ge=1)
+    minibatch_size: int = Field(8, ge=1)
+    clip_range: float = Field(0.2, gt=0)
+    value_clip_range: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, ge=0)
+    ent_coef: float = Field(0.0, ge=0)
+    gamma: float = Field(1.0, ge=0, le=1)
+    gae_lambda: float = Field(0.95, ge=0, le=1)
+    max_grad_norm: float = Field(1.0, gt=0)
+    init_kl_coef: float = Field(0.05, ge=0)
+    target_kl: float = Field(0.1, gt=0)
+    kl_horizon: int = Field(10_000, ge=1)
+    steps: int = Field(20, ge=1)
+    checkpoint_every: int = Field(5, ge=1)
+    num_rollout_workers: int = Field(1, ge=1)
+    # None: local Ray (temp dir inside the workspace). Production: "ray://head:10001" or "auto".
+    ray_address: str | None = None
+    seed: int = 0
+
+
+class GateConfig(Section):
+    min_win_rate: float = Field(0.55, ge=0, le=1)
+    max_kl: float = Field(1.0, gt=0)
+    heldout_prompts: int = Field(32, ge=1)
+
+
+class ServingConfig(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_token: SecretStr | None = None
+    max_batch_size: int = Field(16, ge=1)
+    max_loras: int = Field(4, ge=1)
+    max_lora_rank: int = Field(64, ge=1)
+    default_max_tokens: int = Field(32, ge=1)
+    served_model_name: str = "base"
+    alias: str = "policy"
+    # Endpoints the adapter controller drives (embedded servers or vLLM).
+    endpoints: list[str] = ["http://127.0.0.1:8000"]
+    controller_poll_seconds: float = Field(2.0, gt=0)
+    controller_metrics_port: int = Field(9104, ge=0, le=65535)
+
+
+class SchedulerConfig(Section):
+    interval_seconds: float = Field(300.0, gt=0)
+    cron: str | None = None
+    feedback_trigger_events: int = Field(200, ge=1)
+    accuracy_drop_trigger: float = Field(0.1, ge=0, le=1)
+    max_retries: int = Field(3, ge=0)
+    backoff_seconds: float = Field(5.0, ge=0)
+    poll_seconds: float = Field(2.0, gt=0)
+    metrics_port: int = Field(9105, ge=0, le=65535)
+
+
+class CanaryConfig(Section):
+    traffic_share: float = Field(0.2, gt=0, lt=1)
+    min_samples: int = Field(50, ge=1)
+    # Posterior probability thresholds of the Beta-Binomial test on thumbs-up rate.
+    promote_probability: float = Field(0.9, gt=0.5, lt=1)
+    rollback_probability: float = Field(0.95, gt=0.5, lt=1)
+    max_samples: int = Field(400, ge=1)
+
+
+class DemoConfig(Section):
+    minutes: float = Field(15.0, gt=0)
+    users: int = Field(8, ge=1)
+    preference: str = "looprl.ops.preference:default_preference"
+
+
+class LooprlConfig(Section):
+    workspace: Path = Path("looprl-workspace")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    kafka: KafkaConfig = KafkaConfig()
+    ingest: IngestConfig = IngestConfig()
+    model: ModelConfig = ModelConfig()
+    kernels: KernelsConfig = KernelsConfig()
+    reward: RewardConfig = RewardConfig()
+    policy: PolicyConfig = PolicyConfig()
+    gate: GateConfig = GateConfig()
+    serving: ServingConfig = ServingConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    canary: CanaryConfig = CanaryConfig()
+    demo: DemoConfig = DemoConfig()
+
+    # ---- derived paths (one place for the workspace layout; see README) ----
+    @property
+    def base_path(self) -> Path:
+        return self.model.base_path or self.workspace / "base"
+
+    @property
+    def events_dir(self) -> Path:
+        return self.workspace / "events"
+
+    @property
+    def registry_dir(self) -> Path:
+        return self.workspace / "registry"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workspace / "state"
+
+    @property
+    def ray_dir(self) -> Path:
+        return self.workspace / "ray"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.workspace / "reports"
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective config as plain data, secrets masked (for logging at start-up)."""
+        return self.model_dump(mode="json")
+
+
+def _set_nested(tree: dict[str, Any], keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        node = tree.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {'.'.join(keys)}: {k} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def _env_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name in _NON_CONFIG_ENV:
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split(ENV_NESTED)]
+        value: Any = raw
+        # Lists are given as JSON in the environment (e.g. '["http://a:8000"]').
+        if raw.startswith("["):
+            import json
+
+            try:
+                value = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"environment variable {name}: not valid JSON: {e}") from e
+        _set_nested(tree, keys, value)
+    return tree
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _format_error(e: ValidationError, origin: str) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+        lines.append(f"config key '{key}': {msg} (from {origin})")
+    return "; ".join(lines)
+
+
+def load_config(
+    path: str | Path | None = None,
+    environ: dict[str, str] | None = None,
+    **overrides: Any,
+) -> LooprlConfig:
+    """Defaults < TOML file < LOOPRL_* environment < keyword overrides (used by tests)."""
+    env = os.environ if environ is None else environ
+    data: dict[str, Any] = {}
+    origin = "defaults"
+    if path is None:
+        path = env.get("LOOPRL_CONFIG")
+        if path is None and Path("looprl.toml").is_file():
+            path = "looprl.toml"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p}: {e}") from e
+        origin = str(p)
+    env_tree = _env_overrides(env)
+    if env_tree:
+        origin += " + environment"
+    data = _merge(data, env_tree)
+    data = _merge(data, overrides)
+    try:
+        return LooprlConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, origin)) from None

@@ -1,0 +1,1 @@
+"""looprl.policy: the MoE base model, and LoRA-PPO on it scheduled with Ray, plus the offline gate."""

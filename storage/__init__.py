@@ -1,0 +1,1 @@
+"""looprl.storage: the Parquet event log, its DuckDB views, and the versioned model registry."""

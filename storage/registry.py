@@ -1,0 +1,317 @@
+"""The registry of model versions (reward models, policy adapters).
+
+Layout (under ``<workspace>/registry``)::
+
+    <kind>/v<N>/               weights (safetensors only) + small JSON/text files + manifest.json
+    <kind>/latest              pointer file: newest published version
+    <kind>/<pointer>           other pointers (policy: ``promoted``, ``canary``)
+
+Publishing is atomic: files are copied into ``<kind>/.tmp-*``, fsynced, the manifest (with a
+sha256 of every file) is written last, then the directory is renamed to ``v<N>`` and the
+``latest`` pointer is replaced with ``os.replace``. A reader therefore sees either no version or
+a whole one; a crash leaves at most a ``.tmp-*`` directory, removed on the next publish.
+Every read verifies checksums (``open``), so a corrupted or tampered file is refused by name.
+Pickle formats are never accepted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["candidate", "gated", "rejected", "canary", "promoted", "rolled_back", "published"]
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
+_FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Weights must be safetensors; these small text formats may travel beside them.
+_ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt", ".md", ".model", ".jinja"}
+_FORBIDDEN_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".joblib"}
+
+
+class RegistryError(RuntimeError):
+    """Bad name, missing version, or invalid contents."""
+
+
+class ChecksumError(RegistryError):
+    """A file in a published version does not match the sha256 in its manifest."""
+
+
+class StatusChange(BaseModel):
+    status: str
+    reason: str
+    at: datetime
+    numbers: dict[str, Any] = {}
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str
+    kind: str
+    parent: str | None = None
+    base_checksum: str
+    watermark: dict[str, Any] = {}
+    metrics: dict[str, Any] = {}
+    files: dict[str, str]  # file name -> sha256
+    created_at: datetime
+    status: str = "candidate"
+    reason: str = ""
+    history: list[StatusChange] = []
+    extra: dict[str, Any] = {}
+
+    @property
+    def number(self) -> int:
+        return int(self.version[1:])
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def checksum_dir(path: Path) -> str:
+    """A stable checksum of a checkpoint directory (weights + config files), used as the
+    base-model identity that every adapter and reward model is tied to."""
+    h = hashlib.sha256()
+    for p in sorted(Path(path).iterdir()):
+        if p.is_file() and p.suffix in (".safetensors", ".json") and not p.name.startswith("."):
+            h.update(p.name.encode())
+            h.update(sha256_file(p).encode())
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a small file atomically (temp file in the same dir, fsync, rename, fsync dir)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_name(kind: str) -> str:
+    if not isinstance(kind, str) or not _NAME.match(kind):
+        raise RegistryError(f"invalid registry kind {kind!r}: lowercase letters, digits, '-' or '_'")
+    return kind
+
+
+def check_version(version: str) -> str:
+    if not isinstance(version, str) or not _VERSION.match(version):
+        raise RegistryError(f"invalid version {version!r}: expected v<N>, e.g. v3")
+    return version
+
+
+def check_file_name(name: str) -> str:
+    if not _FILE.match(name) or name in (".", ".."):
+        raise RegistryError(f"invalid file name {name!r}")
+    suffix = Path(name).suffix
+    if suffix in _FORBIDDEN_SUFFIXES:
+        raise RegistryError(f"{name}: pickle-based formats are refused; save weights as safetensors")
+    if suffix not in _ALLOWED_SUFFIXES:
+        raise RegistryError(f"{name}: file type {suffix or '(none)'} is not allowed in the registry")
+    return name
+
+
+class Registry:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- paths ----
+    def kind_dir(self, kind: str) -> Path:
+        return self.root / check_name(kind)
+
+    def version_dir(self, kind: str, version: str) -> Path:
+        return self.kind_dir(kind) / check_version(version)
+
+    # ---- reading ----
+    def versions(self, kind: str) -> list[str]:
+        d = self.kind_dir(kind)
+        if not d.is_dir():
+            return []
+        vs = [p.name for p in d.iterdir() if p.is_dir() and _VERSION.match(p.name) and (p / "manifest.json").is_file()]
+        return sorted(vs, key=lambda v: int(v[1:]))
+
+    def manifest(self, kind: str, version: str) -> Manifest:
+        path = self.version_dir(kind, version) / "manifest.json"
+        if not path.is_file():
+            raise RegistryError(f"{kind}/{version} does not exist in registry {self.root}")
+        try:
+            return Manifest.model_validate_json(path.read_text())
+        except ValueError as e:
+            raise RegistryError(f"{kind}/{version}: unreadable manifest: {e}") from e
+
+    def list(self, kind: str) -> list[Manifest]:
+        return [self.manifest(kind, v) for v in self.versions(kind)]
+
+    def pointer(self, kind: str, name: str = "latest") -> str | None:
+        p = self.kind_dir(kind) / check_name(name)
+        if not p.is_file():
+            return None
+        version = p.read_text().strip()
+        return check_version(version) if version else None
+
+    def latest(self, kind: str) -> Manifest | None:
+        v = self.pointer(kind, "latest")
+        return self.manifest(kind, v) if v else None
+
+    def verify(self, kind: str, version: str) -> Manifest:
+        """Check every file against its sha256; raise ``ChecksumError`` naming the bad file."""
+        m = self.manifest(kind, version)
+        d = self.version_dir(kind, version)
+        for name, digest in m.files.items():
+            check_file_name(name)
+            p = d / name
+            if not p.is_file():
+                raise ChecksumError(f"{kind}/{version}: file {name} is missing")
+            if sha256_file(p) != digest:
+                raise ChecksumError(f"{kind}/{version}: checksum mismatch for {name} (file corrupted or modified)")
+        return m
+
+    def open(self, kind: str, version: str, base_checksum: str | None = None) -> tuple[Manifest, Path]:
+        """Verified access to a version: returns its manifest and directory.
+
+        With ``base_checksum``, also refuses a version trained on another base model."""
+        m = self.verify(kind, version)
+        if base_checksum is not None and m.base_checksum != base_checksum:
+            raise RegistryError(
+                f"{kind}/{version} was trained on base {m.base_checksum[:12]}, "
+                f"but the configured base is {base_checksum[:12]}"
+            )
+        return m, self.version_dir(kind, version)
+
+    # ---- writing ----
+    def publish(
+        self,
+        kind: str,
+        src_dir: str | Path,
+        *,
+        base_checksum: str,
+        parent: str | None = None,
+        watermark: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        status: str = "candidate",
+        reason: str = "",
+        extra: dict[str, Any] | None = None,
+        set_latest: bool = True,
+    ) -> Manifest:
+        """Copy the files of ``src_dir`` into a new version, atomically. Returns its manifest."""
+        kdir = self.kind_dir(kind)
+        kdir.mkdir(parents=True, exist_ok=True)
+        src = Path(src_dir)
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.name != "manifest.json")
+        if not any(p.suffix == ".safetensors" for p in files):
+            raise RegistryError(f"{src}: no .safetensors weights to publish")
+        for p in files:
+            check_file_name(p.name)
+        self._clean_tmp(kdir)
+        tmp = Path(tempfile.mkdtemp(dir=kdir, prefix=".tmp-"))
+        try:
+            digests = {}
+            for p in files:
+                dst = tmp / p.name
+                shutil.copyfile(p, dst)
+                with open(dst, "rb+") as f:
+                    os.fsync(f.fileno())
+                digests[p.name] = sha256_file(dst)
+            with _Lock(kdir / ".lock"):
+                existing = self.versions(kind)
+                number = int(existing[-1][1:]) + 1 if existing else 1
+                now = datetime.now(timezone.utc)
+                m = Manifest(
+                    version=f"v{number}", kind=kind, parent=parent, base_checksum=base_checksum,
+                    watermark=watermark or {}, metrics=metrics or {}, files=digests, created_at=now,
+                    status=status, reason=reason, extra=extra or {},
+                    history=[StatusChange(status=status, reason=reason or "published", at=now)],
+                )
+                atomic_write_text(tmp / "manifest.json", m.model_dump_json(indent=2))
+                _fsync_dir(tmp)
+                os.rename(tmp, kdir / m.version)
+                _fsync_dir(kdir)
+                if set_latest:
+                    self.set_pointer(kind, "latest", m.version)
+            return m
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def set_pointer(self, kind: str, name: str, version: str | None) -> None:
+        p = self.kind_dir(kind) / check_name(name)
+        if version is None:
+            p.unlink(missing_ok=True)
+            return
+        self.manifest(kind, version)  # must exist
+        atomic_write_text(p, version + "\n")
+
+    def set_status(
+        self, kind: str, version: str, status: str, reason: str, numbers: dict[str, Any] | None = None
+    ) -> Manifest:
+        """Record a decision about a version (gate, canary, promotion, rollback) in its manifest.
+
+        The manifest file is not covered by its own checksums, so rewriting it is safe."""
+        d = self.version_dir(kind, version)
+        with _Lock(self.kind_dir(kind) / ".lock"):
+            m = self.manifest(kind, version)
+            now = datetime.now(timezone.utc)
+            m.status, m.reason = status, reason
+            m.history.append(StatusChange(status=status, reason=reason, at=now, numbers=numbers or {}))
+            atomic_write_text(d / "manifest.json", m.model_dump_json(indent=2))
+        return m
+
+    @staticmethod
+    def _clean_tmp(kdir: Path, older_than_s: float = 60.0) -> None:
+        # Leftovers of a publish that crashed; never visible as versions.
+        for p in kdir.glob(".tmp-*"):
+            try:
+                if time.time() - p.stat().st_mtime > older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
+            except FileNotFoundError:
+                pass
+
+
+class _Lock:
+    """An exclusive advisory file lock, so two publishers never pick the same version number."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self) -> "_Lock":
+        import fcntl
+
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        import fcntl
+
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
