@@ -8,6 +8,7 @@ This file only wires them together, loads the config once and logs it.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from looprl.ops import cmd_ingest, cmd_loop, cmd_policy, cmd_reward, cmd_serving
@@ -15,6 +16,11 @@ from looprl.ops.config import ConfigError, LooprlConfig, load_config
 from looprl.ops.log import get_logger, setup_logging
 
 COMMAND_MODULES = (cmd_ingest, cmd_reward, cmd_policy, cmd_serving, cmd_loop)
+
+
+def _print_config(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    print(json.dumps(cfg.redacted(), indent=2))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="path to looprl.toml (default: ./looprl.toml or $LOOPRL_CONFIG)")
     p.add_argument("--workspace", help="workspace directory (overrides config 'workspace')")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("config", help="print the effective config (file + LOOPRL_* env), secrets masked")
+    c.set_defaults(func=_print_config)
     for mod in COMMAND_MODULES:
         mod.register(sub)
     return p
@@ -43,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"looprl: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    get_logger("ops.cli").debug("effective config", command=args.command, config=cfg.redacted())
+    get_logger("ops.cli").info("effective config", command=args.command, config=cfg.redacted())
     try:
         rc = args.func(args, cfg)
     except KeyboardInterrupt:
