@@ -1,0 +1,199 @@
+"""Triton grouped GEMMs for the fused MoE-LoRA experts (GPU only, imported lazily).
+
+Implements the two primitives of `moe_lora.TorchGrouped` on rows sorted by expert:
+
+    gmm:    out[s] = x[rows[s]] @ op(w[e]) + scale * xa[s] @ op(b[e])     (LoRA as an epilogue)
+    gouter: out[e] = scale * x[rows[seg_e]]^T @ y[seg_e]                  (per-expert weight grads)
+
+gmm runs one program per (row tile, column tile); a row tile never straddles two experts, so
+the tile table (expert, first row) is built on the device from the per-expert counts without a
+host sync. gouter runs one program per (expert, column tile) and loops over that expert's rows.
+All accumulation is fp32; fp32 inputs use IEEE dots (no TF32) so they match the reference.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _dot(a, b, acc, IEEE: tl.constexpr):
+    if IEEE:
+        acc = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a, b, acc)
+    return acc
+
+
+@triton.jit
+def _gmm_kernel(
+    x_ptr, rows_ptr, w_ptr, xa_ptr, b_ptr, out_ptr,
+    tile_expert_ptr, tile_row_ptr, seg_end_ptr,
+    N, K, R, scale,
+    stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
+    stride_am, stride_ar, stride_be, stride_br, stride_bn,
+    stride_om, stride_on,
+    HAS_ROWS: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + tile)
+    valid = e >= 0  # tiles past the last expert's are padding: every row masked, no K loop
+    e = tl.maximum(e, 0).to(tl.int64)
+    row0 = tl.load(tile_row_ptr + tile)
+    row_end = tl.where(valid, tl.load(seg_end_ptr + e), 0)
+
+    offs_m = row0 + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < row_end
+    if HAS_ROWS:
+        src = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    else:
+        src = offs_m.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+
+    x_rows = x_ptr + src[:, None] * stride_xm
+    w_cols = w_ptr + e * stride_we + offs_n[None, :] * stride_wn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_stop = tl.where(valid, K, 0)
+    for k0 in range(0, k_stop, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        wt = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        acc = _dot(xt, wt, acc, IEEE)
+
+    if HAS_LORA:  # rank-r side path: (BLOCK_M, R) @ (R, BLOCK_N), R padded to BLOCK_R >= 16
+        offs_r = tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        at = tl.load(xa_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        bt = tl.load(b_ptr + e * stride_be + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                     mask=mask_r[:, None] & mask_n[None, :], other=0.0)
+        lora = _dot(at, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
+        acc += scale * lora
+
+    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _gouter_kernel(
+    x_ptr, rows_ptr, y_ptr, out_ptr, seg_start_ptr, seg_end_ptr,
+    N, R, scale,
+    stride_xm, stride_xn, stride_ym, stride_yr, stride_oe, stride_on, stride_or,
+    HAS_ROWS: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    e = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    start = tl.load(seg_start_ptr + e)
+    end = tl.load(seg_end_ptr + e)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+
+    acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32)
+    for m0 in range(start, end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < end
+        if HAS_ROWS:
+            src = tl.load(rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+        else:
+            src = offs_m.to(tl.int64)
+        xt = tl.load(x_ptr + src[None, :] * stride_xm + offs_n[:, None] * stride_xn,
+                     mask=mask_n[:, None] & mask_m[None, :], other=0.0)  # (BLOCK_N, BLOCK_M) = x^T
+        yt = tl.load(y_ptr + offs_m[:, None].to(tl.int64) * stride_ym + offs_r[None, :] * stride_yr,
+                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # (BLOCK_M, BLOCK_R)
+        acc = _dot(xt, yt, acc, IEEE)
+
+    out = out_ptr + e.to(tl.int64) * stride_oe + offs_n[:, None] * stride_on + offs_r[None, :] * stride_or
+    tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
+
+
+class Plan(NamedTuple):
+    tile_expert: Tensor  # (n_tiles,) int32, -1 for padding tiles
+    tile_row: Tensor  # (n_tiles,) int32 first sorted row of the tile
+    seg_start: Tensor  # (E,) int32
+    seg_end: Tensor  # (E,) int32
+
+
+def _block_r(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
+
+
+class TritonGrouped:
+    BLOCK_M = 64  # the row tile: fixed, the tile table depends on it
+
+    def plan(self, counts: Tensor, n_rows: int) -> Plan:
+        bm, n_exp = self.BLOCK_M, counts.numel()
+        ends = counts.cumsum(0)
+        starts = ends - counts
+        tiles = (counts + bm - 1) // bm
+        tile_end = tiles.cumsum(0)
+        # sum_e ceil(c_e / bm) <= ceil(S / bm) + E: an upper bound known without a host sync.
+        t = torch.arange(triton.cdiv(n_rows, bm) + n_exp, device=counts.device)
+        te = torch.searchsorted(tile_end, t, right=True)  # expert owning tile t, E if padding
+        tc = te.clamp(max=n_exp - 1)
+        row = starts[tc] + (t - (tile_end[tc] - tiles[tc])) * bm
+        tile_expert = torch.where(te < n_exp, tc, -1)
+        return Plan(tile_expert.int(), row.int(), starts.int(), ends.int())
+
+    @staticmethod
+    def _cfg(dtype: torch.dtype) -> dict:
+        if dtype == torch.float32:  # IEEE fp32 dots: smaller tiles to fit registers / shared memory
+            return dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
+        return dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+
+    def gmm(self, x: Tensor, w: Tensor, plan: Plan, rows: Tensor | None = None,
+            trans: bool = True, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+        n_rows = rows.shape[0] if rows is not None else x.shape[0]
+        # op(w)[e] is (K, N): w[e] is (N, K) when trans, else (K, N)
+        se, sn, sk = (w.stride(0), w.stride(1), w.stride(2)) if trans else (w.stride(0), w.stride(2), w.stride(1))
+        k_dim, n_dim = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
+        assert x.shape[1] == k_dim and x.dtype == w.dtype
+        out = x.new_empty(n_rows, n_dim)
+        if lora is not None:
+            xa, b, scale = lora
+            assert xa.dtype == b.dtype == x.dtype
+            bse, bsn, bsr = (b.stride(0), b.stride(1), b.stride(2)) if trans else (b.stride(0), b.stride(2), b.stride(1))
+            r = xa.shape[1]
+        else:
+            xa, b, scale, (bse, bsn, bsr), r = x, w, 0.0, (0, 0, 0), 1  # dummies, never read
+        cfg = self._cfg(x.dtype)
+        grid = (plan.tile_expert.numel(), triton.cdiv(n_dim, cfg["BLOCK_N"]))
+        _gmm_kernel[grid](
+            x, rows if rows is not None else plan.tile_row, w, xa, b, out,
+            plan.tile_expert, plan.tile_row, plan.seg_end,
+            n_dim, k_dim, r, float(scale),
+            x.stride(0), x.stride(1), se, sk, sn,
+            xa.stride(0), xa.stride(1), bse, bsr, bsn,
+            out.stride(0), out.stride(1),
+            HAS_ROWS=rows is not None, HAS_LORA=lora is not None, IEEE=x.dtype == torch.float32,
+            BLOCK_M=self.BLOCK_M, BLOCK_R=_block_r(r), **cfg,
+        )
+        return out
+
+    def gouter(self, x: Tensor, y: Tensor, plan: Plan, rows: Tensor | None = None,
+               scale: float = 1.0) -> Tensor:
+        assert x.dtype == y.dtype
+        n_exp, n_dim, r = plan.seg_start.numel(), x.shape[1], y.shape[1]
+        out = x.new_empty(n_exp, n_dim, r)
+        block_n = 64
+        grid = (n_exp, triton.cdiv(n_dim, block_n))
+        _gouter_kernel[grid](
+            x, rows if rows is not None else plan.seg_start, y, out, plan.seg_start, plan.seg_end,
+            n_dim, r, float(scale),
+            x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1), out.stride(2),
+            HAS_ROWS=rows is not None, IEEE=x.dtype == torch.float32,
+            BLOCK_M=64 if x.dtype != torch.float32 else 32, BLOCK_N=block_n, BLOCK_R=_block_r(r),
+            num_warps=4, num_stages=2,
+        )
+        return out
