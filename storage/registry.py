@@ -92,7 +92,8 @@ def checksum_dir(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so a rename inside it survives a power loss."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -111,7 +112,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -253,9 +254,9 @@ class Registry:
                     history=[StatusChange(status=status, reason=reason or "published", at=now)],
                 )
                 atomic_write_text(tmp / "manifest.json", m.model_dump_json(indent=2))
-                _fsync_dir(tmp)
+                fsync_dir(tmp)
                 os.rename(tmp, kdir / m.version)
-                _fsync_dir(kdir)
+                fsync_dir(kdir)
                 if set_latest:
                     self.set_pointer(kind, "latest", m.version)
             return m

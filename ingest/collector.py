@@ -1,0 +1,175 @@
+"""`looprl collector`: the HTTP feedback collector, for backends that do not speak Kafka.
+
+    POST /v1/feedback   Authorization: Bearer <ingest.collector_token>
+    body: one event object, a JSON array of events, or {"events": [...]}
+
+- 202 ``{"accepted": n, "event_ids": [...]}`` once Kafka acknowledged every event (ids are
+  generated for events without one: send your own ``event_id`` to make retries idempotent);
+- 400 ``{"error": "invalid_event", "errors": [{"index", "reason", "detail"}]}``: nothing of the
+  request is accepted (the ``detail`` names the bad field);
+- 401 missing/wrong token; 413 body over ``ingest.collector_max_body_bytes``;
+- 503 ``{"error": "not_delivered", "event_ids": [...]}``: Kafka did not acknowledge; retry.
+
+Response events go to the responses topic, feedback to the feedback topic. ``/metrics`` serves
+Prometheus metrics, ``/health`` liveness.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import threading
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from looprl.ingest import metrics as m
+from looprl.ingest.schema import InvalidEvent, ResponseEvent, encode_event, validate_event
+from looprl.ingest.transport import Producer
+from looprl.ops.config import LooprlConfig
+from looprl.ops.log import get_logger
+from looprl.ops.metrics import metrics_app
+
+log = get_logger(__name__)
+
+MAX_EVENTS_PER_REQUEST = 10_000
+
+
+def _reply(code: int, body: dict[str, Any]) -> JSONResponse:
+    m.COLLECTOR_REQUESTS.labels(code=str(code)).inc()
+    return JSONResponse(body, status_code=code)
+
+
+def _events_of(body: Any) -> list[Any]:
+    if isinstance(body, list):
+        return body
+    if isinstance(body, dict) and set(body) == {"events"}:
+        if not isinstance(body["events"], list):
+            raise InvalidEvent("invalid_fields", "events: expected a JSON array of events")
+        return body["events"]
+    return [body]
+
+
+def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float = 30.0) -> FastAPI:
+    ing, k = cfg.ingest, cfg.kafka
+    token = ing.collector_token.get_secret_value().encode() if ing.collector_token else None
+    app = FastAPI(title="looprl feedback collector", docs_url=None, redoc_url=None)
+    app.mount("/metrics", metrics_app())
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request) -> JSONResponse:
+        if token is not None:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
+                return _reply(401, {"error": "unauthorized", "detail": "missing or wrong bearer token"})
+        limit = ing.collector_max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _reply(413, {"error": "too_large", "detail": f"body of {declared} bytes > {limit}"})
+        raw = bytearray()
+        async for chunk in request.stream():  # bounded read: never buffer more than the limit
+            raw += chunk
+            if len(raw) > limit:
+                return _reply(413, {"error": "too_large", "detail": f"body over {limit} bytes"})
+        try:
+            body = json.loads(bytes(raw))
+        except (UnicodeDecodeError, ValueError, RecursionError) as e:
+            m.COLLECTOR_REJECTED.labels(reason="bad_json").inc()
+            return _reply(400, {"error": "invalid_event", "errors": [
+                {"index": None, "reason": "bad_json", "detail": str(e)[:200]}]})
+        try:
+            items = _events_of(body)
+        except InvalidEvent as e:
+            m.COLLECTOR_REJECTED.labels(reason=e.reason).inc()
+            return _reply(400, {"error": "invalid_event", "errors": [{"index": None, "reason": e.reason,
+                                                                       "detail": e.detail}]})
+        if not items:
+            return _reply(400, {"error": "invalid_event", "errors": [
+                {"index": None, "reason": "invalid_fields", "detail": "no events in the request"}]})
+        if len(items) > MAX_EVENTS_PER_REQUEST:
+            return _reply(413, {"error": "too_large", "detail": f"{len(items)} events > {MAX_EVENTS_PER_REQUEST}"})
+        events, errors = [], []
+        for i, obj in enumerate(items):
+            try:
+                ev = validate_event(obj, max_text_chars=ing.max_text_chars)
+                size = len(encode_event(ev))
+                if size > ing.max_event_bytes:  # the consumer would dead-letter it: refuse it now
+                    raise InvalidEvent("too_large", f"event of {size} bytes > {ing.max_event_bytes}")
+                events.append(ev)
+            except InvalidEvent as e:
+                errors.append({"index": i, "reason": e.reason, "detail": e.detail})
+                m.COLLECTOR_REJECTED.labels(reason=e.reason).inc()
+        if errors:
+            return _reply(400, {"error": "invalid_event", "errors": errors[:100]})
+        failed = await _deliver(producer, events, k.topic_responses, k.topic_feedback, delivery_timeout_s)
+        if failed:
+            log.warning("collector: events not delivered", count=len(failed), error=failed[0][1])
+            return _reply(503, {"error": "not_delivered", "event_ids": [str(e.event_id) for e, _ in failed],
+                                "detail": failed[0][1]})
+        for e in events:
+            m.COLLECTOR_EVENTS.labels(kind=e.kind).inc()
+        return _reply(202, {"accepted": len(events), "event_ids": [str(e.event_id) for e in events]})
+
+    return app
+
+
+async def _deliver(producer: Producer, events: list[Any], responses_topic: str, feedback_topic: str,
+                   timeout: float) -> list[tuple[Any, str]]:
+    """Send ``events`` and wait (without blocking the event loop) for Kafka's acknowledgements.
+    Returns the (event, error) pairs that failed or timed out."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    lock = threading.Lock()
+    outcome: dict[int, str | None] = {}  # index -> error text (None: acknowledged)
+
+    def on_delivery(i: int, err: Exception | None) -> None:
+        with lock:
+            outcome[i] = None if err is None else str(err)[:300]
+            last = len(outcome) == len(events)
+        if last:
+            loop.call_soon_threadsafe(done.set)
+
+    for i, e in enumerate(events):
+        topic = responses_topic if isinstance(e, ResponseEvent) else feedback_topic
+        producer.send(topic, encode_event(e), key=str(e.event_id).encode(),
+                      on_delivery=lambda err, i=i: on_delivery(i, err))
+    try:
+        await asyncio.wait_for(done.wait(), timeout)
+    except asyncio.TimeoutError:
+        pass
+    with lock:
+        failed = [(e, outcome[i] if i in outcome else f"not acknowledged within {timeout:.0f}s")
+                  for i, e in enumerate(events) if outcome.get(i, "") is not None]
+    return failed
+
+
+def run_collector(cfg: LooprlConfig, bootstrap: str, host: str | None = None, port: int | None = None) -> int:
+    import uvicorn
+
+    from looprl.ingest.transport import ensure_topics, make_producer, wait_for_broker
+
+    k = cfg.kafka
+    try:
+        wait_for_broker(bootstrap, timeout=60)
+        ensure_topics(bootstrap, {k.topic_feedback: k.topic_partitions, k.topic_responses: k.topic_partitions})
+    except Exception as e:  # the collector still starts; deliveries fail with 503 until Kafka is up
+        log.warning("Kafka not ready at collector start", error=str(e)[:300])
+    producer = make_producer(bootstrap, k.client, client_id="looprl-collector", linger_ms=2)
+    if cfg.ingest.collector_token is None:
+        log.warning("ingest.collector_token is not set: POST /v1/feedback accepts unauthenticated requests")
+    h = host or cfg.ingest.collector_host
+    p = cfg.ingest.collector_port if port is None else port
+    log.info("collector listening", url=f"http://{h}:{p}/v1/feedback", bootstrap=bootstrap)
+    try:
+        uvicorn.run(create_app(cfg, producer), host=h, port=p, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=5)
+    finally:
+        producer.close(timeout=5)
+    return 0
