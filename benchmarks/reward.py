@@ -1,0 +1,122 @@
+"""Benchmark of the incremental reward updater on CPU.
+
+Streams simulated feedback (hidden preference: ``looprl.ops.preference.default_preference``)
+through ``RewardUpdater`` in slices, then trains an *offline* reward model on all the same data at
+once (same number of epochs, same optimiser settings) and compares:
+
+- throughput: examples trained per second (new + replay) incremental vs offline;
+- quality: pair accuracy on fresh held-out pairs (prompt templates never seen in training) of the
+  final incremental model vs the offline model, and the incremental stream's prequential pair
+  accuracy (test-then-train, second half of the stream) vs the offline model's held-out accuracy.
+
+Usage: ``python benchmarks/reward.py [--updates 8] [--events 100] [--base DIR]``. Without --base a
+base is built first (default model config). Human lines first, then one JSON line of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--updates", type=int, default=8)
+    ap.add_argument("--events", type=int, default=100, help="feedback events per update")
+    ap.add_argument("--heldout-pairs", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--base", type=Path, default=None, help="existing base dir (default: build one)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="looprl-bench-reward-"))
+    try:
+        return _run(args, tmp)
+    finally:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, tmp: Path) -> int:
+    import torch
+
+    from looprl.ops.config import load_config
+    from looprl.policy.model import create_base
+    from looprl.reward.data import Example, FeedbackSource, is_holdout
+    from looprl.reward.model import RewardModel
+    from looprl.reward.simulate import ViewsDouble, heldout_pairs, simulate_feedback
+    from looprl.reward.train import evaluate, train
+    from looprl.reward.updater import RewardUpdater
+
+    torch.set_num_threads(args.threads)
+    base = args.base
+    if base is None:
+        t = time.perf_counter()
+        base = create_base(load_config(environ={}, workspace=tmp / "ws0"), out_dir=tmp / "base", progress=False)
+        print(f"built base in {time.perf_counter() - t:.1f}s")
+    cfg = load_config(environ={}, workspace=tmp / "ws", model={"base_path": str(base)},
+                      reward={"min_new_events": 1, "seed": args.seed})
+    rc = cfg.reward
+    views = ViewsDouble(tmp / "views")
+    pairs = heldout_pairs(args.heldout_pairs, seed=10_000 + args.seed)
+    test = [Example(f"h{i}", "preference", p, None, chosen=c, rejected=r) for i, (p, c, r) in enumerate(pairs)]
+
+    # ---- incremental ----
+    results, train_seconds_total = [], 0.0
+    with RewardUpdater(cfg, connect=views.connect) as up:
+        for i in range(args.updates):
+            views.append(simulate_feedback(args.events, seed=args.seed * 1000 + i))
+            r = up.update()
+            results.append(r)
+            print(f"update {r.update}: {r.new_events} new + {r.replay} replay, prequential pair acc "
+                  f"{r.prequential['pair_accuracy']}, thumbs AUC {r.prequential['thumbs_auc']}, "
+                  f"holdout {r.candidate['score']} -> {r.decision} {r.version or ''} ({r.seconds:.1f}s)")
+        incr_model = up.model
+        incr_acc = evaluate(incr_model, test).pair_accuracy
+    inc_examples = sum((r.trained_new + r.replay) * rc.epochs_per_update for r in results)
+    inc_seconds = sum(r.seconds for r in results)
+    half = results[len(results) // 2:]
+    preq_late = sum(r.prequential["pair_accuracy"] * r.prequential["pairs"] for r in half) / sum(
+        r.prequential["pairs"] for r in half)
+    events_total = sum(r.new_events for r in results)
+
+    # ---- offline: all (non-held-out) data at once ----
+    all_ex = [e for e in FeedbackSource(views.connect()).new_examples(set())
+              if not is_holdout(e.event_id, rc.holdout_fraction)]
+    off = RewardModel.fresh(cfg)
+    t = time.perf_counter()
+    train(off, all_ex, lr=rc.learning_rate, batch_size=rc.batch_size, epochs=rc.epochs_per_update, seed=rc.seed)
+    off_seconds = time.perf_counter() - t
+    off_examples = len(all_ex) * rc.epochs_per_update
+    off_acc = evaluate(off, test).pair_accuracy
+
+    inc_rate, off_rate = inc_examples / inc_seconds, off_examples / off_seconds
+    print(f"incremental: {events_total} events in {args.updates} updates, {inc_examples} example-epochs in "
+          f"{inc_seconds:.1f}s = {inc_rate:.1f} examples/s (update wall time, incl. reads, eval, commit, publish)")
+    print(f"offline:     {len(all_ex)} examples x {rc.epochs_per_update} epochs in {off_seconds:.1f}s = {off_rate:.1f} examples/s")
+    print(f"held-out pair accuracy: incremental {incr_acc:.3f}, offline {off_acc:.3f}; "
+          f"incremental prequential (2nd half) {preq_late:.3f}")
+    print(json.dumps({
+        "benchmark": "reward_updater", "threads": args.threads, "updates": args.updates, "events": events_total,
+        "incremental_examples_per_s": round(inc_rate, 2), "offline_examples_per_s": round(off_rate, 2),
+        "throughput_ratio_incremental_vs_offline": round(inc_rate / off_rate, 3),
+        "incremental_events_per_s": round(events_total / inc_seconds, 2),
+        "heldout_acc_incremental": round(incr_acc, 4), "heldout_acc_offline": round(off_acc, 4),
+        "heldout_acc_ratio_incremental_vs_offline": round(incr_acc / off_acc, 3),
+        "prequential_acc_late": round(preq_late, 4),
+        "prequential_vs_offline_heldout_ratio": round(preq_late / off_acc, 3),
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

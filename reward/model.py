@@ -1,0 +1,303 @@
+"""The reward model: r(prompt, completion) -> one float.
+
+Default form: the frozen base MoE, its own LoRA adapter (attention projections, optionally the
+fused expert weights through peft ``target_parameters``) and a scalar head on the hidden state of
+the last non-pad token (the eos appended after the completion). A version in the registry
+(kind ``reward``) holds only what was trained:
+
+    reward_model.safetensors   LoRA tensors ("lora.<name>") + head ("head.weight", "head.bias")
+    reward_config.json         LoRA settings, max_seq_len, text format, base checksum
+
+and it is tied to the base checkpoint's checksum: loading it on another base is refused.
+
+Alternative form: any sequence-classification checkpoint directory (``reward.checkpoint_path``,
+``AutoModelForSequenceClassification`` with ``num_labels=1``) scores instead; it is fixed (the
+updater does not train it).
+
+Public API (used by the policy trainer and the promotion gate):
+``load_reward_model(cfg, version=None) -> RewardModel``; ``RewardModel.score(prompts,
+completions) -> torch.Tensor`` (float32, shape (n,), no grad); ``RewardModel.version``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from looprl.ops.log import get_logger
+from looprl.policy.model import base_checksum, format_prompt, load_base
+from looprl.storage.registry import Registry, RegistryError
+
+if TYPE_CHECKING:
+    from looprl.ops.config import LooprlConfig, RewardConfig
+
+log = get_logger(__name__)
+
+KIND = "reward"
+WEIGHTS_FILE = "reward_model.safetensors"
+CONFIG_FILE = "reward_config.json"
+TEXT_FORMAT = "format_prompt(prompt) + ' ' + completion + eos"
+
+
+class RewardModelError(RegistryError):
+    """A reward version or checkpoint cannot be used (bad weights, wrong base, missing files)."""
+
+
+def render(prompt: str, completion: str) -> str:
+    """The text the reward model reads: the rendered prompt, then the completion."""
+    return format_prompt(prompt) + " " + " ".join(str(completion).split())
+
+
+class RewardModel(nn.Module):
+    """Frozen base + LoRA + scalar head (or a fixed sequence-classification checkpoint)."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, head: nn.Linear | None, *, version: str | None,
+                 base_checksum: str | None, max_seq_len: int, lora_settings: dict[str, Any] | None = None,
+                 classifier: bool = False):
+        super().__init__()
+        self.backbone = backbone
+        self.tokenizer = tokenizer
+        self.head = head
+        self.version = version
+        self.base_checksum = base_checksum
+        self.max_seq_len = max_seq_len
+        self.lora_settings = lora_settings or {}
+        self.classifier = classifier
+
+    # ---- construction ----
+    @classmethod
+    def fresh(cls, cfg: "LooprlConfig", seed: int | None = None) -> "RewardModel":
+        """A new reward model on the configured base: LoRA at init (a no-op) and a zero head."""
+        rc = cfg.reward
+        torch.manual_seed(rc.seed if seed is None else seed)
+        base, tok = load_base(cfg.base_path)
+        settings = lora_settings(rc)
+        backbone = _attach_lora(base, settings)
+        head = nn.Linear(base.config.hidden_size, 1)
+        # A random (not zero) head: with LoRA's B at zero, a zero head would leave the LoRA without
+        # gradient at the start (a saddle that costs ~100 steps); the bias starts at 0.
+        nn.init.normal_(head.weight, std=head.in_features ** -0.5)
+        nn.init.zeros_(head.bias)
+        return cls(backbone, tok, head, version=None, base_checksum=base_checksum(cfg.base_path),
+                   max_seq_len=rc.max_seq_len, lora_settings=settings)
+
+    # ---- encoding ----
+    def encode(self, prompts: list[str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ids and mask; each row ends with eos (truncating the text if needed)."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
+        tok = self.tokenizer
+        eos, pad = tok.eos_token_id, tok.pad_token_id
+        rows = []
+        for p, c in zip(prompts, completions):
+            ids = tok(render(p, c), add_special_tokens=False).input_ids[: self.max_seq_len - 1]
+            rows.append(ids + [eos])
+        width = max(map(len, rows))
+        x = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            x[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        return x, mask
+
+    # ---- forward ----
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scalar rewards (B,) with gradients to the LoRA and head parameters."""
+        if self.classifier:
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
+        hidden = _decoder(self.backbone)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        last = attention_mask.sum(dim=1) - 1  # right padding: index of the last real token (eos)
+        h = hidden[torch.arange(hidden.shape[0]), last]
+        return self.head(h).squeeze(-1).float()
+
+    @torch.no_grad()
+    def score(self, prompts: list[str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
+        """float32 rewards, shape (len(prompts),), batched, no grad."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
+        was_training = self.training
+        self.eval()
+        out = []
+        try:
+            for i in range(0, len(prompts), batch_size):
+                x, m = self.encode(prompts[i: i + batch_size], completions[i: i + batch_size])
+                out.append(self(x, m))
+        finally:
+            self.train(was_training)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float32)
+
+    # ---- trainable state ----
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The tensors a version stores: LoRA ("lora.<name>") and head ("head.<name>")."""
+        if self.classifier:
+            raise RewardModelError("a sequence-classification checkpoint reward model is fixed; it has no trainable state")
+        from peft import get_peft_model_state_dict
+
+        state = {f"lora.{k}": v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self.backbone).items()}
+        state.update({f"head.{k}": v.detach().clone().contiguous() for k, v in self.head.state_dict().items()})
+        return state
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
+        from peft import set_peft_model_state_dict
+
+        _check_finite(state, source)
+        lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
+        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
+        expected = set(self.trainable_state())
+        if set(state) != expected:
+            missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise RewardModelError(f"{source}: tensors do not match the reward model "
+                                   f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        result = set_peft_model_state_dict(self.backbone, lora)
+        unexpected = getattr(result, "unexpected_keys", None)
+        if unexpected:
+            raise RewardModelError(f"{source}: unexpected LoRA tensors {unexpected[:3]}")
+        self.head.load_state_dict(head)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def save(self, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
+        """Write the version files (safetensors + JSON) into ``out_dir``."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        state = self.trainable_state()
+        _check_finite(state, "reward model to save")
+        save_file(state, str(out / WEIGHTS_FILE), metadata={"base_checksum": self.base_checksum or "",
+                                                              "format": "looprl-reward-v1"})
+        conf = {"format": "looprl-reward-v1", "text_format": TEXT_FORMAT, "max_seq_len": self.max_seq_len,
+                "base_checksum": self.base_checksum, "lora": self.lora_settings,
+                "hidden_size": self.head.in_features, **(extra_config or {})}
+        (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def lora_settings(rc: "RewardConfig") -> dict[str, Any]:
+    return {"r": rc.lora_rank, "lora_alpha": rc.lora_alpha, "target_modules": list(rc.target_modules),
+            "target_parameters": list(rc.target_parameters)}
+
+
+def _attach_lora(base: nn.Module, settings: dict[str, Any]) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    for p in base.parameters():
+        p.requires_grad_(False)
+    lc = LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
+                    target_modules=settings["target_modules"] or None,
+                    target_parameters=settings["target_parameters"] or None, bias="none")
+    import warnings
+
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (harmless)
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(base, lc)
+
+
+def _decoder(backbone: nn.Module) -> nn.Module:
+    """The transformer body (no lm_head) of the peft-wrapped causal LM; LoRA is injected in place."""
+    causal_lm = backbone.get_base_model() if hasattr(backbone, "get_base_model") else backbone
+    return causal_lm.model
+
+
+def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
+    for name, t in state.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise RewardModelError(f"{source}: tensor {name} has NaN or infinite values; refused")
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, turning any decoding problem into an error naming the file."""
+    from safetensors.torch import load_file
+
+    if path.suffix != ".safetensors":
+        raise RewardModelError(f"{path}: only safetensors weights are accepted")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises SafetensorError / OSError on corrupt headers
+        raise RewardModelError(f"{path}: unreadable safetensors file ({e})") from e
+
+
+def load_from_dir(cfg: "LooprlConfig", version_dir: Path, version: str | None,
+                  expected_base: str | None = None) -> RewardModel:
+    """Build the reward model from version files in ``version_dir`` (already checksum-verified)."""
+    conf_path = version_dir / CONFIG_FILE
+    if not conf_path.is_file():
+        raise RewardModelError(f"{version_dir}: missing {CONFIG_FILE}")
+    try:
+        conf = json.loads(conf_path.read_text())
+        settings = conf["lora"]
+        max_seq_len = int(conf["max_seq_len"])
+        stored_base = conf["base_checksum"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RewardModelError(f"{conf_path}: invalid reward config ({e!r})") from e
+    current_base = expected_base or base_checksum(cfg.base_path)
+    if stored_base != current_base:
+        raise RewardModelError(f"{conf_path}: reward model was trained on base {str(stored_base)[:12]}, "
+                               f"but the configured base {cfg.base_path} is {current_base[:12]}")
+    state = load_weights_file(version_dir / WEIGHTS_FILE)
+    _check_finite(state, str(version_dir / WEIGHTS_FILE))
+    base, tok = load_base(cfg.base_path)
+    head_w = state.get("head.weight")
+    if head_w is None or head_w.shape != (1, base.config.hidden_size):
+        raise RewardModelError(f"{version_dir / WEIGHTS_FILE}: head.weight missing or not of shape "
+                               f"(1, {base.config.hidden_size})")
+    model = RewardModel(_attach_lora(base, settings), tok, nn.Linear(base.config.hidden_size, 1), version=version,
+                        base_checksum=current_base, max_seq_len=max_seq_len, lora_settings=settings)
+    model.load_trainable_state(state, source=str(version_dir / WEIGHTS_FILE))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def load_checkpoint(path: str | Path, max_seq_len: int = 128) -> RewardModel:
+    """A fixed reward model from any sequence-classification checkpoint (num_labels=1)."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise RewardModelError(f"reward.checkpoint_path {path} has no config.json")
+    transformers.logging.set_verbosity_error()
+    try:
+        clf = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, use_safetensors=True)
+    except (OSError, ValueError) as e:
+        raise RewardModelError(f"reward.checkpoint_path {path}: cannot load a sequence-classification model ({e})") from e
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.eos_token_id is None:
+        raise RewardModelError(f"reward.checkpoint_path {path}: tokenizer has no eos_token")
+    clf.config.pad_token_id = tok.pad_token_id
+    _check_finite(dict(clf.state_dict()), f"reward.checkpoint_path {path}")
+    for p in clf.parameters():
+        p.requires_grad_(False)
+    return RewardModel(clf, tok, None, version=f"checkpoint:{path.name}", base_checksum=None,
+                       max_seq_len=max_seq_len, classifier=True).eval()
+
+
+def load_reward_model(cfg: "LooprlConfig", version: str | None = None) -> RewardModel:
+    """The configured checkpoint, else the given or latest published reward version (verified).
+
+    Raises ``RewardModelError``/``RegistryError`` naming the problem: no version published yet,
+    a corrupted file (checksum), a version trained on another base, or non-finite weights."""
+    if cfg.reward.checkpoint_path is not None:
+        return load_checkpoint(cfg.reward.checkpoint_path, cfg.reward.max_seq_len)
+    reg = Registry(cfg.registry_dir)
+    if version is None:
+        version = reg.pointer(KIND, "latest")
+        if version is None:
+            raise RewardModelError(f"no reward model published yet in {cfg.registry_dir} "
+                                   "(run `looprl reward update` once feedback has arrived)")
+    current_base = base_checksum(cfg.base_path)
+    manifest, vdir = reg.open(KIND, version, base_checksum=current_base)
+    model = load_from_dir(cfg, vdir, manifest.version, expected_base=current_base)
+    log.info("reward model loaded", version=manifest.version, base=current_base[:12])
+    return model

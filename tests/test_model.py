@@ -1,0 +1,147 @@
+"""The shared base model: corpus, tokenizer, build/save/load round trip, generation."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import pytest
+import torch
+
+from looprl.ops.config import load_config
+from looprl.ops.preference import POSITIVE_WORDS, positive_word_count
+from looprl.policy import model as M
+
+torch.set_num_threads(1)
+
+_WORD = re.compile(r"[a-z]+")
+
+
+def corpus_vocabulary() -> set[str]:
+    return {w for d in M.corpus(3000, seed=1) for w in _WORD.findall(d)}
+
+
+def test_corpus_uses_cheerful_words_in_a_minority_of_sentences():
+    sentences = [s for d in M.corpus(3000, seed=3) for s in d.split("answer:")[1].split(".") if s.strip()]
+    cheerful = sum(positive_word_count(s) > 0 for s in sentences) / len(sentences)
+    # CHEERFUL_RATE is 0.12 per sentence; "kind"/"love" never appear outside cheerful sentences.
+    assert 0.08 < cheerful < 0.17, cheerful
+    assert POSITIVE_WORDS <= corpus_vocabulary()
+
+
+def test_prompt_splits_are_disjoint_by_template():
+    train, held = M.prompt_set("train"), M.prompt_set("heldout")
+    assert train and held and not set(train) & set(held)
+    # Held-out phrasings never occur in the pre-training corpus either.
+    docs = "\n".join(M.corpus(2000, seed=0))
+    assert all(M.format_prompt(p) not in docs for p in held)
+    assert M.shipped_prompts() == train and M.heldout_prompts() == held
+    with pytest.raises(ValueError, match="split"):
+        M.prompt_set("test")
+
+
+def test_format_prompt_normalises_whitespace():
+    assert M.format_prompt("  tell me   about\nthe dog ") == M.format_prompt("tell me about the dog")
+    assert M.format_prompt("describe the house").startswith("question: describe the house")
+
+
+def test_load_base_round_trip(tiny_base, tmp_path):
+    from transformers import AutoTokenizer
+
+    model, tok = M.load_base(tiny_base)
+    assert model.config.model_type == "qwen3_moe" and model.config.num_experts == 4
+    assert not model.training
+    assert {tok.eos_token, tok.pad_token, tok.bos_token} == {M.EOS, M.PAD, M.BOS}
+    assert len({tok.eos_token_id, tok.pad_token_id, tok.bos_token_id}) == 3
+    auto = AutoTokenizer.from_pretrained(tiny_base)
+    text = "the dog is happy. Unicode too: café ✓"
+    assert auto.decode(auto(text).input_ids) == text  # byte-level: any text round-trips
+    # Corpus words are single tokens (so the model's vocabulary is words, not letters).
+    assert len(tok(" sunny").input_ids) == 1 and len(tok(" village").input_ids) == 1
+    assert list(tiny_base.glob("*.safetensors")) and not list(tiny_base.glob("*.bin"))
+
+    # save -> load gives identical logits.
+    model.save_pretrained(tmp_path / "copy")
+    tok.save_pretrained(tmp_path / "copy")
+    again, _ = M.load_base(tmp_path / "copy")
+    x = tok([M.format_prompt("describe the park")], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, again(x).logits, atol=1e-6)
+    from looprl.storage.registry import checksum_dir
+
+    assert M.base_checksum(tiny_base) == checksum_dir(tiny_base) == M.base_checksum(tiny_base)
+
+
+def test_base_generates_word_like_answers_with_rare_cheerful_words(tiny_base):
+    model, tok = M.load_base(tiny_base)
+    prompts = M.shipped_prompts()[::4][:48] + M.heldout_prompts()[::8][:16]
+    outs = M.generate(model, tok, prompts, max_new_tokens=24, seed=0)
+    assert len(outs) == len(prompts) and all(isinstance(o, str) for o in outs)
+    words = [w for o in outs for w in _WORD.findall(o)]
+    assert len(words) > 4 * len(prompts)  # answers, not empty strings
+    known = corpus_vocabulary()
+    assert sum(w in known for w in words) / len(words) > 0.9  # words of the language, not letter soup
+    cheerful = sum(positive_word_count(o) > 0 for o in outs) / len(outs)
+    # Exploration exists but is rare: the demo's users must have something to teach.
+    assert 0.02 <= cheerful <= 0.5, cheerful
+    # Answers are about the prompt's topic (the model reads the prompt).
+    topical = sum(p.split()[-1] in o for p, o in zip(prompts, outs)) / len(prompts)
+    # (a random topic word would match ~5% of the time; 250 pre-training steps give ~30%)
+    assert topical > 0.15, topical
+    # Sampling is seeded: same seed, same answers; greedy ends at eos or the budget.
+    assert M.generate(model, tok, prompts[:4], seed=0) == M.generate(model, tok, prompts[:4], seed=0)
+    greedy = M.generate(model, tok, prompts[:4], greedy=True)
+    assert all(M.EOS not in g and M.PAD not in g for g in greedy)
+
+
+def test_checksum_changes_with_weights(tiny_base, tmp_path):
+    copy = tmp_path / "b"
+    shutil.copytree(tiny_base, copy)
+    before = M.base_checksum(copy)
+    weights = next(copy.glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert M.base_checksum(copy) != before
+
+
+def test_load_base_errors_name_the_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        M.load_base(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        M.load_base(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        M.base_checksum(tmp_path / "nope")
+
+
+def test_mixtral_family_and_config_errors(tmp_path):
+    cfg = load_config(environ={}, workspace=tmp_path, model={"family": "mixtral", "pretrain_steps": 3,
+                                                           "hidden_size": 32, "expert_intermediate_size": 16})
+    out = M.create_base(cfg, progress=False, n_docs=200, batch_size=8)
+    assert out == cfg.base_path
+    model, tok = M.load_base(out)
+    assert model.config.model_type == "mixtral" and model.config.num_local_experts == 4
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
+    bad = load_config(environ={}, workspace=tmp_path, model={"hidden_size": 30, "num_heads": 4})
+    with pytest.raises(ValueError, match="model.hidden_size"):
+        M.create_base(bad, out_dir=tmp_path / "bad", progress=False, n_docs=50)
+
+
+def test_looprl_init_is_idempotent(tmp_path, monkeypatch, capsys):
+    from looprl.ops.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LOOPRL_MODEL__PRETRAIN_STEPS", "2")
+    ws = tmp_path / "ws"
+    assert main(["--workspace", str(ws), "init", "--quiet"]) == 0
+    for d in ("base", "events", "registry", "state", "ray", "reports"):
+        assert (ws / d).is_dir()
+    weights = ws / "base" / "model.safetensors"
+    first = (weights.stat().st_mtime_ns, M.base_checksum(ws / "base"))
+    assert main(["--workspace", str(ws), "init", "--quiet"]) == 0
+    assert "nothing to do" in capsys.readouterr().err
+    assert (weights.stat().st_mtime_ns, M.base_checksum(ws / "base")) == first  # untouched
+    monkeypatch.setenv("LOOPRL_MODEL__SEED", "1")
+    assert main(["--workspace", str(ws), "init", "--quiet", "--force"]) == 0
+    assert M.base_checksum(ws / "base") != first[1]  # rebuilt (another seed)
