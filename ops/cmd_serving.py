@@ -1,9 +1,58 @@
-"""`looprl` subcommands for the serving stage (see ops/cli.py for the convention)."""
+"""`looprl` subcommands for the serving stage (see ops/cli.py for the convention).
+
+- ``looprl serve``: the embedded OpenAI-compatible server with runtime LoRA hot-swap.
+- ``looprl controller``: applies the registry's ``promoted``/``canary`` pointers to every
+  endpoint in ``serving.endpoints`` (embedded servers or vLLM); ``--once`` runs one pass and
+  prints its report as JSON (exit 0 if all endpoints converged, 1 otherwise).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
+import threading
+
+from looprl.ops.config import LooprlConfig
+
+
+def _serve(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.serving.server import serve
+
+    return serve(cfg, host=args.host, port=args.port)
+
+
+def _controller(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from dataclasses import asdict
+
+    from looprl.ops.metrics import serve_metrics
+    from looprl.serving.controller import AdapterController
+
+    ctl = AdapterController(cfg, endpoints=args.endpoint or None)
+    try:
+        if args.once:
+            report = ctl.reconcile()
+            print(json.dumps(asdict(report), indent=2, default=str))
+            return 0 if report.converged else 1
+        serve_metrics(cfg.serving.controller_metrics_port)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            ctl.run(stop)
+        except KeyboardInterrupt:
+            stop.set()
+        return 0
+    finally:
+        ctl.close()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("serve", help="run the embedded OpenAI-compatible server (LoRA hot-swap, canary routing)")
+    p.add_argument("--host", default=None, help="bind address (default: serving.host)")
+    p.add_argument("--port", type=int, default=None, help="port (default: serving.port)")
+    p.set_defaults(func=_serve)
+
+    c = sub.add_parser("controller", help="apply registry pointers promoted/canary to the serving endpoints")
+    c.add_argument("--once", action="store_true", help="one reconcile pass, print the report as JSON")
+    c.add_argument("--endpoint", action="append", help="endpoint URL (repeatable; default: serving.endpoints)")
+    c.set_defaults(func=_controller)

@@ -1,0 +1,337 @@
+"""The HTTP layer: an OpenAI-compatible API over ``ServingService`` (FastAPI).
+
+Inference: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
+with ``stream: true`` as server-sent events). Prompts are rendered with the shared
+``format_prompt`` (as the trainer renders them) unless ``render_prompts`` is off; the logged
+prompt is always the user's text. Every answer carries the adapter version that
+produced it: JSON field ``looprl_adapter_version`` and header ``X-Looprl-Adapter``; and is
+logged as a ``ResponseEvent`` (response_id = the OpenAI response id) when a logger is set.
+
+Admin (Bearer token): vLLM's ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``,
+and the looprl extensions ``POST /v1/looprl/alias`` and ``GET /v1/looprl/state``.
+Also ``GET /health`` and ``GET /metrics`` (Prometheus).
+
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from looprl.ingest.schema import MAX_TEXT_CHARS, ChatMessage, ResponseEvent
+from looprl.ops.log import get_logger
+from looprl.serving import metrics as m
+from looprl.serving.adapters import AdapterError
+from looprl.serving.base_model import format_prompt
+from looprl.serving.engine import EngineError, Finished
+from looprl.serving.protocol import (
+    AliasRequest, ChatCompletionRequest, ChatMessageIn, CompletionRequest, LoadLoraRequest, UnloadLoraRequest,
+)
+from looprl.serving.sampling import SamplingParams
+from looprl.serving.service import ServingService, Submitted
+
+log = get_logger(__name__)
+
+ADAPTER_HEADER = "X-Looprl-Adapter"
+ROUTES = {
+    "/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models",
+    "/v1/load_lora_adapter": "load_lora", "/v1/unload_lora_adapter": "unload_lora",
+    "/v1/looprl/alias": "alias", "/v1/looprl/state": "state", "/health": "health", "/metrics": "metrics",
+}
+REQUEST_TIMEOUT_S = 600.0
+
+
+def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 409: "conflict_error", 503: "overloaded_error"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+class _RequestMetrics:
+    """ASGI middleware: count and time every request until its *last* body byte (so streamed
+    answers are timed to the end, not to their headers)."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = ROUTES.get(scope["path"], "other")
+        t0 = time.perf_counter()
+        status = {"code": 500}
+
+        async def wrapped(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                m.LATENCY.labels(endpoint=endpoint).observe(time.perf_counter() - t0)
+                m.REQUESTS.labels(endpoint=endpoint, status=str(status["code"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, wrapped)
+
+
+def render_chat(messages: list[ChatMessageIn], tokenizer: Any, render: bool = True) -> tuple[str, str]:
+    """(text the model sees, prompt text logged for training).
+
+    The logged prompt is what the trainer re-renders with ``format_prompt``: the user's text for
+    a single-turn conversation, else the turns flattened as ``role: content`` lines. With
+    ``render`` (the default) the model sees exactly ``format_prompt(logged prompt)``, so served
+    and trained prompts match; otherwise the tokenizer's chat template, if it has one."""
+    turns = [(msg.role if msg.role != "developer" else "system", msg.text()) for msg in messages]
+    if len(turns) == 1 and turns[0][0] == "user":
+        text = turns[0][1]
+    else:
+        text = "\n".join(f"{r}: {c}" for r, c in turns)
+    if render:
+        return format_prompt(text), text
+    if getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True)
+        return rendered, text
+    return text, text
+
+
+def create_app(
+    service: ServingService,
+    *,
+    admin_token: str | None = None,
+    response_logger: Any = None,
+    default_max_tokens: int = 32,
+    render_prompts: bool = True,
+) -> FastAPI:
+    app = FastAPI(title="looprl serving", version="1", docs_url=None, redoc_url=None)
+    app.add_middleware(_RequestMetrics)
+    app.state.service = service
+    engine = service.engine
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(RequestValidationError)
+    async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        field = ".".join(loc) or None
+        m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason="invalid_request").inc()
+        msg = err.get("msg", "invalid request")
+        return _error(400, f"{field}: {msg}" if field else msg, param=field)
+
+    @app.exception_handler(EngineError)
+    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+        m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason=exc.reason).inc()
+        param = "model" if exc.reason == "unknown_model" else ("prompt" if "prompt" in exc.reason else None)
+        return _error(exc.status, str(exc), param=param, code=exc.reason)
+
+    @app.exception_handler(AdapterError)
+    async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+        endpoint = ROUTES.get(request.url.path, "other")
+        m.ERRORS.labels(endpoint=endpoint, reason=exc.reason).inc()
+        if endpoint == "load_lora":
+            m.LOAD_FAILURES.labels(reason=exc.reason).inc()
+        log.warning("admin request refused", endpoint=endpoint, reason=exc.reason, error=str(exc))
+        return _error(exc.status, str(exc), code=exc.reason)
+
+    # ------------------------------------------------------------------ admin auth
+    def require_admin(request: Request) -> None:
+        if admin_token is None:
+            return
+        auth = request.headers.get("authorization", "")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token.encode()):
+            raise AdapterError("admin endpoint: missing or wrong bearer token", reason="unauthorized", status=401)
+
+    # ------------------------------------------------------------------ generation
+    def log_response(rid: str, model: str, user: str | None, prompt: str, messages: list[ChatMessage] | None,
+                     fin: Finished) -> None:
+        if response_logger is None:
+            return
+        try:
+            event = ResponseEvent(
+                response_id=rid, prompt=prompt[:MAX_TEXT_CHARS], messages=messages,
+                completion=fin.text[:MAX_TEXT_CHARS], model=model[:128], adapter_version=fin.version,
+                user_id=user,
+            )
+            response_logger.log(event)
+        except Exception as e:  # logging is best effort: never fail a served answer because of it
+            m.RESPONSE_LOG_FAILURES.inc()
+            log.warning("response not logged", response_id=rid, error=str(e)[:300])
+
+    def params_of(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=body.temperature,
+                              top_p=body.top_p, stop=body.stop_list(), seed=body.seed, ignore_eos=body.ignore_eos)
+
+    async def generate(
+        *, endpoint: str, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], params: SamplingParams,
+        rid: str, chunk: Callable[[Submitted, str | None, str | None], dict], final: Callable[[Submitted, Finished], dict],
+        first: Callable[[Submitted], dict] | None, on_done: Callable[[Finished], None],
+    ):
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def sink(ev: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        sub = service.submit(body.model, body.user, prompt_ids, params, sink)
+        headers = {ADAPTER_HEADER: sub.version}
+
+        async def next_event() -> tuple[str, Any]:
+            return await asyncio.wait_for(events.get(), timeout=REQUEST_TIMEOUT_S)
+
+        if not body.stream:
+            try:
+                while True:
+                    kind, payload = await next_event()
+                    if kind == "done":
+                        break
+            except asyncio.TimeoutError:
+                sub.handle.cancel()
+                m.ERRORS.labels(endpoint=endpoint, reason="timeout").inc()
+                return _error(504, "generation timed out")
+            if payload.finish_reason == "error":
+                m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
+                return _error(503 if "shutting down" in (payload.error or "") else 500, payload.error or "engine error")
+            on_done(payload)
+            return JSONResponse(final(sub, payload), headers=headers)
+
+        async def stream() -> AsyncIterator[str]:
+            finished = False
+            try:
+                if first is not None:
+                    yield f"data: {json.dumps(first(sub))}\n\n"
+                while True:
+                    kind, payload = await next_event()
+                    if kind == "delta":
+                        yield f"data: {json.dumps(chunk(sub, payload, None))}\n\n"
+                        continue
+                    finished = True
+                    break
+                if payload.finish_reason == "error":
+                    m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
+                    err = {"error": {"message": payload.error or "engine error", "type": "server_error"}}
+                    yield f"data: {json.dumps(err)}\n\n"
+                    return
+                on_done(payload)  # logged before the client sees the end, so feedback can never outrun it
+                yield f"data: {json.dumps(chunk(sub, None, payload.finish_reason))}\n\n"
+                if body.include_usage():
+                    usage = {**chunk(sub, None, None), "choices": [], "usage": _usage(payload)}
+                    yield f"data: {json.dumps(usage)}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                if not finished:  # client went away or timed out: stop generating for it
+                    sub.handle.cancel()
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):
+        prompt = body.prompt_text()
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def base(sub: Submitted) -> dict:
+            return {"id": rid, "object": "text_completion", "created": created, "model": sub.model_name,
+                    "looprl_adapter_version": sub.version}
+
+        def chunk(sub: Submitted, delta: str | None, finish: str | None) -> dict:
+            return {**base(sub), "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
+
+        def final(sub: Submitted, fin: Finished) -> dict:
+            return {**base(sub), "choices": [{"index": 0, "text": fin.text, "finish_reason": fin.finish_reason,
+                                              "logprobs": None}], "usage": _usage(fin)}
+
+        model_input = format_prompt(prompt) if render_prompts else prompt
+        return await generate(
+            endpoint="completions", body=body, prompt_ids=engine.encode(model_input),
+            params=params_of(body, body.max_tokens),
+            rid=rid, chunk=chunk, final=final, first=None,
+            on_done=lambda fin: log_response(rid, body.model, body.user, prompt, None, fin),
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest):
+        rendered, logged_prompt = render_chat(body.messages, engine.tokenizer, render_prompts)
+        messages = [ChatMessage(role=msg.role if msg.role != "developer" else "system", content=msg.text()[:MAX_TEXT_CHARS])
+                    for msg in body.messages]
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def base(sub: Submitted) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": sub.model_name,
+                    "looprl_adapter_version": sub.version}
+
+        def first(sub: Submitted) -> dict:
+            return {**base(sub), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None, "logprobs": None}]}
+
+        def chunk(sub: Submitted, delta: str | None, finish: str | None) -> dict:
+            d = {"content": delta} if delta is not None else {}
+            return {**base(sub), "choices": [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]}
+
+        def final(sub: Submitted, fin: Finished) -> dict:
+            return {**base(sub), "object": "chat.completion",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
+                                 "finish_reason": fin.finish_reason, "logprobs": None}],
+                    "usage": _usage(fin)}
+
+        return await generate(
+            endpoint="chat", body=body, prompt_ids=engine.encode(rendered),
+            params=params_of(body, body.max_completion_tokens or body.max_tokens),
+            rid=rid, chunk=chunk, final=final, first=first,
+            on_done=lambda fin: log_response(rid, body.model, body.user, logged_prompt, messages, fin),
+        )
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": service.models()}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **engine.stats()}
+
+    # ------------------------------------------------------------------ admin
+    @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)])
+    async def load_lora(body: LoadLoraRequest):
+        from starlette.concurrency import run_in_threadpool
+
+        info = await run_in_threadpool(service.load, body.lora_name, body.lora_path)
+        return {"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.", "adapter": info}
+
+    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)])
+    async def unload_lora(body: UnloadLoraRequest):
+        info = service.unload(body.lora_name)
+        return {"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully.", "adapter": info}
+
+    @app.post("/v1/looprl/alias", dependencies=[Depends(require_admin)])
+    async def set_alias(body: AliasRequest):
+        canary = body.canary
+        route = service.set_alias(body.alias, body.lora_name, canary.lora_name if canary else None,
+                                  canary.share if canary else 0.0)
+        return {"alias": body.alias, "route": route.to_json(), "state": service.state()["aliases"][body.alias]}
+
+    @app.get("/v1/looprl/state", dependencies=[Depends(require_admin)])
+    async def state():
+        return service.state()
+
+    return app
+
+
+def _usage(fin: Finished) -> dict[str, int]:
+    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
+            "total_tokens": fin.prompt_tokens + fin.completion_tokens}

@@ -1,0 +1,596 @@
+"""The inference engine: one model, many LoRA adapters, one scheduler thread.
+
+Requests are submitted from any thread and stream their output back through a callback. The
+scheduler thread runs *continuous batching*:
+
+    loop:
+        admit waiting requests (up to max_batch_size running): prefill them, batched per adapter,
+            and merge them into the running cohort of their adapter
+        one decode step per cohort (all rows of a cohort share an adapter and a KV cache)
+        drop finished rows; delete unloaded adapters whose last request finished
+
+New requests therefore join at step boundaries instead of waiting for a batch to drain.
+Rows on different adapters (promoted, canary, the previous version finishing after a swap, the
+base model) share one batch and one forward (``mixed.MixedLora``: peft's ``adapter_names`` for
+ordinary LoRA layers, a per-adapter pass of the fused MoE-LoRA kernel for LoRA on the experts).
+With ``mixed=False`` the engine instead keeps one cohort per adapter and runs one plain peft
+forward per adapter per step (the reference behaviour, kept for models the mixed path does not
+cover).
+
+Adapters are peft LoRA directories loaded through transformers' adapter API under an internal
+key; the public name maps to that key. Unloading hides the name at once, while requests already
+running on it finish on it ("draining"); the weights are deleted after the last one. So an
+alias flip never changes the adapter of a request in flight.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import queue
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file
+
+from looprl.ops.log import get_logger
+from looprl.serving import metrics as m
+from looprl.serving.adapters import WEIGHTS_FILE, AdapterError, AdapterSpec, BaseInventory
+from looprl.serving.kv import KVBatch, left_pad
+from looprl.serving.mixed import BASE, MixedLora
+from looprl.serving.sampling import RowSampler, SamplingParams, sample_next
+
+log = get_logger(__name__)
+
+BASE_VERSION = "base"
+
+
+class EngineError(RuntimeError):
+    """A request cannot be accepted (``status`` is the HTTP status to answer with)."""
+
+    def __init__(self, message: str, status: int = 400, reason: str = "bad_request"):
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Finished:
+    text: str
+    finish_reason: str  # "stop" | "length" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    adapter: str | None  # public adapter name, None = base model
+    version: str  # registry version ("v3") or "base"
+    error: str | None = None
+
+
+# Events sent to a request's sink: ("delta", str) zero or more times, then ("done", Finished).
+Sink = Callable[[tuple[str, Any]], None]
+
+
+@dataclass
+class AdapterInfo:
+    name: str
+    key: str  # peft adapter name inside the model
+    version: str
+    path: Path
+    rank: int
+    loaded_at: float
+    target_parameters: tuple[str, ...] = ()
+    in_flight: int = 0
+    draining: bool = False
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "path": str(self.path), "rank": self.rank,
+            "loaded_at": self.loaded_at, "in_flight": self.in_flight, "draining": self.draining,
+        }
+
+
+@dataclass
+class _Request:
+    rid: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: AdapterInfo | None
+    sink: Sink
+    submitted: float = field(default_factory=time.perf_counter)
+    sampler: RowSampler | None = None
+    generated: list[int] = field(default_factory=list)
+    emitted: int = 0  # characters of text already sent
+    cancelled: bool = False
+    done: bool = False
+
+    @property
+    def key(self) -> str | None:
+        return self.adapter.key if self.adapter else None
+
+
+class Handle:
+    """What ``submit`` returns: lets the caller cancel (e.g. when the client disconnects)."""
+
+    def __init__(self, req: _Request, engine: "Engine"):
+        self._req, self._engine = req, engine
+
+    @property
+    def version(self) -> str:
+        """The version that will produce this answer (fixed at submit, whatever happens to aliases)."""
+        return self._req.adapter.version if self._req.adapter else BASE_VERSION
+
+    def cancel(self) -> None:
+        self._req.cancelled = True
+        self._engine._wake()
+
+
+class _Cohort:
+    """Running rows that share one adapter and one batched KV cache."""
+
+    def __init__(self, key: str | None):
+        self.key = key
+        self.rows: list[_Request] = []
+        self.kv: KVBatch | None = None
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        max_batch_size: int = 16,
+        max_queue: int = 256,
+        max_lora_rank: int = 64,
+        max_loras: int = 4,
+        base_checksum: str | None = None,
+        seed: int = 0,
+        mixed: bool = True,
+        moe_lora: str = "torch",
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+            raise ValueError("tokenizer needs pad_token and eos_token set")
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.stop_ids = {int(tokenizer.eos_token_id)}
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self.max_lora_rank = max_lora_rank
+        self.max_loras = max_loras
+        self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        # Inputs follow the model; sampling runs on the CPU (B x V logits, per-request generators).
+        self.device = next(model.parameters()).device
+        self.inventory = BaseInventory.of(model, base_checksum)
+        self._gen = torch.Generator().manual_seed(seed)
+        self._ids = itertools.count(1)
+        self._keys = itertools.count(1)
+
+        self._lock = threading.Lock()  # adapter table, waiting queue
+        self._model_lock = threading.Lock()  # held for every forward and every adapter injection
+        self._cv = threading.Condition(self._lock)
+        self._waiting: list[_Request] = []
+        self._adapters: dict[str, AdapterInfo] = {}  # public name -> info (not draining)
+        self._draining: list[AdapterInfo] = []
+        self._mixer = MixedLora(self.model, impl=moe_lora) if mixed else None
+        self._cohorts: dict[str | None, _Cohort] = {}
+        self._active: tuple[bool, str | None] | None = None  # (adapters enabled, key) last set
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._tok_window: list[tuple[float, int]] = []
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="looprl-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._lock:
+            pending, self._waiting = self._waiting, []
+        for cohort in self._cohorts.values():
+            pending.extend(cohort.rows)
+        self._cohorts.clear()
+        for req in pending:
+            self._finish(req, "error", error="server shutting down")
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    # ------------------------------------------------------------------ requests
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None, sink: Sink) -> Handle:
+        """Queue a generation. ``adapter``: public adapter name, or None for the base model."""
+        if not prompt_ids:
+            raise EngineError("prompt is empty", reason="empty_prompt")
+        room = self.max_context - len(prompt_ids)
+        if room < 1:
+            raise EngineError(
+                f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}",
+                reason="prompt_too_long",
+            )
+        if params.max_tokens > room:  # as OpenAI does: the answer ends with finish_reason "length"
+            params = dataclasses.replace(params, max_tokens=room)
+        with self._cv:
+            if self._stop or self._thread is None:
+                raise EngineError("engine is not running", status=503, reason="not_running")
+            if len(self._waiting) >= self.max_queue:
+                raise EngineError("server is overloaded, retry later", status=503, reason="overloaded")
+            info = None
+            if adapter is not None:
+                info = self._adapters.get(adapter)
+                if info is None:
+                    raise EngineError(f"adapter {adapter!r} is not loaded", status=404, reason="unknown_model")
+                info.in_flight += 1
+            req = _Request(next(self._ids), list(prompt_ids), params, info, sink, sampler=RowSampler.create(params))
+            self._waiting.append(req)
+            m.WAITING.set(len(self._waiting))
+            self._cv.notify_all()
+        return Handle(req, self)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
+                 adapter: str | None = None, timeout: float = 120.0) -> Finished:
+        """Blocking convenience for scripts and tests."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        box: queue.Queue = queue.Queue()
+        self.submit(ids, params or SamplingParams(), adapter, box.put)
+        deadline = time.monotonic() + timeout
+        while True:
+            kind, payload = box.get(timeout=max(0.0, deadline - time.monotonic()))
+            if kind == "done":
+                return payload
+
+    # ------------------------------------------------------------------ adapters
+    def resolve(self, name: str) -> AdapterInfo | None:
+        with self._lock:
+            return self._adapters.get(name)
+
+    def adapters(self) -> list[AdapterInfo]:
+        with self._lock:
+            return list(self._adapters.values())
+
+    def draining(self) -> list[AdapterInfo]:
+        with self._lock:
+            return list(self._draining)
+
+    def load_adapter(self, spec: AdapterSpec) -> AdapterInfo:
+        """Inject a validated adapter under ``spec.name``. Raises ``AdapterError`` and leaves the
+        model as it was if the weights do not fit."""
+        with self._lock:
+            if spec.name in self._adapters:
+                raise AdapterError(f"lora_name {spec.name!r} is already loaded; unload it first or use a new name",
+                                   reason="exists")
+            if len(self._adapters) >= self.max_loras:
+                raise AdapterError(
+                    f"{len(self._adapters)} adapters are loaded = serving.max_loras; unload one first",
+                    reason="too_many",
+                )
+            loaded = list(self._adapters.values()) + self._draining
+        # peft keeps one set of expert-parameter wrappers for all adapters on a model.
+        for other in loaded:
+            if other.target_parameters and spec.target_parameters and set(other.target_parameters) != set(spec.target_parameters):
+                raise AdapterError(
+                    f"target_parameters {list(spec.target_parameters)} differ from those of loaded adapter "
+                    f"{other.name!r} {list(other.target_parameters)}; peft serves one set per model",
+                    reason="incompatible",
+                )
+        weights_path = spec.path / WEIGHTS_FILE
+        try:
+            state = load_file(str(weights_path))
+        except Exception as e:  # corrupt header, truncated file, ...
+            raise AdapterError(f"{weights_path}: unreadable safetensors: {e}", reason="bad_file") from None
+        for k, t in state.items():
+            if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+                raise AdapterError(f"{weights_path}: tensor {k} is not finite floating point", reason="bad_weights")
+        key = f"lora{next(self._keys)}"
+        t0 = time.perf_counter()
+        with self._model_lock:
+            try:
+                with warnings.catch_warnings():  # peft warns that a model holds several adapters: intended
+                    warnings.simplefilter("ignore")
+                    self.model.load_adapter(str(spec.path), adapter_name=key, hotswap=False)
+                self._check_loaded(key, state, weights_path)
+                if self._mixer is not None:
+                    self._mixer.refresh()
+            except Exception as e:
+                self._delete_key(key)
+                if isinstance(e, AdapterError):
+                    raise
+                raise AdapterError(f"{spec.path}: adapter does not fit the base model: {str(e)[:500]}",
+                                   reason="incompatible") from None
+            finally:
+                self._active = None
+        info = AdapterInfo(spec.name, key, spec.version, spec.path, spec.rank, time.time(), spec.target_parameters)
+        with self._lock:
+            self._adapters[spec.name] = info
+            m.LOADED_ADAPTERS.set(len(self._adapters) + len(self._draining))
+        m.ADAPTER_LOADS.inc()
+        log.info("adapter loaded", name=spec.name, version=spec.version, rank=spec.rank,
+                 seconds=round(time.perf_counter() - t0, 4))
+        return info
+
+    def _check_loaded(self, key: str, state: dict[str, torch.Tensor], where: Path) -> None:
+        """Every LoRA tensor of the new adapter must come from the file: transformers reports
+        missing keys instead of raising, and a randomly initialised LoRA would serve garbage."""
+        params = {n: p for n, p in self.model.named_parameters() if f".{key}." in n}
+        if not params:
+            raise AdapterError(f"{where}: no LoRA weights were injected", reason="incompatible")
+        by_name = {}
+        for k, t in state.items():
+            name = k.removeprefix("base_model.model.")
+            head, _, tail = name.rpartition(".")
+            by_name[f"{head}.{key}.{tail}"] = t
+        for n, p in params.items():
+            t = by_name.get(n)
+            if t is None:
+                raise AdapterError(f"{where}: no tensor for {n.replace('.' + key, '')} in the file", reason="bad_weights")
+            if tuple(t.shape) != tuple(p.shape) or not torch.equal(t.to(p.dtype), p.detach()):
+                raise AdapterError(f"{where}: tensor for {n.replace('.' + key, '')} does not fit the base", reason="bad_weights")
+        extra = set(by_name) - set(params)
+        if extra:
+            raise AdapterError(f"{where}: {len(extra)} tensors target nothing in the base, e.g. {sorted(extra)[0]}",
+                               reason="bad_weights")
+
+    def _delete_key(self, key: str) -> None:
+        try:
+            if key in (getattr(self.model, "peft_config", None) or {}):
+                with warnings.catch_warnings():  # "adapter was active which is now deleted": intended
+                    warnings.simplefilter("ignore")
+                    self.model.delete_adapter(key)
+        except Exception as e:  # pragma: no cover - best effort cleanup
+            log.warning("adapter cleanup failed", key=key, error=str(e))
+
+    def unload_adapter(self, name: str) -> AdapterInfo:
+        """Hide ``name`` now; delete its weights once its in-flight requests finish."""
+        with self._cv:
+            info = self._adapters.pop(name, None)
+            if info is None:
+                raise AdapterError(f"lora_name {name!r} is not loaded", reason="not_found", status=404)
+            info.draining = True
+            self._draining.append(info)
+            self._cv.notify_all()
+        m.ADAPTER_UNLOADS.inc()
+        log.info("adapter unloading", name=name, version=info.version, in_flight=info.in_flight)
+        return info
+
+    def _reap(self) -> None:
+        with self._lock:
+            done = [a for a in self._draining if a.in_flight == 0]
+            self._draining = [a for a in self._draining if a.in_flight > 0]
+        if not done:
+            return
+        with self._model_lock:
+            for a in done:
+                self._delete_key(a.key)
+            self._active = None
+        with self._lock:
+            m.LOADED_ADAPTERS.set(len(self._adapters) + len(self._draining))
+        for a in done:
+            log.info("adapter unloaded", name=a.name, version=a.version)
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            waiting = len(self._waiting)
+        running = sum(len(c.rows) for c in list(self._cohorts.values()))
+        return {"waiting": waiting, "running": running, "max_batch_size": self.max_batch_size}
+
+    # ------------------------------------------------------------------ scheduler
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not self._stop and not self._waiting and not any(c.rows for c in self._cohorts.values()) \
+                        and not any(a.in_flight == 0 for a in self._draining):
+                    self._cv.wait(timeout=0.5)
+                if self._stop:
+                    return
+            try:
+                self._admit()
+                self._decode_all()
+                self._reap()
+            except Exception as e:  # never let one bad step kill the server
+                log.exception("engine step failed", error=str(e))
+                for cohort in list(self._cohorts.values()):
+                    for req in cohort.rows:
+                        self._finish(req, "error", error=f"engine error: {e}")
+                self._cohorts.clear()
+
+    def _running(self) -> int:
+        return sum(len(c.rows) for c in self._cohorts.values())
+
+    def _admit(self) -> None:
+        room = self.max_batch_size - self._running()
+        if room <= 0:
+            return
+        with self._lock:
+            take, self._waiting = self._waiting[:room], self._waiting[room:]
+            m.WAITING.set(len(self._waiting))
+        groups: dict[str | None, list[_Request]] = {}
+        for req in take:
+            if req.cancelled:
+                self._finish(req, "stop")
+                continue
+            groups.setdefault(self._cohort_of(req), []).append(req)
+        for key, reqs in groups.items():
+            try:
+                self._prefill(key, reqs)
+            except Exception as e:  # fail these requests, keep serving the others
+                log.exception("prefill failed", requests=len(reqs), error=str(e))
+                for req in reqs:
+                    self._finish(req, "error", error=f"engine error: {e}")
+
+    def _cohort_of(self, req: _Request) -> str | None:
+        return "*" if self._mixer is not None else req.key
+
+    def _forward(self, rows: list[_Request], **inputs: Any) -> Any:
+        """One model forward for ``rows``, each on its own adapter. Caller holds the model lock."""
+        keys = {r.key for r in rows}
+        if len(keys) == 1:
+            self._activate(next(iter(keys)))
+            return self.model(**inputs)
+        assert self._mixer is not None, "rows on several adapters need mixed mode"
+        if self._active is None or not self._active[0]:
+            self.model.enable_adapters()
+        self._active = None  # the experts' active adapter is changed per group
+        return self._mixer.forward([r.key or BASE for r in rows], **inputs)
+
+    def _activate(self, key: str | None) -> None:
+        """Point the model's LoRA layers at one adapter (or none) for the next forward."""
+        has_peft = bool(getattr(self.model, "_hf_peft_config_loaded", False))
+        want = (key is not None, key)
+        if not has_peft or self._active == want:
+            return
+        if key is None:
+            self.model.disable_adapters()
+        else:
+            if self._active is None or not self._active[0]:
+                self.model.enable_adapters()
+            self.model.set_adapter(key)
+        self._active = want
+
+    def _prefill(self, key: str | None, reqs: list[_Request]) -> None:
+        ids, mask, pos = (t.to(self.device) for t in left_pad([r.prompt_ids for r in reqs], self.pad_id))
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        with self._model_lock:
+            out = self._forward(reqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                                use_cache=True)
+        kv = KVBatch(cache, mask)
+        logits = out.logits[:, -1, :]
+        cohort = self._cohorts.get(key) or _Cohort(key)
+        tokens = sample_next(logits.float().cpu(), [r.sampler for r in reqs], self._gen)
+        now = time.perf_counter()
+        for r in reqs:
+            m.TTFT.observe(now - r.submitted)
+        keep = [i for i, (r, t) in enumerate(zip(reqs, tokens)) if not self._on_token(r, t)]
+        m.TOKENS.inc(len(reqs))
+        self._count_tokens(len(reqs))
+        if not keep:
+            return
+        kv.keep(keep)
+        rows = [reqs[i] for i in keep]
+        if cohort.kv is None or not cohort.rows:
+            cohort.kv, cohort.rows = kv, rows
+        else:
+            cohort.kv.join(kv)
+            cohort.rows.extend(rows)
+        self._cohorts[key] = cohort
+
+    def _decode_all(self) -> None:
+        cohorts = [c for c in self._cohorts.values() if c.rows]
+        if not cohorts:
+            return
+        m.BATCH_SIZE.observe(sum(len(c.rows) for c in cohorts))
+        m.RUNNING.set(sum(len(c.rows) for c in cohorts))
+        for cohort in cohorts:
+            self._decode(cohort)
+        for key in [k for k, c in self._cohorts.items() if not c.rows]:
+            del self._cohorts[key]
+
+    def _decode(self, cohort: _Cohort) -> None:
+        kv = cohort.kv
+        assert kv is not None
+        last = torch.tensor([[r.generated[-1]] for r in cohort.rows], dtype=torch.long, device=self.device)
+        step_mask = kv.step_mask()
+        pos = kv.positions()
+        with self._model_lock:
+            out = self._forward(cohort.rows, input_ids=last, attention_mask=step_mask, position_ids=pos,
+                                past_key_values=kv.cache, use_cache=True)
+        kv.advance(step_mask)
+        tokens = sample_next(out.logits[:, -1, :].float().cpu(), [r.sampler for r in cohort.rows], self._gen)
+        keep = []
+        for i, (r, t) in enumerate(zip(cohort.rows, tokens)):
+            if r.cancelled:
+                self._finish(r, "stop")
+            elif not self._on_token(r, t):
+                keep.append(i)
+        m.TOKENS.inc(len(tokens))
+        self._count_tokens(len(tokens))
+        if len(keep) != len(cohort.rows):
+            cohort.rows = [cohort.rows[i] for i in keep]
+            kv.keep(keep)
+
+    def _count_tokens(self, n: int) -> None:
+        now = time.monotonic()
+        self._tok_window.append((now, n))
+        while self._tok_window and now - self._tok_window[0][0] > 5.0:
+            self._tok_window.pop(0)
+        span = max(now - self._tok_window[0][0], 0.5)
+        m.TOKENS_PER_SECOND.set(sum(k for _, k in self._tok_window) / span)
+
+    # ------------------------------------------------------------------ text
+    def _on_token(self, r: _Request, token: int) -> bool:
+        """Record one sampled token; stream what is safe to show. True if the request finished."""
+        if token in self.stop_ids and not r.params.ignore_eos:
+            self._finish(r, "stop")
+            return True
+        r.generated.append(token)
+        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        stops = r.params.stop
+        if stops:
+            start = max(0, r.emitted - max(len(s) for s in stops))
+            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            if hits:
+                self._emit(r, text[: min(hits)])
+                self._finish(r, "stop", text=text[: min(hits)])
+                return True
+        if len(r.generated) >= r.params.max_tokens:
+            self._emit(r, text)
+            self._finish(r, "length", text=text)
+            return True
+        safe = len(text)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            safe -= 1
+        for s in stops:  # hold back a suffix that may be the start of a stop string
+            for k in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:k]):
+                    safe = min(safe, len(text[:safe]) - k)
+                    break
+        self._emit(r, text[:safe])
+        return False
+
+    def _emit(self, r: _Request, text: str) -> None:
+        if len(text) > r.emitted:
+            self._send(r, ("delta", text[r.emitted:]))
+            r.emitted = len(text)
+
+    def _finish(self, r: _Request, reason: str, text: str | None = None, error: str | None = None) -> None:
+        if r.done:
+            return
+        r.done = True
+        if text is None:
+            text = self.tokenizer.decode(r.generated, skip_special_tokens=True) if r.generated else ""
+            if reason == "stop" and not r.cancelled and error is None:
+                self._emit(r, text)
+        if r.adapter is not None:
+            with self._lock:
+                r.adapter.in_flight -= 1
+        info = r.adapter
+        self._send(r, ("done", Finished(
+            text=text, finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated),
+            adapter=info.name if info else None, version=info.version if info else BASE_VERSION, error=error,
+        )))
+
+    @staticmethod
+    def _send(r: _Request, event: tuple[str, Any]) -> None:
+        try:
+            r.sink(event)
+        except Exception as e:  # a consumer that went away must not break the engine
+            log.warning("request sink failed", rid=r.rid, error=str(e))

@@ -1,0 +1,169 @@
+"""LoRA forwards for serving: rows of one batch on different adapters, and a fast experts path.
+
+peft supports mixed-adapter batches for ordinary LoRA layers (``lora.Linear``): pass
+``adapter_names=[key per row]`` (``"__base__"`` for no adapter) and each layer runs the base
+weight once for the whole batch, then each adapter's low-rank update on its rows. LoRA on the
+fused MoE expert parameters (``target_parameters``, peft's ``ParamWrapper``) refuses
+``adapter_names``, and applies an adapter by re-parametrising the whole expert weight tensor on
+every forward (slow for decode steps of a few tokens).
+
+``MixedLora`` closes both gaps without changing peft or the adapter files:
+- a forward pre-hook on every ``lora.Linear``-like layer injects ``adapter_names`` while
+  ``rows`` is set;
+- the outermost ``ParamWrapper`` of each experts module gets a forward that splits the tokens
+  by adapter and runs the experts once per adapter on its tokens only, through the fused
+  MoE-LoRA kernel of ``looprl.kernels`` (LoRA as a low-rank side path, no weight
+  materialisation; ``impl="torch"`` runs everywhere, ``"triton"`` on GPUs), or through peft's own
+  forward with ``impl="peft"``. Base-model rows call the experts module directly.
+
+So a decode step with rows on the promoted and the canary adapter costs one model forward plus one
+extra (cheap) experts pass instead of two full forwards. ``rows`` is set only for the duration of
+one ``forward`` call by the engine thread, the only thread that runs the model.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+BASE = "__base__"
+
+
+def _param_wrapper_cls():
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:  # pragma: no cover - older peft without target_parameters
+        return None
+    return ParamWrapper
+
+
+def _chain(wrapper: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
+    """The nested ParamWrappers of one experts module by parameter name, and the experts module."""
+    pw = _param_wrapper_cls()
+    chain, mod = {}, wrapper
+    while isinstance(mod, pw):
+        chain[mod.parameter_name] = mod
+        mod = mod.base_layer
+    return chain, mod
+
+
+def _fusable(chain: dict[str, nn.Module], experts: nn.Module) -> bool:
+    """transformers-5 fused experts ([gate; up] in gate_up_proj (E, 2I, H), down_proj (E, H, I)),
+    LoRA'd on those two parameters only: the layout the fused kernel computes."""
+    gu, dn = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    return (
+        set(chain) <= {"gate_up_proj", "down_proj"}
+        and isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
+        and gu.shape[1] == 2 * dn.shape[2] and hasattr(experts, "act_fn")
+        and not getattr(experts, "is_transposed", False) and not getattr(experts, "has_bias", False)
+        and getattr(experts, "is_concatenated", True) and getattr(experts, "has_gate", True)
+        and not getattr(experts, "has_post_expert_norm", False)
+        and getattr(type(experts), "_apply_gate", None) in (None, _default_gate())
+        and all(getattr(w, "_did_swap_in_out_features", False) for w in chain.values())
+    )
+
+
+def _default_gate():
+    try:
+        from transformers.integrations.moe import _default_apply_gate
+    except ImportError:  # pragma: no cover
+        return None
+    return _default_apply_gate
+
+
+class MixedLora:
+    def __init__(self, model: nn.Module, impl: str = "torch"):
+        if impl not in ("peft", "torch", "triton"):
+            raise ValueError(f"serving.moe_lora must be peft|torch|triton, got {impl!r}")
+        self.model = model
+        self.impl = impl
+        self.rows: list[str] | None = None  # adapter key per batch row, during one forward
+        self._hooked: set[int] = set()
+
+    # ------------------------------------------------------------------ install
+    def refresh(self) -> None:
+        """(Re)install hooks after adapters were injected: peft may have created new LoRA layers
+        or wrapped the experts in one more ``ParamWrapper``."""
+        from peft.tuners.lora.layer import LoraLayer
+
+        pw = _param_wrapper_cls()
+        mods = dict(self.model.named_modules())
+        for name, mod in mods.items():
+            if pw is not None and isinstance(mod, pw):
+                parent = mods.get(name.rpartition(".")[0])
+                outermost = not isinstance(parent, pw)
+                patched = "forward" in mod.__dict__
+                if outermost and not patched:
+                    mod.forward = types.MethodType(_make_experts_forward(self), mod)
+                elif not outermost and patched:
+                    del mod.forward
+            elif isinstance(mod, LoraLayer) and id(mod) not in self._hooked:
+                mod.register_forward_pre_hook(self._inject_names, with_kwargs=True)
+                self._hooked.add(id(mod))
+
+    def _inject_names(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if self.rows is None:
+            return None
+        return args, {**kwargs, "adapter_names": self.rows}
+
+    # ------------------------------------------------------------------ use
+    def forward(self, rows: list[str], **inputs: Any) -> Any:
+        """``model(**inputs)`` with row ``i`` on adapter key ``rows[i]`` (``BASE``: none)."""
+        self.rows = rows
+        try:
+            return self.model(**inputs)
+        finally:
+            self.rows = None
+
+
+def _make_experts_forward(mixer: MixedLora):
+    pw = _param_wrapper_cls()
+    peft_forward = pw.forward
+
+    def run(self: nn.Module, chain: dict, experts: nn.Module, fused: bool, key: str,
+            hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if key == BASE:
+            return experts(hidden, top_k_index, top_k_weights)
+        if not fused:
+            for w in chain.values():
+                w._active_adapter = [key]
+            return peft_forward(self, hidden, top_k_index, top_k_weights)
+        from looprl.kernels import moe_lora_experts, peft_lora_factors
+
+        def factors(name: str):
+            w = chain.get(name)
+            return peft_lora_factors(w, key) if w is not None and key in w.lora_A else None
+
+        return moe_lora_experts(hidden, top_k_index, top_k_weights, experts.gate_up_proj, experts.down_proj,
+                                factors("gate_up_proj"), factors("down_proj"), act=experts.act_fn, impl=mixer.impl)
+
+    def forward(self: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        chain, experts = _chain(self)
+        if len(args) != 2 or kwargs:  # not the (hidden, top_k_index, top_k_weights) experts call
+            return peft_forward(self, hidden, *args, **kwargs)
+        top_k_index, top_k_weights = args
+        fused = mixer.impl != "peft" and _fusable(chain, experts)
+        rows = mixer.rows
+        if rows is None:  # whole batch on the model's active adapter (or adapters disabled)
+            active = self.active_adapters
+            if any(w.disable_adapters or w.merged for w in chain.values()) or len(active) != 1:
+                return peft_forward(self, hidden, *args)
+            return run(self, chain, experts, fused, active[0], hidden, top_k_index, top_k_weights)
+        per_row = hidden.shape[0] // len(rows)  # tokens are flattened row-major: (rows * seq, hidden)
+        groups = {k: i for i, k in enumerate(dict.fromkeys(rows))}
+        row_group = torch.tensor([groups[k] for k in rows], device=hidden.device)
+        out = None
+        for key, g in groups.items():
+            idx = (row_group == g).nonzero().flatten()
+            tok = (idx.unsqueeze(1) * per_row + torch.arange(per_row, device=hidden.device)).flatten()
+            y = run(self, chain, experts, fused, key, hidden.index_select(0, tok),
+                    top_k_index.index_select(0, tok), top_k_weights.index_select(0, tok))
+            if out is None:
+                out = y.new_zeros((hidden.shape[0],) + tuple(y.shape[1:]))
+            out.index_copy_(0, tok, y)
+        return out
+
+    return forward

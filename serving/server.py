@@ -1,0 +1,163 @@
+"""Assemble and run the embedded server: base model -> Engine -> ServingService -> FastAPI -> uvicorn.
+
+``build_service(cfg)`` loads the base (``cfg.serving.base_path`` or the workspace base) and starts
+the engine thread; ``ServerThread`` runs uvicorn in a background thread (tests, benchmarks, the
+demo); ``serve(cfg)`` runs it in the foreground for ``looprl serve``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+
+from looprl.ops.config import ConfigError, LooprlConfig
+from looprl.ops.log import get_logger
+from looprl.serving.app import create_app
+from looprl.serving.base_model import base_checksum, load_model
+from looprl.serving.engine import Engine
+from looprl.serving.service import ServingService
+
+log = get_logger(__name__)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_token_of(cfg: LooprlConfig) -> str | None:
+    """The admin token; refuses to expose unauthenticated admin endpoints beyond loopback."""
+    tok = cfg.serving.admin_token.get_secret_value() if cfg.serving.admin_token else None
+    if tok is None and not _is_loopback(cfg.serving.host):
+        raise ConfigError(
+            f"config key 'serving.admin_token' must be set when serving.host={cfg.serving.host!r} is not loopback "
+            "(the adapter admin endpoints would be open)"
+        )
+    return tok
+
+
+def serving_base_path(cfg: LooprlConfig) -> Path:
+    return cfg.serving.base_path or cfg.base_path
+
+
+def build_service(cfg: LooprlConfig, model: Any = None, tokenizer: Any = None) -> ServingService:
+    """Load the base model (unless given), start an engine on it, wrap it in a service."""
+    torch.set_num_threads(cfg.serving.torch_threads)
+    if cfg.serving.moe_lora == "triton":
+        from looprl.kernels import triton_available
+
+        if not triton_available():
+            raise ConfigError("config key 'serving.moe_lora' is 'triton' but triton or CUDA is missing")
+    path = serving_base_path(cfg)
+    if model is None or tokenizer is None:
+        model, tokenizer = load_model(path)
+    checksum = base_checksum(path) if (Path(path) / "config.json").is_file() else None
+    s = cfg.serving
+    engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
+                    max_lora_rank=s.max_lora_rank, max_loras=s.max_loras, base_checksum=checksum,
+                    moe_lora=s.moe_lora).start()
+    log.info("engine started", base=str(path), checksum=(checksum or "")[:12], max_batch_size=s.max_batch_size)
+    return ServingService(engine, registry_root=cfg.registry_dir, base_name=s.served_model_name, alias=s.alias,
+                          base_path=Path(path))
+
+
+def make_response_logger(cfg: LooprlConfig) -> Any:
+    """A ``ResponseLogger`` on the responses topic, or None (with a warning) when Kafka is not
+    configured or not reachable: serving never depends on the log being up."""
+    if not cfg.serving.log_responses:
+        return None
+    try:
+        from looprl.ingest.client import ResponseLogger
+
+        servers = cfg.kafka.bootstrap_servers
+        if servers is None:
+            from looprl.ingest.broker import bootstrap_servers
+
+            servers = bootstrap_servers(cfg)
+        return ResponseLogger(servers, topic=cfg.kafka.topic_responses)
+    except Exception as e:
+        log.warning("responses will not be logged (no Kafka)", error=str(e)[:300])
+        return None
+
+
+class ServerThread:
+    """uvicorn in a daemon thread, on a fixed or free port; ``stop()`` shuts it down cleanly."""
+
+    def __init__(self, service: ServingService, *, host: str = "127.0.0.1", port: int = 0,
+                 admin_token: str | None = None, response_logger: Any = None, default_max_tokens: int = 32,
+                 render_prompts: bool = True):
+        self.service = service
+        self.app = create_app(service, admin_token=admin_token, response_logger=response_logger,
+                              default_max_tokens=default_max_tokens, render_prompts=render_prompts)
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host, self.port = host, self._sock.getsockname()[1]
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=5)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name="looprl-serve", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"server on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._sock.close()
+        self.service.engine.stop()
+
+    def __enter__(self) -> "ServerThread":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -> int:
+    """Foreground server for ``looprl serve`` (Ctrl-C to stop)."""
+    token = admin_token_of(cfg.model_copy(update={"serving": cfg.serving.model_copy(
+        update={"host": host or cfg.serving.host})}))
+    if token is None:
+        log.warning("serving.admin_token is not set: admin endpoints are open on loopback only")
+    service = build_service(cfg)
+    logger = make_response_logger(cfg)
+    app = create_app(service, admin_token=token, response_logger=logger,
+                     default_max_tokens=cfg.serving.default_max_tokens, render_prompts=cfg.serving.render_prompts)
+    h, p = host or cfg.serving.host, cfg.serving.port if port is None else port
+    log.info("serving", url=f"http://{h}:{p}", alias=cfg.serving.alias, base_name=cfg.serving.served_model_name)
+    try:
+        uvicorn.run(app, host=h, port=p, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+    finally:
+        service.engine.stop()
+        if logger is not None:
+            try:
+                logger.flush()
+                logger.close()
+            except Exception as e:
+                log.warning("response logger close failed", error=str(e)[:200])
+    return 0

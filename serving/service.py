@@ -1,0 +1,165 @@
+"""The serving state between the HTTP layer and the engine: model names, aliases, adapter admin.
+
+One lock orders every decision that involves names: resolving a request's ``model`` (alias,
+canary split, adapter name) *and* handing it to the engine happen under it, as do alias flips and
+unloads. So a flip is atomic: a request either resolved before it (and keeps its adapter until
+it finishes, even if that adapter is unloaded meanwhile) or after it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from looprl.ops.log import get_logger
+from looprl.serving import metrics as m
+from looprl.serving.adapters import AdapterError, check_name, read_adapter
+from looprl.serving.engine import BASE_VERSION, Engine, EngineError, Handle, Sink
+from looprl.serving.routing import Route
+from looprl.serving.sampling import SamplingParams
+
+log = get_logger(__name__)
+
+MAX_ALIASES = 8
+
+
+def version_number(version: str) -> int:
+    """"v3" -> 3; the base model (and anything unversioned) -> 0."""
+    return int(version[1:]) if version.startswith("v") and version[1:].isdigit() else 0
+
+
+@dataclass(frozen=True)
+class Submitted:
+    handle: Handle
+    adapter: str | None  # public adapter name; None = base model
+    version: str  # what produced the answer: registry version or "base"
+    role: str  # "primary" | "canary" | "direct"
+    model_name: str  # what the response's "model" field says
+
+
+class ServingService:
+    def __init__(self, engine: Engine, *, registry_root: Path, base_name: str = "base",
+                 alias: str = "policy", base_path: Path | None = None, seed: int = 0):
+        self.engine = engine
+        self.registry_root = Path(registry_root)
+        self.base_name = base_name
+        self.base_path = base_path
+        self.default_alias = alias
+        self.created = int(time.time())
+        self._lock = threading.Lock()
+        self._routes: dict[str, Route] = {alias: Route()}
+        self._rng = random.Random(seed)
+        self._publish_route_metrics(alias, Route())
+
+    # ------------------------------------------------------------------ requests
+    def submit(self, model: str, user: str | None, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> Submitted:
+        with self._lock:
+            route = self._routes.get(model)
+            if route is not None:
+                adapter, role = route.choose(model, user, self._rng)
+            elif model == self.base_name:
+                adapter, role = None, "direct"
+            else:
+                if self.engine.resolve(model) is None:
+                    raise EngineError(
+                        f"model {model!r} does not exist; see GET /v1/models", status=404, reason="unknown_model"
+                    )
+                adapter, role = model, "direct"
+            handle = self.engine.submit(prompt_ids, params, adapter, sink)
+        return Submitted(handle, adapter, handle.version, role, adapter or self.base_name)
+
+    def models(self) -> list[dict[str, Any]]:
+        root = str(self.base_path) if self.base_path else self.base_name
+        out = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "looprl",
+                "root": root, "parent": None}]
+        for a in self.engine.adapters():
+            out.append({"id": a.name, "object": "model", "created": int(a.loaded_at), "owned_by": "looprl",
+                        "root": str(a.path), "parent": self.base_name, "looprl_adapter_version": a.version})
+        with self._lock:
+            routes = dict(self._routes)
+        for alias, r in routes.items():
+            out.append({"id": alias, "object": "model", "created": self.created, "owned_by": "looprl",
+                        "root": r.primary or self.base_name, "parent": self.base_name, "looprl_alias": r.to_json()})
+        return out
+
+    # ------------------------------------------------------------------ admin
+    def load(self, name: str, path: str) -> dict[str, Any]:
+        with self._lock:
+            reserved = {self.base_name, *self._routes}
+        check_name(name, reserved)
+        spec = read_adapter(name, path, self.registry_root, self.engine.inventory, self.engine.max_lora_rank)
+        info = self.engine.load_adapter(spec)
+        return info.public()
+
+    def unload(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            users = [a for a, r in self._routes.items() if name in (r.primary, r.canary)]
+            if users:
+                raise AdapterError(
+                    f"lora_name {name!r} is in use by alias {users[0]!r}; point the alias elsewhere first",
+                    reason="in_use", status=409,
+                )
+            info = self.engine.unload_adapter(name)
+        return info.public()
+
+    def set_alias(self, alias: str, primary: str | None, canary: str | None = None, share: float = 0.0) -> Route:
+        primary = None if primary == self.base_name else primary
+        with self._lock:
+            if canary == self.base_name:
+                raise AdapterError("a canary must be a loaded adapter, not the base model", reason="bad_alias")
+            if alias == self.base_name or self.engine.resolve(alias) is not None:
+                raise AdapterError(f"alias {alias!r} clashes with a model name", reason="bad_alias")
+            if alias not in self._routes and len(self._routes) >= MAX_ALIASES:
+                raise AdapterError(f"at most {MAX_ALIASES} aliases", reason="bad_alias")
+            for name in (primary, canary):
+                if name is not None and self.engine.resolve(name) is None:
+                    raise AdapterError(f"lora_name {name!r} is not loaded; load it first", reason="not_found", status=404)
+            if canary is not None and canary == primary:
+                raise AdapterError("canary lora_name equals the primary", reason="bad_alias")
+            try:
+                route = Route(primary, canary, share if canary else 0.0)
+            except ValueError as e:
+                raise AdapterError(str(e), reason="bad_alias") from None
+            old = self._routes.get(alias)
+            self._routes[alias] = route
+        if old is None or old.primary != route.primary:
+            m.SWAPS.inc()
+        self._publish_route_metrics(alias, route)
+        log.info("alias set", alias=alias, primary=route.primary, canary=route.canary, share=route.share,
+                 previous=old.primary if old else None)
+        return route
+
+    def _version_of(self, name: str | None) -> str:
+        if name is None:
+            return BASE_VERSION
+        info = self.engine.resolve(name)
+        return info.version if info else BASE_VERSION
+
+    def _publish_route_metrics(self, alias: str, route: Route) -> None:
+        m.ACTIVE_VERSION.labels(alias=alias, role="primary").set(version_number(self._version_of(route.primary)))
+        m.ACTIVE_VERSION.labels(alias=alias, role="canary").set(
+            version_number(self._version_of(route.canary)) if route.canary else -1)
+        m.CANARY_SHARE.labels(alias=alias).set(route.share)
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            routes = dict(self._routes)
+        aliases = {}
+        for alias, r in routes.items():
+            aliases[alias] = {
+                "lora_name": r.primary, "version": self._version_of(r.primary),
+                "canary": {"lora_name": r.canary, "version": self._version_of(r.canary), "share": r.share}
+                if r.canary else None,
+            }
+        return {
+            "base": {"name": self.base_name, "path": str(self.base_path) if self.base_path else None,
+                     "checksum": self.engine.inventory.checksum},
+            "adapters": [a.public() for a in self.engine.adapters()],
+            "draining": [a.public() for a in self.engine.draining()],
+            "aliases": aliases,
+            "engine": self.engine.stats(),
+        }

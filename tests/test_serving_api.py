@@ -1,0 +1,270 @@
+"""The embedded server over HTTP, driven by the official ``openai`` client and by httpx."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import re
+
+import httpx
+import openai
+import pytest
+
+from looprl.serving.routing import Route, bucket
+
+from fixtures_serving import start_server
+
+PROMPT = "hello world, what a"
+
+
+@pytest.fixture(scope="module")
+def srv(serving_server):
+    s = serving_server
+    v1, v2 = s.adapters.good[0], s.adapters.good[1]
+    for v in (v1, v2):
+        r = httpx.post(f"{s.url}/v1/load_lora_adapter", json={"lora_name": f"policy-{v}", "lora_path": s.registry_path(v)},
+                       headers=s.admin_headers)
+        assert r.status_code == 200, r.text
+    r = httpx.post(f"{s.url}/v1/looprl/alias", json={"alias": "policy", "lora_name": f"policy-{v1}"}, headers=s.admin_headers)
+    assert r.status_code == 200, r.text
+    return s
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    return openai.OpenAI(base_url=f"{srv.url}/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_models_lists_base_adapters_and_alias(client, srv):
+    ids = {m.id for m in client.models.list().data}
+    v1, v2 = srv.adapters.good[:2]
+    assert {"base", "policy", f"policy-{v1}", f"policy-{v2}"} <= ids
+
+
+def test_completions_plain_and_streamed_agree_and_name_the_version(client, srv):
+    v1 = srv.adapters.good[0]
+    raw = client.completions.with_raw_response.create(model="policy", prompt=PROMPT, max_tokens=8, temperature=0)
+    r = raw.parse()
+    assert raw.headers["x-looprl-adapter"] == v1
+    assert r.model_extra["looprl_adapter_version"] == v1
+    assert r.model == f"policy-{v1}" and r.id.startswith("cmpl-")
+    assert r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+    chunks = list(client.completions.create(model="policy", prompt=PROMPT, max_tokens=8, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    assert {c.model_extra["looprl_adapter_version"] for c in chunks} == {v1}
+    direct = client.completions.create(model=f"policy-{v1}", prompt=PROMPT, max_tokens=8, temperature=0)
+    base = client.completions.create(model="base", prompt=PROMPT, max_tokens=8, temperature=0)
+    assert direct.choices[0].text == r.choices[0].text
+    assert base.model_extra["looprl_adapter_version"] == "base"
+
+
+def test_chat_completions_plain_and_streamed(client, srv):
+    msgs = [{"role": "user", "content": "tell me a story"}]
+    r = client.chat.completions.create(model="policy", messages=msgs, max_tokens=8, temperature=0, user="alice")
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    stream = client.chat.completions.create(model="policy", messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == r.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_prompts_are_rendered_like_the_trainer_renders_them(client, srv):
+    from looprl.serving.base_model import format_prompt
+    from looprl.serving.sampling import SamplingParams
+
+    text = "how is the weather in the park"
+    greedy = SamplingParams(max_tokens=8, temperature=0.0)
+    want = srv.service.engine.generate(format_prompt(text), greedy).text
+    raw = srv.service.engine.generate(text, greedy).text
+    comp = client.completions.create(model="base", prompt=text, max_tokens=8, temperature=0)
+    chat = client.chat.completions.create(model="base", messages=[{"role": "user", "content": text}],
+                                          max_tokens=8, temperature=0)
+    assert comp.choices[0].text == chat.choices[0].message.content == want
+    assert format_prompt(text) != text and (want != raw or want == "")  # rendering really happened
+
+
+def test_admin_endpoints_are_never_open_beyond_loopback(srv):
+    from looprl.ops.config import ConfigError
+    from looprl.serving.server import admin_token_of
+
+    cfg = srv.cfg
+    open_cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"admin_token": None})})
+    assert admin_token_of(open_cfg) is None  # loopback: allowed (with a warning at start)
+    public = open_cfg.model_copy(update={"serving": open_cfg.serving.model_copy(update={"host": "0.0.0.0"})})
+    with pytest.raises(ConfigError, match="serving.admin_token"):
+        admin_token_of(public)
+
+
+def test_every_answer_is_logged_with_its_id_and_version(client, srv):
+    srv.logger.events.clear()
+    a = client.completions.create(model="policy", prompt="log me", max_tokens=4, user="u-1")
+    b = client.chat.completions.create(model="base", messages=[{"role": "user", "content": "and me"}], max_tokens=4)
+    s = list(client.completions.create(model="policy", prompt="stream me", max_tokens=4, stream=True))
+    by_id = {e.response_id: e for e in srv.logger.events}
+    assert set(by_id) == {a.id, b.id, s[0].id}
+    ea, eb, es = by_id[a.id], by_id[b.id], by_id[s[0].id]
+    assert (ea.prompt, ea.completion, ea.user_id, ea.model) == ("log me", a.choices[0].text, "u-1", "policy")
+    assert ea.adapter_version == srv.adapters.good[0] and eb.adapter_version == "base"
+    assert eb.prompt == "and me" and eb.messages[0].content == "and me"
+    assert es.completion == "".join(c.choices[0].text for c in s)
+
+
+def test_serving_survives_a_failing_response_logger(serving_base, serving_adapters, tmp_path):
+    from fixtures_serving import make_workspace
+
+    class Broken:
+        def log(self, event):
+            raise ConnectionError("kafka is down")
+
+    s = start_server(make_workspace(tmp_path, serving_adapters), serving_base, serving_adapters, logger=Broken())
+    try:
+        before = _metric(s.url, "looprl_serving_response_log_failures_total")
+        r = httpx.post(f"{s.url}/v1/completions", json={"model": "base", "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+        assert _metric(s.url, "looprl_serving_response_log_failures_total") == before + 1
+    finally:
+        s.thread.stop()
+
+
+def test_bad_requests_name_the_field(client, srv):
+    with pytest.raises(openai.NotFoundError, match="model 'nope' does not exist"):
+        client.completions.create(model="nope", prompt="x")
+    with pytest.raises(openai.BadRequestError, match="n: .*only n=1"):
+        client.completions.create(model="base", prompt="x", n=2)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], temperature=5)
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "base", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_admin_requires_the_token(srv):
+    body = {"lora_name": "x", "lora_path": srv.registry_path(srv.adapters.good[2])}
+    assert httpx.post(f"{srv.url}/v1/load_lora_adapter", json=body).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert httpx.post(f"{srv.url}/v1/load_lora_adapter", json=body, headers=wrong).status_code == 401
+    assert httpx.get(f"{srv.url}/v1/looprl/state").status_code == 401
+
+
+@pytest.mark.parametrize("case,status,message", [
+    ("traversal", 403, "outside the registry root"),
+    ("absolute", 403, "outside the registry root"),
+    ("not_version", 400, "not a published registry version"),
+    ("too_large", 400, "max_lora_rank"),
+    ("incompatible", 400, "missing_proj"),
+    ("tampered", 400, "checksum mismatch"),
+    ("bad_name", 400, "lora_name"),
+    ("alias_name", 400, "reserved"),
+])
+def test_bad_adapters_are_refused_and_serving_is_unchanged(srv, client, case, status, message):
+    a = srv.adapters
+    paths = {
+        "traversal": "policy/../../..", "absolute": "/etc", "not_version": "policy",
+        "too_large": srv.registry_path(a.too_large), "incompatible": srv.registry_path(a.incompatible),
+        "tampered": srv.registry_path(a.tampered),
+        "bad_name": srv.registry_path(a.good[2]), "alias_name": srv.registry_path(a.good[2]),
+    }
+    name = {"bad_name": "../x", "alias_name": "policy"}.get(case, f"bad-{case}")
+    state0 = httpx.get(f"{srv.url}/v1/looprl/state", headers=srv.admin_headers).json()
+    failures0 = _metric(srv.url, "looprl_serving_adapter_load_failures_total")
+    r = httpx.post(f"{srv.url}/v1/load_lora_adapter", json={"lora_name": name, "lora_path": paths[case]},
+                   headers=srv.admin_headers)
+    assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    state1 = httpx.get(f"{srv.url}/v1/looprl/state", headers=srv.admin_headers).json()
+    assert state1["adapters"] == state0["adapters"] and state1["aliases"] == state0["aliases"]
+    assert _metric(srv.url, "looprl_serving_adapter_load_failures_total") == failures0 + 1
+    ok = client.completions.create(model="policy", prompt="still fine", max_tokens=3)
+    assert ok.model_extra["looprl_adapter_version"] == a.good[0]
+
+
+def test_unloading_an_aliased_adapter_is_refused(srv):
+    v1 = srv.adapters.good[0]
+    r = httpx.post(f"{srv.url}/v1/unload_lora_adapter", json={"lora_name": f"policy-{v1}"}, headers=srv.admin_headers)
+    assert r.status_code == 409 and "in use by alias 'policy'" in r.json()["error"]["message"]
+    r = httpx.post(f"{srv.url}/v1/unload_lora_adapter", json={"lora_name": "never-loaded"}, headers=srv.admin_headers)
+    assert r.status_code == 404
+
+
+def test_canary_split_is_sticky_per_user_and_near_the_share(srv):
+    v1, v2 = srv.adapters.good[:2]
+    r = httpx.post(f"{srv.url}/v1/looprl/alias", headers=srv.admin_headers,
+                   json={"alias": "policy", "lora_name": f"policy-{v1}", "canary": {"lora_name": f"policy-{v2}", "share": 0.3}})
+    assert r.status_code == 200, r.text
+    try:
+        users = [f"user-{i}" for i in range(40)]
+
+        def version(user):
+            r = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                           json={"model": "policy", "prompt": "hi", "max_tokens": 1, "user": user})
+            return r.headers["x-looprl-adapter"]
+
+        with cf.ThreadPoolExecutor(8) as ex:
+            first = list(ex.map(version, users))
+            again = list(ex.map(version, users))
+        assert first == again  # sticky
+        expected = [v2 if bucket("policy", u) < 0.3 else v1 for u in users]
+        assert first == expected
+        assert 4 <= first.count(v2) <= 20
+        assert Route(f"policy-{v1}", f"policy-{v2}", 0.3).choose("policy", "user-0")[0] == f"policy-{expected[0]}"
+    finally:
+        httpx.post(f"{srv.url}/v1/looprl/alias", headers=srv.admin_headers, json={"alias": "policy", "lora_name": f"policy-{v1}"})
+
+
+def test_concurrent_requests_are_batched(srv):
+    count0, sum0 = _metric(srv.url, "looprl_serving_batch_size_count"), _metric(srv.url, "looprl_serving_batch_size_sum")
+
+    def one(i):
+        r = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                       json={"model": "policy", "prompt": f"request {i}", "max_tokens": 12, "temperature": 0})
+        return r.status_code
+
+    with cf.ThreadPoolExecutor(16) as ex:
+        assert set(ex.map(one, range(16))) == {200}
+    steps = _metric(srv.url, "looprl_serving_batch_size_count") - count0
+    rows = _metric(srv.url, "looprl_serving_batch_size_sum") - sum0
+    assert rows / steps > 2.0  # several sequences per decode step, not one at a time
+
+
+def test_metrics_cover_requests_latency_tokens_adapters(srv, client):
+    client.completions.create(model="policy", prompt="m", max_tokens=2)
+    text = httpx.get(f"{srv.url}/metrics").text
+    for name in ("looprl_serving_requests_total", "looprl_serving_request_seconds_bucket",
+                 "looprl_serving_time_to_first_token_seconds_bucket", "looprl_serving_generated_tokens_total",
+                 "looprl_serving_batch_size_bucket", "looprl_serving_loaded_adapters",
+                 'looprl_serving_active_version{alias="policy",role="primary"}', "looprl_serving_adapter_swaps_total"):
+        assert name in text, name
+    v1 = int(srv.adapters.good[0][1:])
+    assert _metric(srv.url, 'looprl_serving_active_version{alias="policy",role="primary"}') == v1
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics").text
+    total = 0.0
+    pat = re.compile(rf"^{re.escape(name)}(\{{[^}}]*\}})? ([0-9.e+-]+)$") if "{" not in name else \
+        re.compile(rf"^{re.escape(name)} ([0-9.e+-]+)$")
+    for line in text.splitlines():
+        mm = pat.match(line)
+        if mm:
+            total += float(mm.groups()[-1])
+    return total
+
+
+def test_client_disconnect_mid_stream_stops_generation_and_releases_the_adapter(srv):
+    import time
+
+    v1 = srv.adapters.good[0]
+    engine = srv.service.engine
+    tokens0 = _metric(srv.url, "looprl_serving_generated_tokens_total")
+    with httpx.Client(base_url=srv.url, timeout=30) as http:
+        with http.stream("POST", "/v1/completions", json={"model": "policy", "prompt": "go on", "max_tokens": 200,
+                                                          "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # first chunk arrived: the request is running
+            assert engine.resolve(f"policy-{v1}").in_flight >= 1
+        # leaving the block closed the connection
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (engine.resolve(f"policy-{v1}").in_flight or engine.stats()["running"]):
+        time.sleep(0.05)
+    assert engine.resolve(f"policy-{v1}").in_flight == 0 and engine.stats()["running"] == 0
+    assert _metric(srv.url, "looprl_serving_generated_tokens_total") - tokens0 < 150  # stopped early, not at 200

@@ -1,0 +1,59 @@
+"""`looprl serve` as a real process: config from the environment, admin token enforced, clean stop."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from fixtures_serving import ADMIN_TOKEN, make_workspace
+
+
+def test_looprl_serve_process_serves_and_hot_swaps(serving_base, serving_adapters, tmp_path):
+    ws = make_workspace(tmp_path / "ws", serving_adapters)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "LOOPRL_MODEL__BASE_PATH": str(serving_base), "LOOPRL_SERVING__PORT": str(port),
+           "LOOPRL_SERVING__ADMIN_TOKEN": ADMIN_TOKEN, "LOOPRL_SERVING__LOG_RESPONSES": "false",
+           "LOOPRL_SERVING__MAX_LORA_RANK": "8"}
+    env.pop("LOOPRL_CONFIG", None)
+    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "--workspace", str(ws), "serve"],
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "looprl serve did not come up"
+            time.sleep(0.2)
+        auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        v = serving_adapters.good[0]
+        body = {"lora_name": f"policy-{v}", "lora_path": str(ws / "registry" / "policy" / v)}
+        assert httpx.post(f"{url}/v1/load_lora_adapter", json=body).status_code == 401
+        assert httpx.post(f"{url}/v1/load_lora_adapter", json=body, headers=auth).status_code == 200
+        big = {"lora_name": "big", "lora_path": str(ws / "registry" / "policy" / serving_adapters.too_large)}
+        assert httpx.post(f"{url}/v1/load_lora_adapter", json=big, headers=auth).status_code == 400  # env config applied
+        assert httpx.post(f"{url}/v1/looprl/alias", json={"alias": "policy", "lora_name": f"policy-{v}"},
+                          headers=auth).status_code == 200
+        r = httpx.post(f"{url}/v1/completions", json={"model": "policy", "prompt": "hi", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200 and r.headers["x-looprl-adapter"] == v
+        assert "looprl_serving_requests_total" in httpx.get(f"{url}/metrics").text
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            rc = proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    assert rc in (0, 130), proc.stderr.read()[-2000:]
