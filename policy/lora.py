@@ -1,0 +1,85 @@
+"""LoRA on the MoE policy: attention projections plus the fused expert weights.
+
+transformers 5 stores each layer's experts as two stacked parameters, ``mlp.experts.gate_up_proj``
+(E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I), so peft reaches them through
+``target_parameters`` (one LoRA per expert). The router ``mlp.gate`` is never adapted: moving it
+would shift which experts see which tokens, which the base's load balance was trained for.
+
+Rollout workers receive the adapter as a plain state dict (``lora_state`` -> ``load_lora_state``),
+a few hundred KB, instead of the model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+
+from looprl.ops.config import PolicyConfig
+
+ADAPTER = "default"
+
+
+def lora_config(pcfg: PolicyConfig) -> LoraConfig:
+    return LoraConfig(
+        r=pcfg.lora_rank,
+        lora_alpha=pcfg.lora_alpha,
+        target_modules=list(pcfg.target_modules),
+        target_parameters=list(pcfg.target_parameters),
+        lora_dropout=0.0,  # no dropout: rollouts and the learner must compute the same policy
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(model: nn.Module, pcfg: PolicyConfig) -> PeftModel:
+    """Wrap a base model with a fresh (zero-delta) LoRA adapter; only LoRA weights train."""
+    missing = [t for t in pcfg.target_parameters if not any(n.endswith(t) for n, _ in model.named_parameters())]
+    if missing:
+        raise ValueError(f"policy.target_parameters {missing} match no parameter of {type(model).__name__}")
+    peft_model = get_peft_model(model, lora_config(pcfg))
+    router = [n for n, p in peft_model.named_parameters() if p.requires_grad and ".mlp.gate." in n]
+    if router:  # a target list that reaches the router would silently retrain routing
+        raise ValueError(f"LoRA targets reach the MoE router, which must stay frozen: {router[:3]}")
+    peft_model.eval()  # no dropout anywhere; PPO needs identical old/new forward passes
+    return peft_model
+
+
+def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter's weights as a detached CPU state dict (peft naming, no adapter name)."""
+    sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in sd.items()}
+
+
+def load_lora_state(model: PeftModel, state: dict[str, torch.Tensor]) -> None:
+    """Copy a state dict from `lora_state` into the model; unknown or missing keys are errors."""
+    expected = set(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+    if set(state) != expected:
+        extra, missing = sorted(set(state) - expected), sorted(expected - set(state))
+        raise KeyError(f"LoRA state does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+
+
+def trainable_lora_parameters(model: PeftModel) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def expert_lora_parameters(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The LoRA factors that act on the experts (used by tests to check experts really train)."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad and ".mlp.experts." in n}
+
+
+def save_adapter(model: PeftModel, out_dir: Path) -> Path:
+    """Standard peft format: adapter_model.safetensors + adapter_config.json."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def load_adapter(base: nn.Module, adapter_dir: Path, adapter_name: str = ADAPTER) -> PeftModel:
+    model = PeftModel.from_pretrained(base, adapter_dir, adapter_name=adapter_name, is_trainable=False)
+    model.eval()
+    return model

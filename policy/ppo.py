@@ -1,0 +1,160 @@
+"""PPO for language models, the math only (CleanRL-style; no model, no I/O).
+
+One episode = one completion. Token j of a completion is an action; its reward is
+
+    r_j = -kl_coef * (log pi(a_j) - log pi_base(a_j))      (+ reward-model score on the last token)
+
+which is the per-token KL penalty of Ziegler et al. (2019). Advantages come from GAE over the
+completion's tokens; the policy loss is the clipped surrogate, the value loss is clipped too.
+All tensors here are (B, N) over completion tokens with a 0/1 mask (1 up to and including eos).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def masked_var(x: Tensor, mask: Tensor) -> Tensor:
+    mean = masked_mean(x, mask)
+    return masked_mean((x - mean) ** 2, mask)
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns]: 1 is a perfect critic, <= 0 is no better than a constant."""
+    var_y = masked_var(returns, mask)
+    if var_y.item() < 1e-12:
+        return float("nan")
+    return float(1.0 - masked_var(returns - values, mask) / var_y)
+
+
+class AdaptiveKLController:
+    """Ziegler et al. (2019): nudge the KL coefficient so the per-episode KL tracks `target`.
+
+    coef <- coef * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+        return self.value
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class RunningMoments:
+    """Running mean/std of reward-model scores (Welford, over every score seen this run).
+
+    Scores are standardized with it before PPO so that the KL coefficient means the same thing
+    for any reward model's scale (Ziegler et al. normalize the reward model the same way)."""
+
+    def __init__(self):
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().double().reshape(-1)
+        n = x.numel()
+        if n == 0:
+            return
+        b_mean = float(x.mean())
+        b_m2 = float(((x - b_mean) ** 2).sum())
+        total = self.count + n
+        delta = b_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += b_m2 + delta * delta * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        var = self.m2 / (self.count - 1) if self.count > 1 else 0.0
+        return var ** 0.5 if var > 1e-12 else 1.0  # constant scores so far: leave the scale alone
+
+    def standardize(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = int(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+def token_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor,
+                  kl_coef: float) -> tuple[Tensor, Tensor]:
+    """Per-token rewards and per-token KL (both (B, N)); the score lands on each completion's last token."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.sum(1).long() - 1).clamp(min=0)
+    rewards[torch.arange(rewards.shape[0]), last] += scores.to(rewards.dtype)
+    return rewards * mask, kl
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized advantage estimation over each completion; returns (advantages, returns)."""
+    n = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(n)):
+        # the value after the final token is 0: the episode ends at eos or at max_new_tokens
+        next_v = values[:, t + 1] * mask[:, t + 1] if t + 1 < n else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * next_v - values[:, t]
+        last = delta + gamma * lam * last * (mask[:, t + 1] if t + 1 < n else 0.0)
+        adv[:, t] = last
+    adv = adv * mask
+    return adv, (adv + values) * mask
+
+
+@dataclass
+class LossOut:
+    loss: Tensor
+    policy_loss: Tensor
+    value_loss: Tensor
+    entropy: Tensor
+    clip_fraction: Tensor
+    approx_kl: Tensor
+
+
+def ppo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor,
+    values: Tensor, old_values: Tensor, returns: Tensor,
+    entropy: Tensor, mask: Tensor,
+    clip_range: float, value_clip_range: float, vf_coef: float, ent_coef: float,
+) -> LossOut:
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = log_ratio.exp()
+    pg1 = -advantages * ratio
+    pg2 = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = masked_mean(torch.maximum(pg1, pg2), mask)
+
+    v_clipped = old_values + (values - old_values).clamp(-value_clip_range, value_clip_range)
+    value_loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)
+
+    ent = masked_mean(entropy, mask)
+    loss = policy_loss + vf_coef * value_loss - ent_coef * ent
+    with torch.no_grad():
+        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_range).float(), mask)
+        approx_kl = masked_mean((ratio - 1.0) - log_ratio, mask)  # k3 estimator, >= 0
+    return LossOut(loss, policy_loss, value_loss, ent, clip_fraction, approx_kl)

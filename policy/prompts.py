@@ -1,0 +1,133 @@
+"""Prompts for rollouts and for the gate.
+
+The pool is recent real traffic (the ``responses`` view of the event log, column ``prompt``) plus
+a configured prompt file (``cfg.policy.prompts_file``) or the prompt set shipped with the base.
+A run snapshots its pool once (saved in the run directory), so resuming never depends on what
+arrived in the log meanwhile.
+
+Each prompt is assigned to train or held-out by a hash of its text, so the gate's held-out
+prompts are never trained on, whichever run or process looks at them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from looprl.ops.config import LooprlConfig
+from looprl.ops.log import get_logger
+from looprl.policy.base import shipped_prompts
+
+log = get_logger(__name__)
+
+HELDOUT_BUCKETS = 8  # 1 in 8 prompts is held out for the gate
+
+# Used only when neither traffic, a prompt file, nor a shipped prompt set exists.
+FALLBACK_PROMPTS = [
+    "tell me about your day", "what is the weather like", "describe the park", "how was the trip",
+    "write a note to a friend", "what do you think of the city", "say something about dogs",
+    "describe your morning", "what is for dinner", "tell me about the sea", "how is the garden",
+    "describe the house", "what did you see today", "tell me a story", "how are the kids",
+    "describe the market", "what is new at work", "tell me about the film", "how was the game",
+    "describe the river", "what about the weekend", "tell me about the food", "how is the team",
+    "describe the old road", "what happened at school", "tell me about the music",
+    "how was the holiday", "describe the forest", "what is your plan", "tell me about the cat",
+    "how is the new job", "describe the beach",
+]
+
+
+def is_heldout(prompt: str) -> bool:
+    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+    return h % HELDOUT_BUCKETS == 0
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from (seed, step, purpose, ...): deterministic, no wall clock, no global RNG."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def generator(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(derive_seed(*parts))
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"policy.prompts_file {path} does not exist")
+    if path.suffix == ".jsonl":
+        import json
+
+        out = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                out.append(str(json.loads(line)["prompt"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{i}: expected a JSON object with a 'prompt' field ({e})") from None
+        return out
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[str], dict]:
+    """Distinct prompts of the most recent responses, newest first, and the watermark they reach."""
+    if limit <= 0 or not cfg.events_dir.exists():
+        return [], {}
+    try:
+        from looprl.storage.events import EventLog
+    except ImportError:
+        log.warning("looprl.storage.events is not available; training on configured prompts only")
+        return [], {}
+    try:
+        table = EventLog(cfg.events_dir).query(
+            "SELECT prompt, max(ts) AS last_ts FROM responses WHERE prompt IS NOT NULL AND length(prompt) > 0 "
+            f"GROUP BY prompt ORDER BY last_ts DESC, prompt LIMIT {int(limit)}"
+        )
+    except Exception as e:  # an empty or still-initialising log must not stop training
+        log.warning("could not read recent prompts from the event log", error=str(e))
+        return [], {}
+    prompts = [str(p) for p in table.column("prompt").to_pylist()]
+    last = table.column("last_ts").to_pylist()
+    watermark = {"responses_max_ts": str(max(last))} if last else {}
+    return prompts, watermark
+
+
+def configured_prompts(cfg: LooprlConfig) -> list[str]:
+    if cfg.policy.prompts_file is not None:
+        return read_prompt_file(cfg.policy.prompts_file)
+    return shipped_prompts() or list(FALLBACK_PROMPTS)
+
+
+def build_pool(cfg: LooprlConfig, traffic_limit: int | None = None) -> tuple[list[str], dict]:
+    """Deduplicated prompt pool (traffic first) and the event-log watermark it was read at."""
+    limit = cfg.policy.recent_prompts if traffic_limit is None else traffic_limit
+    traffic, watermark = traffic_prompts(cfg, limit)
+    seen, pool = set(), []
+    for p in traffic + configured_prompts(cfg):
+        if p not in seen:
+            seen.add(p)
+            pool.append(p)
+    log.info("prompt pool", traffic=len(traffic), total=len(pool))
+    return pool, watermark
+
+
+class PromptSampler:
+    """Draws each step's batch from the training part of a pool, as a function of (seed, step) only."""
+
+    def __init__(self, pool: list[str], seed: int):
+        self.train = [p for p in pool if not is_heldout(p)]
+        if not self.train:
+            raise ValueError("prompt pool has no training prompts (all are held out or the pool is empty)")
+        self.seed = seed
+
+    def batch(self, step: int, size: int) -> list[str]:
+        g = generator(self.seed, step, "prompts")
+        idx = torch.randint(len(self.train), (size,), generator=g).tolist()
+        return [self.train[i] for i in idx]
+
+
+def heldout_prompts(pool: list[str], n: int) -> list[str]:
+    held = [p for p in pool if is_heldout(p)]
+    return held[:n]

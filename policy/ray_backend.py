@@ -1,0 +1,143 @@
+"""Ray placement of the PPO roles: rollout workers and the learner as actors with declared CPUs.
+
+Each step the learner's LoRA state dict is `ray.put` once and every rollout worker reads it (the
+base weights never travel). Rollout workers are restartable: a call carries everything it needs
+(weights, prompts, seed), so after a worker is killed Ray restarts it and re-runs the call
+(`max_restarts`, `max_task_retries`). The learner is not: its death fails the job with a message
+naming the last checkpoint, and re-running the job resumes from it. Every `ray.get` has a
+timeout, so nothing waits forever on a dead node.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+from looprl.ops.config import LooprlConfig
+from looprl.ops.log import get_logger
+from looprl.policy.rollout import Rollout
+from looprl.policy.workers import Learner, RolloutWorker
+
+log = get_logger(__name__)
+
+# AF_UNIX paths are limited to 107 bytes; Ray puts "session_<date>_<pid>/sockets/plasma_store"
+# (~70 bytes) under its temp dir.
+_MAX_TEMP_DIR_CHARS = 36
+
+
+class PolicyJobError(RuntimeError):
+    """A PPO job failed (dead actor, timeout); the message says what and how to resume."""
+
+
+def ray_temp_dir(cfg: LooprlConfig) -> Path:
+    """cfg.ray_dir, or a short directory under /tmp when the workspace path is too long for sockets."""
+    wanted = cfg.ray_dir.resolve()
+    if len(str(wanted)) <= _MAX_TEMP_DIR_CHARS:
+        return wanted
+    short = Path(tempfile.gettempdir()) / ("looprl-ray-" + hashlib.sha1(str(wanted).encode()).hexdigest()[:8])
+    log.info("workspace path too long for Ray's unix sockets; using a short temp dir",
+             wanted=str(wanted), temp_dir=str(short))
+    return short
+
+
+def init_ray(cfg: LooprlConfig, num_cpus: int) -> bool:
+    """Connect to cfg.policy.ray_address, or start a small local Ray. True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.policy.ray_address:
+        ray.init(address=cfg.policy.ray_address, log_to_driver=False)
+        log.info("connected to ray cluster", address=cfg.policy.ray_address)
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
+    temp = ray_temp_dir(cfg)
+    temp.mkdir(parents=True, exist_ok=True)
+    ray.init(
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        _temp_dir=str(temp),
+        object_store_memory=cfg.policy.ray_object_store_mb * 1024 * 1024,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    log.info("started local ray", temp_dir=str(temp), num_cpus=num_cpus)
+    return True
+
+
+class RayBackend:
+    """Learner + N rollout workers as Ray actors; same interface as `trainer.LocalBackend`."""
+
+    def __init__(self, cfg: LooprlConfig, scorer):
+        import ray
+
+        self.cfg, self.timeout = cfg, cfg.policy.ray_timeout_s
+        n = cfg.policy.num_rollout_workers
+        self.started = init_ray(cfg, num_cpus=max(2, n + 1))
+        threads = cfg.policy.torch_threads
+        learner_cls = ray.remote(num_cpus=1, max_restarts=0)(Learner)
+        worker_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(RolloutWorker)
+        self.learner = learner_cls.remote(cfg, threads=threads)
+        self.workers = [worker_cls.remote(cfg, scorer, threads=threads) for _ in range(n)]
+        # Actor start (imports, model load) gets its own allowance: a short per-call timeout must
+        # not fail a job whose actors are merely slow to boot on busy cores.
+        self._get([self.learner.pid.remote()] + [w.pid.remote() for w in self.workers], "actor start",
+                  timeout=max(self.timeout, 300.0))
+
+    def _get(self, refs, what: str, timeout: float | None = None):
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError
+
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            return ray.get(refs, timeout=timeout)
+        except GetTimeoutError:
+            raise PolicyJobError(f"{what}: no answer within {timeout}s (policy.ray_timeout_s={self.timeout})") from None
+        except RayActorError as e:
+            raise PolicyJobError(f"{what}: actor died ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+    def worker_pids(self) -> list[int]:
+        return self._get([w.pid.remote() for w in self.workers], "worker pid")
+
+    def learner_pid(self) -> int:
+        return self._get(self.learner.pid.remote(), "learner pid")
+
+    def rollout(self, shards: list[list[str]], seeds: list[tuple]) -> list[Rollout]:
+        import ray
+
+        weights = ray.put(self._get(self.learner.lora_state.remote(), "learner weights"))
+        return self._get([w.rollout.remote(weights, s, seed) for w, s, seed in zip(self.workers, shards, seeds)],
+                         "rollout")
+
+    def learn(self, rollouts: list[Rollout], step: int) -> dict:
+        return self._get(self.learner.learn.remote(rollouts, step), f"learn step {step}")
+
+    def state_dict(self) -> dict:
+        return self._get(self.learner.state_dict.remote(), "learner state")
+
+    def load_state_dict(self, state: dict) -> None:
+        self._get(self.learner.load_state_dict.remote(state), "learner restore")
+
+    def load_weights(self, lora: dict, value_head: dict | None, kl_coef: float | None = None) -> None:
+        self._get(self.learner.load_weights.remote(lora, value_head, kl_coef), "learner init weights")
+
+    def export(self, out_dir: Path) -> list[str]:
+        files = self._get(self.learner.export_files.remote(), "export adapter")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            (out_dir / Path(name).name).write_bytes(data)
+        return sorted(files)
+
+    def close(self) -> None:
+        import ray
+
+        for a in [self.learner, *self.workers]:
+            try:
+                ray.kill(a)
+            except Exception:  # already dead
+                pass
+        if self.started:
+            ray.shutdown()

@@ -1,0 +1,348 @@
+"""The PPO job: rollout -> score -> learn, checkpointed, ending in a registry candidate.
+
+    for step in range(start, steps):
+        prompts  = sampler.batch(step)                    # a function of (seed, step) only
+        rollouts = backend.rollout(shards(prompts))       # current adapter, scored by the pinned reward model
+        stats    = backend.learn(rollouts, step)          # PPO epochs on the learner
+        every checkpoint_every steps: checkpoint          # atomic; SIGKILL-safe
+    publish the adapter as a candidate policy version     # the offline gate decides what happens next
+
+`backend` is `LocalBackend` (everything in this process; used by tests and benchmarks) or
+`RayBackend` (actors; `looprl train policy`). Both run the same worker classes, seeded the same
+way, so they compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from looprl.ops.config import LooprlConfig, PolicyConfig
+from looprl.ops.log import get_logger
+from looprl.policy import metrics
+from looprl.policy.base import base_checksum
+from looprl.policy.checkpoint import CheckpointError, RunDir, latest_unfinished, runs_root
+from looprl.policy.prompts import PromptSampler, build_pool
+from looprl.policy.rollout import Rollout
+from looprl.policy.scoring import RegistryScorer, registry_scorer
+from looprl.policy.workers import Learner, RolloutWorker
+from looprl.storage.registry import Manifest, Registry
+
+log = get_logger(__name__)
+
+# Per-step figures kept in the candidate's manifest (the curve, not every diagnostic).
+_CURVE_KEYS = ("reward_mean", "kl", "kl_coef", "kl_coef_next", "clip_fraction", "entropy", "value_loss",
+               "explained_variance", "tokens_per_s", "expert_load_max_over_mean")
+
+
+class LocalBackend:
+    """Learner and rollout workers in this process, sharing one model (no copies, no Ray)."""
+
+    def __init__(self, cfg: LooprlConfig, scorer):
+        torch.set_num_threads(cfg.policy.torch_threads)
+        self.learner = Learner(cfg)
+        self.worker = RolloutWorker(cfg, scorer, model=self.learner.model, tok=self.learner.tok)
+
+    def rollout(self, shards: list[list[str]], seeds: list[tuple]) -> list[Rollout]:
+        # The worker shares the learner's model, so there are no weights to broadcast.
+        return [self.worker.rollout(None, s, seed) for s, seed in zip(shards, seeds)]
+
+    def learn(self, rollouts: list[Rollout], step: int) -> dict:
+        return self.learner.learn(rollouts, step)
+
+    def state_dict(self) -> dict:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state)
+
+    def load_weights(self, lora: dict, value_head: dict | None, kl_coef: float | None = None) -> None:
+        self.learner.load_weights(lora, value_head, kl_coef)
+
+    def export(self, out_dir: Path) -> list[str]:
+        return self.learner.export(out_dir)
+
+    def close(self) -> None:
+        pass
+
+
+def shard(prompts: list[str], n: int) -> list[list[str]]:
+    """Contiguous, near-equal shards (the same split with or without Ray)."""
+    n = max(1, min(n, len(prompts)))
+    k, r = divmod(len(prompts), n)
+    out, i = [], 0
+    for j in range(n):
+        m = k + (1 if j < r else 0)
+        out.append(prompts[i:i + m])
+        i += m
+    return out
+
+
+@dataclass
+class TrainResult:
+    run_id: str
+    manifest: Manifest | None
+    history: list[dict] = field(default_factory=list)
+
+
+def _new_run_id(seed: int) -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%f") + f"-s{seed}"
+
+
+def _open_run(cfg: LooprlConfig, run_id: str | None, resume: bool) -> tuple[RunDir, bool]:
+    root = runs_root(cfg.state_dir)
+    if run_id is not None:
+        run = RunDir(root / run_id)
+        return run, (run.path / "run.json").is_file()
+    if resume:
+        run = latest_unfinished(cfg.state_dir)
+        if run is not None:
+            return run, True
+    return RunDir(root / _new_run_id(cfg.policy.seed)), False
+
+
+def run_training(cfg: LooprlConfig, **kwargs) -> Manifest:
+    """`train` that publishes: the entry point of `looprl train policy` and of the scheduler.
+
+    Returns the manifest of the published candidate (status "candidate"; run the gate next)."""
+    kwargs["publish"] = True
+    result = train(cfg, **kwargs)
+    if result.manifest is None:
+        raise RuntimeError(f"run {result.run_id} finished earlier without publishing a candidate")
+    return result.manifest
+
+
+def train(
+    cfg: LooprlConfig,
+    *,
+    run_id: str | None = None,
+    resume: bool = True,
+    steps: int | None = None,
+    scorer=None,
+    use_ray: bool = True,
+    progress: bool = False,
+    publish: bool = True,
+    on_step: Callable[[int, dict, object], None] | None = None,
+) -> TrainResult:
+    """Run (or resume) one PPO job and publish its adapter as a candidate policy version.
+
+    run_id: resume that run if it exists, else start it under that id. Without a run_id and with
+    `resume`, the newest unfinished run resumes; otherwise a new run starts. A resumed run uses the
+    policy config, prompt pool and reward version recorded when it started.
+    scorer: anything with `.score(prompts, completions)` and `.version`; default: the newest
+    reward model in the registry (pinned for the run). on_step(step, stats, backend): test hook.
+    """
+    run, resuming = _open_run(cfg, run_id, resume)
+    lock = run.lock()
+    try:
+        return _train_locked(cfg, run, resuming, steps, scorer, use_ray, progress, publish, on_step)
+    finally:
+        RunDir.unlock(lock)
+
+
+def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | None, scorer, use_ray: bool,
+                  progress: bool, publish: bool, on_step) -> TrainResult:
+    if resuming and run.is_done():
+        info = run.done_info()
+        log.info("run already finished", run_id=run.run_id, version=info.get("version"))
+        m = Registry(cfg.registry_dir).manifest("policy", info["version"]) if info.get("version") else None
+        return TrainResult(run.run_id, m)
+
+    checksum = base_checksum(cfg.base_path)
+    if resuming:
+        meta, pool = run.read_meta()
+        if meta["base_checksum"] != checksum:
+            raise CheckpointError(
+                f"run {run.run_id} was started on base {meta['base_checksum'][:12]}, the configured base is "
+                f"{checksum[:12]}: start a new run"
+            )
+        # the run's own hyper-parameters, so resuming reproduces the uninterrupted run
+        cfg = cfg.model_copy(update={"policy": PolicyConfig.model_validate(meta["policy"])})
+        if scorer is None:
+            if str(meta["reward_version"]).startswith("programmatic:"):
+                raise ValueError(f"run {run.run_id} used scorer {meta['reward_version']}: pass the same scorer")
+            scorer = RegistryScorer(cfg, meta["reward_version"])
+        elif scorer.version != meta["reward_version"]:
+            raise ValueError(f"run {run.run_id} trained against reward {meta['reward_version']}, not {scorer.version}")
+    else:
+        if steps is not None:
+            cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"steps": steps})})
+        scorer = scorer if scorer is not None else registry_scorer(cfg)
+        pool, watermark = build_pool(cfg)
+        parent = Registry(cfg.registry_dir).pointer("policy", "promoted")
+        meta = {
+            "run_id": run.run_id,
+            "created_at": datetime.now(timezone.utc).isoformat(),
+            "base_checksum": checksum,
+            "reward_version": scorer.version,
+            "parent": parent,
+            "init_from": _init_source(cfg, parent, checksum),
+            "init_kl_coef": cfg.policy.init_kl_coef,
+            "watermark": watermark,
+            "policy": cfg.policy.model_dump(mode="json"),
+            "kernels": cfg.kernels.model_dump(mode="json"),
+        }
+        if meta["init_from"]:  # continue the parent's KL controller too, not just its weights
+            last = Registry(cfg.registry_dir).manifest("policy", meta["init_from"]).metrics.get("kl_coef_last")
+            if isinstance(last, (int, float)) and last > 0:
+                meta["init_kl_coef"] = float(last)
+        run.write_meta(meta, pool)
+    p = cfg.policy
+    sampler = PromptSampler(pool, p.seed)
+
+    backend = None
+    history: list[dict] = []
+    try:
+        if use_ray:
+            from looprl.policy.ray_backend import RayBackend
+
+            backend = RayBackend(cfg, scorer)
+        else:
+            backend = LocalBackend(cfg, scorer)
+        start = 0
+        if resuming and run.latest_step() is not None:
+            start, state, saved = run.load()
+            backend.load_state_dict(state)
+            history = list(saved.get("history", []))
+            log.info("resumed", run_id=run.run_id, step=start, steps=p.steps)
+        else:
+            if meta.get("init_from"):
+                backend.load_weights(*_init_weights(cfg, meta["init_from"], meta["base_checksum"]),
+                                     kl_coef=meta.get("init_kl_coef"))
+            log.info("run started", run_id=run.run_id, steps=p.steps, reward_version=scorer.version,
+                     prompts=len(sampler.train), ray=use_ray, init_from=meta.get("init_from"))
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=p.steps, initial=start, desc=f"ppo {run.run_id}", unit="step")
+        for step in range(start, p.steps):
+            stats = _one_step(backend, sampler, cfg, step)
+            history.append({k: stats[k] for k in _CURVE_KEYS if k in stats} | {"step": step})
+            metrics.record_step(stats)
+            log.info("ppo step", run_id=run.run_id, **stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(reward=f"{stats['reward_mean']:.2f}", kl=f"{stats['kl']:.3f}")
+            if on_step is not None:
+                on_step(step, stats, backend)
+            done = step + 1
+            if done % p.checkpoint_every == 0 or done == p.steps:
+                run.save(done, backend.state_dict(), extra={"history": history})
+        if bar is not None:
+            bar.close()
+
+        manifest = _publish(cfg, backend, run, meta, history) if publish else None
+        run.mark_done({"version": manifest.version if manifest else None,
+                       "finished_at": datetime.now(timezone.utc).isoformat()})
+        return TrainResult(run.run_id, manifest, history)
+    except Exception as e:
+        metrics.RUN_FAILURES.labels(reason=type(e).__name__).inc()
+        last = run.latest_step() if run.path.exists() else None
+        log.error("ppo run failed", run_id=run.run_id, error=str(e), last_checkpoint_step=last)
+        raise
+    finally:
+        if backend is not None:
+            backend.close()
+
+
+def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | None:
+    """The promoted version to continue from, if it is a LoRA of the same shape on the same base."""
+    if not cfg.policy.init_from_promoted or parent is None:
+        return None
+    import json
+
+    reg = Registry(cfg.registry_dir)
+    try:
+        _, d = reg.open("policy", parent, base_checksum=checksum)
+        acfg = json.loads((d / "adapter_config.json").read_text())
+    except Exception as e:  # a broken promoted version must not block training from scratch
+        log.warning("cannot continue from the promoted adapter; starting fresh", parent=parent, error=str(e))
+        return None
+    p = cfg.policy
+    same = (acfg.get("r") == p.lora_rank and acfg.get("lora_alpha") == p.lora_alpha
+            and set(acfg.get("target_modules") or []) == set(p.target_modules)
+            and set(acfg.get("target_parameters") or []) == set(p.target_parameters))
+    if not same:
+        log.info("promoted adapter has another LoRA shape; starting fresh", parent=parent)
+        return None
+    return parent
+
+
+def _init_weights(cfg: LooprlConfig, version: str, checksum: str) -> tuple[dict, dict | None]:
+    from safetensors.torch import load_file
+
+    _, d = Registry(cfg.registry_dir).open("policy", version, base_checksum=checksum)
+    vh = d / "value_head.safetensors"
+    return load_file(str(d / "adapter_model.safetensors")), (load_file(str(vh)) if vh.is_file() else None)
+
+
+def _one_step(backend, sampler: PromptSampler, cfg: LooprlConfig, step: int) -> dict:
+    p = cfg.policy
+    t0 = time.perf_counter()
+    shards = shard(sampler.batch(step, p.rollout_batch_size), p.num_rollout_workers)
+    seeds = [(p.seed, step, "rollout", i) for i in range(len(shards))]
+    rollouts = backend.rollout(shards, seeds)
+    t1 = time.perf_counter()
+    stats = backend.learn(rollouts, step)
+    t2 = time.perf_counter()
+    gen = sum(r.timings.get("rollout_s", 0.0) for r in rollouts)
+    score = sum(r.timings.get("score_s", 0.0) for r in rollouts)
+    stats.update(
+        rollout_s=gen, score_s=score, rollout_wall_s=t1 - t0, learn_wall_s=t2 - t1, step_s=t2 - t0,
+        tokens_per_s=stats["tokens"] / max(t2 - t0, 1e-9),
+        sample_completion=rollouts[0].completions[0] if rollouts and rollouts[0].completions else "",
+    )
+    return stats
+
+
+def _publish(cfg: LooprlConfig, backend, run: RunDir, meta: dict, history: list[dict]) -> Manifest:
+    tail = history[-3:] if history else []
+    head = history[:3] if history else []
+
+    def avg(rows: list[dict], key: str) -> float | None:
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    p = cfg.policy
+    metrics_out = {
+        "steps": len(history),
+        "reward_first": avg(head, "reward_mean"),
+        "reward_last": avg(tail, "reward_mean"),
+        "kl_last": avg(tail, "kl"),
+        "kl_coef_last": tail[-1].get("kl_coef_next", tail[-1]["kl_coef"]) if tail else None,
+        "tokens_per_s": avg(history, "tokens_per_s"),
+        "curve": history,
+    }
+    extra = {
+        "reward_version": meta["reward_version"],
+        "run_id": run.run_id,
+        "seed": p.seed,
+        "lora_rank": p.lora_rank,
+        "lora_alpha": p.lora_alpha,
+        "target_modules": list(p.target_modules),
+        "target_parameters": list(p.target_parameters),
+        "value_head": "value_head.safetensors",
+        "kernels": meta.get("kernels"),
+    }
+    reg = Registry(cfg.registry_dir)
+    for m in reversed(reg.list("policy")):  # a crash after publishing, before done.json: publish once
+        if m.extra.get("run_id") == run.run_id:
+            log.info("candidate already published by this run", version=m.version, run_id=run.run_id)
+            return m
+    with tempfile.TemporaryDirectory(prefix="looprl-candidate-") as d:
+        backend.export(Path(d))
+        m = reg.publish(
+            "policy", d, base_checksum=meta["base_checksum"], parent=meta.get("parent"),
+            watermark=meta.get("watermark") or {}, metrics=metrics_out, status="candidate",
+            reason=f"PPO run {run.run_id}", extra=extra,
+        )
+    log.info("candidate published", version=m.version, run_id=run.run_id, **{k: v for k, v in metrics_out.items() if k != "curve"})
+    return m

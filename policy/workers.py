@@ -1,0 +1,256 @@
+"""The two roles of a PPO job: rollout workers and the learner.
+
+Both are plain classes so the PPO loop runs and is tested without Ray; `policy/ray_backend.py`
+wraps the same classes as Ray actors. A rollout worker is stateless between calls: each call
+brings the adapter weights to use, so a restarted worker (after a crash) can redo a call
+exactly. The learner owns everything that must survive a restart, and `state_dict()` is what the
+checkpoint stores.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from looprl.ops.config import LooprlConfig
+from looprl.ops.log import get_logger
+from looprl.policy import ppo
+from looprl.policy.base import format_prompt, load_base
+from looprl.policy.forward import ValueHead, apply_kernels, expert_load, policy_forward
+from looprl.policy.lora import attach_lora, load_lora_state, lora_state, save_adapter, trainable_lora_parameters
+from looprl.policy.prompts import generator
+from looprl.policy.rollout import Rollout, sample
+
+log = get_logger(__name__)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+def build_policy(cfg: LooprlConfig):
+    """Base model from cfg.base_path + a fresh LoRA adapter + the configured expert kernel."""
+    base, tok = load_base(cfg.base_path)
+    with torch.random.fork_rng(devices=[]):  # LoRA A init: a function of the seed, global RNG untouched
+        torch.manual_seed(cfg.policy.seed)
+        model = attach_lora(base, cfg.policy)
+    apply_kernels(model, cfg.kernels)
+    return model, tok
+
+
+class RolloutWorker:
+    """Samples completions with given adapter weights and scores them with the (pinned) reward model."""
+
+    def __init__(self, cfg: LooprlConfig, scorer, model: nn.Module | None = None, tok=None, threads: int = 1):
+        if model is None:  # its own copy (a Ray actor); local mode shares the learner's model
+            torch.set_num_threads(threads)
+            model, tok = build_policy(cfg)
+        self.cfg, self.scorer, self.model, self.tok = cfg, scorer, model, tok
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def rollout(self, lora: dict[str, torch.Tensor] | None, prompts: list[str], seed_parts: tuple) -> Rollout:
+        p = self.cfg.policy
+        if lora is not None:
+            load_lora_state(self.model, lora)
+        t0 = time.perf_counter()
+        r = sample(self.model, self.tok, prompts, [format_prompt(x) for x in prompts], p.max_new_tokens,
+                   p.temperature, generator(*seed_parts), p.max_prompt_tokens)
+        t1 = time.perf_counter()
+        r.scores = self.scorer.score(r.prompts, r.completions).detach().float().cpu().reshape(-1)
+        if r.scores.shape[0] != len(prompts):
+            raise ValueError(f"scorer {self.scorer.version} returned {r.scores.shape[0]} scores for {len(prompts)} completions")
+        if not torch.isfinite(r.scores).all():
+            raise ValueError(f"scorer {self.scorer.version} returned non-finite scores")
+        r.timings = {"rollout_s": t1 - t0, "score_s": time.perf_counter() - t1}
+        return r
+
+
+def concat_rollouts(parts: list[Rollout]) -> Rollout:
+    """One batch from several workers' rollouts: re-pad prompts on the left to a common length."""
+    plen = max(r.prompt_len for r in parts)
+    ids, masks = [], []
+    for r in parts:
+        extra = plen - r.prompt_len
+        ids.append(torch.nn.functional.pad(r.input_ids, (extra, 0), value=0))  # masked out: any id will do
+        masks.append(torch.nn.functional.pad(r.attention_mask, (extra, 0), value=0))
+    n = max(r.response_mask.shape[1] for r in parts)
+    ids = [torch.nn.functional.pad(x, (0, n + plen - x.shape[1]), value=0) for x in ids]
+    masks = [torch.nn.functional.pad(x, (0, n + plen - x.shape[1]), value=0) for x in masks]
+    rmask = [torch.nn.functional.pad(r.response_mask, (0, n - r.response_mask.shape[1]), value=0.0) for r in parts]
+    out = Rollout(
+        prompts=[p for r in parts for p in r.prompts],
+        completions=[c for r in parts for c in r.completions],
+        input_ids=torch.cat(ids), attention_mask=torch.cat(masks), response_mask=torch.cat(rmask),
+        prompt_len=plen, scores=torch.cat([r.scores for r in parts]),
+    )
+    out.timings = {k: sum(r.timings.get(k, 0.0) for r in parts) for k in ("rollout_s", "score_s")}
+    return out
+
+
+@dataclass
+class Evaluation:
+    """Per-token quantities of a batch under the current (old) policy and the base."""
+
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    entropy: torch.Tensor
+    expert_load: torch.Tensor
+
+
+class Learner:
+    """Holds the trainable adapter, the value head, the optimizer and the KL controller."""
+
+    def __init__(self, cfg: LooprlConfig, model: nn.Module | None = None, tok=None, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        if model is None:
+            model, tok = build_policy(cfg)
+        self.cfg, self.model, self.tok = cfg, model, tok
+        p = cfg.policy
+        hidden = self.model.get_base_model().config.hidden_size
+        with torch.random.fork_rng(devices=[]):  # value-head init: same numbers in every run with this seed
+            torch.manual_seed(p.seed + 1)
+            self.value_head = ValueHead(hidden)
+        self.params = [q for _, q in trainable_lora_parameters(self.model)] + list(self.value_head.parameters())
+        self.optimizer = torch.optim.AdamW(self.params, lr=p.learning_rate, weight_decay=0.0, eps=1e-6)
+        self.kl_ctl = ppo.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon)
+        self.score_stats = ppo.RunningMoments()
+        self.top_k = int(getattr(self.model.get_base_model().config, "num_experts_per_tok", 1))
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # ---- weights out ----
+    def lora_state(self) -> dict[str, torch.Tensor]:
+        return lora_state(self.model)
+
+    def export(self, out_dir: str | Path) -> list[str]:
+        """The candidate adapter in peft format, plus the value head beside it."""
+        out = save_adapter(self.model, Path(out_dir))
+        save_file({k: v.contiguous() for k, v in self.value_head.state_dict().items()}, str(out / VALUE_HEAD_FILE))
+        return sorted(p.name for p in out.iterdir())
+
+    def export_files(self) -> dict[str, bytes]:
+        """`export` as bytes, for a learner on another machine than the driver that publishes."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="looprl-export-") as d:
+            names = self.export(d)
+            return {n: (Path(d) / n).read_bytes() for n in names}
+
+    # ---- PPO ----
+    def _forward(self, ro: Rollout, idx: torch.Tensor, value: bool, routers: bool = False):
+        sl = ro.response_labels_slice()
+        fo = policy_forward(self.model, ro.input_ids[idx], ro.attention_mask[idx], self.cfg.kernels,
+                            self.cfg.policy.temperature, self.value_head if value else None, routers)
+        vals = fo.values[:, sl] if fo.values is not None else None
+        return fo.logprobs[:, sl], fo.entropy[:, sl], vals, fo.router_logits
+
+    @torch.no_grad()
+    def evaluate(self, ro: Rollout) -> Evaluation:
+        """Old-policy log-probs and values, base log-probs (adapter disabled: no second model copy)."""
+        idx = torch.arange(ro.input_ids.shape[0])
+        logp, ent, values, routers = self._forward(ro, idx, value=True, routers=True)
+        with self.model.disable_adapter():
+            ref, _, _, _ = self._forward(ro, idx, value=False)
+        # router logits cover every position; count routing of the sampled (completion) tokens only
+        tok_mask = torch.zeros_like(ro.attention_mask, dtype=torch.float32)
+        tok_mask[:, ro.prompt_len:] = ro.response_mask
+        load = expert_load(routers, tok_mask, self.top_k) if routers else torch.ones(1)
+        return Evaluation(logp, ref, values, ent, load)
+
+    def learn(self, parts: list[Rollout], step: int) -> dict:
+        p = self.cfg.policy
+        t0 = time.perf_counter()
+        ro = concat_rollouts(parts)
+        mask = ro.response_mask
+        ev = self.evaluate(ro)
+        kl_coef = self.kl_ctl.value
+        scores = ro.scores
+        if p.normalize_scores:
+            self.score_stats.update(scores)
+            scores = self.score_stats.standardize(scores).float()
+        rewards, kl = ppo.token_rewards(scores, ev.logprobs, ev.ref_logprobs, mask, kl_coef)
+        adv, returns = ppo.gae(rewards, ev.values, mask, p.gamma, p.gae_lambda)
+        adv = ppo.masked_whiten(adv, mask)
+
+        bsz = mask.shape[0]
+        mb = min(p.minibatch_size, bsz)
+        sums: dict[str, float] = {}
+        n_updates = 0
+        for epoch in range(p.ppo_epochs):
+            perm = torch.randperm(bsz, generator=generator(p.seed, step, "shuffle", epoch))
+            for start in range(0, bsz, mb):
+                idx = perm[start:start + mb]
+                logp, ent, values, _ = self._forward(ro, idx, value=True)
+                out = ppo.ppo_loss(logp, ev.logprobs[idx], adv[idx], values, ev.values[idx], returns[idx],
+                                   ent, mask[idx], p.clip_range, p.value_clip_range, p.vf_coef, p.ent_coef)
+                self.optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, p.max_grad_norm)
+                self.optimizer.step()
+                n_updates += 1
+                for k, v in (("policy_loss", out.policy_loss), ("value_loss", out.value_loss),
+                             ("entropy", out.entropy), ("clip_fraction", out.clip_fraction),
+                             ("approx_kl", out.approx_kl), ("grad_norm", grad_norm)):
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
+
+        seq_kl = kl.sum(1)  # per-completion KL to the base (k1 estimator, nats)
+        mean_kl = float(seq_kl.mean())
+        self.kl_ctl.update(mean_kl, bsz)
+        load = ev.expert_load
+        stats = {k: v / max(n_updates, 1) for k, v in sums.items()}
+        stats.update(
+            step=step,
+            reward_mean=float(ro.scores.mean()),
+            reward_std=float(ro.scores.std()) if bsz > 1 else 0.0,
+            score_norm_mean=self.score_stats.mean,
+            score_norm_std=self.score_stats.std,
+            kl=mean_kl,
+            kl_coef=kl_coef,
+            kl_coef_next=self.kl_ctl.value,
+            old_entropy=float(ppo.masked_mean(ev.entropy, mask)),
+            explained_variance=ppo.explained_variance(ev.values, returns, mask),
+            tokens=int(mask.sum()),
+            completion_len=float(mask.sum(1).mean()),
+            expert_load=[round(float(x), 4) for x in load],
+            expert_load_max_over_mean=float(load.max() * load.numel()),
+            expert_load_cv=float(load.std(unbiased=False) / load.mean()),
+            learn_s=time.perf_counter() - t0,
+        )
+        return stats
+
+    # ---- checkpoint state ----
+    def state_dict(self) -> dict:
+        return {
+            "lora": self.lora_state(),
+            "value_head": {k: v.detach().clone() for k, v in self.value_head.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "score_stats": self.score_stats.state_dict(),
+            "rng": torch.get_rng_state(),
+        }
+
+    def load_weights(self, lora: dict[str, torch.Tensor], value_head: dict[str, torch.Tensor] | None = None,
+                     kl_coef: float | None = None) -> None:
+        """Start from existing adapter weights (the promoted adapter), keeping a fresh optimizer."""
+        load_lora_state(self.model, lora)
+        if value_head is not None:
+            self.value_head.load_state_dict(value_head)
+        if kl_coef is not None:
+            self.kl_ctl.value = float(kl_coef)
+
+    def load_state_dict(self, state: dict) -> None:
+        load_lora_state(self.model, state["lora"])
+        self.value_head.load_state_dict(state["value_head"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.score_stats.load_state_dict(state["score_stats"])
+        torch.set_rng_state(state["rng"])

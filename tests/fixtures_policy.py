@@ -1,0 +1,54 @@
+"""Fixtures of the policy tests: a tiny MoE base (the shared `tiny_base` when it exists, else a
+random-init Qwen3-MoE with a word-level tokenizer) and configs pointing at it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def policy_base(request, tmp_path_factory) -> Path:
+    """The base checkpoint the policy tests train on."""
+    try:
+        return Path(request.getfixturevalue("tiny_base"))
+    except pytest.FixtureLookupError:
+        from looprl.policy.testing import build_random_base
+
+        return build_random_base(tmp_path_factory.mktemp("policy-base") / "base")
+
+
+@pytest.fixture
+def policy_cfg(tmp_path, policy_base):
+    """A factory of small, fast PPO configs in a fresh workspace, on the session's tiny base."""
+    from looprl.ops.config import load_config
+
+    def make(**policy):
+        base = dict(rollout_batch_size=16, minibatch_size=8, max_new_tokens=8, ppo_epochs=2, steps=4,
+                    checkpoint_every=2, recent_prompts=0)
+        base.update(policy)
+        return load_config(environ={}, workspace=tmp_path / "ws", model={"base_path": str(policy_base)},
+                           policy=base)
+
+    return make
+
+
+PPO_TRAINED_STEPS = 30
+
+
+@pytest.fixture(scope="session")
+def ppo_trained(tmp_path_factory, policy_base):
+    """One PPO run at the default PPO settings against the cheerful-word reward, shared by the
+    training and gate tests: (cfg, TrainResult). Read-only: copy its registry before changing it."""
+    import torch
+
+    from looprl.ops.config import load_config
+    from looprl.policy.scoring import CheerfulScorer
+    from looprl.policy.trainer import train
+
+    torch.set_num_threads(1)
+    cfg = load_config(environ={}, workspace=tmp_path_factory.mktemp("ppo-trained"),
+                      model={"base_path": str(policy_base)},
+                      policy=dict(steps=PPO_TRAINED_STEPS, checkpoint_every=10, recent_prompts=0))
+    return cfg, train(cfg, scorer=CheerfulScorer(), use_ray=False, resume=False)

@@ -1,0 +1,88 @@
+"""Prompt pool: configured files, held-out split, per-step determinism, clear errors."""
+
+import pytest
+
+from looprl.ops.config import load_config
+from looprl.policy.prompts import PromptSampler, build_pool, heldout_prompts, is_heldout, read_prompt_file
+
+
+def test_prompt_file_feeds_the_pool_and_heldout_is_disjoint(tmp_path):
+    lines = [f"prompt number {i}" for i in range(200)]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(lines) + "\n\n")
+    cfg = load_config(environ={}, workspace=tmp_path / "ws", policy={"prompts_file": str(f), "recent_prompts": 0})
+    pool, watermark = build_pool(cfg)
+    assert pool == lines and watermark == {}
+    held = heldout_prompts(pool, 1000)
+    assert 10 < len(held) < 45  # ~1 in 8
+    sampler = PromptSampler(pool, seed=0)
+    seen = {p for step in range(50) for p in sampler.batch(step, 16)}
+    assert not seen & set(held), "training must never see a held-out prompt"
+    assert all(is_heldout(p) for p in held)
+
+
+def test_batches_depend_only_on_seed_and_step():
+    pool = [f"p{i}" for i in range(100)]
+    a, b = PromptSampler(pool, seed=1), PromptSampler(list(pool), seed=1)
+    assert a.batch(5, 8) == b.batch(5, 8)
+    assert a.batch(5, 8) != a.batch(6, 8)
+    assert PromptSampler(pool, seed=2).batch(5, 8) != a.batch(5, 8)
+
+
+def test_bad_prompt_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        read_prompt_file(tmp_path / "missing.txt")
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt key"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: .*'prompt'"):
+        read_prompt_file(bad)
+    good = tmp_path / "q.jsonl"
+    good.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    assert read_prompt_file(good) == ["a", "b"]
+
+
+def test_pool_without_training_prompts_is_an_error():
+    held = [p for p in (f"x{i}" for i in range(200)) if is_heldout(p)]
+    with pytest.raises(ValueError, match="no training prompts"):
+        PromptSampler(held, seed=0)
+
+
+class _ResponsesView:
+    """Stands in for looprl.storage.events.EventLog: the `responses` view as a DuckDB table."""
+
+    rows: list[dict] = []
+
+    def __init__(self, events_dir):
+        self.events_dir = events_dir
+
+    def query(self, sql):
+        import duckdb
+        import pyarrow as pa
+
+        con = duckdb.connect()
+        con.register("responses", pa.Table.from_pylist(self.rows))
+        return con.execute(sql).to_arrow_table()
+
+
+def test_recent_traffic_prompts_come_first_newest_first(tmp_path, monkeypatch):
+    import sys
+    import types
+    from datetime import datetime, timedelta, timezone
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    _ResponsesView.rows = [
+        {"response_id": f"r{i}", "prompt": p, "completion": "x", "ts": t0 + timedelta(seconds=i)}
+        for i, p in enumerate(["old prompt", "repeated prompt", "new prompt", "repeated prompt", ""])
+    ]
+    fake = types.ModuleType("looprl.storage.events")
+    fake.EventLog = _ResponsesView
+    monkeypatch.setitem(sys.modules, "looprl.storage.events", fake)
+    f = tmp_path / "p.txt"
+    f.write_text("file prompt\nnew prompt\n")
+    cfg = load_config(environ={}, workspace=tmp_path / "ws", policy={"prompts_file": str(f), "recent_prompts": 2})
+    cfg.events_dir.mkdir(parents=True)
+    pool, watermark = build_pool(cfg)
+    # the two most recently served distinct prompts (a prompt's recency is its latest response),
+    # then the configured ones not already in; empty prompts are skipped
+    assert pool == ["repeated prompt", "new prompt", "file prompt"]
+    assert watermark["responses_max_ts"].startswith("2026-01-01 00:00:03")
