@@ -1,9 +1,260 @@
-"""`looprl` subcommands for the loop stage (see ops/cli.py for the convention)."""
+"""`looprl` subcommands that close the loop (see ops/cli.py for the convention).
+
+    looprl demo [--minutes M] [--preference module:function] [--fresh]   the whole loop, supervised
+    looprl scheduler [--once] [--runner ray|subprocess] [--no-canary]      retraining + canary
+    looprl trigger reward|policy [--reason TEXT]                           ask the scheduler for a run
+    looprl runs [--job J] [--status S] [--limit N] [--json]                run history
+    looprl canary                                                          current canary and its test
+    looprl promote VERSION --token T   /   looprl rollback --token T      people's decisions
+    looprl simulate [--minutes M] [--preference module:function]         the product simulator alone
+    looprl report [--out DIR]                                              demo report from a workspace
+"""
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import hmac
+import json
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from looprl.ops.config import ConfigError, LooprlConfig
 
 
+# --------------------------------------------------------------------------- helpers
+def _stop_event() -> threading.Event:
+    """An event set by SIGTERM (and SIGINT), so loops end cleanly under a supervisor or Ctrl-C."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def check_admin_token(cfg: LooprlConfig, given: str | None) -> None:
+    """People's promote/rollback need the admin token from config/env (serving.admin_token)."""
+    expected = cfg.serving.admin_token
+    if expected is None:
+        raise PermissionError("serving.admin_token is not configured (set LOOPRL_SERVING__ADMIN_TOKEN); "
+                              "promote/rollback by hand are disabled without it")
+    if given is None and sys.stdin.isatty():
+        given = getpass.getpass("admin token: ")
+    if not given:
+        raise PermissionError("admin token required: pass --token or --token-file")
+    if not hmac.compare_digest(given.strip().encode(), expected.get_secret_value().encode()):
+        raise PermissionError("wrong admin token")
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file:
+        return Path(args.token_file).read_text().strip()
+    return args.token
+
+
+# --------------------------------------------------------------------------- handlers
+def _scheduler(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.cron import Cron, CronError
+    from looprl.ops.log import get_logger
+    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.scheduler import SubprocessRunner, build_scheduler
+
+    if cfg.scheduler.cron:
+        try:
+            Cron.parse(cfg.scheduler.cron)
+        except CronError as e:
+            raise ConfigError(f"config key 'scheduler.cron': {e}") from None
+    if args.runner:
+        cfg.scheduler.runner = args.runner
+    if cfg.scheduler.metrics_port and not args.once:
+        serve_metrics(cfg.scheduler.metrics_port)
+    runner = SubprocessRunner(cfg.workspace / "logs") if cfg.scheduler.runner == "subprocess" else None
+    sched = build_scheduler(cfg, runner=runner, with_canary=not args.no_canary)
+    stop = _stop_event()
+    if args.once:
+        sched.tick()
+        while sched.running() and not stop.is_set():
+            stop.wait(cfg.scheduler.poll_seconds)
+            sched.tick()
+        sched.shutdown()
+        return 0
+    get_logger(__name__).info("scheduler started", jobs=list(sched.jobs), runner=cfg.scheduler.runner)
+    sched.run(stop, cfg.scheduler.poll_seconds)
+    return 0
+
+
+def _trigger(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.scheduler import request_trigger
+
+    if args.job not in cfg.scheduler.jobs:
+        hint = " (`looprl reward serve` updates the reward model continuously)" if args.job == "reward" else ""
+        print(f"looprl trigger: job {args.job!r} is not run by the scheduler: scheduler.jobs = "
+              f"{cfg.scheduler.jobs}{hint}", file=sys.stderr)
+        return 2
+    path = request_trigger(cfg, args.job, args.reason or "")
+    print(json.dumps({"job": args.job, "requested": str(path)}))
+    return 0
+
+
+def _runs(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.scheduler import History, history_path
+
+    rows = History(history_path(cfg)).runs(args.job, args.limit, args.status) if history_path(cfg).is_file() else []
+    if args.json:
+        print(json.dumps(rows, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"scheduler runs ({history_path(cfg)})")
+    for col in ("id", "job", "trigger", "attempt", "status", "started", "seconds", "result"):
+        t.add_column(col)
+    for r in rows:
+        secs = f"{r['finished_at'] - r['started_at']:.1f}" if r.get("finished_at") else "-"
+        result = json.dumps(r["details"])[:60] if r["details"] else (r.get("error") or "")[-60:].replace("\n", " ")
+        t.add_row(str(r["id"]), r["job"], r["trigger"][:40], str(r["attempt"]), r["status"],
+                  time.strftime("%m-%d %H:%M:%S", time.localtime(r["started_at"])), secs, result)
+    Console().print(t)
+    return 0
+
+
+def _canary(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.canary import CanaryManager
+
+    print(json.dumps(CanaryManager(cfg).status(), indent=2, default=str))
+    return 0
+
+
+def _promote(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.canary import CanaryManager
+    from looprl.storage.registry import RegistryError
+
+    try:
+        check_admin_token(cfg, _token(args))
+        CanaryManager(cfg).manual_promote(args.version, by=args.by or getpass.getuser())
+    except (PermissionError, RegistryError) as e:
+        print(f"looprl promote: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"promoted": args.version}))
+    return 0
+
+
+def _rollback(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.canary import CanaryManager
+    from looprl.storage.registry import RegistryError
+
+    try:
+        check_admin_token(cfg, _token(args))
+        msg = CanaryManager(cfg).manual_rollback(by=args.by or getpass.getuser())
+    except (PermissionError, RegistryError) as e:
+        print(f"looprl rollback: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"rolled_back": msg}))
+    return 0
+
+
+def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.preference import load_preference
+    from looprl.ops.simulator import FeedbackChannels, Simulator
+
+    try:
+        pref = load_preference(args.preference or cfg.demo.preference)
+    except ValueError as e:
+        raise ConfigError(f"--preference: {e}") from None
+    if args.metrics_port:
+        serve_metrics(args.metrics_port)
+    base_url = args.base_url or f"http://{cfg.serving.host}:{cfg.serving.port}"
+    bootstrap = args.bootstrap
+    if bootstrap is None and not args.no_sdk:
+        from looprl.ingest.broker import bootstrap_servers
+
+        bootstrap = bootstrap_servers(cfg)
+    collector = args.collector_url
+    if collector is None and cfg.demo.collector_fraction > 0:
+        collector = f"http://{cfg.ingest.collector_host}:{cfg.ingest.collector_port}"
+    channels = FeedbackChannels(cfg, bootstrap, collector)
+    sim = Simulator(cfg, base_url, pref, channels)
+    stop = _stop_event()
+    try:
+        status = sim.run(stop, duration_s=args.minutes * 60 if args.minutes else None)
+    finally:
+        sim.close()
+    print(json.dumps({k: v for k, v in status.items() if k != "by_version"}, default=str))
+    return 0
+
+
+def _report(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.report import write_report
+
+    out, summary = write_report(cfg, Path(args.out) if args.out else None)
+    print(json.dumps({"report": str(out), "improvement": summary["improvement_rate"],
+                      "target_met": summary["target_met"]}))
+    return 0
+
+
+def _demo(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.demo import run_demo
+
+    return run_demo(cfg, minutes=args.minutes, preference=args.preference, fresh=args.fresh, ui=not args.no_ui,
+                    kill_every=args.chaos)
+
+
+# --------------------------------------------------------------------------- registration
 def register(sub: argparse._SubParsersAction) -> None:
-    pass
+    d = sub.add_parser("demo", help="run the whole loop on this machine and watch the served model improve")
+    d.add_argument("--minutes", type=float, help="how long the simulator runs (default demo.minutes)")
+    d.add_argument("--preference", help="hidden user preference module:function "
+                                        "(default looprl.ops.preference:default_preference)")
+    d.add_argument("--fresh", action="store_true", help="start from an empty workspace (default: resume)")
+    d.add_argument("--no-ui", action="store_true", help="plain progress lines instead of the live view")
+    d.add_argument("--chaos", type=float, default=None, metavar="SECONDS",
+                   help="SIGKILL one stage every SECONDS, each in turn (the supervisor restarts it)")
+    d.set_defaults(func=_demo)
+
+    s = sub.add_parser("scheduler", help="run retraining jobs on schedule/triggers (on Ray) and drive the canary")
+    s.add_argument("--once", action="store_true", help="one tick: run what is due, wait for it, exit")
+    s.add_argument("--runner", choices=["ray", "subprocess"], help="override scheduler.runner")
+    s.add_argument("--no-canary", action="store_true", help="do not start/judge canaries in this process")
+    s.set_defaults(func=_scheduler)
+
+    t = sub.add_parser("trigger", help="ask the scheduler to run a job now")
+    t.add_argument("job", choices=["reward", "policy"])
+    t.add_argument("--reason", help="recorded in the run history")
+    t.set_defaults(func=_trigger)
+
+    r = sub.add_parser("runs", help="history of scheduler runs with their outcome")
+    r.add_argument("--job", choices=["reward", "policy"])
+    r.add_argument("--status", choices=["running", "success", "failed", "timeout", "abandoned"])
+    r.add_argument("--limit", type=int, default=30)
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_runs)
+
+    c = sub.add_parser("canary", help="the current canary and its sequential test")
+    c.set_defaults(func=_canary)
+
+    for name, fn, help_ in (("promote", _promote, "promote a policy version to all traffic (admin token)"),
+                            ("rollback", _rollback, "roll back the canary, or the promoted version (admin token)")):
+        p = sub.add_parser(name, help=help_)
+        if name == "promote":
+            p.add_argument("version", help="policy version, e.g. v3")
+        p.add_argument("--token", help="admin token (serving.admin_token)")
+        p.add_argument("--token-file", help="file holding the admin token")
+        p.add_argument("--by", help="who decides (recorded; default: the OS user)")
+        p.set_defaults(func=fn)
+
+    m = sub.add_parser("simulate", help="the product simulator: users, prompts, thumbs and preferences")
+    m.add_argument("--minutes", type=float, help="stop after this long (default: until Ctrl-C/SIGTERM)")
+    m.add_argument("--preference", help="hidden preference module:function (default demo.preference)")
+    m.add_argument("--base-url", help="serving base URL (default http://serving.host:serving.port)")
+    m.add_argument("--collector-url", help="HTTP collector base URL (default from ingest.collector_*)")
+    m.add_argument("--bootstrap", help="Kafka bootstrap servers (default: configured or embedded)")
+    m.add_argument("--no-sdk", action="store_true", help="send feedback over HTTP only")
+    m.add_argument("--metrics-port", type=int, default=0)
+    m.set_defaults(func=_simulate)
+
+    o = sub.add_parser("report", help="write the demo report (markdown + plots) from the workspace")
+    o.add_argument("--out", help="output folder (default: <workspace>/reports/demo-<time>)")
+    o.set_defaults(func=_report)

@@ -1,0 +1,338 @@
+"""Online canary: a gated policy adapter serves a share of traffic until a sequential test on
+thumbs-up feedback promotes it to all traffic or rolls it back.
+
+The test is Bayesian: each arm's thumbs-up rate has a Beta(1 + ups, 1 + downs) posterior, and
+after every poll we compute P(candidate rate > control rate) exactly (no sampling). With at least
+``canary.min_samples`` votes on each arm,
+
+    P(better) >= canary.promote_probability   -> promote (pointer ``promoted``, all traffic)
+    P(worse)  >= canary.rollback_probability  -> roll back (pointer ``canary`` cleared)
+    either arm reaches canary.max_samples     -> promote: no significant regression in that many votes
+                                                 (canary.promote_on_no_regression; else P(better) >= 0.5)
+
+Feedback is attributed by the adapter version that produced the answer (storage view
+``feedback_joined.adapter_version``), so the two arms never mix even while the controller is
+still flipping routes. Repeated looks at a posterior inflate the error rate a little; the
+minimum sample and the high thresholds keep that small, and the rollback threshold is the one
+that matters for users (a regression is caught, not proven twice).
+
+Pointers (registry kind "policy"): ``promoted`` (None: the base model serves), ``canary``.
+The serving controller applies them to the endpoints; this module only decides and records.
+Every decision goes to ``registry.set_status`` with its numbers and to a JSONL decisions log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from prometheus_client import Counter, Gauge
+
+from looprl.ops.config import CanaryConfig, LooprlConfig
+from looprl.ops.log import get_logger
+from looprl.storage.registry import Manifest, Registry, RegistryError
+
+log = get_logger(__name__)
+
+# Statuses that passed the offline gate at some point: a person may (re-)promote these.
+MANUALLY_PROMOTABLE = ("gated", "canary", "promoted", "rolled_back")
+
+KIND = "policy"
+BASE = "base"  # the adapter_version serving reports for the base model
+# The test looks at the data once per this many new votes (both arms together), not on every
+# poll: each look is a chance for a false alarm, so looks are tied to evidence, not to time.
+LOOK_EVERY_VOTES = 10
+
+DECISIONS = Counter("looprl_canary_decisions_total", "Canary decisions", ["decision"])
+SAMPLES = Gauge("looprl_canary_samples", "Thumbs votes counted for the current canary test", ["arm"])
+RATE = Gauge("looprl_canary_thumbs_up_ratio", "Thumbs-up rate of each arm of the current canary test", ["arm"])
+PROB_BETTER = Gauge("looprl_canary_prob_better_ratio", "Posterior P(candidate rate > control rate)")
+ACTIVE = Gauge("looprl_canary_active_version", "Version number on canary (0: none)")
+PROMOTED = Gauge("looprl_canary_promoted_version", "Version number serving all traffic (0: base model)")
+
+
+# --------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Arm:
+    """Thumbs votes of one arm: ``ups`` of ``n``."""
+
+    ups: int
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or not 0 <= self.ups <= self.n:
+            raise ValueError(f"invalid arm counts ups={self.ups} n={self.n}")
+
+    @property
+    def rate(self) -> float:
+        return self.ups / self.n if self.n else float("nan")
+
+
+def _log_beta(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+def prob_better(candidate: Arm, control: Arm, prior: tuple[int, int] = (1, 1)) -> float:
+    """P(p_candidate > p_control) for independent Beta(prior + counts) posteriors, exactly.
+
+    Closed form for an integer first parameter (Evan Miller, "Formulas for Bayesian A/B testing"):
+        sum_{i < a_c} B(a_k + i, b_k + b_c) / ((b_c + i) B(1 + i, b_c) B(a_k, b_k))
+    summed in log space, so thousands of votes are fine.
+    """
+    a_c, b_c = prior[0] + candidate.ups, prior[1] + candidate.n - candidate.ups
+    a_k, b_k = prior[0] + control.ups, prior[1] + control.n - control.ups
+    if not all(isinstance(x, int) and x > 0 for x in (a_c, b_c, a_k, b_k)):
+        raise ValueError("prior must be positive integers")
+    total = 0.0
+    const = _log_beta(a_k, b_k)
+    for i in range(a_c):
+        total += math.exp(_log_beta(a_k + i, b_k + b_c) - math.log(b_c + i) - _log_beta(1 + i, b_c) - const)
+    return min(1.0, max(0.0, total))
+
+
+Action = Literal["wait", "promote", "rollback"]
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: str
+    numbers: dict[str, Any] = field(default_factory=dict)
+
+
+def decide(candidate: Arm, control: Arm, cfg: CanaryConfig) -> Decision:
+    """One look of the sequential test (pure: counts and config in, decision out)."""
+    p = prob_better(candidate, control)
+    numbers = {
+        "candidate_ups": candidate.ups, "candidate_n": candidate.n,
+        "control_ups": control.ups, "control_n": control.n,
+        "candidate_rate": round(candidate.rate, 4) if candidate.n else None,
+        "control_rate": round(control.rate, 4) if control.n else None,
+        "prob_better": round(p, 4), "min_samples": cfg.min_samples,
+    }
+    if min(candidate.n, control.n) < cfg.min_samples:
+        return Decision("wait", f"need {cfg.min_samples} votes per arm", numbers)
+    if p >= cfg.promote_probability:
+        return Decision("promote", f"P(better)={p:.3f} >= {cfg.promote_probability}", numbers)
+    if 1.0 - p >= cfg.rollback_probability:
+        return Decision("rollback", f"P(worse)={1 - p:.3f} >= {cfg.rollback_probability}: significant regression",
+                        numbers)
+    if max(candidate.n, control.n) >= cfg.max_samples:
+        if cfg.promote_on_no_regression or p >= 0.5:
+            return Decision("promote", f"max_samples reached without a significant regression (P(better)={p:.3f})",
+                            numbers)
+        return Decision("rollback", f"max_samples reached, P(better)={p:.3f} < 0.5", numbers)
+    return Decision("wait", f"P(better)={p:.3f} inconclusive", numbers)
+
+
+# --------------------------------------------------------------------------- feedback counts
+CountsFn = Callable[[list[str], float], dict[str, Arm]]
+
+
+def event_log_counts(cfg: LooprlConfig) -> CountsFn:
+    """Thumbs votes per adapter version since a time, from the event log's ``feedback_joined`` view."""
+
+    def counts(versions: list[str], since: float) -> dict[str, Arm]:
+        from looprl.storage.events import EventLog
+
+        if not cfg.events_dir.exists():
+            return {}
+        quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in versions)
+        try:
+            table = EventLog(cfg.events_dir).query(
+                "SELECT adapter_version, count(*) AS n, sum(CASE WHEN up THEN 1 ELSE 0 END) AS ups "
+                f"FROM feedback_joined WHERE kind = 'thumbs' AND up IS NOT NULL AND epoch(ts) >= {float(since)} "
+                f"AND adapter_version IN ({quoted}) GROUP BY adapter_version"
+            )
+        except Exception as e:  # an empty or still-initialising log: nothing to count yet
+            log.warning("canary: cannot count feedback yet", error=str(e)[:200])
+            return {}
+        rows = table.to_pylist()
+        return {r["adapter_version"]: Arm(int(r["ups"] or 0), int(r["n"])) for r in rows}
+
+    return counts
+
+
+# --------------------------------------------------------------------------- the manager
+def _version_number(v: str | None) -> int:
+    return int(v[1:]) if v and v.startswith("v") and v[1:].isdigit() else 0
+
+
+@dataclass
+class DecisionRecord:
+    at: float
+    action: str  # start | promote | rollback | manual_promote | manual_rollback
+    version: str | None
+    control: str
+    reason: str
+    numbers: dict[str, Any]
+    by: str = "scheduler"
+
+
+class CanaryManager:
+    """Starts, judges and ends canaries. ``step()`` is called by the scheduler every poll."""
+
+    def __init__(self, cfg: LooprlConfig, counts: CountsFn | None = None, clock: Callable[[], float] = time.time):
+        self.cfg = cfg
+        self.registry = Registry(cfg.registry_dir)
+        self.counts = counts or event_log_counts(cfg)
+        self.clock = clock
+        self.log_path = cfg.state_dir / "canary" / "decisions.jsonl"
+        self._looked: tuple[str, int] | None = None  # (canary version, votes at the last look)
+
+    # ---- reading
+    def promoted(self) -> str | None:
+        return self.registry.pointer(KIND, "promoted")
+
+    def canary(self) -> str | None:
+        return self.registry.pointer(KIND, "canary")
+
+    def decisions(self) -> list[dict[str, Any]]:
+        if not self.log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def _record(self, rec: DecisionRecord) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(asdict(rec), default=str) + "\n")
+            f.flush()
+        DECISIONS.labels(decision=rec.action).inc()
+        log.info("canary decision", action=rec.action, version=rec.version, control=rec.control,
+                 reason=rec.reason, numbers=rec.numbers, by=rec.by)
+
+    def _canary_started(self, m: Manifest) -> tuple[float, str]:
+        """When the current canary started and which version it is compared with."""
+        for h in reversed(m.history):
+            if h.status == "canary":
+                return h.at.timestamp(), str(h.numbers.get("control", BASE))
+        return m.created_at.timestamp(), self.promoted() or BASE
+
+    def next_candidate(self) -> Manifest | None:
+        """The newest gated version newer than what serves all traffic."""
+        floor = _version_number(self.promoted())
+        for m in reversed(self.registry.list(KIND)):
+            if m.number <= floor:
+                return None
+            if m.status == "gated":
+                return m
+        return None
+
+    # ---- the loop body
+    def step(self) -> Decision | None:
+        promoted, canary = self.promoted(), self.canary()
+        PROMOTED.set(_version_number(promoted))
+        if canary is None:
+            ACTIVE.set(0)
+            cand = self.next_candidate()
+            if cand is not None:
+                self.start(cand.version)
+            return None
+        ACTIVE.set(_version_number(canary))
+        m = self.registry.manifest(KIND, canary)
+        if m.status != "canary":  # someone decided by hand meanwhile; just drop the stale pointer
+            self.registry.set_pointer(KIND, "canary", None)
+            return None
+        since, control = self._canary_started(m)
+        counts = self.counts([canary, control], since)
+        cand_arm, ctrl_arm = counts.get(canary, Arm(0, 0)), counts.get(control, Arm(0, 0))
+        votes = cand_arm.n + ctrl_arm.n
+        if self._looked is not None and self._looked[0] == canary and votes < self._looked[1] + LOOK_EVERY_VOTES:
+            return Decision("wait", f"{votes} votes; next look at {self._looked[1] + LOOK_EVERY_VOTES}")
+        self._looked = (canary, votes)
+        d = decide(cand_arm, ctrl_arm, self.cfg.canary)
+        SAMPLES.labels(arm="candidate").set(cand_arm.n)
+        SAMPLES.labels(arm="control").set(ctrl_arm.n)
+        RATE.labels(arm="candidate").set(cand_arm.rate if cand_arm.n else 0.0)
+        RATE.labels(arm="control").set(ctrl_arm.rate if ctrl_arm.n else 0.0)
+        PROB_BETTER.set(d.numbers["prob_better"])
+        numbers = {**d.numbers, "control": control, "canary_seconds": round(self.clock() - since, 1)}
+        if d.action == "promote":
+            self._promote(canary, control, d.reason, numbers, by="canary", action="promote")
+        elif d.action == "rollback":
+            self._rollback_canary(canary, control, d.reason, numbers, by="canary", action="rollback")
+        return Decision(d.action, d.reason, numbers)
+
+    def start(self, version: str) -> None:
+        control = self.promoted() or BASE
+        numbers = {"control": control, "traffic_share": self.cfg.canary.traffic_share}
+        self.registry.set_status(KIND, version, "canary", f"canary at {self.cfg.canary.traffic_share:.0%} of traffic vs {control}",
+                                 numbers)
+        self.registry.set_pointer(KIND, "canary", version)
+        self._record(DecisionRecord(self.clock(), "start", version, control, "gated candidate enters canary", numbers))
+
+    def _promote(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str) -> None:
+        self.registry.set_status(KIND, version, "promoted", reason, numbers)
+        self.registry.set_pointer(KIND, "promoted", version)
+        if self.canary() == version:
+            self.registry.set_pointer(KIND, "canary", None)
+        PROMOTED.set(_version_number(version))
+        self._record(DecisionRecord(self.clock(), action, version, control, reason, numbers, by))
+
+    def _rollback_canary(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str) -> None:
+        self.registry.set_status(KIND, version, "rolled_back", reason, numbers)
+        self.registry.set_pointer(KIND, "canary", None)
+        ACTIVE.set(0)
+        self._record(DecisionRecord(self.clock(), action, version, control, reason, numbers, by))
+
+    # ---- people (token checked by the CLI)
+    def manual_promote(self, version: str, by: str = "operator") -> None:
+        m = self.registry.verify(KIND, version)  # never promote a corrupted adapter
+        if m.status not in MANUALLY_PROMOTABLE:
+            # Only versions that passed the offline gate (policy.gate) reach users, by hand too.
+            raise RegistryError(f"policy/{version} is {m.status}: only versions that passed the gate can be "
+                                f"promoted ({', '.join(MANUALLY_PROMOTABLE)}); run `looprl gate {version}` first")
+        control = self.promoted() or BASE
+        self._promote(version, control, f"manual promotion by {by}", {"previous": control}, by, "manual_promote")
+
+    def manual_rollback(self, by: str = "operator") -> str:
+        """Roll back the canary if there is one, else the promoted version to the one before it.
+        Returns a sentence saying what happened."""
+        canary = self.canary()
+        if canary is not None:
+            control = self.promoted() or BASE
+            self._rollback_canary(canary, control, f"manual rollback by {by}", {"control": control}, by,
+                                  "manual_rollback")
+            return f"canary {canary} rolled back; {control} serves all traffic"
+        current = self.promoted()
+        if current is None:
+            raise RegistryError("nothing to roll back: no canary and the base model already serves all traffic")
+        previous = self.previous_promoted(current)
+        self.registry.set_status(KIND, current, "rolled_back", f"manual rollback by {by}",
+                                 {"restored": previous or BASE})
+        self.registry.set_pointer(KIND, "promoted", previous)
+        PROMOTED.set(_version_number(previous))
+        self._record(DecisionRecord(self.clock(), "manual_rollback", current, previous or BASE,
+                                    f"manual rollback by {by}", {"restored": previous or BASE}, by))
+        return f"{current} rolled back; {previous or 'the base model'} serves all traffic"
+
+    def previous_promoted(self, current: str) -> str | None:
+        """The newest version before ``current`` that was promoted and not rolled back since."""
+        for m in reversed(self.registry.list(KIND)):
+            if m.number >= _version_number(current):
+                continue
+            if m.status == "promoted":
+                return m.version
+        return None
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"promoted": self.promoted() or BASE, "canary": self.canary()}
+        c = out["canary"]
+        if c:
+            m = self.registry.manifest(KIND, c)
+            since, control = self._canary_started(m)
+            counts = self.counts([c, control], since)
+            d = decide(counts.get(c, Arm(0, 0)), counts.get(control, Arm(0, 0)), self.cfg.canary)
+            out.update(control=control, since=since, test=asdict(d))
+        return out
+
+
+def read_decisions(cfg: LooprlConfig) -> list[dict[str, Any]]:
+    path = Path(cfg.state_dir) / "canary" / "decisions.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,475 @@
+"""`looprl demo`: the whole loop on one machine, as separate supervised processes.
+
+    looprl init                      base model (once; skipped when the workspace has one)
+    looprl broker                    embedded Kafka (Tansu, memory only)
+    looprl ingest                    Kafka -> exactly-once Parquet log
+    looprl collector                 HTTP feedback collector (POST /v1/feedback)
+    looprl serve                     OpenAI-compatible server, LoRA hot-swap, canary split
+    looprl controller                registry pointers -> serving endpoints
+    looprl reward serve              incremental reward model (test-then-train)
+    looprl scheduler                 PPO jobs on Ray, back to back after each new reward version; canary
+    looprl simulate                  simulated users (OpenAI API + feedback SDK + HTTP collector)
+
+They are the same commands a production deployment runs (see docker-compose.yml); here a
+`Supervisor` restarts any that dies. The demo picks free loopback ports, and tunes a few
+settings for a 2-core laptop (fewer threads, a short PPO run per reward version, a smaller
+canary sample) unless your config sets them. Ctrl-C stops everything in order; running the
+demo again resumes from the workspace (event log, registry, scheduler history, simulator log).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from looprl.ops.config import ConfigError, LooprlConfig
+from looprl.ops.log import get_logger
+from looprl.ops.supervisor import Service, ServiceFailed, Supervisor, free_port, http_ready, tcp_ready
+
+log = get_logger(__name__)
+
+# Settings tuned for 2 cores and a 15-minute budget. Applied only where the effective config still
+# has the schema default, so looprl.toml / LOOPRL_* always win.
+DEMO_TUNING: dict[str, Any] = {
+    "serving.torch_threads": 1,
+    "serving.max_batch_size": 8,
+    "serving.controller_poll_seconds": 1.0,
+    "reward.poll_seconds": 3.0,
+    "reward.min_new_events": 48,
+    "policy.steps": 40,
+    "policy.checkpoint_every": 10,
+    "policy.rollout_batch_size": 16,
+    "policy.minibatch_size": 8,
+    "policy.max_new_tokens": 16,
+    "policy.recent_prompts": 64,
+    "policy.ray_timeout_s": 300.0,
+    "gate.heldout_prompts": 24,
+    "scheduler.jobs": ["policy"],  # `looprl reward serve` updates the reward model continuously
+    # PPO against a reward model still at chance would only drift the policy: wait until it
+    # ranks held-out preference pairs well (about 2-3 minutes of simulated traffic).
+    "scheduler.policy_min_reward_pair_accuracy": 0.8,
+    "scheduler.policy_min_reward_pairs": 15,
+    "scheduler.poll_seconds": 1.0,
+    "scheduler.job_timeout_seconds": 600.0,
+    "scheduler.backoff_seconds": 2.0,
+    "canary.traffic_share": 0.5,
+    "canary.min_samples": 25,
+    "canary.max_samples": 80,
+    # The adaptive KL controller steers each run towards target_kl; a run continuing from a
+    # promoted adapter above it would spend its steps pulling the policy back to the base.
+    "policy.target_kl": 5.0,
+}
+
+# Start order = dependency order; the supervisor stops them in reverse.
+SERVICE_ORDER = ("broker", "ingest", "collector", "serve", "controller", "reward", "scheduler", "simulator")
+CHAOS_ORDER = ("ingest", "serve", "reward", "scheduler", "collector", "controller")
+
+
+def _get(cfg: LooprlConfig, dotted: str) -> Any:
+    section, key = dotted.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def _env_name(dotted: str) -> str:
+    section, key = dotted.split(".")
+    return f"LOOPRL_{section.upper()}__{key.upper()}"
+
+
+def _env_value(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, list) else str(v)
+
+
+def tuning_env(cfg: LooprlConfig) -> dict[str, str]:
+    """LOOPRL_* variables for the demo tuning, skipping keys the user configured."""
+    defaults = LooprlConfig()
+    out = {}
+    for key, value in DEMO_TUNING.items():
+        if _get(cfg, key) == _get(defaults, key):
+            out[_env_name(key)] = _env_value(value)
+    return out
+
+
+def looprl_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "looprl.ops.cli", *args]
+
+
+def _commands() -> set[str]:
+    from looprl.ops.cli import build_parser
+
+    for a in build_parser()._actions:
+        if hasattr(a, "choices") and isinstance(a.choices, dict):
+            return set(a.choices)
+    return set()
+
+
+def plan_services(cfg: LooprlConfig, ports: dict[str, int], preference: str, env: dict[str, str]) -> list[Service]:
+    """The demo's processes. ``ports``: broker, ingest_metrics, collector, serve, controller_metrics,
+    reward_metrics, scheduler_metrics, simulator_metrics."""
+    have = _commands()
+    missing = {"ingest", "collector", "serve", "controller", "reward", "scheduler", "simulate",
+               *([] if cfg.kafka.bootstrap_servers else ["broker"])} - have
+    if missing:
+        raise ConfigError(f"looprl demo needs the commands {sorted(missing)}, which this installation lacks")
+    host = "127.0.0.1"
+    serve_url = f"http://{host}:{ports['serve']}"
+    services = [] if cfg.kafka.bootstrap_servers else [
+        Service("broker", looprl_cmd("broker"), env, ready=tcp_ready(host, ports["broker"]), ready_timeout_s=60)]
+    services += [
+        Service("ingest", looprl_cmd("ingest"), env,
+                ready=http_ready(f"http://{host}:{ports['ingest_metrics']}/metrics"), ready_timeout_s=120),
+        Service("collector", looprl_cmd("collector"), env, ready=http_ready(f"http://{host}:{ports['collector']}/health"),
+                ready_timeout_s=120),
+        Service("serve", looprl_cmd("serve"), env, ready=http_ready(f"{serve_url}/health"), ready_timeout_s=240),
+        Service("controller", looprl_cmd("controller"), env,
+                ready=http_ready(f"http://{host}:{ports['controller_metrics']}/metrics"), ready_timeout_s=120),
+        Service("reward", looprl_cmd("reward", "serve"), env,
+                ready=http_ready(f"http://{host}:{ports['reward_metrics']}/metrics"), ready_timeout_s=240),
+        Service("scheduler", looprl_cmd("scheduler"), env,
+                ready=http_ready(f"http://{host}:{ports['scheduler_metrics']}/metrics"), ready_timeout_s=180,
+                stop_timeout_s=40),
+        Service("simulator", looprl_cmd("simulate", "--preference", preference, "--base-url", serve_url,
+                                        "--metrics-port", str(ports["simulator_metrics"])), env,
+                ready=http_ready(f"http://{host}:{ports['simulator_metrics']}/metrics"), ready_timeout_s=120),
+    ]
+    return services
+
+
+def demo_env(cfg: LooprlConfig, ports: dict[str, int], admin_token: str) -> dict[str, str]:
+    host = "127.0.0.1"
+    env = {
+        "LOOPRL_WORKSPACE": str(cfg.workspace.resolve()),
+        "LOOPRL_KAFKA__EMBEDDED_PORT": str(ports["broker"]),
+        # Configured Kafka (e.g. a shared dev cluster) is used as is; else the demo's own broker.
+        "LOOPRL_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers or f"{host}:{ports['broker']}",
+        "LOOPRL_INGEST__METRICS_PORT": str(ports["ingest_metrics"]),
+        "LOOPRL_INGEST__COLLECTOR_HOST": host,
+        "LOOPRL_INGEST__COLLECTOR_PORT": str(ports["collector"]),
+        "LOOPRL_SERVING__HOST": host,
+        "LOOPRL_SERVING__PORT": str(ports["serve"]),
+        "LOOPRL_SERVING__ENDPOINTS": json.dumps([f"http://{host}:{ports['serve']}"]),
+        "LOOPRL_SERVING__CONTROLLER_METRICS_PORT": str(ports["controller_metrics"]),
+        "LOOPRL_REWARD__METRICS_PORT": str(ports["reward_metrics"]),
+        "LOOPRL_POLICY__METRICS_PORT": str(ports["policy_metrics"]),
+        "LOOPRL_SCHEDULER__METRICS_PORT": str(ports["scheduler_metrics"]),
+        "LOOPRL_SERVING__ADMIN_TOKEN": admin_token,
+        # One intra-op thread per process: ~8 processes share 2 cores; oversubscription is the
+        # main way to make a small-CPU loop slow.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "RAY_AUTH_MODE": "disabled",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.update(tuning_env(cfg))
+    return env
+
+
+def allocate_ports() -> dict[str, int]:
+    names = ("broker", "ingest_metrics", "collector", "serve", "controller_metrics", "reward_metrics",
+             "policy_metrics", "scheduler_metrics", "simulator_metrics")
+    ports: dict[str, int] = {}
+    while len(set(ports.values())) != len(names):
+        ports = {n: free_port() for n in names}
+    return ports
+
+
+def _is_workspace(path: Path) -> bool:
+    return any((path / d).exists() for d in ("registry", "events", "state", "base"))
+
+
+def prepare_workspace(cfg: LooprlConfig, fresh: bool) -> None:
+    ws = cfg.workspace
+    if fresh and ws.exists():
+        if not _is_workspace(ws) and any(ws.iterdir()):
+            raise ConfigError(f"--fresh: {ws} is not a looprl workspace (no registry/events/state/base); not deleting it")
+        keep_base = cfg.model.base_path is None and (ws / "base" / "config.json").is_file()
+        for child in ws.iterdir():
+            if keep_base and child.name == "base":
+                continue  # the base model is deterministic and slow to build: keep it
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    ws.mkdir(parents=True, exist_ok=True)
+
+
+def ensure_base(cfg: LooprlConfig, env: dict[str, str]) -> None:
+    if (cfg.base_path / "config.json").is_file():
+        return
+    print(f"building the base model in {cfg.base_path} (once; about a minute) ...", flush=True)
+    r = subprocess.run(looprl_cmd("init"), env={**os.environ, **env, "OMP_NUM_THREADS": "2"})
+    if r.returncode != 0:
+        raise RuntimeError(f"`looprl init` failed with exit code {r.returncode}")
+
+
+# --------------------------------------------------------------------------- progress
+def snapshot(cfg: LooprlConfig, sup: Supervisor | None = None) -> dict[str, Any]:
+    """What the live view shows, read from the workspace (no process is asked anything)."""
+    from looprl.ops.scheduler import History, history_path
+    from looprl.ops.simulator import read_status
+    from looprl.storage.registry import Registry
+
+    reg = Registry(cfg.registry_dir)
+    st = read_status(cfg)
+    out: dict[str, Any] = {"sim": st}
+    try:
+        rewards = reg.list("reward") if reg.kind_dir("reward").is_dir() else []
+        policies = reg.list("policy") if reg.kind_dir("policy").is_dir() else []
+    except Exception:  # a manifest being rewritten: next refresh
+        rewards, policies = [], []
+    out["reward_versions"] = len(rewards)
+    out["reward_latest"] = rewards[-1].version if rewards else None
+    out["reward_preq"] = None
+    hist = cfg.state_dir / "reward_history.jsonl"
+    if hist.is_file():
+        lines = hist.read_text().splitlines()
+        if lines:
+            try:
+                out["reward_preq"] = (json.loads(lines[-1]).get("prequential") or {}).get("pair_accuracy")
+            except ValueError:
+                pass
+    out["policy_versions"] = len(policies)
+    out["ppo_steps"] = sum(len(m.metrics.get("curve") or []) for m in policies)
+    out["kl_last"] = policies[-1].metrics.get("kl_last") if policies else None
+    out["promoted"] = reg.pointer("policy", "promoted") if reg.kind_dir("policy").is_dir() else None
+    out["canary"] = reg.pointer("policy", "canary") if reg.kind_dir("policy").is_dir() else None
+    out["statuses"] = {m.version: m.status for m in policies}
+    hp = history_path(cfg)
+    out["runs"] = History(hp).runs(limit=5) if hp.is_file() else []
+    if sup is not None:
+        out["services"] = {n: (sup.alive(n), sup.restarts(n)) for n in sup.procs}
+    return out
+
+
+def _rate(d: dict | None) -> str:
+    if not d or not d.get("n"):
+        return "-"
+    return f"{d['ups'] / d['n']:.0%} (n={d['n']}, exp {d['p_mean']:.0%})"
+
+
+def render(snap: dict[str, Any], elapsed: float, total: float):
+    from rich.console import Group
+    from rich.panel import Panel
+    from rich.table import Table
+
+    sim = snap.get("sim") or {}
+    fb = sim.get("feedback_sent") or {}
+    t = Table.grid(padding=(0, 2))
+    t.add_column(style="bold cyan")
+    t.add_column()
+    t.add_row("time", f"{elapsed / 60:.1f} / {total / 60:.0f} min")
+    t.add_row("traffic", f"{sim.get('train_requests', 0)} requests, {sim.get('eval_requests', 0)} eval, "
+                         f"{sim.get('errors', 0)} errors")
+    t.add_row("feedback sent", f"{fb.get('thumbs', 0)} thumbs, {fb.get('preference', 0)} preferences")
+    preq, kl = snap["reward_preq"], snap["kl_last"]
+    t.add_row("reward model", f"{snap['reward_versions']} versions (latest {snap['reward_latest'] or '-'}), "
+                              f"prequential pair accuracy {f'{preq:.2f}' if preq is not None else '-'}")
+    t.add_row("policy (PPO)", f"{snap['policy_versions']} versions, {snap['ppo_steps']} PPO steps, "
+                              f"last KL {f'{kl:.2f}' if kl is not None else '-'} nats")
+    t.add_row("serving", f"promoted {snap['promoted'] or 'base'}, canary {snap['canary'] or '-'}")
+    evals = (sim.get("by_version") or {}).get("eval") or {}
+    trains = (sim.get("by_version") or {}).get("train") or {}
+    v = Table(title="thumbs-up rate by adapter version", expand=False)
+    v.add_column("version")
+    v.add_column("status")
+    v.add_column("eval (held-out prompts)")
+    v.add_column("product traffic")
+    for ver in sorted(set(evals) | set(trains), key=lambda x: (x != "base", int(x[1:]) if x[1:].isdigit() else 0)):
+        status = snap["statuses"].get(ver, "")
+        if ver == (snap["promoted"] or "base"):
+            status = "serving"
+        elif ver == snap["canary"]:
+            status = "canary"
+        elif status == "promoted":
+            status = "superseded"
+        v.add_row(ver, status, _rate(evals.get(ver)), _rate(trains.get(ver)))
+    runs = Table(title="recent scheduler runs", expand=False)
+    for c in ("id", "job", "trigger", "status"):
+        runs.add_column(c)
+    for r in snap.get("runs", [])[:4]:
+        runs.add_row(str(r["id"]), r["job"], r["trigger"][:50], r["status"])
+    parts = [t, v, runs]
+    if "services" in snap:
+        parts.append("services: " + "  ".join(f"{n}{'' if ok else ' (down)'}{f' x{r}' if r else ''}"
+                                              for n, (ok, r) in snap["services"].items()))
+    return Panel(Group(*parts), title="looprl demo", subtitle="Ctrl-C stops everything cleanly")
+
+
+def _plain(snap: dict[str, Any], elapsed: float) -> str:
+    sim = snap.get("sim") or {}
+    evals = (sim.get("by_version") or {}).get("eval") or {}
+    rates = ", ".join(f"{k}: {_rate(v)}" for k, v in evals.items())
+    return (f"[{elapsed / 60:5.1f} min] requests {sim.get('train_requests', 0)} | reward v{snap['reward_versions']} | "
+            f"PPO steps {snap['ppo_steps']} | policy versions {snap['policy_versions']} | promoted "
+            f"{snap['promoted'] or 'base'} canary {snap['canary'] or '-'} | eval {rates}")
+
+
+# --------------------------------------------------------------------------- shutdown
+def log_counts(cfg: LooprlConfig) -> dict[str, int]:
+    """Events in the Parquet log: feedback events (all kinds) and responses."""
+    from looprl.storage.events import EventLog
+
+    if not cfg.events_dir.exists():
+        return {"feedback": 0, "responses": 0}
+    el = EventLog(cfg.events_dir)
+    fb = el.query("SELECT count(*) AS n FROM feedback").column("n")[0].as_py()
+    rs = el.query("SELECT count(*) AS n FROM responses").column("n")[0].as_py()
+    return {"feedback": int(fb), "responses": int(rs)}
+
+
+def drain(cfg: LooprlConfig, expected_feedback: int, timeout_s: float = 60.0, quiet_s: float = 4.0) -> dict[str, int]:
+    """Wait until ingest has written what the producers sent: the feedback count reaches what the
+    simulator had acknowledged and no count changed for ``quiet_s``. Returns the last counts."""
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, int] = {}
+    stable_since = time.monotonic()
+    while time.monotonic() < deadline:
+        try:
+            counts = log_counts(cfg)
+        except Exception as e:  # a part file being renamed: look again
+            log.debug("drain: log not readable yet", error=str(e)[:200])
+            time.sleep(0.5)
+            continue
+        if counts != last:
+            last, stable_since = counts, time.monotonic()
+        elif counts["feedback"] >= expected_feedback and time.monotonic() - stable_since >= quiet_s:
+            return counts
+        time.sleep(0.5)
+    log.warning("drain timed out", expected_feedback=expected_feedback, counts=last)
+    return last
+
+
+def shutdown(cfg: LooprlConfig, sup: Supervisor) -> dict[str, Any]:
+    """Producers first (simulator, then serving and collector flush what they hold), wait for
+    ingest to write everything, then the rest in reverse start order."""
+    from looprl.ops.simulator import read_status
+
+    out: dict[str, Any] = {}
+    for name in ("simulator", "serve", "collector"):
+        if name in sup.procs:
+            out.setdefault("exit_codes", {})[name] = sup.retire(name)
+    if "ingest" in sup.procs:
+        deadline = time.monotonic() + 60  # ingest may be restarting (crashed or killed) right now
+        while not sup.alive("ingest") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        sent = sum((read_status(cfg).get("feedback_sent") or {}).values())
+        out["feedback_sent"] = sent
+        out["log_counts"] = drain(cfg, sent)
+    out.setdefault("exit_codes", {}).update(sup.stop())
+    return out
+
+
+# --------------------------------------------------------------------------- the demo
+def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | None = None, fresh: bool = False,
+             ui: bool = True, kill_every: float | None = None, report: bool = True) -> int:
+    from looprl.ops.preference import load_preference
+
+    cfg = cfg.model_copy(update={"workspace": cfg.workspace.resolve()})
+    minutes = minutes or cfg.demo.minutes
+    preference = preference or cfg.demo.preference
+    try:
+        load_preference(preference)  # fail now, naming the spec, not inside a child process
+    except ValueError as e:
+        raise ConfigError(f"--preference: {e}") from None
+    prepare_workspace(cfg, fresh)
+    ports = allocate_ports()
+    token = cfg.serving.admin_token.get_secret_value() if cfg.serving.admin_token else secrets.token_hex(16)
+    env = demo_env(cfg, ports, token)
+    ensure_base(cfg, env)
+    services = plan_services(cfg, ports, preference, env)
+    log_dir = cfg.workspace / "logs"
+    if ui and sys.stdout.isatty():
+        # The live view owns the terminal; this process's own log lines (restarts, ...) still go
+        # to stderr at WARNING and above; every stage logs to logs/<stage>.log.
+        import logging
+
+        logging.getLogger("looprl").setLevel(logging.WARNING)
+    sup = Supervisor(services, log_dir, backoff_initial_s=1.0, backoff_max_s=20.0, stable_after_s=30.0)
+    stop = threading.Event()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in handlers:
+        signal.signal(s, lambda *_: stop.set())
+    t0 = time.monotonic()
+    total = minutes * 60
+    interrupted = False
+    failed: str | None = None
+    summary: dict[str, Any] = {}
+    try:
+        print(f"starting {len(services)} services (logs in {log_dir}) ...", flush=True)
+        for svc in services:
+            if stop.is_set():
+                break
+            try:
+                sup.start(svc.name)
+            except ServiceFailed as e:
+                failed = str(e)
+                return 1
+            print(f"  {svc.name} ready", flush=True)
+        sup.start_monitor()
+        t0 = time.monotonic()  # the budget counts from when users start using the product
+        next_kill = t0 + kill_every if kill_every else None
+        killed: list[tuple[float, str, int | None]] = []
+
+        def loop(update) -> None:
+            nonlocal next_kill
+            while not stop.is_set() and time.monotonic() - t0 < total:
+                if next_kill is not None and time.monotonic() >= next_kill:
+                    # Every stage once, in a fixed order (the in-memory broker is never killed: it
+                    # would lose what it holds by design).
+                    victim = CHAOS_ORDER[len(killed) % len(CHAOS_ORDER)]
+                    killed.append((time.monotonic() - t0, victim, sup.kill(victim)))
+                    log.warning("chaos: SIGKILL", service=victim)
+                    next_kill = time.monotonic() + kill_every if len(killed) < len(CHAOS_ORDER) else None
+                update()
+                stop.wait(2.0)
+
+        if ui and sys.stdout.isatty():
+            from rich.live import Live
+
+            with Live(render(snapshot(cfg, sup), 0, total), refresh_per_second=1, transient=False) as live:
+                loop(lambda: live.update(render(snapshot(cfg, sup), time.monotonic() - t0, total)))
+        else:
+            last = [0.0]
+
+            def plain() -> None:
+                if time.monotonic() - last[0] >= 15:
+                    last[0] = time.monotonic()
+                    print(_plain(snapshot(cfg, sup), time.monotonic() - t0), flush=True)
+
+            loop(plain)
+        interrupted = stop.is_set()
+        summary["chaos_kills"] = [{"at_s": round(a, 1), "service": n, "pid": p} for a, n, p in killed]
+    finally:
+        print("stopping services (producers first, then draining ingest) ...", flush=True)
+        summary.update(shutdown(cfg, sup))
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        summary["restarts"] = {n: sup.restarts(n) for n in sup.procs}
+        summary["minutes"] = round((time.monotonic() - t0) / 60, 2)
+        summary["interrupted"] = interrupted
+        if failed:
+            print(f"looprl demo: {failed}", file=sys.stderr)
+    if not report:
+        return 0
+    from looprl.ops.report import write_report
+
+    out, s = write_report(cfg, extra=summary)
+    base, served = s.get("base") or {}, s.get("served") or {}
+    print(f"\nreport: {out / 'report.md'}")
+    if s["improvement_rate"] is None:
+        print("not enough eval traffic on both the base and a trained version to measure learning yet; "
+              "run `looprl demo` again to continue from this workspace")
+    else:
+        print(f"thumbs-up rate on held-out prompts: base {base['rate']:.0%} (n={base['n']}) -> "
+              f"{s['served_version']} {served['rate']:.0%} (n={served['n']}): "
+              f"{s['improvement_rate']:+.2f} (target +{cfg.demo.target_improvement:.2f}: "
+              f"{'met' if s['target_met'] else 'not met'})")
+    return 130 if interrupted and not s.get("target_met") else 0

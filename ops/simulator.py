@@ -1,0 +1,396 @@
+"""The product simulator of `looprl demo`: simulated users of a product built on the served model.
+
+Each user thread, paced by a shared rate limit:
+  1. sends a prompt through the serving tier's OpenAI API (openai client, model ``policy``,
+     ``user`` = the user id, so the canary split is sticky per user);
+  2. reads the completion and the adapter version that produced it (``looprl_adapter_version``);
+  3. on a share of answers (``demo.thumbs_fraction``) gives a thumbs-up with probability
+     ``preference(prompt, completion)`` (the hidden preference, `--preference module:function`),
+     sent through the feedback SDK (Kafka) or the HTTP collector (POST /v1/feedback);
+  4. on a share of answers (``demo.preference_fraction``) asks for a second answer to the same
+     prompt and says which one it prefers (the higher hidden preference; nothing when equal).
+
+Evaluation traffic measures learning without feeding it: users named ``demo.eval_user_prefix``+N
+send *held-out* prompts (those `looprl.policy.prompts.is_heldout` keeps out of PPO), and never
+send feedback, so neither the reward model nor the policy trains on them. A share of eval
+requests goes to the base model (``model = serving.served_model_name``) as a live baseline.
+Every interaction is appended to ``<state>/simulator/interactions.jsonl`` (the report's data);
+a status file with running counts is rewritten every second for the demo's live view.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections import Counter as _Counter
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from prometheus_client import Counter
+
+from looprl.ops.config import LooprlConfig
+from looprl.ops.log import get_logger
+from looprl.ops.preference import Preference
+
+log = get_logger(__name__)
+
+REQUESTS = Counter("looprl_simulator_requests_total", "Simulated requests", ["kind", "outcome"])
+FEEDBACK = Counter("looprl_simulator_feedback_total", "Feedback events sent by the simulator", ["kind", "channel"])
+
+
+def simulator_dir(cfg: LooprlConfig) -> Path:
+    return cfg.state_dir / "simulator"
+
+
+# --------------------------------------------------------------------------- prompts
+def prompt_sets(cfg: LooprlConfig) -> tuple[list[str], list[str]]:
+    """(train prompts, eval prompts).
+
+    Train traffic uses the product's prompts (``policy.prompts_file`` or the base's shipped set).
+    Eval prompts are fresh twice over: phrased by the base's held-out templates (never in
+    training traffic) *and* held out by `looprl.policy.prompts.is_heldout`, which PPO's prompt
+    sampler excludes even though the serving tier logs eval requests like any other; the
+    reward model never sees them because eval users send no feedback."""
+    from looprl.policy.model import heldout_prompts
+    from looprl.policy.prompts import FALLBACK_PROMPTS, configured_prompts, is_heldout
+
+    try:
+        train = list(dict.fromkeys(configured_prompts(cfg))) or list(FALLBACK_PROMPTS)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"policy.prompts_file: {e}") from None
+    fresh = [p for p in heldout_prompts() if p not in set(train)]
+    held = [p for p in fresh if is_heldout(p)]
+    if len(held) < 4:
+        log.warning("few doubly held-out eval prompts; using all held-out-template prompts", n=len(held))
+        held = fresh
+    if not held:
+        raise ValueError("no eval prompts: every held-out prompt is also a training prompt")
+    return train, held
+
+
+# --------------------------------------------------------------------------- feedback channels
+class FeedbackChannels:
+    """The two ways a product sends feedback: the Kafka SDK and the HTTP collector."""
+
+    def __init__(self, cfg: LooprlConfig, bootstrap: str | None, collector_url: str | None):
+        self.cfg = cfg
+        self.sdk = None
+        self._undelivered: list[Any] = []  # SDK events Kafka did not acknowledge: sent again
+        self._lock = threading.Lock()
+        if bootstrap:
+            from looprl.ingest.client import FeedbackClient
+
+            self.sdk = FeedbackClient(bootstrap, topic=cfg.kafka.topic_feedback, on_error=self._undelivered_event)
+        self.collector_url = collector_url.rstrip("/") if collector_url else None
+        token = cfg.ingest.collector_token
+        headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
+        self.http = httpx.Client(timeout=10.0, headers=headers)
+        self.sent = _Counter()
+        self.failed = _Counter()
+
+    def _post(self, event) -> None:
+        from looprl.ingest.schema import encode_event
+
+        assert self.collector_url is not None
+        last: Exception | None = None
+        # The collector may be restarting (crash, deploy): retry for ~30 s with the same event
+        # (same event_id), which ingest stores once even if a first attempt did get through.
+        for attempt in range(8):
+            try:
+                r = self.http.post(f"{self.collector_url}/v1/feedback", content=encode_event(event),
+                                   headers={"Content-Type": "application/json"})
+                if r.status_code < 300:
+                    return
+                if r.status_code < 500:
+                    raise ValueError(f"collector refused the event: {r.status_code} {r.text[:200]}")
+                last = RuntimeError(f"collector answered {r.status_code}")
+            except httpx.HTTPError as e:
+                last = e
+            time.sleep(min(8.0, 0.5 * 2 ** attempt))
+        raise RuntimeError(f"collector unreachable: {last}")
+
+    def _channel(self, use_http: bool) -> str:
+        if use_http and self.collector_url:
+            return "http"
+        return "sdk" if self.sdk is not None else "http"
+
+    def thumbs(self, response_id: str, up: bool, user: str, use_http: bool) -> None:
+        from looprl.ingest.schema import ThumbsEvent
+
+        ch = self._channel(use_http)
+        try:
+            if ch == "sdk":
+                self.sdk.thumbs(response_id, up, user_id=user)
+            else:
+                self._post(ThumbsEvent(response_id=response_id, up=up, user_id=user))
+            self.sent["thumbs"] += 1
+            FEEDBACK.labels(kind="thumbs", channel=ch).inc()
+        except Exception as e:
+            self.failed["thumbs"] += 1
+            log.warning("feedback not sent", kind="thumbs", channel=ch, error=str(e)[:200])
+
+    def preference(self, chosen_id: str, rejected_id: str, user: str, use_http: bool) -> None:
+        from looprl.ingest.schema import PreferenceEvent
+
+        ch = self._channel(use_http)
+        try:
+            if ch == "sdk":
+                self.sdk.preference(chosen_response_id=chosen_id, rejected_response_id=rejected_id, user_id=user)
+            else:
+                self._post(PreferenceEvent(chosen_response_id=chosen_id, rejected_response_id=rejected_id, user_id=user))
+            self.sent["preference"] += 1
+            FEEDBACK.labels(kind="preference", channel=ch).inc()
+        except Exception as e:
+            self.failed["preference"] += 1
+            log.warning("feedback not sent", kind="preference", channel=ch, error=str(e)[:200])
+
+    def _undelivered_event(self, event: Any, err: Exception) -> None:
+        with self._lock:
+            self._undelivered.append(event)
+
+    def resend_undelivered(self) -> int:
+        """Send again what Kafka did not acknowledge (same event ids: ingest stores each once)."""
+        with self._lock:
+            events, self._undelivered = self._undelivered, []
+        for e in events:
+            self.sdk.send(e)
+        if events:
+            log.info("feedback re-sent after failed delivery", events=len(events))
+        return len(events)
+
+    def flush(self, attempts: int = 3) -> None:
+        """Wait until every SDK event is acknowledged, re-sending failures; what still fails is
+        counted in ``failed`` (and no longer in ``sent``)."""
+        if self.sdk is None:
+            return
+        from looprl.ingest.client import DeliveryError
+
+        for attempt in range(attempts):
+            try:
+                self.sdk.flush()
+            except DeliveryError as e:
+                with self._lock:  # failures already reported through on_error are queued once
+                    queued = {str(x.event_id) for x in self._undelivered}
+                    self._undelivered.extend(x for x in e.events if str(x.event_id) not in queued)
+            if not self.resend_undelivered():
+                return
+        with self._lock:
+            lost, self._undelivered = self._undelivered, []
+        for e in lost:
+            self.sent[e.kind] -= 1
+            self.failed[e.kind] += 1
+        if lost:
+            log.error("feedback not delivered after retries", events=len(lost))
+
+    def close(self) -> None:
+        if self.sdk is not None:
+            try:
+                self.flush()
+            finally:
+                try:
+                    self.sdk.close(timeout=5.0)
+                except Exception as e:  # already reported by flush
+                    log.warning("feedback client close", error=str(e)[:200])
+        self.http.close()
+
+
+# --------------------------------------------------------------------------- the simulator
+@dataclass
+class Interaction:
+    ts: float
+    kind: str  # "train" | "eval"
+    user: str
+    model: str
+    version: str
+    p: float  # the hidden preference's P(thumbs-up) of this completion
+    up: bool
+    prompt: str = ""
+    completion: str = ""
+
+
+class RateLimiter:
+    def __init__(self, per_second: float):
+        self.interval = 1.0 / per_second
+        self._next = time.monotonic()
+        self._lock = threading.Lock()
+
+    def wait(self, stop: threading.Event) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+        delay = slot - time.monotonic()
+        return not stop.wait(delay) if delay > 0 else not stop.is_set()
+
+
+class Simulator:
+    def __init__(self, cfg: LooprlConfig, base_url: str, preference: Preference, channels: FeedbackChannels | None,
+                 *, seed: int | None = None, out_dir: Path | None = None):
+        from openai import OpenAI
+
+        self.cfg, self.d = cfg, cfg.demo
+        self.preference = preference
+        self.channels = channels
+        self.client = OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="looprl-demo", timeout=60.0, max_retries=2)
+        self.train_prompts, self.eval_prompts = prompt_sets(cfg)
+        self.rng = random.Random(self.d.seed if seed is None else seed)
+        self._rng_lock = threading.Lock()
+        self.out_dir = Path(out_dir or simulator_dir(cfg))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._log_lock = threading.Lock()
+        self._log = open(self.out_dir / "interactions.jsonl", "a")
+        self.counts: dict[str, Any] = defaultdict(int)
+        self.by_version: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(lambda: [0, 0, 0.0]))
+        self.started = time.time()
+
+    def _random(self) -> float:
+        with self._rng_lock:
+            return self.rng.random()
+
+    def _choice(self, seq: list):
+        with self._rng_lock:
+            return self.rng.choice(seq)
+
+    def complete(self, prompt: str, user: str, model: str | None = None) -> tuple[str, str, str]:
+        """(response id, completion text, adapter version) of one request to the serving tier."""
+        r = self.client.completions.create(model=model or self.cfg.serving.alias, prompt=prompt,
+                                           max_tokens=self.d.max_tokens, temperature=1.0, user=user)
+        extra = r.model_extra or {}
+        version = str(extra.get("looprl_adapter_version") or "unknown")
+        return r.id, r.choices[0].text, version
+
+    def _record(self, it: Interaction) -> None:
+        with self._log_lock:
+            self._log.write(json.dumps(asdict(it)) + "\n")
+            self._log.flush()
+            self.counts[f"{it.kind}_requests"] += 1
+            self.counts[f"{it.kind}_ups"] += int(it.up)
+            agg = self.by_version[it.kind][it.version]
+            agg[0] += 1
+            agg[1] += int(it.up)
+            agg[2] += it.p
+
+    def interact(self, user_index: int) -> None:
+        """One simulated interaction (train traffic with feedback, or eval traffic without)."""
+        if self.eval_prompts and self._random() < self.d.eval_fraction:
+            self._eval(user_index)
+        else:
+            self._train(user_index)
+
+    def _train(self, user_index: int) -> None:
+        user = f"user-{user_index}"
+        prompt = self._choice(self.train_prompts)
+        rid, text, version = self.complete(prompt, user)
+        p = float(self.preference(prompt, text))
+        up = self._random() < p
+        self._record(Interaction(time.time(), "train", user, self.cfg.serving.alias, version, p, up))
+        use_http = self._random() < self.d.collector_fraction
+        if self.channels is not None and self._random() < self.d.thumbs_fraction:
+            self.channels.thumbs(rid, up, user, use_http)
+        if self.channels is not None and self._random() < self.d.preference_fraction:
+            # "Regenerate": a second answer to the same prompt; the user says which one they like
+            # more, and says nothing when they like both equally (an indifferent user is not asked).
+            rid2, text2, _ = self.complete(prompt, user)
+            p2 = float(self.preference(prompt, text2))
+            if p2 == p or text2.strip() == text.strip():
+                return
+            chosen, rejected = (rid, rid2) if p > p2 else (rid2, rid)
+            self.channels.preference(chosen, rejected, user, use_http)
+            self.counts["pairs"] += 1
+
+    def _eval(self, user_index: int) -> None:
+        user = f"{self.d.eval_user_prefix}{user_index}-{int(self._random() * 1000)}"
+        prompt = self._choice(self.eval_prompts)
+        model = self.cfg.serving.served_model_name if self._random() < self.d.base_eval_fraction else self.cfg.serving.alias
+        _rid, text, version = self.complete(prompt, user, model=model)
+        p = float(self.preference(prompt, text))
+        up = self._random() < p
+        self._record(Interaction(time.time(), "eval", user, model, version, p, up, prompt, text))
+
+    def status(self) -> dict[str, Any]:
+        with self._log_lock:
+            versions = {kind: {v: {"n": a[0], "ups": a[1], "p_mean": a[2] / a[0] if a[0] else None}
+                               for v, a in vs.items()} for kind, vs in self.by_version.items()}
+            out = {"ts": time.time(), "started": self.started, **self.counts, "by_version": versions}
+        if self.channels is not None:
+            out["feedback_sent"] = dict(self.channels.sent)
+            out["feedback_failed"] = dict(self.channels.failed)
+        return out
+
+    def write_status(self) -> None:
+        from looprl.storage.registry import atomic_write_text
+
+        atomic_write_text(self.out_dir / "status.json", json.dumps(self.status()))
+
+    def run(self, stop: threading.Event, duration_s: float | None = None) -> dict[str, Any]:
+        """Run the user threads until ``stop`` is set (or ``duration_s`` passed)."""
+        limiter = RateLimiter(self.d.max_requests_per_second)
+        deadline = time.monotonic() + duration_s if duration_s else None
+
+        def user_loop(i: int) -> None:
+            backoff = 0.5
+            while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
+                if not limiter.wait(stop):
+                    return
+                try:
+                    self.interact(i)
+                    REQUESTS.labels(kind="any", outcome="ok").inc()
+                    backoff = 0.5
+                except Exception as e:  # the server restarting, a canary flip: keep simulating
+                    self.counts["errors"] += 1
+                    REQUESTS.labels(kind="any", outcome="error").inc()
+                    log.warning("simulated request failed", user=i, error=str(e)[:200])
+                    stop.wait(backoff)
+                    backoff = min(10.0, backoff * 2)
+
+        threads = [threading.Thread(target=user_loop, args=(i,), daemon=True, name=f"user-{i}")
+                   for i in range(self.d.users)]
+        for t in threads:
+            t.start()
+        try:
+            while any(t.is_alive() for t in threads):
+                if self.channels is not None and getattr(self.channels, "sdk", None) is not None:
+                    self.channels.resend_undelivered()
+                self.write_status()
+                if stop.wait(1.0):
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=70)
+            if self.channels is not None:
+                self.channels.flush()
+            self.write_status()
+        return self.status()
+
+    def close(self) -> None:
+        if self.channels is not None:
+            self.channels.close()
+        self._log.close()
+
+
+def read_interactions(cfg: LooprlConfig, path: Path | None = None) -> list[dict[str, Any]]:
+    p = Path(path or simulator_dir(cfg) / "interactions.jsonl")
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a torn last line after a crash
+            continue
+    return out
+
+
+def read_status(cfg: LooprlConfig) -> dict[str, Any]:
+    try:
+        return json.loads((simulator_dir(cfg) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}

@@ -1,0 +1,90 @@
+"""The demo report: numbers from the simulator log, registry and decisions; plots are real PNGs."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from looprl.ops.config import load_config
+from looprl.ops.report import summarize, write_report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def fake_interactions(rates: dict[str, float], n: int = 200, t0: float = 1_000.0, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i, (version, p) in enumerate(rates.items()):
+        for j in range(n):
+            model = "base" if version == "base" else "policy"
+            out.append({"ts": t0 + i * 100 + j * 0.5, "kind": "eval", "user": f"eval-{j}", "model": model,
+                        "version": version, "p": p, "up": rng.random() < p, "prompt": "how is the park",
+                        "completion": "x"})
+            out.append({"ts": t0 + i * 100 + j * 0.5, "kind": "train", "user": f"user-{j % 5}", "model": "policy",
+                        "version": version, "p": p, "up": rng.random() < p})
+    return out
+
+
+def test_summary_measures_the_served_version_against_the_base():
+    rows = fake_interactions({"base": 0.2, "v1": 0.35, "v3": 0.6})
+    s = summarize(rows, promoted="v3")
+    assert s["served_version"] == "v3"
+    assert s["improvement_p"] == pytest.approx(0.4)
+    exp = sum(r["up"] for r in rows if r["kind"] == "eval" and r["version"] == "v3") / 200 - \
+        sum(r["up"] for r in rows if r["kind"] == "eval" and r["version"] == "base") / 200
+    assert s["improvement_rate"] == pytest.approx(exp)
+    assert list(s["eval"]) == ["base", "v1", "v3"] and s["eval"]["v1"]["n"] == 200
+
+
+def test_summary_falls_back_when_the_promoted_version_has_few_eval_samples():
+    rows = fake_interactions({"base": 0.2, "v2": 0.5}) + fake_interactions({"v4": 0.9}, n=5, t0=5000)
+    s = summarize(rows, promoted="v4", min_eval=20)
+    assert s["served_version"] == "v2"
+    s = summarize(fake_interactions({"v2": 0.5}), promoted="v2")
+    assert s["improvement_rate"] is None  # no base measurement: no claim
+
+
+def publish(reg, tmp_path, curve):
+    src = tmp_path / f"src{random.random()}"
+    src.mkdir()
+    save_file({"w": torch.zeros(1)}, str(src / "adapter_model.safetensors"))
+    return reg.publish("policy", src, base_checksum="b", metrics={"curve": curve, "kl_last": curve[-1]["kl"]},
+                       extra={"reward_version": "v1"}).version
+
+
+def test_write_report(tmp_path):
+    from looprl.ops.canary import CanaryManager
+    from looprl.storage.registry import Registry
+
+    cfg = load_config(environ={}, workspace=tmp_path / "ws", demo={"target_improvement": 0.25})
+    sim = cfg.state_dir / "simulator"
+    sim.mkdir(parents=True)
+    rows = fake_interactions({"base": 0.2, "v1": 0.6})
+    (sim / "interactions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n{\"torn")
+    (cfg.state_dir / "reward_history.jsonl").write_text("\n".join(json.dumps(
+        {"update": i, "version": f"v{i}", "decision": "published", "new_events": 50,
+         "prequential": {"pair_accuracy": 0.5 + 0.05 * i, "thumbs_auc": 0.6}, "candidate": {"score": 0.7}})
+        for i in (1, 2, 3)) + "\n")
+    reg = Registry(cfg.registry_dir)
+    v1 = publish(reg, tmp_path, [{"kl": 0.1 * i, "reward_mean": 0.2} for i in range(5)])
+    reg.set_status("policy", v1, "gated", "test")
+    mgr = CanaryManager(cfg, counts=lambda versions, since: {})
+    mgr.step()
+    mgr.manual_promote(v1, by="test")
+
+    out, summary = write_report(cfg, tmp_path / "report")
+    for name in ("thumbs_up.png", "reward_accuracy.png", "kl.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG) and len(data) > 5000, name
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["served_version"] == "v1" and saved["promoted"] == "v1"
+    assert saved["target_met"] == (saved["improvement_rate"] >= 0.25)
+    assert saved["improvement_rate"] > 0.25  # 0.6 vs 0.2 with n=200
+    assert saved["reward_updates"] == 3 and saved["policy_versions"] == 1 and saved["decisions"] == 2
+    md = (out / "report.md").read_text()
+    assert "Improvement: 0." in md and "manual_promote" in md and "| 3 | 50 | 0.650 |" in md
+    assert "![thumbs-up rate](thumbs_up.png)" in md
