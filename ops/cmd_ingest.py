@@ -46,7 +46,7 @@ def _ingest(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ops.metrics import serve_metrics
 
     log = get_logger("ops.cmd_ingest")
-    port = serve_metrics(cfg.ingest.metrics_port)
+    port = serve_metrics(cfg.ingest.metrics_port, host=cfg.metrics_host)
     log.info("ingest metrics", url=f"http://127.0.0.1:{port}/metrics")
     try:
         totals = run_ingest(cfg, _bootstrap(cfg), idle_exit_s=args.idle_exit, max_records=args.max_records)

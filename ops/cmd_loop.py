@@ -69,7 +69,7 @@ def _scheduler(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     if args.runner:
         cfg.scheduler.runner = args.runner
     if cfg.scheduler.metrics_port and not args.once:
-        serve_metrics(cfg.scheduler.metrics_port)
+        serve_metrics(cfg.scheduler.metrics_port, host=cfg.metrics_host)
     runner = SubprocessRunner(cfg.workspace / "logs") if cfg.scheduler.runner == "subprocess" else None
     sched = build_scheduler(cfg, runner=runner, with_canary=not args.no_canary)
     stop = _stop_event()
@@ -165,7 +165,7 @@ def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     except ValueError as e:
         raise ConfigError(f"--preference: {e}") from None
     if args.metrics_port:
-        serve_metrics(args.metrics_port)
+        serve_metrics(args.metrics_port, host=cfg.metrics_host)
     base_url = args.base_url or f"http://{cfg.serving.host}:{cfg.serving.port}"
     bootstrap = args.bootstrap
     if bootstrap is None and not args.no_sdk:

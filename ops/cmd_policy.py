@@ -62,7 +62,7 @@ def _train_policy(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     if port:
         from looprl.ops.metrics import serve_metrics
 
-        serve_metrics(port)
+        serve_metrics(port, host=cfg.metrics_host)
     from looprl.policy.checkpoint import CheckpointError
     from looprl.policy.ray_backend import PolicyJobError
     from looprl.storage.registry import RegistryError

@@ -34,7 +34,7 @@ def _controller(args: argparse.Namespace, cfg: LooprlConfig) -> int:
             report = ctl.reconcile()
             print(json.dumps(asdict(report), indent=2, default=str))
             return 0 if report.converged else 1
-        serve_metrics(cfg.serving.controller_metrics_port)
+        serve_metrics(cfg.serving.controller_metrics_port, host=cfg.metrics_host)
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:

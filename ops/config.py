@@ -269,6 +269,9 @@ class DemoConfig(Section):
 class LooprlConfig(Section):
     workspace: Path = Path("looprl-workspace")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Interface every process's /metrics server binds: loopback on a laptop; "0.0.0.0" in
+    # containers so Prometheus can scrape them (docker-compose sets LOOPRL_METRICS_HOST).
+    metrics_host: str = "127.0.0.1"
     kafka: KafkaConfig = KafkaConfig()
     ingest: IngestConfig = IngestConfig()
     model: ModelConfig = ModelConfig()

@@ -300,7 +300,7 @@ def serve(cfg: LooprlConfig, max_updates: int | None = None, metrics_port: int |
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    port = serve_metrics(cfg.reward.metrics_port if metrics_port is None else metrics_port)
+    port = serve_metrics(cfg.reward.metrics_port if metrics_port is None else metrics_port, host=cfg.metrics_host)
     log.info("reward updater serving", metrics_port=port, poll_seconds=cfg.reward.poll_seconds)
     done, failures = 0, 0
     with RewardUpdater(cfg, connect=connect) as up:

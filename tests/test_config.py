@@ -82,3 +82,17 @@ def test_cli_config_prints_effective_config(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert '"batch_size": 5' in out
     assert "s3cret" not in out  # secrets are masked
+
+
+def test_metrics_host_is_configurable_for_containers(tmp_path):
+    """Prometheus in another container can only scrape a /metrics bound beyond loopback."""
+    import urllib.request
+
+    from looprl.ops.metrics import serve_metrics
+
+    assert load_config(environ={}).metrics_host == "127.0.0.1"
+    cfg = load_config(environ={"LOOPRL_METRICS_HOST": "0.0.0.0"})
+    assert cfg.metrics_host == "0.0.0.0"
+    port = serve_metrics(0, host=cfg.metrics_host)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        assert b"python_info" in r.read()
