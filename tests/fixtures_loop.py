@@ -136,24 +136,6 @@ def run_prometheus(prometheus_tools, tmp_path):
 
 
 @pytest.fixture(scope="session")
-def loop_kafka(request):
-    """Kafka bootstrap servers for the loop tests: the ingest stage's shared ``kafka_bootstrap``
-    fixture when it exists, else an embedded broker (Tansu) started here."""
-    try:
-        yield request.getfixturevalue("kafka_bootstrap")
-        return
-    except pytest.FixtureLookupError:
-        pass
-    from looprl.ingest.broker import EmbeddedBroker
-
-    broker = EmbeddedBroker().start()
-    try:
-        yield broker.bootstrap
-    finally:
-        broker.stop()
-
-
-@pytest.fixture(scope="session")
 def demo_base(tmp_path_factory) -> Path:
     """The base model exactly as `looprl init` builds it for the demo (default pre-training; ~40 s
     once per session): the end-to-end loop test must learn on what a newcomer gets."""

@@ -1,5 +1,4 @@
-"""Fixtures of the policy tests: a tiny MoE base (the shared `tiny_base` when it exists, else a
-random-init Qwen3-MoE with a word-level tokenizer) and configs pointing at it."""
+"""Fixtures of the policy tests: the shared tiny MoE base (`tiny_base`) and configs pointing at it."""
 
 from __future__ import annotations
 
@@ -9,14 +8,9 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def policy_base(request, tmp_path_factory) -> Path:
-    """The base checkpoint the policy tests train on."""
-    try:
-        return Path(request.getfixturevalue("tiny_base"))
-    except pytest.FixtureLookupError:
-        from looprl.policy.testing import build_random_base
-
-        return build_random_base(tmp_path_factory.mktemp("policy-base") / "base")
+def policy_base(tiny_base) -> Path:
+    """The base checkpoint the policy tests train on: the session's pre-trained tiny base."""
+    return Path(tiny_base)
 
 
 @pytest.fixture

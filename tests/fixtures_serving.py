@@ -1,5 +1,4 @@
-"""Fixtures of the serving tests: a tiny MoE base (the shared ``tiny_base`` when it exists, else a
-random-init Qwen3-MoE built by ``looprl.serving.testing``), a registry of LoRA adapters on it
+"""Fixtures of the serving tests: the shared tiny MoE base (``tiny_base``), a registry of LoRA adapters on it
 (attention + fused-expert LoRA, expert-only, too-large rank, incompatible), workspaces/configs,
 and embedded servers started once per test module on free loopback ports."""
 
@@ -20,13 +19,8 @@ MAX_LORA_RANK = 8
 
 
 @pytest.fixture(scope="session")
-def serving_base(request, tmp_path_factory) -> Path:
-    try:
-        return Path(request.getfixturevalue("tiny_base"))
-    except pytest.FixtureLookupError:
-        from looprl.serving.testing import build_tiny_base
-
-        return build_tiny_base(tmp_path_factory.mktemp("serving-base") / "base")
+def serving_base(tiny_base) -> Path:
+    return Path(tiny_base)
 
 
 @dataclass

@@ -26,7 +26,7 @@ def likes_plain_words(prompt: str, completion: str) -> float:
 
 
 @pytest.fixture
-def loop(tmp_path, tiny_base, loop_kafka):
+def loop(tmp_path, tiny_base, kafka_bootstrap):
     import torch
 
     from looprl.ingest.client import ResponseLogger
@@ -38,7 +38,7 @@ def loop(tmp_path, tiny_base, loop_kafka):
               "topic_dlq": f"dlq-{time.time_ns()}"}
     port = free_port()
     cfg = load_config(environ={}, workspace=tmp_path / "ws", model={"base_path": str(tiny_base)},
-                      kafka={"bootstrap_servers": loop_kafka, **topics},
+                      kafka={"bootstrap_servers": kafka_bootstrap, **topics},
                       ingest={"metrics_port": 0, "batch_max_seconds": 0.5},
                       serving={"port": port, "endpoints": [f"http://127.0.0.1:{port}"], "torch_threads": 1,
                                "max_batch_size": 8, "admin_token": "tok"},
@@ -47,15 +47,15 @@ def loop(tmp_path, tiny_base, loop_kafka):
                       demo={"users": 4, "max_requests_per_second": 20, "max_tokens": 8, "eval_fraction": 0.0,
                             "preference_fraction": 0.0, "collector_fraction": 0.0, "thumbs_fraction": 1.0})
     env = {**os.environ, "LOOPRL_WORKSPACE": str(cfg.workspace), "LOOPRL_MODEL__BASE_PATH": str(tiny_base),
-           "LOOPRL_KAFKA__BOOTSTRAP_SERVERS": loop_kafka, "LOOPRL_INGEST__METRICS_PORT": "0",
+           "LOOPRL_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap, "LOOPRL_INGEST__METRICS_PORT": "0",
            "LOOPRL_INGEST__BATCH_MAX_SECONDS": "0.5", "OMP_NUM_THREADS": "1",
            **{f"LOOPRL_KAFKA__{k.upper()}": v for k, v in topics.items()}}
     from looprl.ingest.transport import ensure_topics
 
-    ensure_topics(loop_kafka, {t: 1 for t in topics.values()})
+    ensure_topics(kafka_bootstrap, {t: 1 for t in topics.values()})
     ingest = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "ingest"], env=env, start_new_session=True,
                               stdout=open(tmp_path / "ingest.log", "wb"), stderr=subprocess.STDOUT)
-    logger = ResponseLogger(loop_kafka, topic=topics["topic_responses"])
+    logger = ResponseLogger(kafka_bootstrap, topic=topics["topic_responses"])
     server = ServerThread(build_service(cfg), admin_token="tok", response_logger=logger,
                           default_max_tokens=8, port=port).start()
     try:

@@ -29,12 +29,12 @@ def prom_get(url: str, path: str, **params) -> dict:
 
 
 @pytest.fixture
-def stages(tmp_path, tiny_base, loop_kafka):
+def stages(tmp_path, tiny_base, kafka_bootstrap):
     """`looprl` stage processes on free loopback ports, each with its /metrics endpoint."""
     ports = {n: free_port() for n in ("serve", "reward", "scheduler", "controller", "ingest")}
     ws = tmp_path / "ws"
     env = {**os.environ, "LOOPRL_WORKSPACE": str(ws), "LOOPRL_MODEL__BASE_PATH": str(tiny_base),
-           "LOOPRL_KAFKA__BOOTSTRAP_SERVERS": loop_kafka,
+           "LOOPRL_KAFKA__BOOTSTRAP_SERVERS": kafka_bootstrap,
            "LOOPRL_SERVING__PORT": str(ports["serve"]), "LOOPRL_SERVING__TORCH_THREADS": "1",
            "LOOPRL_SERVING__ENDPOINTS": json.dumps([f"http://127.0.0.1:{ports['serve']}"]),
            "LOOPRL_REWARD__METRICS_PORT": str(ports["reward"]),
