@@ -41,14 +41,33 @@ class LoRAFactors(NamedTuple):
 class TorchGrouped:
     """Grouped GEMMs as a Python loop over experts. No weight is ever copied or summed."""
 
-    def plan(self, counts: Tensor, n_rows: int) -> list[int]:
+    def plan(self, counts: Tensor, n_rows: int, dtype: torch.dtype | None = None) -> list[int]:
         return counts.tolist()  # one host sync per layer call
 
     def gmm(self, x: Tensor, w: Tensor, plan: list[int], rows: Tensor | None = None,
-            trans: bool = True, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+            trans: bool = True, lora: tuple[Tensor, Tensor, float] | None = None,
+            row_scale: Tensor | None = None, out_rows: Tensor | None = None) -> Tensor:
         """out[s] = x[rows[s]] @ op(w[e]) (+ scale * xa[s] @ op(b[e])), op = transpose if trans.
 
-        e is the expert owning sorted row s; xa is already in sorted row order."""
+        e is the expert owning sorted row s; xa is already in sorted row order. Epilogue: each
+        row times row_scale[s] (in the wider dtype, then cast), stored at row out_rows[s]."""
+        out = self._gmm(x, w, plan, rows, trans, lora)
+        if row_scale is not None:
+            out = out.mul_(row_scale[:, None]) if row_scale.dtype == out.dtype else \
+                (out * row_scale[:, None]).to(out.dtype)
+        if out_rows is not None:
+            out = torch.empty_like(out).index_copy_(0, out_rows, out)
+        return out
+
+    def glu_forward(self, h: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
+        return _glu(h, act)
+
+    def glu_backward(self, h: Tensor, ga: Tensor, rw: Tensor, act: Callable[[Tensor], Tensor]
+                     ) -> tuple[Tensor, Tensor, Tensor]:
+        return _glu_backward(h, ga, rw, act)
+
+    def _gmm(self, x: Tensor, w: Tensor, plan: list[int], rows: Tensor | None,
+             trans: bool, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
         n_rows = rows.shape[0] if rows is not None else x.shape[0]
         out = x.new_empty(n_rows, w.shape[1] if trans else w.shape[2])
         start = 0
@@ -105,6 +124,37 @@ def _is_silu(act: Callable) -> bool:
     return act is F.silu or isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
 
 
+def _glu_backward(h: Tensor, ga: Tensor, rw: Tensor, act: Callable[[Tensor], Tensor]
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """Backward of y_s = rw_s * (act(gate) * up) W'_d through the GLU, given ga = dL/dy W'_d (unweighted).
+
+    Returns (a, dh, d_rw): the recomputed activation a = act(gate) * up (S, I), dL/dh (S, 2I) and
+    dL/d rw = <ga, a> (S,) in float32."""
+    dt = h.dtype
+    gate, up = h.chunk(2, dim=-1)
+    if _is_silu(act):  # the common case: analytic backward below, no autograd graph
+        act_gate = F.silu(gate)
+    else:
+        with torch.enable_grad():
+            gate_leaf = gate.detach().requires_grad_()
+            act_graph = act(gate_leaf)
+        act_gate = act_graph.detach()
+    a = act_gate * up
+    d_rw = (ga * a).sum(-1, dtype=torch.float32)
+    ga = ga.mul_(rw[:, None]) if rw.dtype == dt else (ga * rw[:, None]).to(dt)
+    # through a = act(gate) * up, written straight into the two halves of dh (S, 2I)
+    dh = torch.empty_like(h)
+    d_gate, d_up = dh.chunk(2, dim=-1)
+    torch.mul(ga, act_gate, out=d_up)
+    del act_gate
+    g_act = ga.mul_(up)
+    if _is_silu(act):
+        d_gate.copy_(torch.ops.aten.silu_backward(g_act, gate))
+    else:
+        d_gate.copy_(torch.autograd.grad(act_graph, gate_leaf, g_act)[0])
+    return a, dh, d_rw
+
+
 class _MoELoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w_gu, w_d, a_gu, b_gu, a_d, b_d,
@@ -114,25 +164,28 @@ class _MoELoRA(torch.autograd.Function):
         flat = top_k_index.reshape(-1)
         order = torch.argsort(flat, stable=True)
         tok = order // k
-        plan = backend.plan(torch.bincount(flat, minlength=w_gu.shape[0]), flat.numel())
+        # Per-expert counts by scatter-add: torch.bincount would sync with the host on CUDA.
+        counts = torch.zeros(w_gu.shape[0], dtype=torch.int64, device=flat.device).index_add_(
+            0, flat, torch.ones_like(flat, dtype=torch.int64))
+        plan = backend.plan(counts, flat.numel(), x.dtype)
         rw = top_k_weights.reshape(-1)[order]
 
         lora_gu = (a_gu, b_gu) if a_gu is not None else None
         lora_d = (a_d, b_d) if a_d is not None else None
         xa = backend.gmm(x, a_gu, plan, rows=tok) if lora_gu else None  # (S, r)
         h = backend.gmm(x, w_gu, plan, rows=tok, lora=(xa, b_gu, s_gu) if lora_gu else None)  # (S, 2I)
-        a = _glu(h, act)  # (S, I)
+        a = backend.glu_forward(h, act)  # (S, I)
         aa = backend.gmm(a, a_d, plan) if lora_d else None  # (S, r)
-        y = backend.gmm(a, w_d, plan, lora=(aa, b_d, s_d) if lora_d else None)  # (S, H)
+        # Epilogue: times the routing weight (in the wider dtype, as transformers does), stored in
+        # (token, slot) order, so combining the k expert outputs of a token is a plain sum.
+        y = backend.gmm(a, w_d, plan, lora=(aa, b_d, s_d) if lora_d else None, row_scale=rw, out_rows=order)
         del a
-        # Same promotion as transformers: y * weight in the wider dtype, then cast back.
-        y = y.mul_(rw[:, None]) if rw.dtype == y.dtype else (y * rw[:, None]).to(x.dtype)
-        out = torch.zeros_like(x).index_add_(0, tok, y)
+        out = y.view(-1, k, y.shape[-1]).sum(1)
 
         # Saved: the pre-activation h (S, 2I) and two rank-r side products; a is recomputed.
         ctx.save_for_backward(x, order, tok, rw, h, xa, aa, w_gu, w_d, a_gu, b_gu, a_d, b_d)
         ctx.plan, ctx.s_gu, ctx.s_d, ctx.act, ctx.backend = plan, s_gu, s_d, act, backend
-        ctx.k, ctx.w_dtype, ctx.silu = k, top_k_weights.dtype, _is_silu(act)
+        ctx.k, ctx.w_dtype = k, top_k_weights.dtype
         return out
 
     @staticmethod
@@ -144,54 +197,31 @@ class _MoELoRA(torch.autograd.Function):
         dt = x.dtype
         d_agu = d_bgu = d_ad = d_bd = dx = d_weights = None
 
-        # Recompute a = act(gate) * up from the saved pre-activation h.
-        gate, up = h.chunk(2, dim=-1)
-        if ctx.silu:  # the common case: analytic backward below, no autograd graph
-            act_gate = F.silu(gate)
-        else:
-            with torch.enable_grad():
-                gate_leaf = gate.detach().requires_grad_()
-                act_graph = ctx.act(gate_leaf)
-            act_gate = act_graph.detach()
-        a = act_gate * up
-
         # down projection: y = a W_d^T + s_d (a A_d^T) B_d^T, scaled by the routing weight rw.
         gb = be.gmm(g, b_d, plan, rows=tok, trans=False) if a_d is not None else None  # g B_d (S, r)
         ga = be.gmm(g, w_d, plan, rows=tok, trans=False,
                     lora=(gb, a_d, s_d) if a_d is not None else None)  # g W'_d (S, I), unweighted
-        if need_w:  # <g, y> = <g W'_d, a>: no need to keep y around
-            d_rw = (ga * a).sum(-1, dtype=torch.float32)
-            d_weights = torch.zeros(order.numel(), dtype=ctx.w_dtype, device=x.device)
+        # through the GLU: a recomputed from h, dh (S, 2I), and d rw = <g W'_d, a> (no need to keep y)
+        a, dh, d_rw = be.glu_backward(h, ga, rw, ctx.act)
+        del ga
+        if need_w:
+            d_weights = torch.empty(order.numel(), dtype=ctx.w_dtype, device=x.device)
             d_weights[order] = d_rw.to(ctx.w_dtype)
             d_weights = d_weights.view(-1, ctx.k)
         if a_d is not None:
             d_bd = be.gouter(g, (aa * rw[:, None]).to(dt), plan, rows=tok, scale=s_d)  # (E, H, r)
             d_ad = be.gouter(a, (gb * rw[:, None]).to(dt), plan, scale=s_d).transpose(1, 2)  # (E, r, I)
         del a
-        if not (need_x or a_gu is not None):
-            return None, None, d_weights, None, None, None, None, d_ad, d_bd, None, None, None, None
-        ga = ga.mul_(rw[:, None]) if rw.dtype == dt else (ga * rw[:, None]).to(dt)
-
-        # through a = act(gate) * up, written straight into the two halves of dh (S, 2I)
-        dh = torch.empty_like(h)
-        d_gate, d_up = dh.chunk(2, dim=-1)
-        torch.mul(ga, act_gate, out=d_up)
-        del act_gate
-        g_act = ga.mul_(up)
-        if ctx.silu:
-            d_gate.copy_(torch.ops.aten.silu_backward(g_act, gate))
-        else:
-            d_gate.copy_(torch.autograd.grad(act_graph, gate_leaf, g_act)[0])
-        del g_act, ga
 
         # gate/up projection: h = x W_gu^T + s_gu (x A_gu^T) B_gu^T
         dhb = be.gmm(dh, b_gu, plan, trans=False) if a_gu is not None else None  # dh B_gu (S, r)
         if a_gu is not None:
             d_bgu = be.gouter(dh, xa, plan, scale=s_gu)  # (E, 2I, r)
             d_agu = be.gouter(x, dhb, plan, rows=tok, scale=s_gu).transpose(1, 2)  # (E, r, H)
-        if need_x:
-            dx_s = be.gmm(dh, w_gu, plan, trans=False, lora=(dhb, a_gu, s_gu) if a_gu is not None else None)
-            dx = torch.zeros_like(x).index_add_(0, tok, dx_s)
+        if need_x:  # rows stored in (token, slot) order: a token's k contributions are a plain sum
+            dx_s = be.gmm(dh, w_gu, plan, trans=False, lora=(dhb, a_gu, s_gu) if a_gu is not None else None,
+                          out_rows=order)
+            dx = dx_s.view(-1, ctx.k, dx_s.shape[-1]).sum(1)
         return dx, None, d_weights, None, None, d_agu, d_bgu, d_ad, d_bd, None, None, None, None
 
 

@@ -13,6 +13,7 @@ All accumulation is fp32; fp32 inputs use IEEE dots (no TF32) so they match the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -32,13 +33,14 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _gmm_kernel(
-    x_ptr, rows_ptr, w_ptr, xa_ptr, b_ptr, out_ptr,
+    x_ptr, rows_ptr, w_ptr, xa_ptr, b_ptr, out_ptr, rscale_ptr, orows_ptr,
     tile_expert_ptr, tile_row_ptr, seg_end_ptr,
     N, K, R, scale,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_am, stride_ar, stride_be, stride_br, stride_bn,
     stride_om, stride_on,
-    HAS_ROWS: tl.constexpr, HAS_LORA: tl.constexpr, IEEE: tl.constexpr,
+    HAS_ROWS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
+    IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -79,7 +81,13 @@ def _gmm_kernel(
         lora = _dot(at, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
         acc += scale * lora
 
-    out = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    if HAS_ROW_SCALE:  # the routing weight, applied in fp32 before the cast
+        acc *= tl.load(rscale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
+    if HAS_OUT_ROWS:  # scatter rows back to (token, slot) order
+        dst = tl.load(orows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)
+    else:
+        dst = offs_m.to(tl.int64)
+    out = out_ptr + dst[:, None] * stride_om + offs_n[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
@@ -118,11 +126,60 @@ def _gouter_kernel(
     tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_r[None, :])
 
 
+@triton.jit
+def _glu_fwd_kernel(h_ptr, a_ptr, I, stride_h, stride_a, BLOCK: tl.constexpr):
+    """a = silu(gate) * up for one row, in fp32 registers."""
+    row = tl.program_id(0).to(tl.int64)
+    for c0 in range(0, I, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < I
+        gate = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + row * stride_h + I + offs, mask=mask, other=0.0).to(tl.float32)
+        a = gate * tl.sigmoid(gate) * up
+        tl.store(a_ptr + row * stride_a + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(h_ptr, ga_ptr, rw_ptr, a_ptr, dh_ptr, drw_ptr, I,
+                    stride_h, stride_ga, stride_a, stride_dh, BLOCK: tl.constexpr):
+    """One row of `moe_lora._glu_backward` for SiLU: a, dh = [d gate; d up] and d rw = <ga, a>."""
+    row = tl.program_id(0).to(tl.int64)
+    rw = tl.load(rw_ptr + row).to(tl.float32)
+    d_rw = tl.zeros((BLOCK,), dtype=tl.float32)
+    for c0 in range(0, I, BLOCK):
+        offs = c0 + tl.arange(0, BLOCK)
+        mask = offs < I
+        gate = tl.load(h_ptr + row * stride_h + offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_ptr + row * stride_h + I + offs, mask=mask, other=0.0).to(tl.float32)
+        ga = tl.load(ga_ptr + row * stride_ga + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        act = gate * sig
+        a = act * up
+        d_rw += ga * a  # masked lanes hold ga = 0
+        gw = ga * rw
+        d_gate = gw * up * sig * (1.0 + gate * (1.0 - sig))  # silu'(g) = sig (1 + g (1 - sig))
+        tl.store(a_ptr + row * stride_a + offs, a.to(a_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + row * stride_dh + offs, d_gate.to(dh_ptr.dtype.element_ty), mask=mask)
+        tl.store(dh_ptr + row * stride_dh + I + offs, (gw * act).to(dh_ptr.dtype.element_ty), mask=mask)
+    tl.store(drw_ptr + row, tl.sum(d_rw, axis=0))
+
+
 class Plan(NamedTuple):
     tile_expert: Tensor  # (n_tiles,) int32, -1 for padding tiles
     tile_row: Tensor  # (n_tiles,) int32 first sorted row of the tile
     seg_start: Tensor  # (E,) int32
     seg_end: Tensor  # (E,) int32
+    block_m: int  # the row tile the table was built for
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile sizes and launch options of one `_gmm_kernel` shape class (BLOCK_M is the plan's)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
 
 
 def _block_r(r: int) -> int:
@@ -130,10 +187,26 @@ def _block_r(r: int) -> int:
 
 
 class TritonGrouped:
-    BLOCK_M = 64  # the row tile: fixed, the tile table depends on it
+    """Triton backend of `moe_lora._MoELoRA`. Tile choices per dtype and output width.
 
-    def plan(self, counts: Tensor, n_rows: int) -> Plan:
-        bm, n_exp = self.BLOCK_M, counts.numel()
+    "wide" is a projection (N = 2I or H or I, hundreds to thousands of columns), "narrow" a
+    rank-r LoRA side product (N = r <= 64: the tile is only as wide as r, so the K loop streams
+    x once with no wasted columns). The 16-bit values were picked with benchmarks/kernels_sweep.py
+    on an H100 at Qwen3-30B-A3B shapes; fp32 uses IEEE dots (no TF32) and smaller tiles so it
+    matches the reference."""
+
+    BLOCK_M = {torch.float32: 64, "16bit": 64}
+    WIDE = {torch.float32: GemmConfig(64, 32, 4, 2), "16bit": GemmConfig(128, 64, 4, 3)}
+    NARROW_BLOCK_K = {torch.float32: 32, "16bit": 64}
+    GOUTER = {torch.float32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
+              "16bit": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)}
+
+    @staticmethod
+    def _key(dtype: torch.dtype):
+        return torch.float32 if dtype == torch.float32 else "16bit"
+
+    def plan(self, counts: Tensor, n_rows: int, dtype: torch.dtype = torch.bfloat16) -> Plan:
+        bm, n_exp = self.BLOCK_M[self._key(dtype)], counts.numel()
         ends = counts.cumsum(0)
         starts = ends - counts
         tiles = (counts + bm - 1) // bm
@@ -144,16 +217,18 @@ class TritonGrouped:
         tc = te.clamp(max=n_exp - 1)
         row = starts[tc] + (t - (tile_end[tc] - tiles[tc])) * bm
         tile_expert = torch.where(te < n_exp, tc, -1)
-        return Plan(tile_expert.int(), row.int(), starts.int(), ends.int())
+        return Plan(tile_expert.int(), row.int(), starts.int(), ends.int(), bm)
 
-    @staticmethod
-    def _cfg(dtype: torch.dtype) -> dict:
-        if dtype == torch.float32:  # IEEE fp32 dots: smaller tiles to fit registers / shared memory
-            return dict(BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=2)
-        return dict(BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
+    def _cfg(self, dtype: torch.dtype, n_dim: int) -> dict:
+        key = self._key(dtype)
+        if n_dim <= 64:  # a rank-r side product
+            return dict(BLOCK_N=_block_r(n_dim), BLOCK_K=self.NARROW_BLOCK_K[key], num_warps=4, num_stages=3)
+        c = self.WIDE[key]
+        return dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
 
     def gmm(self, x: Tensor, w: Tensor, plan: Plan, rows: Tensor | None = None,
-            trans: bool = True, lora: tuple[Tensor, Tensor, float] | None = None) -> Tensor:
+            trans: bool = True, lora: tuple[Tensor, Tensor, float] | None = None,
+            row_scale: Tensor | None = None, out_rows: Tensor | None = None) -> Tensor:
         n_rows = rows.shape[0] if rows is not None else x.shape[0]
         # op(w)[e] is (K, N): w[e] is (N, K) when trans, else (K, N)
         se, sn, sk = (w.stride(0), w.stride(1), w.stride(2)) if trans else (w.stride(0), w.stride(2), w.stride(1))
@@ -167,17 +242,18 @@ class TritonGrouped:
             r = xa.shape[1]
         else:
             xa, b, scale, (bse, bsn, bsr), r = x, w, 0.0, (0, 0, 0), 1  # dummies, never read
-        cfg = self._cfg(x.dtype)
+        cfg = self._cfg(x.dtype, n_dim)
         grid = (plan.tile_expert.numel(), triton.cdiv(n_dim, cfg["BLOCK_N"]))
         _gmm_kernel[grid](
             x, rows if rows is not None else plan.tile_row, w, xa, b, out,
+            row_scale if row_scale is not None else plan.tile_row, out_rows if out_rows is not None else plan.tile_row,
             plan.tile_expert, plan.tile_row, plan.seg_end,
             n_dim, k_dim, r, float(scale),
             x.stride(0), x.stride(1), se, sk, sn,
             xa.stride(0), xa.stride(1), bse, bsr, bsn,
             out.stride(0), out.stride(1),
-            HAS_ROWS=rows is not None, HAS_LORA=lora is not None, IEEE=x.dtype == torch.float32,
-            BLOCK_M=self.BLOCK_M, BLOCK_R=_block_r(r), **cfg,
+            HAS_ROWS=rows is not None, HAS_LORA=lora is not None, HAS_ROW_SCALE=row_scale is not None,
+            HAS_OUT_ROWS=out_rows is not None, IEEE=x.dtype == torch.float32, BLOCK_M=plan.block_m, BLOCK_R=_block_r(r), **cfg,
         )
         return out
 
@@ -186,14 +262,42 @@ class TritonGrouped:
         assert x.dtype == y.dtype
         n_exp, n_dim, r = plan.seg_start.numel(), x.shape[1], y.shape[1]
         out = x.new_empty(n_exp, n_dim, r)
-        block_n = 64
-        grid = (n_exp, triton.cdiv(n_dim, block_n))
+        cfg = self.GOUTER[self._key(x.dtype)]
+        grid = (n_exp, triton.cdiv(n_dim, cfg["BLOCK_N"]))
         _gouter_kernel[grid](
             x, rows if rows is not None else plan.seg_start, y, out, plan.seg_start, plan.seg_end,
             n_dim, r, float(scale),
             x.stride(0), x.stride(1), y.stride(0), y.stride(1), out.stride(0), out.stride(1), out.stride(2),
-            HAS_ROWS=rows is not None, IEEE=x.dtype == torch.float32,
-            BLOCK_M=64 if x.dtype != torch.float32 else 32, BLOCK_N=block_n, BLOCK_R=_block_r(r),
-            num_warps=4, num_stages=2,
+            HAS_ROWS=rows is not None, IEEE=x.dtype == torch.float32, BLOCK_R=_block_r(r), **cfg,
         )
         return out
+
+    def glu_forward(self, h: Tensor, act) -> Tensor:
+        from .moe_lora import _glu, _is_silu
+
+        if not _is_silu(act):
+            return _glu(h, act)
+        n_rows, i_dim = h.shape[0], h.shape[1] // 2
+        a = h.new_empty(n_rows, i_dim)
+        if n_rows:
+            _glu_fwd_kernel[(n_rows,)](h, a, i_dim, h.stride(0), a.stride(0), BLOCK=_block_glu(i_dim), num_warps=4)
+        return a
+
+    def glu_backward(self, h: Tensor, ga: Tensor, rw: Tensor, act) -> tuple[Tensor, Tensor, Tensor]:
+        from .moe_lora import _glu_backward, _is_silu
+
+        if not _is_silu(act):  # any other activation: the torch reference (autograd for act')
+            return _glu_backward(h, ga, rw, act)
+        n_rows, i_dim = h.shape[0], h.shape[1] // 2
+        a, dh = h.new_empty(n_rows, i_dim), torch.empty_like(h)
+        d_rw = torch.empty(n_rows, dtype=torch.float32, device=h.device)
+        assert h.stride(1) == 1 and ga.stride(1) == 1
+        if n_rows:
+            _glu_bwd_kernel[(n_rows,)](h, ga, rw.contiguous(), a, dh, d_rw, i_dim,
+                                       h.stride(0), ga.stride(0), a.stride(0), dh.stride(0),
+                                       BLOCK=_block_glu(i_dim), num_warps=4)
+        return a, dh, d_rw
+
+
+def _block_glu(i_dim: int) -> int:
+    return min(2048, triton.next_power_of_2(i_dim))

@@ -3,7 +3,7 @@
 Runs on CUDA with triton installed (`pip install -e .[gpu,test]`), and skips otherwise. Without a
 GPU the kernels' logic can still be checked on CPU with triton's interpreter:
 `TRITON_INTERPRET=1 pytest tests/test_kernels_triton.py` (fp32 only: the interpreter cannot do
-bf16 dots; smaller shapes).
+bf16 dots; smaller shapes; NumPy < 2.3, see kernels/README.md).
 """
 
 import importlib.util
@@ -77,13 +77,36 @@ def test_grouped_primitives_match_torch(dtype, trans, with_rows):
     b = rand(E, N, r) if trans else rand(E, r, N)
 
     ref, tri = TorchGrouped(), TritonGrouped()
-    p_ref, p_tri = ref.plan(counts, flat.numel()), tri.plan(counts, flat.numel())
+    p_ref, p_tri = ref.plan(counts, flat.numel()), tri.plan(counts, flat.numel(), dtype)
     for lora in (None, (xa, b, 0.37)):
         torch.testing.assert_close(tri.gmm(x, w, p_tri, rows=rows, trans=trans, lora=lora),
                                    ref.gmm(x, w, p_ref, rows=rows, trans=trans, lora=lora), **tol(dtype))
     out_t, out_r = tri.gouter(x, xa, p_tri, rows=rows, scale=0.5), ref.gouter(x, xa, p_ref, rows=rows, scale=0.5)
     assert out_t[-1].abs().max() == 0  # the idle expert
     assert rel_err(out_t, out_r) < (1e-5 if dtype == torch.float32 else 1e-2)
+    # the epilogue: routing weight (fp32) times each row, rows stored back in (token, slot) order
+    rw = torch.rand(flat.numel(), generator=g, device=DEVICE)
+    kw = dict(rows=rows, trans=trans, lora=(xa, b, 0.37), row_scale=rw, out_rows=order)
+    scattered = tri.gmm(x, w, p_tri, **kw)
+    torch.testing.assert_close(scattered, ref.gmm(x, w, p_ref, **kw), **tol(dtype))
+    plain = ref.gmm(x, w, p_ref, rows=rows, trans=trans, lora=(xa, b, 0.37))
+    torch.testing.assert_close(scattered[order], (plain.float() * rw[:, None]).to(dtype), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_glu_kernels_match_torch(dtype):
+    from looprl.kernels.triton_moe_lora import TritonGrouped
+
+    g = gen()
+    n, i_dim = (300, 200) if not INTERPRET else (20, 40)
+    h = torch.randn(n, 2 * i_dim, generator=g, device=DEVICE).to(dtype)
+    ga = torch.randn(n, i_dim, generator=g, device=DEVICE).to(dtype)
+    rw = torch.rand(n, generator=g, device=DEVICE).to(dtype)
+    ref, tri = TorchGrouped(), TritonGrouped()
+    act = torch.nn.functional.silu
+    torch.testing.assert_close(tri.glu_forward(h, act), ref.glu_forward(h, act), **tol(dtype))
+    for name, a, b in zip(["a", "d_h", "d_rw"], tri.glu_backward(h, ga, rw, act), ref.glu_backward(h, ga, rw, act)):
+        assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 1e-2), name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,0 +1,213 @@
+"""Pick the Triton grouped-GEMM tiles of the fused MoE-LoRA path (CUDA only).
+
+    python benchmarks/kernels_sweep.py [--tokens 16384] [--apply]
+
+At Qwen3-30B-A3B layer shapes (hidden 2048, 128 experts of 768, top-8, LoRA rank 16, bf16) it
+times every `gmm` call of one fused forward+backward (4 projections, 4 rank-r side products)
+and both `gouter` shapes under a list of tile configs, checks each result against the torch
+reference, and prints TFLOP/s per shape and config. Then it profiles one whole fused step with
+the best configs (top CUDA kernels). `--apply` also runs `benchmarks/kernels.py`'s MoE benchmark
+with them. The defaults in `TritonGrouped` come from this script's output on an H100; the
+figures live in benchmarks/results/. Last line: a JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from looprl.kernels import triton_available
+
+if not triton_available():
+    sys.exit("kernels_sweep.py needs CUDA and triton (pip install -e '.[gpu]'); "
+             "benchmarks/kernels.py runs on CPU too")
+
+from triton.testing import do_bench  # noqa: E402
+
+from looprl.kernels.moe_lora import TorchGrouped  # noqa: E402
+from looprl.kernels.triton_moe_lora import GemmConfig, TritonGrouped  # noqa: E402
+
+H, I, E, TOP_K, R = 2048, 768, 128, 8, 16
+DT = torch.bfloat16
+WIDE = [GemmConfig(128, 64, 4, 3), GemmConfig(128, 64, 8, 3), GemmConfig(128, 64, 8, 4), GemmConfig(256, 64, 8, 3),
+        GemmConfig(128, 128, 8, 3), GemmConfig(64, 64, 4, 4), GemmConfig(256, 32, 8, 4), GemmConfig(128, 32, 4, 4)]
+BLOCK_MS = [64, 128]
+NARROW_KS = [64, 128, 256]
+GOUTERS = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=2) for bm in (32, 64, 128) for bn in (64, 128)
+           for w in (4, 8)]
+
+
+def problem(tokens: int, device: str = "cuda") -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(DT)
+
+    idx = torch.randn(tokens, E, generator=g, device=device).topk(TOP_K, dim=-1).indices
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    tok = order // TOP_K
+    counts = torch.bincount(flat, minlength=E)
+    S = flat.numel()
+    x, gy = rand(tokens, H), rand(tokens, H)
+    a, dh = rand(S, I), rand(S, 2 * I)
+    w_gu, w_d = rand(E, 2 * I, H, scale=H ** -0.5), rand(E, H, I, scale=I ** -0.5)
+    a_gu, b_gu, a_d, b_d = rand(E, R, H), rand(E, 2 * I, R), rand(E, R, I), rand(E, H, R)
+    side = rand(S, R)
+    # name: (x, w, rows, trans, lora, flops)
+    calls = {
+        "gate_up fwd": (x, w_gu, tok, True, (side, b_gu, 2.0), 2 * S * 2 * I * H),
+        "down fwd": (a, w_d, None, True, (side, b_d, 2.0), 2 * S * H * I),
+        "down bwd": (gy, w_d, tok, False, (side, a_d, 2.0), 2 * S * I * H),
+        "gate_up bwd": (dh, w_gu, None, False, (side, a_gu, 2.0), 2 * S * H * 2 * I),
+        "x A_gu": (x, a_gu, tok, True, None, 2 * S * R * H),
+        "a A_d": (a, a_d, None, True, None, 2 * S * R * I),
+        "g B_d": (gy, b_d, tok, False, None, 2 * S * R * H),
+        "dh B_gu": (dh, b_gu, None, False, None, 2 * S * R * 2 * I),
+    }
+    outers = {"dB_down (g^T aa)": (gy, side, tok, 2 * S * H * R), "dA_gu (x^T dhb)": (x, side, tok, 2 * S * H * R),
+              "dB_gu (dh^T xa)": (dh, side, None, 2 * S * 2 * I * R)}
+    return dict(counts=counts, S=S, calls=calls, outers=outers)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def time_ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def sweep(p: dict) -> dict:
+    ref, tri = TorchGrouped(), TritonGrouped()
+    p_ref = ref.plan(p["counts"], p["S"])
+    refs = {n: ref.gmm(x, w, p_ref, rows=rows, trans=t, lora=lo) for n, (x, w, rows, t, lo, _) in p["calls"].items()}
+    ref_outer = {n: ref.gouter(x, y, p_ref, rows=rows) for n, (x, y, rows, _) in p["outers"].items()}
+    rows_out, best = [], {}
+
+    def run(name, fn, flops, ref_out, cfg):
+        out = fn()
+        err = rel_err(out, ref_out)
+        ms = time_ms(fn) if err < 2e-2 else float("nan")
+        r = dict(call=name, cfg=cfg, ms=ms, tflops=flops / ms / 1e9, rel_err=err)
+        rows_out.append(r)
+        print(f"{name:18s} {str(cfg):70s} {ms:8.3f} ms {r['tflops']:7.1f} TFLOP/s err {err:.1e}", flush=True)
+        return ms
+
+    wide_names = [n for n in p["calls"] if " " in n and n.split()[1] in ("fwd", "bwd")]
+    narrow_names = [n for n in p["calls"] if n not in wide_names]
+    for bm in BLOCK_MS:
+        TritonGrouped.BLOCK_M["16bit"] = bm
+        plan = tri.plan(p["counts"], p["S"], DT)
+        for c in WIDE:
+            TritonGrouped.WIDE["16bit"] = c
+            total = 0.0
+            for n in wide_names:
+                x, w, rows, t, lo, fl = p["calls"][n]
+                total += run(n, lambda: tri.gmm(x, w, plan, rows=rows, trans=t, lora=lo), fl, refs[n],
+                             dict(block_m=bm, **c.__dict__))
+            if total == total and total < best.get("wide_ms", float("inf")):
+                best.update(wide_ms=total, block_m=bm, wide=c)
+        for bk in NARROW_KS:
+            TritonGrouped.NARROW_BLOCK_K["16bit"] = bk
+            total = 0.0
+            for n in narrow_names:
+                x, w, rows, t, lo, fl = p["calls"][n]
+                total += run(n, lambda: tri.gmm(x, w, plan, rows=rows, trans=t, lora=lo), fl, refs[n],
+                             dict(block_m=bm, narrow_block_k=bk))
+            key = ("narrow", bm)
+            if total == total and total < best.get(key, (float("inf"),))[0]:
+                best[key] = (total, bk)
+    TritonGrouped.BLOCK_M["16bit"] = best["block_m"]
+    TritonGrouped.WIDE["16bit"] = best["wide"]
+    TritonGrouped.NARROW_BLOCK_K["16bit"] = best[("narrow", best["block_m"])][1]
+    plan = tri.plan(p["counts"], p["S"], DT)
+    for c in GOUTERS:
+        TritonGrouped.GOUTER["16bit"] = c
+        total = 0.0
+        for n, (x, y, rows, fl) in p["outers"].items():
+            total += run(n, lambda: tri.gouter(x, y, plan, rows=rows), fl, ref_outer[n], c)
+        if total == total and total < best.get("gouter_ms", float("inf")):
+            best.update(gouter_ms=total, gouter=c)
+    TritonGrouped.GOUTER["16bit"] = best["gouter"]
+    chosen = dict(block_m=best["block_m"], wide=best["wide"].__dict__,
+                  narrow_block_k=TritonGrouped.NARROW_BLOCK_K["16bit"], gouter=best["gouter"],
+                  wide_ms=best["wide_ms"], gouter_ms=best["gouter_ms"])
+    print("chosen:", chosen, flush=True)
+    return dict(rows=rows_out, chosen=chosen)
+
+
+def grouped_mm_rate(p: dict) -> dict:
+    """The vendor grouped GEMM (torch._grouped_mm, what transformers' "grouped_mm" experts and so
+    peft's path use) on the projections: the rate a GEMM on these shapes can reach here."""
+    if not hasattr(torch, "_grouped_mm"):
+        return {}
+    offs = torch.cumsum(p["counts"], 0).int()
+    out = {}
+    for name in ("gate_up fwd", "down fwd", "down bwd", "gate_up bwd"):
+        x, w, rows, trans, _, flops = p["calls"][name]
+        xs = x[rows] if rows is not None else x
+        wt = w.transpose(1, 2) if trans else w
+        ms = time_ms(lambda: torch._grouped_mm(xs, wt, offs=offs))
+        out[name] = dict(ms=ms, tflops=flops / ms / 1e9)
+        print(f"{name:18s} torch._grouped_mm {ms:8.3f} ms {flops / ms / 1e9:7.1f} TFLOP/s", flush=True)
+    return out
+
+
+def profile_step(tokens: int) -> list[dict]:
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from kernels import GPU_SHAPES, moe_layer
+
+    from looprl.kernels import enable_fused_moe_lora
+
+    model = moe_layer(GPU_SHAPES, "cuda", DT)
+    enable_fused_moe_lora(model, "triton")
+    x = torch.randn(1, tokens, H, device="cuda", dtype=DT, requires_grad=True)
+    gy = torch.randn_like(x)
+    for _ in range(3):
+        model(x).backward(gy)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            model(x).backward(gy)
+        torch.cuda.synchronize()
+    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:20]
+    total = sum(e.device_time_total for e in prof.key_averages()) / 5 / 1e3
+    print(f"profile: {total:.2f} ms CUDA time per fused fwd+bwd step at {tokens} tokens", flush=True)
+    out = []
+    for e in events:
+        d = dict(name=e.key[:80], ms_per_step=e.device_time_total / 5 / 1e3, calls_per_step=e.count / 5)
+        out.append(d)
+        print(f"  {d['ms_per_step']:7.3f} ms  x{d['calls_per_step']:4.0f}  {d['name']}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--apply", action="store_true", help="then run the MoE benchmark with the chosen tiles")
+    ap.add_argument("--no-sweep", action="store_true", help="profile the current defaults only")
+    args = ap.parse_args(argv)
+    print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | tokens {args.tokens}", flush=True)
+    p = problem(args.tokens)
+    result = dict(device=torch.cuda.get_device_name(), tokens=args.tokens, cublas_grouped_mm=grouped_mm_rate(p))
+    if not args.no_sweep:
+        result.update(sweep(p))
+    result["profile"] = profile_step(args.tokens)
+    if args.apply:
+        from kernels import GPU_SHAPES, bench_moe, ratios
+
+        rows = bench_moe(dict(GPU_SHAPES), "cuda", DT, ["peft", "triton"], GPU_SHAPES["moe_tokens"])
+        result["moe"] = ratios(rows, "peft")
+        for r in result["moe"]:
+            print(f"moe_lora tokens={r['tokens']:6d} triton vs peft: {r['speedup']:.2f}x speed, "
+                  f"{r['mem_ratio']:.3f}x peak memory", flush=True)
+    print(json.dumps(result, default=str))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
