@@ -65,8 +65,9 @@ def test_response_logger_never_raises_on_log_but_flush_reports(kafka_bootstrap):
     with pytest.raises(DeliveryError) as e:
         rl.close(timeout=10)
     assert e.value.event_ids == [str(ev.event_id)]
-    with pytest.raises(TypeError):
-        ResponseLogger(kafka_bootstrap).log(ThumbsEvent(response_id="r", up=True))
+    with ResponseLogger(kafka_bootstrap) as rl, pytest.raises(TypeError):
+        rl.log(ThumbsEvent(response_id="r", up=True))
+    assert rl.pending == 0  # nothing was sent
 
 
 def test_bad_input_is_refused_before_sending(kafka_bootstrap, kafka_topics):
