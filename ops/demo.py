@@ -215,6 +215,7 @@ def snapshot(cfg: LooprlConfig, sup: Supervisor | None = None) -> dict[str, Any]
     """What the live view shows, read from the workspace (no process is asked anything)."""
     from looprl.ops.scheduler import History, history_path
     from looprl.ops.simulator import read_status
+    from looprl.reward.history import read_history
     from looprl.storage.registry import Registry
 
     reg = Registry(cfg.registry_dir)
@@ -228,14 +229,9 @@ def snapshot(cfg: LooprlConfig, sup: Supervisor | None = None) -> dict[str, Any]
     out["reward_versions"] = len(rewards)
     out["reward_latest"] = rewards[-1].version if rewards else None
     out["reward_preq"] = None
-    hist = cfg.state_dir / "reward_history.jsonl"
-    if hist.is_file():
-        lines = hist.read_text().splitlines()
-        if lines:
-            try:
-                out["reward_preq"] = (json.loads(lines[-1]).get("prequential") or {}).get("pair_accuracy")
-            except ValueError:
-                pass
+    last = read_history(cfg, last=1)
+    if last:
+        out["reward_preq"] = (last[0].get("prequential") or {}).get("pair_accuracy")
     out["policy_versions"] = len(policies)
     out["ppo_steps"] = sum(len(m.metrics.get("curve") or []) for m in policies)
     out["kl_last"] = policies[-1].metrics.get("kl_last") if policies else None

@@ -124,16 +124,12 @@ def reward_accuracy_points(cfg: LooprlConfig) -> list[dict[str, Any]]:
     """One point per reward update: prequential pair accuracy / thumbs AUC (judged on the new
     feedback *before* training on it) and the held-out score, from ``state/reward_history.jsonl``
     (falls back to the published manifests)."""
+    from looprl.reward.history import read_history, reward_history_path
     from looprl.storage.registry import Registry
 
     pts: list[dict[str, Any]] = []
-    hist = cfg.state_dir / "reward_history.jsonl"
-    if hist.is_file():
-        for line in hist.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
+    if reward_history_path(cfg).is_file():
+        for row in read_history(cfg):
             preq, cand = row.get("prequential") or {}, row.get("candidate") or {}
             pts.append({"update": row.get("update"), "version": row.get("version"), "decision": row.get("decision"),
                         "new_events": row.get("new_events"), "pair_accuracy": preq.get("pair_accuracy"),

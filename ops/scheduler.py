@@ -717,16 +717,12 @@ def reward_accuracy_observations(cfg: LooprlConfig) -> Callable[[], list[tuple[s
         return None
 
     def obs() -> list[tuple[str, float]]:
+        from looprl.reward.history import read_history, reward_history_path
         from looprl.storage.registry import Registry
 
         out = []
-        hist = cfg.state_dir / "reward_history.jsonl"
-        if hist.is_file():
-            for line in hist.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    continue
+        if reward_history_path(cfg).is_file():
+            for row in read_history(cfg):
                 acc = pick(row.get("prequential") or {})
                 if acc is not None:
                     out.append((f"update-{row.get('update')}", acc))
@@ -774,15 +770,11 @@ def reward_not_ready(cfg: LooprlConfig, window: int = 3) -> Callable[[], str | N
     s = cfg.scheduler
 
     def pooled_prequential() -> tuple[float | None, int]:
-        path = cfg.state_dir / "reward_history.jsonl"
-        if not path.is_file():
-            return None, 0
+        from looprl.reward.history import read_history
+
         right = total = 0.0
-        for line in path.read_text().splitlines()[-window:]:
-            try:
-                pre = json.loads(line).get("prequential") or {}
-            except ValueError:
-                continue
+        for row in read_history(cfg, last=window):
+            pre = row.get("prequential") or {}
             n, acc = pre.get("pairs") or 0, pre.get("pair_accuracy")
             if n and isinstance(acc, (int, float)):
                 right, total = right + acc * n, total + n

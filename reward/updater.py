@@ -35,6 +35,7 @@ from pydantic import BaseModel
 from looprl.ops.config import LooprlConfig
 from looprl.ops.log import get_logger
 from looprl.policy.model import base_checksum
+from looprl.reward.history import read_history, reward_history_path
 from looprl.reward.data import FeedbackSource, connect_event_log, is_holdout
 from looprl.reward.model import CONFIG_FILE, KIND, WEIGHTS_FILE, RewardModel, RewardModelError, load_from_dir, load_weights_file
 from looprl.reward.state import StateStore, UpdaterState
@@ -86,7 +87,7 @@ class RewardUpdater:
         self._connect = connect or (lambda: connect_event_log(cfg.events_dir))
         self.store = StateStore(cfg.state_dir)
         self.registry = Registry(cfg.registry_dir)
-        self.history_path = cfg.state_dir / "reward_history.jsonl"
+        self.history_path = reward_history_path(cfg)
         self.state: UpdaterState | None = None
         self.consumed: set[str] = set()
         self.model: RewardModel | None = None
@@ -325,8 +326,7 @@ def status(cfg: LooprlConfig) -> dict[str, Any]:
     reg = Registry(cfg.registry_dir)
     state_path = cfg.state_dir / "reward" / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else None
-    hist_path = cfg.state_dir / "reward_history.jsonl"
-    history = [json.loads(line) for line in hist_path.read_text().splitlines()[-5:]] if hist_path.is_file() else []
+    history = read_history(cfg, last=5)
     return {
         "latest": reg.pointer(KIND, "latest"),
         "versions": [{"version": m.version, "status": m.status, "created_at": m.created_at.isoformat(),

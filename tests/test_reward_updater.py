@@ -266,3 +266,17 @@ def test_queries_match_the_storage_views(tmp_path):
         assert src.new_examples(set()) == [] and src.count_new({"x"}) == 0
     finally:
         con.close()
+
+
+def test_history_reader_skips_a_torn_line_and_takes_the_last_n(tmp_path):
+    from looprl.reward.history import read_history, reward_history_path
+
+    cfg = load_config(environ={}, workspace=tmp_path / "ws")
+    assert read_history(cfg) == []  # no updater has run yet
+    path = reward_history_path(cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [{"update": i, "prequential": {"pair_accuracy": i / 10}} for i in range(1, 5)]
+    # the last write was cut by SIGKILL mid-line
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"update": 5, "prequ')
+    assert read_history(cfg) == rows
+    assert [r["update"] for r in read_history(cfg, last=3)] == [3, 4]
