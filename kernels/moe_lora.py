@@ -51,12 +51,32 @@ class TorchGrouped:
 
         e is the expert owning sorted row s; xa is already in sorted row order. Epilogue: each
         row times row_scale[s] (in the wider dtype, then cast), stored at row out_rows[s]."""
-        out = self._gmm(x, w, plan, rows, trans, lora)
-        if row_scale is not None:
-            out = out.mul_(row_scale[:, None]) if row_scale.dtype == out.dtype else \
-                (out * row_scale[:, None]).to(out.dtype)
-        if out_rows is not None:
-            out = torch.empty_like(out).index_copy_(0, out_rows, out)
+        n_rows = rows.shape[0] if rows is not None else x.shape[0]
+        out = x.new_empty(n_rows, w.shape[1] if trans else w.shape[2])
+        epilogue = row_scale is not None or out_rows is not None
+        start = 0
+        for e, n in enumerate(plan):
+            if n == 0:
+                continue
+            seg = slice(start, start + n)
+            start += n
+            xe = x[rows[seg]] if rows is not None else x[seg]
+            we = w[e].T if trans else w[e]
+            ye = None if epilogue else out[seg]  # no epilogue: write in place, no temporary
+            if lora is None:
+                ye = torch.mm(xe, we, out=ye)
+            else:
+                xa, b, scale = lora
+                be = b[e].T if trans else b[e]
+                ye = torch.addmm(xe @ we, xa[seg], be, alpha=scale, out=ye)
+            if not epilogue:
+                continue
+            if row_scale is not None:  # promotes to the wider dtype, then back
+                ye = (ye * row_scale[seg, None]).to(out.dtype)
+            if out_rows is None:
+                out[seg] = ye
+            else:  # one segment at a time: never a second (rows, N) buffer
+                out.index_copy_(0, out_rows[seg], ye)
         return out
 
     def glu_forward(self, h: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
@@ -65,26 +85,6 @@ class TorchGrouped:
     def glu_backward(self, h: Tensor, ga: Tensor, rw: Tensor, act: Callable[[Tensor], Tensor]
                      ) -> tuple[Tensor, Tensor, Tensor]:
         return _glu_backward(h, ga, rw, act)
-
-    def _gmm(self, x: Tensor, w: Tensor, plan: list[int], rows: Tensor | None,
-             trans: bool, lora: tuple[Tensor, Tensor, float] | None) -> Tensor:
-        n_rows = rows.shape[0] if rows is not None else x.shape[0]
-        out = x.new_empty(n_rows, w.shape[1] if trans else w.shape[2])
-        start = 0
-        for e, n in enumerate(plan):
-            if n == 0:
-                continue
-            seg = slice(start, start + n)
-            xe = x[rows[seg]] if rows is not None else x[seg]
-            we = w[e].T if trans else w[e]
-            if lora is None:
-                torch.mm(xe, we, out=out[seg])
-            else:
-                xa, b, scale = lora
-                be = b[e].T if trans else b[e]
-                torch.addmm(xe @ we, xa[seg], be, alpha=scale, out=out[seg])
-            start += n
-        return out
 
     def gouter(self, x: Tensor, y: Tensor, plan: list[int], rows: Tensor | None = None,
                scale: float = 1.0) -> Tensor:
