@@ -99,25 +99,25 @@ def sweep(p: dict) -> dict:
 
     wide_names = [n for n in p["calls"] if " " in n and n.split()[1] in ("fwd", "bwd")]
     narrow_names = [n for n in p["calls"] if n not in wide_names]
+    def time_calls(names: list[str], plan, cfg: dict) -> float:
+        """Total ms of the named gmm calls under the tiles currently set on TritonGrouped."""
+        total = 0.0
+        for n in names:
+            x, w, rows, t, lo, fl = p["calls"][n]
+            total += run(n, lambda: tri.gmm(x, w, plan, rows=rows, trans=t, lora=lo), fl, refs[n], cfg)
+        return total
+
     for bm in BLOCK_MS:
         TritonGrouped.BLOCK_M["16bit"] = bm
         plan = tri.plan(p["counts"], p["S"], DT)
         for c in WIDE:
             TritonGrouped.WIDE["16bit"] = c
-            total = 0.0
-            for n in wide_names:
-                x, w, rows, t, lo, fl = p["calls"][n]
-                total += run(n, lambda: tri.gmm(x, w, plan, rows=rows, trans=t, lora=lo), fl, refs[n],
-                             dict(block_m=bm, **c.__dict__))
+            total = time_calls(wide_names, plan, dict(block_m=bm, **c.__dict__))
             if total == total and total < best.get("wide_ms", float("inf")):
                 best.update(wide_ms=total, block_m=bm, wide=c)
         for bk in NARROW_KS:
             TritonGrouped.NARROW_BLOCK_K["16bit"] = bk
-            total = 0.0
-            for n in narrow_names:
-                x, w, rows, t, lo, fl = p["calls"][n]
-                total += run(n, lambda: tri.gmm(x, w, plan, rows=rows, trans=t, lora=lo), fl, refs[n],
-                             dict(block_m=bm, narrow_block_k=bk))
+            total = time_calls(narrow_names, plan, dict(block_m=bm, narrow_block_k=bk))
             key = ("narrow", bm)
             if total == total and total < best.get(key, (float("inf"),))[0]:
                 best[key] = (total, bk)
