@@ -35,8 +35,8 @@ from pydantic import BaseModel
 from looprl.ops.config import LooprlConfig
 from looprl.ops.log import get_logger
 from looprl.policy.model import base_checksum
-from looprl.reward.history import read_history, reward_history_path
 from looprl.reward.data import FeedbackSource, connect_event_log, is_holdout
+from looprl.reward.history import read_history, reward_history_path
 from looprl.reward.model import CONFIG_FILE, KIND, WEIGHTS_FILE, RewardModel, RewardModelError, load_from_dir, load_weights_file
 from looprl.reward.state import StateStore, UpdaterState
 from looprl.reward.train import EvalResult, evaluate, train
