@@ -12,7 +12,7 @@ forward (and its full-size gradient on backward). Here the backward is written b
 returns gradients for the hidden states, the routing weights and the LoRA factors only: the
 base expert weights are frozen.
 
-The grouped matmuls are delegated to a backend with two primitives (`gmm`, `gouter`), a torch
+The grouped matmuls are delegated to a backend (`gmm`, `gmm_lora`, `gouter`, and the GLU), a torch
 loop over experts (reference, runs everywhere) or Triton kernels (`triton_moe_lora.py`).
 """
 
@@ -78,6 +78,19 @@ class TorchGrouped:
             else:  # one segment at a time: never a second (rows, N) buffer
                 out.index_copy_(0, out_rows[seg], ye)
         return out
+
+    def gmm_lora(self, x: Tensor, w: Tensor, plan: list[int], lora: tuple[Tensor, Tensor, float],
+                 rows: Tensor | None = None, trans: bool = True, row_scale: Tensor | None = None,
+                 out_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """A projection with its LoRA: out = x op(w) + scale * (x op(p)) op(q), for lora = (p, q, scale).
+
+        Also returns the rank-r side product xp = x op(p) (in sorted row order), which the backward
+        needs. Here two `gmm` calls; the Triton backend computes xp inside the projection's K loop."""
+        p, q, scale = lora
+        xp = self.gmm(x, p, plan, rows=rows, trans=trans)
+        out = self.gmm(x, w, plan, rows=rows, trans=trans, lora=(xp, q, scale), row_scale=row_scale,
+                       out_rows=out_rows)
+        return out, xp
 
     def glu_forward(self, h: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
         return _glu(h, act)
@@ -155,6 +168,14 @@ def _glu_backward(h: Tensor, ga: Tensor, rw: Tensor, act: Callable[[Tensor], Ten
     return a, dh, d_rw
 
 
+def _project(backend, x: Tensor, w: Tensor, plan, lora: tuple[Tensor | None, Tensor | None, float], **kw
+             ) -> tuple[Tensor, Tensor | None]:
+    """x op(w) plus its LoRA side path when there is one: (out, rank-r side product or None)."""
+    if lora[0] is None:
+        return backend.gmm(x, w, plan, **kw), None
+    return backend.gmm_lora(x, w, plan, lora, **kw)
+
+
 class _MoELoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w_gu, w_d, a_gu, b_gu, a_d, b_d,
@@ -170,15 +191,11 @@ class _MoELoRA(torch.autograd.Function):
         plan = backend.plan(counts, flat.numel(), x.dtype)
         rw = top_k_weights.reshape(-1)[order]
 
-        lora_gu = (a_gu, b_gu) if a_gu is not None else None
-        lora_d = (a_d, b_d) if a_d is not None else None
-        xa = backend.gmm(x, a_gu, plan, rows=tok) if lora_gu else None  # (S, r)
-        h = backend.gmm(x, w_gu, plan, rows=tok, lora=(xa, b_gu, s_gu) if lora_gu else None)  # (S, 2I)
+        h, xa = _project(backend, x, w_gu, plan, (a_gu, b_gu, s_gu), rows=tok)  # (S, 2I), xa = x A_gu^T (S, r)
         a = backend.glu_forward(h, act)  # (S, I)
-        aa = backend.gmm(a, a_d, plan) if lora_d else None  # (S, r)
         # Epilogue: times the routing weight (in the wider dtype, as transformers does), stored in
         # (token, slot) order, so combining the k expert outputs of a token is a plain sum.
-        y = backend.gmm(a, w_d, plan, lora=(aa, b_d, s_d) if lora_d else None, row_scale=rw, out_rows=order)
+        y, aa = _project(backend, a, w_d, plan, (a_d, b_d, s_d), row_scale=rw, out_rows=order)  # aa = a A_d^T
         del a
         out = y.view(-1, k, y.shape[-1]).sum(1)
 
@@ -198,9 +215,8 @@ class _MoELoRA(torch.autograd.Function):
         d_agu = d_bgu = d_ad = d_bd = dx = d_weights = None
 
         # down projection: y = a W_d^T + s_d (a A_d^T) B_d^T, scaled by the routing weight rw.
-        gb = be.gmm(g, b_d, plan, rows=tok, trans=False) if a_d is not None else None  # g B_d (S, r)
-        ga = be.gmm(g, w_d, plan, rows=tok, trans=False,
-                    lora=(gb, a_d, s_d) if a_d is not None else None)  # g W'_d (S, I), unweighted
+        # ga = g W'_d (S, I), unweighted; gb = g B_d (S, r)
+        ga, gb = _project(be, g, w_d, plan, (b_d, a_d, s_d), rows=tok, trans=False)
         # through the GLU: a recomputed from h, dh (S, 2I), and d rw = <g W'_d, a> (no need to keep y)
         a, dh, d_rw = be.glu_backward(h, ga, rw, ctx.act)
         del ga
@@ -214,14 +230,15 @@ class _MoELoRA(torch.autograd.Function):
         del a
 
         # gate/up projection: h = x W_gu^T + s_gu (x A_gu^T) B_gu^T
-        dhb = be.gmm(dh, b_gu, plan, trans=False) if a_gu is not None else None  # dh B_gu (S, r)
+        if need_x:  # rows stored in (token, slot) order: a token's k contributions are a plain sum
+            dx_s, dhb = _project(be, dh, w_gu, plan, (b_gu, a_gu, s_gu), trans=False, out_rows=order)
+            dx = dx_s.view(-1, ctx.k, dx_s.shape[-1]).sum(1)
+            del dx_s
+        elif a_gu is not None:
+            dhb = be.gmm(dh, b_gu, plan, trans=False)  # dh B_gu (S, r)
         if a_gu is not None:
             d_bgu = be.gouter(dh, xa, plan, scale=s_gu)  # (E, 2I, r)
             d_agu = be.gouter(x, dhb, plan, rows=tok, scale=s_gu).transpose(1, 2)  # (E, r, H)
-        if need_x:  # rows stored in (token, slot) order: a token's k contributions are a plain sum
-            dx_s = be.gmm(dh, w_gu, plan, trans=False, lora=(dhb, a_gu, s_gu) if a_gu is not None else None,
-                          out_rows=order)
-            dx = dx_s.view(-1, ctx.k, dx_s.shape[-1]).sum(1)
         return dx, None, d_weights, None, None, d_agu, d_bgu, d_ad, d_bd, None, None, None, None
 
 

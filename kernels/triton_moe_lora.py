@@ -1,14 +1,18 @@
 """Triton grouped GEMMs for the fused MoE-LoRA experts (GPU only, imported lazily).
 
-Implements the two primitives of `moe_lora.TorchGrouped` on rows sorted by expert:
+Implements the primitives of `moe_lora.TorchGrouped` on rows sorted by expert:
 
-    gmm:    out[s] = x[rows[s]] @ op(w[e]) + scale * xa[s] @ op(b[e])     (LoRA as an epilogue)
-    gouter: out[e] = scale * x[rows[seg_e]]^T @ y[seg_e]                  (per-expert weight grads)
+    gmm:      out[s] = x[rows[s]] @ op(w[e]) + scale * xa[s] @ op(b[e])   (LoRA as an epilogue)
+    gmm_lora: the same, with xa[s] = x[rows[s]] @ op(p[e]) accumulated in the projection's own
+              K loop (and returned) instead of read from a separate rank-r pass over x
+    gouter:   out[e] = scale * x[rows[seg_e]]^T @ y[seg_e]                (per-expert weight grads)
+    glu:      SiLU-GLU forward and backward, one row per program, fp32 in registers
 
-gmm runs one program per (row tile, column tile); a row tile never straddles two experts, so
-the tile table (expert, first row) is built on the device from the per-expert counts without a
-host sync. gouter runs one program per (expert, column tile) and loops over that expert's rows.
-All accumulation is fp32; fp32 inputs use IEEE dots (no TF32) so they match the reference.
+gmm runs one program per (row tile, column tile), column tiles fastest; a row tile never
+straddles two experts, so the tile table (expert, first row) is built on the device from the
+per-expert counts without a host sync. gouter runs one program per (expert, column tile) and
+loops over that expert's rows. All accumulation is fp32; fp32 inputs use IEEE dots (no TF32) so
+they match the reference.
 """
 
 from __future__ import annotations
@@ -33,18 +37,23 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 
 @triton.jit
 def _gmm_kernel(
-    x_ptr, rows_ptr, w_ptr, xa_ptr, b_ptr, out_ptr, rscale_ptr, orows_ptr,
+    x_ptr, rows_ptr, w_ptr, xa_ptr, b_ptr, out_ptr, rscale_ptr, orows_ptr, p_ptr,
     tile_expert_ptr, tile_row_ptr, seg_end_ptr,
     N, K, R, scale,
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_am, stride_ar, stride_be, stride_br, stride_bn,
-    stride_om, stride_on,
+    stride_om, stride_on, stride_pe, stride_pk, stride_pr,
     HAS_ROWS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
-    IEEE: tl.constexpr,
+    FUSE_SIDE: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    # Column tiles vary fastest: the programs of one row tile run side by side, so its gathered x
+    # rows come from HBM once and are then L2 hits, and an expert's weight, read by all its row
+    # tiles, stays in L2 (row-tile-fastest order re-streamed x once per column tile).
+    pid = tl.program_id(0)
+    n_col_tiles = tl.cdiv(N, BLOCK_N)
+    tile = pid // n_col_tiles
+    pid_n = pid % n_col_tiles
     e = tl.load(tile_expert_ptr + tile)
     valid = e >= 0  # tiles past the last expert's are padding: every row masked, no K loop
     e = tl.maximum(e, 0).to(tl.int64)
@@ -62,7 +71,12 @@ def _gmm_kernel(
 
     x_rows = x_ptr + src[:, None] * stride_xm
     w_cols = w_ptr + e * stride_we + offs_n[None, :] * stride_wn
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FUSE_SIDE:  # the rank-r side product x op(p), from the same x tiles as the projection
+        side = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        p_cols = p_ptr + e * stride_pe + offs_r[None, :] * stride_pr
     k_stop = tl.where(valid, K, 0)
     for k0 in range(0, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -70,12 +84,19 @@ def _gmm_kernel(
         xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         wt = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(xt, wt, acc, IEEE)
+        if FUSE_SIDE:
+            pt = tl.load(p_cols + offs_k[:, None] * stride_pk, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
+            side = _dot(xt, pt, side, IEEE)
 
     if HAS_LORA:  # rank-r side path: (BLOCK_M, R) @ (R, BLOCK_N), R padded to BLOCK_R >= 16
-        offs_r = tl.arange(0, BLOCK_R)
-        mask_r = offs_r < R
-        at = tl.load(xa_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
-                     mask=mask_m[:, None] & mask_r[None, :], other=0.0)
+        if FUSE_SIDE:
+            # rounded to the input dtype as if stored and reloaded; the first column tile stores it
+            at = side.to(xa_ptr.dtype.element_ty)
+            tl.store(xa_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar, at,
+                     mask=mask_m[:, None] & mask_r[None, :] & (pid_n == 0))
+        else:
+            at = tl.load(xa_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
+                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         bt = tl.load(b_ptr + e * stride_be + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
         lora = _dot(at, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
@@ -182,6 +203,11 @@ class GemmConfig:
     num_stages: int
 
 
+def _op_strides(t: Tensor, trans: bool) -> tuple[int, int, int]:
+    """Strides (expert, K, N) of op(t)[e] for a stacked t (E, ., .): op = transpose if trans."""
+    return (t.stride(0), t.stride(2), t.stride(1)) if trans else (t.stride(0), t.stride(1), t.stride(2))
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
 
@@ -229,31 +255,54 @@ class TritonGrouped:
     def gmm(self, x: Tensor, w: Tensor, plan: Plan, rows: Tensor | None = None,
             trans: bool = True, lora: tuple[Tensor, Tensor, float] | None = None,
             row_scale: Tensor | None = None, out_rows: Tensor | None = None) -> Tensor:
+        return self._launch(x, w, plan, rows, trans, lora, None, row_scale, out_rows)
+
+    def gmm_lora(self, x: Tensor, w: Tensor, plan: Plan, lora: tuple[Tensor, Tensor, float],
+                 rows: Tensor | None = None, trans: bool = True, row_scale: Tensor | None = None,
+                 out_rows: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """One launch: the side product x op(p) accumulates next to x op(w) in the K loop. Every
+        column tile recomputes it (r / BLOCK_N more MMA work) and the first one stores it, instead of
+        a separate launch that streams x again."""
+        p, q, scale = lora
+        r = p.shape[1] if trans else p.shape[2]
+        n_rows = rows.shape[0] if rows is not None else x.shape[0]
+        if r > 64:  # a side tile that wide would crowd the projection's registers: two launches
+            side = self.gmm(x, p, plan, rows=rows, trans=trans)
+            return self.gmm(x, w, plan, rows, trans, (side, q, scale), row_scale, out_rows), side
+        side = x.new_empty(n_rows, r)
+        out = self._launch(x, w, plan, rows, trans, (side, q, scale), p, row_scale, out_rows)
+        return out, side
+
+    def _launch(self, x: Tensor, w: Tensor, plan: Plan, rows: Tensor | None, trans: bool,
+                lora: tuple[Tensor, Tensor, float] | None, side_p: Tensor | None,
+                row_scale: Tensor | None, out_rows: Tensor | None) -> Tensor:
+        """`_gmm_kernel` for out = x op(w) (+ LoRA, epilogue); with side_p, the LoRA's (S, r) input
+        tensor is written (x op(side_p)) instead of read."""
         n_rows = rows.shape[0] if rows is not None else x.shape[0]
         # op(w)[e] is (K, N): w[e] is (N, K) when trans, else (K, N)
-        se, sn, sk = (w.stride(0), w.stride(1), w.stride(2)) if trans else (w.stride(0), w.stride(2), w.stride(1))
         k_dim, n_dim = (w.shape[2], w.shape[1]) if trans else (w.shape[1], w.shape[2])
         assert x.shape[1] == k_dim and x.dtype == w.dtype
         out = x.new_empty(n_rows, n_dim)
         if lora is not None:
             xa, b, scale = lora
             assert xa.dtype == b.dtype == x.dtype
-            bse, bsn, bsr = (b.stride(0), b.stride(1), b.stride(2)) if trans else (b.stride(0), b.stride(2), b.stride(1))
             r = xa.shape[1]
         else:
-            xa, b, scale, (bse, bsn, bsr), r = x, w, 0.0, (0, 0, 0), 1  # dummies, never read
+            xa, b, scale, r = x, w, 0.0, 1  # dummies, never read
         cfg = self._cfg(x.dtype, n_dim)
-        grid = (plan.tile_expert.numel(), triton.cdiv(n_dim, cfg["BLOCK_N"]))
+        grid = (plan.tile_expert.numel() * triton.cdiv(n_dim, cfg["BLOCK_N"]),)
+        no_op = (0, 0, 0)
         _gmm_kernel[grid](
             x, rows if rows is not None else plan.tile_row, w, xa, b, out,
             row_scale if row_scale is not None else plan.tile_row, out_rows if out_rows is not None else plan.tile_row,
-            plan.tile_expert, plan.tile_row, plan.seg_end,
+            side_p if side_p is not None else w, plan.tile_expert, plan.tile_row, plan.seg_end,
             n_dim, k_dim, r, float(scale),
-            x.stride(0), x.stride(1), se, sk, sn,
-            xa.stride(0), xa.stride(1), bse, bsr, bsn,
-            out.stride(0), out.stride(1),
+            x.stride(0), x.stride(1), *_op_strides(w, trans),
+            xa.stride(0), xa.stride(1), *(_op_strides(b, trans) if lora is not None else no_op),
+            out.stride(0), out.stride(1), *(_op_strides(side_p, trans) if side_p is not None else no_op),
             HAS_ROWS=rows is not None, HAS_LORA=lora is not None, HAS_ROW_SCALE=row_scale is not None,
-            HAS_OUT_ROWS=out_rows is not None, IEEE=x.dtype == torch.float32, BLOCK_M=plan.block_m, BLOCK_R=_block_r(r), **cfg,
+            HAS_OUT_ROWS=out_rows is not None, FUSE_SIDE=side_p is not None, IEEE=x.dtype == torch.float32,
+            BLOCK_M=plan.block_m, BLOCK_R=_block_r(r), **cfg,
         )
         return out
 

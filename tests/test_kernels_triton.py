@@ -94,6 +94,37 @@ def test_grouped_primitives_match_torch(dtype, trans, with_rows):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans", [True, False])
+@pytest.mark.parametrize("r", [6, 80])
+def test_gmm_lora_computes_side_product_in_the_projection(dtype, trans, r):
+    """gmm_lora: out = x op(w) + s (x op(p)) op(q) and the side product x op(p) from one launch
+    (r <= 64), over several column tiles (only the first stores the side product), or two (r > 64)."""
+    from looprl.kernels.triton_moe_lora import TritonGrouped
+
+    g = gen()
+    T, E, k, K, N = (333, 9, 3, 200, 300) if not INTERPRET else (50, 5, 2, 40, 150)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, device=DEVICE) * K ** -0.5).to(dtype)
+
+    idx, _ = skewed_routing(T, E, k, g)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=E)
+    x = rand(T, K)
+    w, p, q = (rand(E, N, K), rand(E, r, K), rand(E, N, r)) if trans else (rand(E, K, N), rand(E, K, r), rand(E, r, N))
+    rw = torch.rand(flat.numel(), generator=g, device=DEVICE)
+    ref, tri = TorchGrouped(), TritonGrouped()
+    p_ref, p_tri = ref.plan(counts, flat.numel()), tri.plan(counts, flat.numel(), dtype)
+    for kw in (dict(rows=order // k), dict(rows=order // k, row_scale=rw, out_rows=order)):
+        out_t, side_t = tri.gmm_lora(x, w, p_tri, (p, q, 0.37), trans=trans, **kw)
+        out_r, side_r = ref.gmm_lora(x, w, p_ref, (p, q, 0.37), trans=trans, **kw)
+        assert side_t.shape == (flat.numel(), r)
+        torch.testing.assert_close(side_t, side_r, **tol(dtype))
+        torch.testing.assert_close(out_t, out_r, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_glu_kernels_match_torch(dtype):
     from looprl.kernels.triton_moe_lora import TritonGrouped
 
