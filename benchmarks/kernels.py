@@ -12,7 +12,7 @@ Time is the median of several fwd+bwd steps. Memory is the peak allocated during
 what was allocated before it (weights, inputs): torch.cuda.max_memory_allocated on CUDA,
 a dispatch-mode storage tracker on CPU; `peak_total_mb` adds the resident tensors back (CUDA only). Ratios are
 against the baseline measured in the same run. Prints human lines, then one JSON line, and writes
-benchmarks/results/kernels-<device>.json.
+benchmarks/results/kernels-<device>.json (`--quick`: kernels-<device>-quick.json, git-ignored).
 """
 
 from __future__ import annotations
@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one token count per benchmark, fewer iterations")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-<device>.json)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-<device>[-quick].json)")
     args = ap.parse_args(argv)
 
     device = args.device
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     tag = "cpu" if device == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
     result = dict(device=tag, device_name=name, torch=torch.__version__, triton=has_triton, shapes=s,
                   quick=args.quick, results=rows, ratios=rs, goals_met=goals(rs))
-    out = args.out or RESULTS / f"kernels-{tag}.json"
+    # a --quick run never replaces the stored full results
+    out = args.out or RESULTS / f"kernels-{tag}{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result))
