@@ -37,12 +37,25 @@ class StructLogger(logging.LoggerAdapter):
         return msg, kwargs
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time, not the one seen at setup: a test
+    harness or a daemonizing wrapper may replace (and close) the original."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
 def setup_logging(level: str = "INFO") -> None:
     global _CONFIGURED
     root = logging.getLogger("looprl")
     root.setLevel(level)
     if not _CONFIGURED:
-        h = logging.StreamHandler(sys.stderr)
+        h = _CurrentStderrHandler()
         h.setFormatter(_JsonFormatter())
         root.addHandler(h)
         root.propagate = False

@@ -437,7 +437,10 @@ def request_trigger(cfg: LooprlConfig, job: str, reason: str = "") -> Path:
     from looprl.storage.registry import atomic_write_text
 
     d = cfg.state_dir / "scheduler" / "triggers"
-    path = d / f"{job}.{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}.json"
+    # Names sort in request order (the scheduler reports the oldest request's reason): a
+    # nanosecond stamp, zero-padded, because two requests in the same millisecond happen (a
+    # millisecond stamp let the random suffix decide their order, and a CI run caught it).
+    path = d / f"{job}.{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.json"
     atomic_write_text(path, json.dumps({"job": job, "reason": reason, "at": time.time()}))
     return path
 

@@ -96,3 +96,24 @@ def test_metrics_host_is_configurable_for_containers(tmp_path):
     port = serve_metrics(0, host=cfg.metrics_host)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         assert b"python_info" in r.read()
+
+
+def test_structured_logs_follow_a_replaced_stderr(monkeypatch):
+    # The handler is made once per process; a stderr replaced (and closed) later, as pytest's
+    # capture and daemonizing wrappers do, must not turn every log line into a logging error.
+    import io
+    import json
+    import sys
+
+    from looprl.ops.log import get_logger, setup_logging
+
+    setup_logging("INFO")
+    old = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", old)
+    get_logger("test").info("first", n=1)
+    old.close()
+    new = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", new)
+    get_logger("test").info("second", n=2)
+    line = json.loads(new.getvalue().strip().splitlines()[-1])
+    assert line["msg"] == "second" and line["n"] == 2 and line["logger"] == "looprl.test"

@@ -281,6 +281,17 @@ def test_manual_trigger_via_looprl_trigger(tmp_path):
     assert s.history.last("reward")["trigger"].startswith("manual: manual: new data drop")
 
 
+def test_trigger_requests_in_the_same_millisecond_keep_their_order(tmp_path):
+    # Back-to-back requests land in one millisecond; the oldest one's reason must be reported.
+    cfg = load_config(environ={}, workspace=tmp_path)
+    for i in range(50):
+        request_trigger(cfg, "reward", f"r{i}")
+    trig = ManualTrigger(cfg.state_dir / "scheduler" / "triggers", "reward")
+    reasons = [json.loads(p.read_text())["reason"] for p in trig.pending()]
+    assert reasons == [f"r{i}" for i in range(50)]
+    assert trig.check(0.0, None) == "manual: r0"
+
+
 def test_abandoned_runs_are_retried_after_a_scheduler_crash(tmp_path):
     h = History(tmp_path / "state/scheduler/runs.sqlite")
     h.start("reward", "feedback: 300 new", 1, 123.0)  # left 'running' by a SIGKILLed scheduler
