@@ -1,15 +1,17 @@
 """Compile the fused MoE-LoRA Triton kernels for a GPU target without a GPU, and report their resources.
 
-    python benchmarks/kernels_compile.py [--tokens 16384] [--arch 90]
+    python benchmarks/kernels_compile.py [--tokens 16384] [--arch 90] [--tile 128,64,4,3,tma [--block-m 64]]
 
 Runs one fused forward+backward of the benchmark's Qwen3-30B-A3B MoE layer (hidden 2048, 128
 experts of 768, top-8, LoRA r=16, bf16) on the `meta` device, recording every Triton launch
 instead of running it; then compiles each distinct launch for `sm_<arch>` with triton's bundled
 ptxas, specialized as the JIT would be for those arguments (ints equal to 1 become constants,
 multiples of 16 and pointers get the divisibility hint). Prints per kernel: registers, stack
-bytes (spills), shared memory, resident blocks per SM, and whether the K loop is pipelined
-(async copies). Needs triton (`pip install -e '.[gpu]'`), no GPU: a session without one can
-still catch a kernel that does not compile or that spills. Last line: a JSON object.
+bytes (spills), shared memory, resident blocks per SM, and how many of the K loop's operands are
+copied asynchronously (cp.async or TMA, i.e. pipelined). `--tile` compiles every projection with
+one 16-bit tile instead. Needs triton (`pip install -e '.[gpu]'`), no GPU: a session without one
+can still catch a kernel that does not compile, spills, or loads an operand synchronously. Last
+line: a JSON object.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ try:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.runtime.jit import mangle_type
+    from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     sys.exit("kernels_compile.py needs triton (pip install -e '.[gpu]'); no GPU is needed")
 
@@ -67,6 +71,8 @@ def specialize(fn, args: tuple, kwargs: dict) -> tuple[dict, dict, dict, dict]:
             sig[name], consts[(i,)] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[name], attrs[(i,)] = "*" + TRITON_DTYPES[v.dtype], [["tt.divisibility", 16]]
+        elif isinstance(v, TensorDescriptor):  # e.g. "tensordesc<bf16[1, 128, 64]>", as the JIT names it
+            sig[name] = mangle_type(v)
         elif isinstance(v, float):
             sig[name] = "fp32"
         elif isinstance(v, bool) or v == 1:
@@ -95,12 +101,16 @@ def resources(kernel, arch: int) -> dict:
     lim = SM_LIMITS[arch]
     blocks = min(lim["regs"] // (((regs + 7) // 8 * 8) * threads), lim["threads"] // threads,
                  lim["smem"] // smem if smem else 32)
+    # A pipelined operand is copied asynchronously (cp.async or TMA) once per stage: num_stages - 1
+    # copies before the loop and one inside it.
+    ir = kernel.asm["ttgir"]
+    copies = ir.count("ttg.async_copy_global_to_local ") + ir.count("ttng.async_tma_copy_global_to_local ")
     return dict(regs=regs, stack_bytes=stack, shared_bytes=smem, blocks_per_sm=blocks,
-                pipelined="async_copy_global_to_local" in kernel.asm["ttgir"])
+                async_operands=copies // max(kernel.metadata.num_stages, 1))
 
 
 def describe(fn, kwargs: dict) -> str:
-    flags = [k.lower() for k, v in kwargs.items() if k.startswith(("HAS_", "FUSE_")) and v is True]
+    flags = [k.lower() for k, v in kwargs.items() if k.startswith(("HAS_", "FUSE_", "TMA_")) and v is True]
     tiles = "x".join(str(kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK") if k in kwargs)
     return f"{fn.__name__} [{tiles}, {kwargs.get('num_warps')}w/{kwargs.get('num_stages', '-')}s] {' '.join(flags)}"
 
@@ -109,7 +119,17 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--arch", type=int, choices=sorted(SM_LIMITS), default=90)
+    ap.add_argument("--tile", metavar="BLOCK_N,BLOCK_K,WARPS,STAGES[,tma]",
+                    help="compile every projection with this 16-bit tile instead of TritonGrouped's defaults")
+    ap.add_argument("--block-m", type=int, help="with --tile: the row tile")
     args = ap.parse_args(argv)
+    if args.tile:
+        *nums, last = args.tile.split(",")
+        tma = last == "tma"
+        tile = tm.GemmConfig(*map(int, nums if tma else [*nums, last]), tma=tma)
+        tm.TritonGrouped.WIDE = {**tm.TritonGrouped.WIDE, "16bit": tm.every_kind(tile)}
+        if args.block_m:
+            tm.TritonGrouped.BLOCK_M = {**tm.TritonGrouped.BLOCK_M, "16bit": args.block_m}
 
     calls: list = []
     kernels = ("_gmm_kernel", "_gouter_kernel", "_glu_fwd_kernel", "_glu_bwd_kernel")
@@ -141,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(r)
         print(f"{r['kernel']:70s} regs {r['regs']:3d}  stack {r['stack_bytes']:4d} B  shared "
               f"{r['shared_bytes'] / 1024:6.1f} KiB  {r['blocks_per_sm']} blocks/SM  "
-              f"{'pipelined' if r['pipelined'] else 'not pipelined'}", flush=True)
+              f"{r['async_operands']} operands async", flush=True)
     result = dict(triton=triton.__version__, arch=args.arch, tokens=args.tokens, launches=len(calls),
                   kernels=rows, spills=any(r["stack_bytes"] for r in rows))
     print(json.dumps(result))

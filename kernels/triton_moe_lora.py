@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @triton.jit
@@ -39,14 +40,19 @@ def _dot(a, b, acc, IEEE: tl.constexpr):
 def _gmm_kernel(
     x_ptr, rows_ptr, w_ptr, xa_ptr, b_ptr, out_ptr, rscale_ptr, orows_ptr, p_ptr,
     tile_expert_ptr, tile_row_ptr, seg_end_ptr,
-    N, K, R, scale,
+    N, K, R: tl.constexpr, scale,  # R (the LoRA rank) constant: no mask on the side tiles' contiguous dim
     stride_xm, stride_xk, stride_we, stride_wk, stride_wn,
     stride_am, stride_ar, stride_be, stride_br, stride_bn,
     stride_om, stride_on, stride_pe, stride_pk, stride_pr,
     HAS_ROWS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_OUT_ROWS: tl.constexpr,
-    FUSE_SIDE: tl.constexpr, IEEE: tl.constexpr,
+    FUSE_SIDE: tl.constexpr, IEEE: tl.constexpr, TMA_W: tl.constexpr, TMA_X: tl.constexpr, W_TRANS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
+    # TMA_W: w_ptr is a TensorDescriptor of the stacked weight, (E, N, K) if W_TRANS else (E, K, N),
+    # and each (K, N) weight tile is one bulk copy (the hardware zero-fills past N and K). TMA_X: x_ptr
+    # is a (rows, K) descriptor of rows already sorted by expert (no gather); a box may run past the
+    # expert's last row into the next expert's, and those rows are never stored. Gathered rows
+    # (HAS_ROWS) have no TMA form on sm_90, so they are always loaded by pointer.
     # Column tiles vary fastest: the programs of one row tile run side by side, so its gathered x
     # rows come from HBM once and are then L2 hits, and an expert's weight, read by all its row
     # tiles, stays in L2 (row-tile-fastest order re-streamed x once per column tile).
@@ -69,8 +75,10 @@ def _gmm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
 
-    x_rows = x_ptr + src[:, None] * stride_xm
-    w_cols = w_ptr + e * stride_we + offs_n[None, :] * stride_wn
+    if not TMA_X:
+        x_rows = x_ptr + src[:, None] * stride_xm
+    if not TMA_W:
+        w_cols = w_ptr + e * stride_we + offs_n[None, :] * stride_wn
     offs_r = tl.arange(0, BLOCK_R)
     mask_r = offs_r < R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -78,29 +86,38 @@ def _gmm_kernel(
         side = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
         p_cols = p_ptr + e * stride_pe + offs_r[None, :] * stride_pr
     k_stop = tl.where(valid, K, 0)
+    e32, n0 = e.to(tl.int32), pid_n * BLOCK_N
     for k0 in range(0, k_stop, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        wt = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+        if TMA_X:
+            xt = x_ptr.load([row0, k0])
+        else:
+            xt = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if TMA_W and W_TRANS:
+            wt = tl.trans(w_ptr.load([e32, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+        elif TMA_W:
+            wt = w_ptr.load([e32, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+        else:
+            wt = tl.load(w_cols + offs_k[:, None] * stride_wk, mask=mask_k[:, None] & mask_n[None, :], other=0.0)
         acc = _dot(xt, wt, acc, IEEE)
         if FUSE_SIDE:
             pt = tl.load(p_cols + offs_k[:, None] * stride_pk, mask=mask_k[:, None] & mask_r[None, :], other=0.0)
             side = _dot(xt, pt, side, IEEE)
 
+    if FUSE_SIDE:  # rounded to the input dtype as if stored and reloaded; the first column tile stores it
+        at = side.to(xa_ptr.dtype.element_ty)
+        tl.store(xa_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar, at,
+                 mask=mask_m[:, None] & mask_r[None, :] & (pid_n == 0))
     if HAS_LORA:  # rank-r side path: (BLOCK_M, R) @ (R, BLOCK_N), R padded to BLOCK_R >= 16
-        if FUSE_SIDE:
-            # rounded to the input dtype as if stored and reloaded; the first column tile stores it
-            at = side.to(xa_ptr.dtype.element_ty)
-            tl.store(xa_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar, at,
-                     mask=mask_m[:, None] & mask_r[None, :] & (pid_n == 0))
-        else:
+        if not FUSE_SIDE:
             at = tl.load(xa_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_r[None, :] * stride_ar,
                          mask=mask_m[:, None] & mask_r[None, :], other=0.0)
         bt = tl.load(b_ptr + e * stride_be + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn,
                      mask=mask_r[:, None] & mask_n[None, :], other=0.0)
-        lora = _dot(at, bt, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), IEEE)
-        acc += scale * lora
+        # acc + scale * (at @ bt), accumulated into acc itself: a separate fp32 product tile would
+        # double the accumulator's registers (the launcher passes scale != 0)
+        acc = _dot(at, bt, acc * (1.0 / scale), IEEE) * scale
 
     if HAS_ROW_SCALE:  # the routing weight, applied in fp32 before the cast
         acc *= tl.load(rscale_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32)[:, None]
@@ -115,7 +132,7 @@ def _gmm_kernel(
 @triton.jit
 def _gouter_kernel(
     x_ptr, rows_ptr, y_ptr, out_ptr, seg_start_ptr, seg_end_ptr,
-    N, R, scale,
+    N, R: tl.constexpr, scale,
     stride_xm, stride_xn, stride_ym, stride_yr, stride_oe, stride_on, stride_or,
     HAS_ROWS: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -201,6 +218,26 @@ class GemmConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool = False  # weight tiles (and rows already sorted by expert) by TMA bulk copies, sm_90+
+
+
+# The four projections of a fused step load their operands differently: rows gathered from token
+# order (gate/up forward, down backward) or already sorted by expert (down forward, gate/up
+# backward), the weight used transposed (forward) or not (backward). Each kind has its own tile.
+Kind = tuple[bool, bool]  # (rows gathered, weight transposed)
+PROJECTIONS: dict[str, Kind] = {"gate_up fwd": (True, True), "down fwd": (False, True),
+                                "down bwd": (True, False), "gate_up bwd": (False, False)}
+
+
+def every_kind(c: GemmConfig) -> dict[Kind, GemmConfig]:
+    return {kind: c for kind in PROJECTIONS.values()}
+
+
+def _tma_ok(t: Tensor) -> bool:
+    """A TMA descriptor needs a contiguous last dim and 16-byte aligned base and strides."""
+    size = t.element_size()
+    return (t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+            and all(st * size % 16 == 0 for st in t.stride()[:-1]))
 
 
 def _op_strides(t: Tensor, trans: bool) -> tuple[int, int, int]:
@@ -213,16 +250,17 @@ def _block_r(r: int) -> int:
 
 
 class TritonGrouped:
-    """Triton backend of `moe_lora._MoELoRA`. Tile choices per dtype and output width.
+    """Triton backend of `moe_lora._MoELoRA`. Tile choices per dtype, projection kind and width.
 
-    "wide" is a projection (N = 2I or H or I, hundreds to thousands of columns), "narrow" a
-    rank-r LoRA side product (N = r <= 64: the tile is only as wide as r, so the K loop streams
-    x once with no wasted columns). The 16-bit values were picked with benchmarks/kernels_sweep.py
-    on an H100 at Qwen3-30B-A3B shapes; fp32 uses IEEE dots (no TF32) and smaller tiles so it
-    matches the reference."""
+    "wide" is a projection (N = 2I or H or I, hundreds to thousands of columns), with one tile per
+    kind (`PROJECTIONS`); "narrow" a rank-r LoRA side product (N = r <= 64: the tile is only as
+    wide as r, so the K loop streams x once with no wasted columns). The 16-bit values were picked
+    with benchmarks/kernels_sweep.py on an H100 at Qwen3-30B-A3B shapes (one shared tile, pointer
+    loads: the per-kind and TMA choices await a GPU run); fp32 uses IEEE dots (no TF32) and
+    smaller tiles so it matches the reference."""
 
     BLOCK_M = {torch.float32: 64, "16bit": 64}
-    WIDE = {torch.float32: GemmConfig(64, 32, 4, 2), "16bit": GemmConfig(128, 64, 4, 3)}
+    WIDE = {torch.float32: every_kind(GemmConfig(64, 32, 4, 2)), "16bit": every_kind(GemmConfig(128, 64, 4, 3))}
     NARROW_BLOCK_K = {torch.float32: 32, "16bit": 64}
     GOUTER = {torch.float32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
               "16bit": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)}
@@ -245,12 +283,11 @@ class TritonGrouped:
         tile_expert = torch.where(te < n_exp, tc, -1)
         return Plan(tile_expert.int(), row.int(), starts.int(), ends.int(), bm)
 
-    def _cfg(self, dtype: torch.dtype, n_dim: int) -> dict:
+    def _cfg(self, dtype: torch.dtype, n_dim: int, kind: Kind) -> GemmConfig:
         key = self._key(dtype)
         if n_dim <= 64:  # a rank-r side product
-            return dict(BLOCK_N=_block_r(n_dim), BLOCK_K=self.NARROW_BLOCK_K[key], num_warps=4, num_stages=3)
-        c = self.WIDE[key]
-        return dict(BLOCK_N=c.block_n, BLOCK_K=c.block_k, num_warps=c.num_warps, num_stages=c.num_stages)
+            return GemmConfig(_block_r(n_dim), self.NARROW_BLOCK_K[key], num_warps=4, num_stages=3)
+        return self.WIDE[key][kind]
 
     def gmm(self, x: Tensor, w: Tensor, plan: Plan, rows: Tensor | None = None,
             trans: bool = True, lora: tuple[Tensor, Tensor, float] | None = None,
@@ -289,20 +326,33 @@ class TritonGrouped:
             r = xa.shape[1]
         else:
             xa, b, scale, r = x, w, 0.0, 1  # dummies, never read
-        cfg = self._cfg(x.dtype, n_dim)
-        grid = (plan.tile_expert.numel() * triton.cdiv(n_dim, cfg["BLOCK_N"]),)
+        c = self._cfg(x.dtype, n_dim, (rows is not None, trans))
+        grid = (plan.tile_expert.numel() * triton.cdiv(n_dim, c.block_n),)
         no_op = (0, 0, 0)
+        tma_w = c.tma and _tma_ok(w)  # else (odd strides) the pointer loads, same result
+        tma_x = tma_w and rows is None and _tma_ok(x)
+        w_in = TensorDescriptor.from_tensor(w, [1, c.block_n, c.block_k] if trans else [1, c.block_k, c.block_n]) \
+            if tma_w else w
+        x_in = TensorDescriptor.from_tensor(x, [plan.block_m, c.block_k]) if tma_x else x
+        p_strides = no_op
+        if side_p is not None:
+            # The side factor's (K, r) tiles must be K-contiguous: with only r (16) contiguous elements
+            # per row, the pipeliner leaves the load synchronous in every K step. A copy of a
+            # rank-r factor is E * r * K elements, negligible next to the projection.
+            side_p = side_p if trans else side_p.transpose(1, 2).contiguous()
+            p_strides = _op_strides(side_p, True)
         _gmm_kernel[grid](
-            x, rows if rows is not None else plan.tile_row, w, xa, b, out,
+            x_in, rows if rows is not None else plan.tile_row, w_in, xa, b, out,
             row_scale if row_scale is not None else plan.tile_row, out_rows if out_rows is not None else plan.tile_row,
             side_p if side_p is not None else w, plan.tile_expert, plan.tile_row, plan.seg_end,
             n_dim, k_dim, r, float(scale),
             x.stride(0), x.stride(1), *_op_strides(w, trans),
             xa.stride(0), xa.stride(1), *(_op_strides(b, trans) if lora is not None else no_op),
-            out.stride(0), out.stride(1), *(_op_strides(side_p, trans) if side_p is not None else no_op),
-            HAS_ROWS=rows is not None, HAS_LORA=lora is not None, HAS_ROW_SCALE=row_scale is not None,
+            out.stride(0), out.stride(1), *p_strides,
+            HAS_ROWS=rows is not None, HAS_LORA=lora is not None and scale != 0, HAS_ROW_SCALE=row_scale is not None,
             HAS_OUT_ROWS=out_rows is not None, FUSE_SIDE=side_p is not None, IEEE=x.dtype == torch.float32,
-            BLOCK_M=plan.block_m, BLOCK_R=_block_r(r), **cfg,
+            TMA_W=tma_w, TMA_X=tma_x, W_TRANS=trans, BLOCK_M=plan.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k,
+            BLOCK_R=_block_r(r), num_warps=c.num_warps, num_stages=c.num_stages,
         )
         return out
 

@@ -122,6 +122,69 @@ def test_gmm_lora_computes_side_product_in_the_projection(dtype, trans, r):
         assert side_t.shape == (flat.numel(), r)
         torch.testing.assert_close(side_t, side_r, **tol(dtype))
         torch.testing.assert_close(out_t, out_r, **tol(dtype))
+    # a zero LoRA scale (alpha 0): the launch skips the LoRA product but still stores the side product
+    out_t, side_t = tri.gmm_lora(x, w, p_tri, (p, q, 0.0), rows=order // k, trans=trans)
+    torch.testing.assert_close(side_t, side_r, **tol(dtype))
+    torch.testing.assert_close(out_t, ref.gmm(x, w, p_ref, rows=order // k, trans=trans), **tol(dtype))
+
+
+@pytest.fixture
+def tma_tiles(monkeypatch):
+    """Every projection tile switched to TMA loads. Returns the block shapes of the descriptors made,
+    so a test can tell the TMA path ran (odd strides fall back to pointer loads silently)."""
+    from dataclasses import replace
+
+    from looprl.kernels import triton_moe_lora as tm
+
+    wide = {key: {kind: replace(c, tma=True) for kind, c in by_kind.items()}
+            for key, by_kind in tm.TritonGrouped.WIDE.items()}
+    monkeypatch.setattr(tm.TritonGrouped, "WIDE", wide)
+    made, real = [], tm.TensorDescriptor.from_tensor
+
+    def from_tensor(t, block_shape, padding="zero"):
+        made.append(tuple(block_shape))
+        return real(t, block_shape, padding)
+
+    monkeypatch.setattr(tm.TensorDescriptor, "from_tensor", staticmethod(from_tensor))
+    return made
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans", [True, False])
+@pytest.mark.parametrize("with_rows", [True, False])
+def test_tma_loads_match_torch(dtype, trans, with_rows, tma_tiles):
+    """Weight tiles (and rows already sorted by expert) by TMA: the boxes run past N, K, the last
+    row, and (sorted rows) into the next expert's rows; none of that may reach the output."""
+    from looprl.kernels.triton_moe_lora import TritonGrouped
+
+    g = gen()
+    # 16-byte aligned strides (TMA needs them), nothing a multiple of the block sizes
+    T, E, k, K, N, r = (333, 9, 3, 200, 296, 12) if not INTERPRET else (50, 5, 2, 40, 72, 6)  # N > 64: wide
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=g, device=DEVICE) * K ** -0.5).to(dtype)
+
+    idx, _ = skewed_routing(T, E, k, g)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    rows = order // k if with_rows else None
+    counts = torch.bincount(flat, minlength=E)
+    x = rand(T if with_rows else flat.numel(), K)
+    w, p, q = (rand(E, N, K), rand(E, r, K), rand(E, N, r)) if trans else (rand(E, K, N), rand(E, K, r), rand(E, r, N))
+    rw = torch.rand(flat.numel(), generator=g, device=DEVICE)
+    ref, tri = TorchGrouped(), TritonGrouped()
+    p_ref, p_tri = ref.plan(counts, flat.numel()), tri.plan(counts, flat.numel(), dtype)
+    torch.testing.assert_close(tri.gmm(x, w, p_tri, rows=rows, trans=trans),
+                               ref.gmm(x, w, p_ref, rows=rows, trans=trans), **tol(dtype))
+    kw = dict(rows=rows, trans=trans, row_scale=rw, out_rows=order)
+    out_t, side_t = tri.gmm_lora(x, w, p_tri, (p, q, 0.37), **kw)
+    out_r, side_r = ref.gmm_lora(x, w, p_ref, (p, q, 0.37), **kw)
+    torch.testing.assert_close(side_t, side_r, **tol(dtype))
+    torch.testing.assert_close(out_t, out_r, **tol(dtype))
+    c = TritonGrouped.WIDE[TritonGrouped._key(dtype)][(with_rows, trans)]
+    w_box = (1, c.block_n, c.block_k) if trans else (1, c.block_k, c.block_n)
+    x_boxes = [] if with_rows else [(p_tri.block_m, c.block_k)]
+    assert tma_tiles == [w_box, *x_boxes] * 2  # gmm, then gmm_lora: one launch each
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -141,9 +204,12 @@ def test_glu_kernels_match_torch(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_moe_lora_triton_matches_torch_reference(dtype):
+@pytest.mark.parametrize("tma", [False, True])
+def test_moe_lora_triton_matches_torch_reference(dtype, tma, request):
+    made = request.getfixturevalue("tma_tiles") if tma else None
     g = gen()
-    T, H, I, E, k, r = (513, 256, 96, 16, 4, 16) if not INTERPRET else (70, 24, 20, 5, 2, 6)
+    # interpreter: I and H > 64, so the projections take the wide (TMA-capable) tiles
+    T, H, I, E, k, r = (513, 256, 96, 16, 4, 16) if not INTERPRET else (70, 80, 72, 5, 2, 6)
     idx, w = skewed_routing(T, E, k, g)
 
     def rand(*shape, scale=1.0):
@@ -166,6 +232,8 @@ def test_moe_lora_triton_matches_torch_reference(dtype):
     names = ["out", "d_hidden", "d_weights", "d_A_gate_up", "d_B_gate_up", "d_A_down", "d_B_down"]
     for name, a, b in zip(names, run("triton"), run("torch")):
         assert rel_err(a, b) < (1e-5 if dtype == torch.float32 else 2e-2), name
+    if tma:  # 4 projections, each with a weight descriptor; down fwd and gate_up bwd read sorted rows
+        assert sum(len(box) == 3 for box in made) == 4 and sum(len(box) == 2 for box in made) == 2
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
