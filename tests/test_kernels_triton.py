@@ -54,6 +54,13 @@ def skewed_routing(T, E, k, g):
     return idx, w / w.sum(-1, keepdim=True)
 
 
+def sorted_routes(T, E, k, g):
+    """(order, counts): order sorts the T*k skewed top-k routes by expert (stable), counts per expert."""
+    idx, _ = skewed_routing(T, E, k, g)
+    flat = idx.reshape(-1)
+    return torch.argsort(flat, stable=True), torch.bincount(flat, minlength=E)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("trans", [True, False])
 @pytest.mark.parametrize("with_rows", [True, False])
@@ -66,18 +73,15 @@ def test_grouped_primitives_match_torch(dtype, trans, with_rows):
     def rand(*shape):  # nothing below is a multiple of the block sizes
         return torch.randn(*shape, generator=g, device=DEVICE).to(dtype)
 
-    idx, _ = skewed_routing(T, E, k, g)
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order, counts = sorted_routes(T, E, k, g)
     rows = order // k if with_rows else None
-    counts = torch.bincount(flat, minlength=E)
-    x = rand(T if with_rows else flat.numel(), K)
+    x = rand(T if with_rows else order.numel(), K)
     w = rand(E, N, K) if trans else rand(E, K, N)
-    xa = rand(flat.numel(), r)
+    xa = rand(order.numel(), r)
     b = rand(E, N, r) if trans else rand(E, r, N)
 
     ref, tri = TorchGrouped(), TritonGrouped()
-    p_ref, p_tri = ref.plan(counts, flat.numel()), tri.plan(counts, flat.numel(), dtype)
+    p_ref, p_tri = ref.plan(counts, order.numel()), tri.plan(counts, order.numel(), dtype)
     for lora in (None, (xa, b, 0.37)):
         torch.testing.assert_close(tri.gmm(x, w, p_tri, rows=rows, trans=trans, lora=lora),
                                    ref.gmm(x, w, p_ref, rows=rows, trans=trans, lora=lora), **tol(dtype))
@@ -85,7 +89,7 @@ def test_grouped_primitives_match_torch(dtype, trans, with_rows):
     assert out_t[-1].abs().max() == 0  # the idle expert
     assert rel_err(out_t, out_r) < (1e-5 if dtype == torch.float32 else 1e-2)
     # the epilogue: routing weight (fp32) times each row, rows stored back in (token, slot) order
-    rw = torch.rand(flat.numel(), generator=g, device=DEVICE)
+    rw = torch.rand(order.numel(), generator=g, device=DEVICE)
     kw = dict(rows=rows, trans=trans, lora=(xa, b, 0.37), row_scale=rw, out_rows=order)
     scattered = tri.gmm(x, w, p_tri, **kw)
     torch.testing.assert_close(scattered, ref.gmm(x, w, p_ref, **kw), **tol(dtype))
@@ -107,19 +111,16 @@ def test_gmm_lora_computes_side_product_in_the_projection(dtype, trans, r):
     def rand(*shape):
         return (torch.randn(*shape, generator=g, device=DEVICE) * K ** -0.5).to(dtype)
 
-    idx, _ = skewed_routing(T, E, k, g)
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=E)
+    order, counts = sorted_routes(T, E, k, g)
     x = rand(T, K)
     w, p, q = (rand(E, N, K), rand(E, r, K), rand(E, N, r)) if trans else (rand(E, K, N), rand(E, K, r), rand(E, r, N))
-    rw = torch.rand(flat.numel(), generator=g, device=DEVICE)
+    rw = torch.rand(order.numel(), generator=g, device=DEVICE)
     ref, tri = TorchGrouped(), TritonGrouped()
-    p_ref, p_tri = ref.plan(counts, flat.numel()), tri.plan(counts, flat.numel(), dtype)
+    p_ref, p_tri = ref.plan(counts, order.numel()), tri.plan(counts, order.numel(), dtype)
     for kw in (dict(rows=order // k), dict(rows=order // k, row_scale=rw, out_rows=order)):
         out_t, side_t = tri.gmm_lora(x, w, p_tri, (p, q, 0.37), trans=trans, **kw)
         out_r, side_r = ref.gmm_lora(x, w, p_ref, (p, q, 0.37), trans=trans, **kw)
-        assert side_t.shape == (flat.numel(), r)
+        assert side_t.shape == (order.numel(), r)
         torch.testing.assert_close(side_t, side_r, **tol(dtype))
         torch.testing.assert_close(out_t, out_r, **tol(dtype))
     # a zero LoRA scale (alpha 0): the launch skips the LoRA product but still stores the side product
@@ -164,16 +165,13 @@ def test_tma_loads_match_torch(dtype, trans, with_rows, tma_tiles):
     def rand(*shape):
         return (torch.randn(*shape, generator=g, device=DEVICE) * K ** -0.5).to(dtype)
 
-    idx, _ = skewed_routing(T, E, k, g)
-    flat = idx.reshape(-1)
-    order = torch.argsort(flat, stable=True)
+    order, counts = sorted_routes(T, E, k, g)
     rows = order // k if with_rows else None
-    counts = torch.bincount(flat, minlength=E)
-    x = rand(T if with_rows else flat.numel(), K)
+    x = rand(T if with_rows else order.numel(), K)
     w, p, q = (rand(E, N, K), rand(E, r, K), rand(E, N, r)) if trans else (rand(E, K, N), rand(E, K, r), rand(E, r, N))
-    rw = torch.rand(flat.numel(), generator=g, device=DEVICE)
+    rw = torch.rand(order.numel(), generator=g, device=DEVICE)
     ref, tri = TorchGrouped(), TritonGrouped()
-    p_ref, p_tri = ref.plan(counts, flat.numel()), tri.plan(counts, flat.numel(), dtype)
+    p_ref, p_tri = ref.plan(counts, order.numel()), tri.plan(counts, order.numel(), dtype)
     torch.testing.assert_close(tri.gmm(x, w, p_tri, rows=rows, trans=trans),
                                ref.gmm(x, w, p_ref, rows=rows, trans=trans), **tol(dtype))
     kw = dict(rows=rows, trans=trans, row_scale=rw, out_rows=order)
