@@ -46,6 +46,11 @@ CPU_SHAPES = dict(hidden=256, inter=128, experts=16, top_k=4, rank=8, moe_tokens
                   vocab=16384, lp_tokens=[512, 1024], chunk=2048, dtype="float32", iters=3)
 
 
+def device_tag(cuda_name: str) -> str:
+    """"NVIDIA H100 80GB HBM3" -> "cuda-nvidia-h100-80gb-hbm3", the device part of a results file name."""
+    return "cuda-" + re.sub(r"[^a-z0-9]+", "-", cuda_name.lower()).strip("-")
+
+
 class MoELayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{r['bench']:9s} tokens={r['tokens']:6d} {r['impl']:8s} vs {r['vs']}: "
                   f"{r['speedup']:.2f}x speed, {r['mem_ratio']:.3f}x peak memory")
 
-    tag = "cpu" if device == "cpu" else "cuda-" + re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    tag = "cpu" if device == "cpu" else device_tag(name)
     result = dict(device=tag, device_name=name, torch=torch.__version__, triton=has_triton, shapes=s,
                   quick=args.quick, results=rows, ratios=rs, goals_met=goals(rs))
     # a --quick run never replaces the stored full results

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,8 @@ if not triton_available():
              "benchmarks/kernels.py runs on CPU too")
 
 from triton.testing import do_bench  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/kernels.py: the layer, shapes, results path
 
 from looprl.kernels.moe_lora import TorchGrouped  # noqa: E402
 from looprl.kernels.triton_moe_lora import PROJECTIONS, GemmConfig, TritonGrouped, every_kind  # noqa: E402
@@ -153,7 +154,6 @@ def grouped_mm_rate(p: dict) -> dict:
 
 
 def profile_step(tokens: int) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).parent))
     from kernels import GPU_SHAPES, moe_layer
 
     from looprl.kernels import enable_fused_moe_lora
@@ -202,8 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
         for r in result["moe"]:
             print(f"moe_lora tokens={r['tokens']:6d} triton vs peft: {r['speedup']:.2f}x speed, "
                   f"{r['mem_ratio']:.3f}x peak memory", flush=True)
-    tag = "cuda-" + re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    out = args.out or Path(__file__).parent / "results" / f"kernels-sweep-{tag}.json"
+    from kernels import RESULTS, device_tag
+
+    out = args.out or RESULTS / f"kernels-sweep-{device_tag(torch.cuda.get_device_name())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
     print(json.dumps(result, default=str))
