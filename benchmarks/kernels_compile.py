@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="compile every projection with this 16-bit tile instead of TritonGrouped's defaults")
     ap.add_argument("--block-m", type=int, help="with --tile: the row tile")
     args = ap.parse_args(argv)
+    if args.block_m and not args.tile:
+        ap.error("--block-m needs --tile")
     if args.tile:
         *nums, last = args.tile.split(",")
         tma = last == "tma"

@@ -33,6 +33,9 @@ from triton.testing import do_bench  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))  # benchmarks/kernels.py: the layer, shapes, results path
 
+from kernels import GPU_SHAPES, RESULTS, bench_moe, device_tag, moe_layer, ratios  # noqa: E402
+
+from looprl.kernels import enable_fused_moe_lora  # noqa: E402
 from looprl.kernels.moe_lora import TorchGrouped  # noqa: E402
 from looprl.kernels.triton_moe_lora import PROJECTIONS, GemmConfig, TritonGrouped, every_kind  # noqa: E402
 
@@ -154,10 +157,6 @@ def grouped_mm_rate(p: dict) -> dict:
 
 
 def profile_step(tokens: int) -> list[dict]:
-    from kernels import GPU_SHAPES, moe_layer
-
-    from looprl.kernels import enable_fused_moe_lora
-
     model = moe_layer(GPU_SHAPES, "cuda", DT)
     enable_fused_moe_lora(model, "triton")
     x = torch.randn(1, tokens, H, device="cuda", dtype=DT, requires_grad=True)
@@ -195,15 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
         result.update(sweep(p))
     result["profile"] = profile_step(args.tokens)
     if args.apply:
-        from kernels import GPU_SHAPES, bench_moe, ratios
-
         rows = bench_moe(dict(GPU_SHAPES), "cuda", DT, ["peft", "triton"], GPU_SHAPES["moe_tokens"])
         result["moe"] = ratios(rows, "peft")
         for r in result["moe"]:
             print(f"moe_lora tokens={r['tokens']:6d} triton vs peft: {r['speedup']:.2f}x speed, "
                   f"{r['mem_ratio']:.3f}x peak memory", flush=True)
-    from kernels import RESULTS, device_tag
-
     out = args.out or RESULTS / f"kernels-sweep-{device_tag(torch.cuda.get_device_name())}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")
