@@ -10,7 +10,9 @@ projection alone: the rank-r work is not counted). Then it profiles one whole fu
 the best configs (top CUDA kernels). Each projection kind gets its own tile (pointer or TMA
 loads); the row tile is shared. `--apply` also runs `benchmarks/kernels.py`'s MoE benchmark with
 them. The defaults in `TritonGrouped` come from this script's output on an H100. Writes
-benchmarks/results/kernels-sweep-<device>.json; last line: a JSON object.
+benchmarks/results/kernels-sweep-<device>.json, rewritten after every timed config so a run cut off
+(the device's 10-minute limit) keeps what it measured (`"complete": false` until the end); last
+line: a JSON object.
 """
 
 from __future__ import annotations
@@ -89,12 +91,13 @@ def time_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def sweep(p: dict) -> dict:
+def sweep(p: dict, result: dict, save) -> None:
+    """Fills result["rows"] (every config timed) and result["chosen"], calling save() after each row."""
     ref, tri = TorchGrouped(), TritonGrouped()
     p_ref = ref.plan(p["counts"], p["S"])
     refs = {n: ref.gmm_lora(x, w, p_ref, lo, rows=rows, trans=t) for n, (x, w, rows, t, lo, _) in p["calls"].items()}
     ref_outer = {n: ref.gouter(x, y, p_ref, rows=rows) for n, (x, y, rows, _) in p["outers"].items()}
-    rows_out, best = [], {}
+    rows_out, best = result.setdefault("rows", []), {}
 
     def run(name, fn, flops, ref_out, cfg):
         out = fn()
@@ -104,6 +107,7 @@ def sweep(p: dict) -> dict:
         r = dict(call=name, cfg=cfg, ms=ms, tflops=flops / ms / 1e9, rel_err=err)
         rows_out.append(r)
         print(f"{name:18s} {str(cfg):70s} {ms:8.3f} ms {r['tflops']:7.1f} TFLOP/s err {err:.1e}", flush=True)
+        save()
         return ms
 
     # Each projection kind (rows gathered or sorted, weight transposed or not) gets its own tile;
@@ -136,7 +140,8 @@ def sweep(p: dict) -> dict:
     chosen = dict(block_m=best["block_m"], wide={n: c.__dict__ for n, c in best["wide"].items()}, gouter=best["gouter"],
                   wide_ms=best["wide_ms"], gouter_ms=best["gouter_ms"])
     print("chosen:", chosen, flush=True)
-    return dict(rows=rows_out, chosen=chosen)
+    result["chosen"] = chosen
+    save()
 
 
 def grouped_mm_rate(p: dict) -> dict:
@@ -188,20 +193,30 @@ def main(argv: list[str] | None = None) -> dict:
                     help="JSON path (default benchmarks/results/kernels-sweep-<device>.json)")
     args = ap.parse_args(argv)
     print(f"device {torch.cuda.get_device_name()} | torch {torch.__version__} | tokens {args.tokens}", flush=True)
+    out = args.out or RESULTS / f"kernels-sweep-{device_tag(torch.cuda.get_device_name())}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = dict(device=torch.cuda.get_device_name(), tokens=args.tokens, complete=False)
+
+    def save() -> None:  # write-then-rename: a run killed mid-write leaves the last whole file
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+        tmp.replace(out)
+
     p = problem(args.tokens)
-    result = dict(device=torch.cuda.get_device_name(), tokens=args.tokens, cublas_grouped_mm=grouped_mm_rate(p))
+    result["cublas_grouped_mm"] = grouped_mm_rate(p)
+    save()
     if not args.no_sweep:
-        result.update(sweep(p))
+        sweep(p, result, save)
     result["profile"] = profile_step(args.tokens)
+    save()
     if args.apply:
         rows = bench_moe(dict(GPU_SHAPES), "cuda", DT, ["peft", "triton"], GPU_SHAPES["moe_tokens"])
         result["moe"] = ratios(rows, "peft")
         for r in result["moe"]:
             print(f"moe_lora tokens={r['tokens']:6d} triton vs peft: {r['speedup']:.2f}x speed, "
                   f"{r['mem_ratio']:.3f}x peak memory", flush=True)
-    out = args.out or RESULTS / f"kernels-sweep-{device_tag(torch.cuda.get_device_name())}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result["complete"] = True
+    save()
     print(json.dumps(result, default=str))
     return result
 
