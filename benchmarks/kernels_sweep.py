@@ -22,6 +22,7 @@ import json
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -91,7 +92,7 @@ def time_ms(fn) -> float:
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def sweep(p: dict, result: dict, save) -> None:
+def sweep(p: dict, result: dict, save: Callable[[], None]) -> None:
     """Fills result["rows"] (every config timed) and result["chosen"], calling save() after each row."""
     ref, tri = TorchGrouped(), TritonGrouped()
     p_ref = ref.plan(p["counts"], p["S"])
