@@ -345,7 +345,7 @@ def base_checksum(path: str | Path) -> str:
     """The identity of a base checkpoint (sha256 over its weights and config files)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"base model directory {path} does not exist")
+        raise FileNotFoundError(f"base model directory {path} does not exist (run `looprl init` or set model.base_path)")
     return checksum_dir(path)
 
 

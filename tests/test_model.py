@@ -111,7 +111,7 @@ def test_load_base_errors_name_the_directory(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         M.load_base(tmp_path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist \(run `looprl init`"):
         M.base_checksum(tmp_path / "nope")
 
 
