@@ -57,10 +57,10 @@ def prompt_sets(cfg: LooprlConfig) -> tuple[list[str], list[str]]:
     sampler excludes even though the serving tier logs eval requests like any other; the
     reward model never sees them because eval users send no feedback."""
     from looprl.policy.model import heldout_prompts
-    from looprl.policy.prompts import FALLBACK_PROMPTS, configured_prompts, is_heldout
+    from looprl.policy.prompts import configured_prompts, is_heldout
 
     try:
-        train = list(dict.fromkeys(configured_prompts(cfg))) or list(FALLBACK_PROMPTS)
+        train = list(dict.fromkeys(configured_prompts(cfg)))
     except (OSError, ValueError) as e:
         raise ValueError(f"policy.prompts_file: {e}") from None
     fresh = [p for p in heldout_prompts() if p not in set(train)]

@@ -31,9 +31,10 @@ from safetensors import safe_open
 from looprl.ops.config import LooprlConfig
 from looprl.ops.log import get_logger
 from looprl.policy import metrics
-from looprl.policy.base import base_checksum, format_prompt, load_base, shipped_heldout_prompts
 from looprl.policy.forward import apply_kernels, policy_forward
-from looprl.policy.prompts import FALLBACK_PROMPTS, build_pool, generator, heldout_prompts, is_heldout
+from looprl.policy.model import base_checksum, format_prompt, load_base
+from looprl.policy.model import heldout_prompts as shipped_heldout_prompts
+from looprl.policy.prompts import build_pool, generator, heldout_prompts
 from looprl.policy.rollout import Rollout, sample
 from looprl.storage.registry import Manifest, Registry, RegistryError
 
@@ -116,7 +117,7 @@ def _gate_prompts(cfg: LooprlConfig) -> list[str]:
     pool, _ = build_pool(cfg)
     held = heldout_prompts(pool, cfg.gate.heldout_prompts)
     seen = set(held)
-    shipped = shipped_heldout_prompts() or [p for p in FALLBACK_PROMPTS if is_heldout(p)]
+    shipped = shipped_heldout_prompts()
     random.Random(0).shuffle(shipped)  # a fixed spread over templates and topics, not the file's first rows
     for p in shipped:
         if len(held) >= cfg.gate.heldout_prompts:

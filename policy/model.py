@@ -97,7 +97,7 @@ def prompt_set(split: Literal["train", "heldout", "all"] = "train") -> list[str]
 
 
 def shipped_prompts() -> list[str]:
-    """Training prompts (read by ``looprl.policy.base.shipped_prompts``)."""
+    """Training prompts: the shipped file, or the train split of the prompt grammar."""
     path = DATA_DIR / "prompts.txt"
     if path.is_file():
         return [line.strip() for line in path.read_text().splitlines() if line.strip()]

@@ -18,25 +18,11 @@ import torch
 
 from looprl.ops.config import LooprlConfig
 from looprl.ops.log import get_logger
-from looprl.policy.base import shipped_prompts
+from looprl.policy.model import shipped_prompts
 
 log = get_logger(__name__)
 
 HELDOUT_BUCKETS = 8  # 1 in 8 prompts is held out for the gate
-
-# Used only when neither traffic, a prompt file, nor a shipped prompt set exists.
-FALLBACK_PROMPTS = [
-    "tell me about your day", "what is the weather like", "describe the park", "how was the trip",
-    "write a note to a friend", "what do you think of the city", "say something about dogs",
-    "describe your morning", "what is for dinner", "tell me about the sea", "how is the garden",
-    "describe the house", "what did you see today", "tell me a story", "how are the kids",
-    "describe the market", "what is new at work", "tell me about the film", "how was the game",
-    "describe the river", "what about the weekend", "tell me about the food", "how is the team",
-    "describe the old road", "what happened at school", "tell me about the music",
-    "how was the holiday", "describe the forest", "what is your plan", "tell me about the cat",
-    "how is the new job", "describe the beach",
-]
-
 
 def is_heldout(prompt: str) -> bool:
     h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
@@ -67,19 +53,20 @@ def read_prompt_file(path: Path) -> list[str]:
                 out.append(str(json.loads(line)["prompt"]))
             except (ValueError, KeyError, TypeError) as e:
                 raise ValueError(f"{path}:{i}: expected a JSON object with a 'prompt' field ({e})") from None
-        return out
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        out = [p for p in out if p.strip()]
+    else:
+        out = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not out:
+        raise ValueError(f"policy.prompts_file {path} has no prompts")
+    return out
 
 
 def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[str], dict]:
     """Distinct prompts of the most recent responses, newest first, and the watermark they reach."""
     if limit <= 0 or not cfg.events_dir.exists():
         return [], {}
-    try:
-        from looprl.storage.events import EventLog
-    except ImportError:
-        log.warning("looprl.storage.events is not available; training on configured prompts only")
-        return [], {}
+    from looprl.storage.events import EventLog
+
     try:
         table = EventLog(cfg.events_dir).query(
             "SELECT prompt, max(ts) AS last_ts FROM responses WHERE prompt IS NOT NULL AND length(prompt) > 0 "
@@ -97,7 +84,7 @@ def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[str], dict]:
 def configured_prompts(cfg: LooprlConfig) -> list[str]:
     if cfg.policy.prompts_file is not None:
         return read_prompt_file(cfg.policy.prompts_file)
-    return shipped_prompts() or list(FALLBACK_PROMPTS)
+    return shipped_prompts()
 
 
 def build_pool(cfg: LooprlConfig, traffic_limit: int | None = None) -> tuple[list[str], dict]:

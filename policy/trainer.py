@@ -26,7 +26,7 @@ import torch
 from looprl.ops.config import LooprlConfig, PolicyConfig
 from looprl.ops.log import get_logger
 from looprl.policy import metrics
-from looprl.policy.base import base_checksum
+from looprl.policy.model import base_checksum
 from looprl.policy.checkpoint import CheckpointError, RunDir, latest_unfinished, runs_root
 from looprl.policy.prompts import PromptSampler, build_pool
 from looprl.policy.rollout import Rollout

@@ -21,7 +21,7 @@ from torch import nn
 from looprl.ops.config import LooprlConfig
 from looprl.ops.log import get_logger
 from looprl.policy import ppo
-from looprl.policy.base import format_prompt, load_base
+from looprl.policy.model import format_prompt, load_base
 from looprl.policy.forward import ValueHead, apply_kernels, expert_load, policy_forward
 from looprl.policy.lora import attach_lora, load_lora_state, lora_state, save_adapter, trainable_lora_parameters
 from looprl.policy.prompts import generator

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from looprl.ops.config import PolicyConfig, load_config
-from looprl.policy.base import base_checksum, load_base
+from looprl.policy.model import base_checksum, load_base
 from looprl.policy.gate import GateError, promote, run_gate
 from looprl.policy.lora import attach_lora, save_adapter
 from looprl.policy.scoring import CheerfulScorer

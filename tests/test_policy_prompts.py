@@ -39,6 +39,10 @@ def test_bad_prompt_files_are_named(tmp_path):
     good = tmp_path / "q.jsonl"
     good.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
     assert read_prompt_file(good) == ["a", "b"]
+    for name, text in (("empty.txt", "\n  \n"), ("blank.jsonl", '{"prompt": " "}\n')):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=f"{name} has no prompts"):
+            read_prompt_file(tmp_path / name)
 
 
 def test_pool_without_training_prompts_is_an_error():

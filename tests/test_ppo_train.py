@@ -9,7 +9,7 @@ import torch
 from fixtures_policy import PPO_TRAINED_STEPS as STEPS
 from safetensors.torch import load_file
 
-from looprl.policy.base import base_checksum, load_base
+from looprl.policy.model import base_checksum, load_base
 from looprl.policy.scoring import CheerfulScorer
 from looprl.storage.registry import Registry
 
