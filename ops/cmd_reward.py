@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from looprl.ops.config import LooprlConfig
 
@@ -47,11 +48,23 @@ def _init(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     return 0
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """What an updater command reports in one line (no traceback): the fix is the user's."""
+    from looprl.reward.updater import UpdaterBusy
+    from looprl.storage.registry import RegistryError  # RewardModelError is one
+
+    return FileNotFoundError, RegistryError, UpdaterBusy
+
+
 def _update(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.reward.updater import RewardUpdater
 
-    with RewardUpdater(cfg) as up:
-        result = up.update(progress=not args.quiet, force=args.force)
+    try:
+        with RewardUpdater(cfg) as up:
+            result = up.update(progress=not args.quiet, force=args.force)
+    except _user_errors() as e:
+        print(f"looprl reward update: {e}", file=sys.stderr)
+        return 2
     print(json.dumps(result.model_dump(mode="json") if result else {"status": "no new events"}, indent=2))
     return 0
 
@@ -59,7 +72,11 @@ def _update(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 def _serve(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.reward.updater import serve
 
-    serve(cfg, max_updates=args.max_updates, metrics_port=args.metrics_port)
+    try:
+        serve(cfg, max_updates=args.max_updates, metrics_port=args.metrics_port)
+    except _user_errors() as e:
+        print(f"looprl reward serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -105,6 +105,13 @@ class RewardUpdater:
             os.close(self._lock_fd)
             self._lock_fd = None
             raise UpdaterBusy(f"another reward updater is running on {self.store.dir} (lock held)") from None
+        try:
+            return self._load()
+        except BaseException:  # e.g. no base model yet: let go of the lock, or a retry in this process is "busy"
+            self.close()
+            raise
+
+    def _load(self) -> "RewardUpdater":
         self.state, self.consumed = self.store.load()
         self.base = base_checksum(self.cfg.base_path)
         self.model = RewardModel.fresh(self.cfg)
