@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import sys
 import threading
 
 from looprl.ops.config import LooprlConfig
@@ -19,7 +20,11 @@ from looprl.ops.config import LooprlConfig
 def _serve(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.serving.server import serve
 
-    return serve(cfg, host=args.host, port=args.port)
+    try:
+        return serve(cfg, host=args.host, port=args.port)
+    except (FileNotFoundError, ValueError) as e:  # no base model yet, a tokenizer without pad/eos
+        print(f"looprl serve: {e}", file=sys.stderr)
+        return 2
 
 
 def _controller(args: argparse.Namespace, cfg: LooprlConfig) -> int:

@@ -145,3 +145,17 @@ def test_looprl_init_is_idempotent(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("LOOPRL_MODEL__SEED", "1")
     assert main(["--workspace", str(ws), "init", "--quiet", "--force"]) == 0
     assert M.base_checksum(ws / "base") != first[1]  # rebuilt (another seed)
+
+
+@pytest.mark.parametrize("argv", [["train", "policy", "--no-ray", "--metrics-port", "0"], ["reward", "update"],
+                                  ["serve", "--port", "0"]])
+def test_commands_before_init_fail_in_one_line_that_names_the_fix(tmp_path, monkeypatch, capsys, argv):
+    from looprl.ops.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--workspace", str(tmp_path / "ws"), *argv]) == 2
+    err = capsys.readouterr().err  # structured log lines, then the error
+    assert "Traceback" not in err
+    assert re.fullmatch(rf"looprl {' '.join(a for a in argv[:2] if not a.startswith('-'))}: base model directory "
+                        r"\S+ws/base (does not exist|has no config.json) \(run `looprl init` or set model.base_path\)",
+                        err.splitlines()[-1]), err.splitlines()[-1]
