@@ -17,13 +17,16 @@ from .moe_lora import (
     LoRAFactors,
     disable_fused_moe_lora,
     enable_fused_moe_lora,
+    fused_layout_problem,
     moe_lora_experts,
+    peft_experts_chain,
     peft_lora_factors,
 )
 
 __all__ = [
     "Kernels", "select", "triton_available",
     "moe_lora_experts", "LoRAFactors", "peft_lora_factors", "enable_fused_moe_lora", "disable_fused_moe_lora",
+    "peft_experts_chain", "fused_layout_problem",
     "logprobs_and_entropy", "chunked_logprobs_and_entropy", "naive_logprobs_and_entropy", "hidden_states_and_head",
 ]
 

@@ -290,7 +290,7 @@ def _cast(lora: LoRAFactors | None, dtype: torch.dtype) -> tuple[Tensor | None, 
 #   delta_e = scaling * B[e] @ A[e]
 
 
-def _chain(module: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
+def peft_experts_chain(module: nn.Module) -> tuple[nn.Module, dict[str, nn.Module]]:
     """(experts module, {parameter_name: ParamWrapper}) for a (possibly nested) ParamWrapper."""
     from peft.tuners.lora.layer import ParamWrapper
 
@@ -315,6 +315,16 @@ def _is_fusable_experts(m: nn.Module) -> bool:
     )
 
 
+def fused_layout_problem(experts: nn.Module, wrappers: dict[str, nn.Module]) -> str | None:
+    """Why the fused path cannot run this LoRA'd experts module, or None when it can."""
+    if set(wrappers) - {"gate_up_proj", "down_proj"} or not _is_fusable_experts(experts):
+        return (f"LoRA targets {sorted(wrappers)} of {type(experts).__name__}, "
+                "whose layout the fused MoE-LoRA path does not support")
+    if any(not w._did_swap_in_out_features for w in wrappers.values()):
+        return "fused MoE-LoRA expects (E, out, in) expert weights"
+    return None
+
+
 def _default_gate(m: nn.Module) -> bool:
     """False if the experts class overrides transformers' act(gate) * up (e.g. clamped GLUs)."""
     gate = getattr(type(m), "_apply_gate", None)
@@ -336,7 +346,7 @@ def peft_lora_factors(wrapper: nn.Module, adapter: str) -> LoRAFactors:
 
 def _fused_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, top_k_weights: Tensor,
                    *args, **kwargs) -> Tensor:
-    experts, wrappers = _chain(self)
+    experts, wrappers = peft_experts_chain(self)
     active = self.active_adapters
     # Anything peft handles specially (disabled or merged adapters, several active adapters,
     # per-sample adapters) goes through peft's own forward.
@@ -365,14 +375,12 @@ def _expert_wrappers(model: nn.Module) -> list[nn.Module]:
     found, inner = [], set()
     for m in model.modules():
         if isinstance(m, ParamWrapper) and id(m) not in inner:
-            experts, wrappers = _chain(m)
+            experts, wrappers = peft_experts_chain(m)
             inner.update(id(w) for w in wrappers.values())
             if set(wrappers) & {"gate_up_proj", "down_proj"}:
-                if not _is_fusable_experts(experts) or set(wrappers) - {"gate_up_proj", "down_proj"}:
-                    raise ValueError(f"LoRA targets {sorted(wrappers)} of {type(experts).__name__}, "
-                                     "whose layout the fused MoE-LoRA path does not support")
-                if any(not w._did_swap_in_out_features for w in wrappers.values()):
-                    raise ValueError("fused MoE-LoRA expects (E, out, in) expert weights")
+                problem = fused_layout_problem(experts, wrappers)
+                if problem:
+                    raise ValueError(problem)
                 found.append(m)
     return found
 

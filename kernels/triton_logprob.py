@@ -8,7 +8,6 @@ the elementwise work around it, one program per token row, fp32 in registers:
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor

@@ -32,48 +32,6 @@ from torch import nn
 BASE = "__base__"
 
 
-def _param_wrapper_cls():
-    try:
-        from peft.tuners.lora.layer import ParamWrapper
-    except ImportError:  # pragma: no cover - older peft without target_parameters
-        return None
-    return ParamWrapper
-
-
-def _chain(wrapper: nn.Module) -> tuple[dict[str, nn.Module], nn.Module]:
-    """The nested ParamWrappers of one experts module by parameter name, and the experts module."""
-    pw = _param_wrapper_cls()
-    chain, mod = {}, wrapper
-    while isinstance(mod, pw):
-        chain[mod.parameter_name] = mod
-        mod = mod.base_layer
-    return chain, mod
-
-
-def _fusable(chain: dict[str, nn.Module], experts: nn.Module) -> bool:
-    """transformers-5 fused experts ([gate; up] in gate_up_proj (E, 2I, H), down_proj (E, H, I)),
-    LoRA'd on those two parameters only: the layout the fused kernel computes."""
-    gu, dn = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    return (
-        set(chain) <= {"gate_up_proj", "down_proj"}
-        and isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor) and gu.dim() == 3 and dn.dim() == 3
-        and gu.shape[1] == 2 * dn.shape[2] and hasattr(experts, "act_fn")
-        and not getattr(experts, "is_transposed", False) and not getattr(experts, "has_bias", False)
-        and getattr(experts, "is_concatenated", True) and getattr(experts, "has_gate", True)
-        and not getattr(experts, "has_post_expert_norm", False)
-        and getattr(type(experts), "_apply_gate", None) in (None, _default_gate())
-        and all(getattr(w, "_did_swap_in_out_features", False) for w in chain.values())
-    )
-
-
-def _default_gate():
-    try:
-        from transformers.integrations.moe import _default_apply_gate
-    except ImportError:  # pragma: no cover
-        return None
-    return _default_apply_gate
-
-
 class MixedLora:
     def __init__(self, model: nn.Module, impl: str = "torch"):
         if impl not in ("peft", "torch", "triton"):
@@ -87,14 +45,13 @@ class MixedLora:
     def refresh(self) -> None:
         """(Re)install hooks after adapters were injected: peft may have created new LoRA layers
         or wrapped the experts in one more ``ParamWrapper``."""
-        from peft.tuners.lora.layer import LoraLayer
+        from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 
-        pw = _param_wrapper_cls()
         mods = dict(self.model.named_modules())
         for name, mod in mods.items():
-            if pw is not None and isinstance(mod, pw):
+            if isinstance(mod, ParamWrapper):
                 parent = mods.get(name.rpartition(".")[0])
-                outermost = not isinstance(parent, pw)
+                outermost = not isinstance(parent, ParamWrapper)
                 patched = "forward" in mod.__dict__
                 if outermost and not patched:
                     mod.forward = types.MethodType(_make_experts_forward(self), mod)
@@ -120,8 +77,11 @@ class MixedLora:
 
 
 def _make_experts_forward(mixer: MixedLora):
-    pw = _param_wrapper_cls()
-    peft_forward = pw.forward
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from looprl.kernels import fused_layout_problem, moe_lora_experts, peft_experts_chain, peft_lora_factors
+
+    peft_forward = ParamWrapper.forward
 
     def run(self: nn.Module, chain: dict, experts: nn.Module, fused: bool, key: str,
             hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -131,8 +91,6 @@ def _make_experts_forward(mixer: MixedLora):
             for w in chain.values():
                 w._active_adapter = [key]
             return peft_forward(self, hidden, top_k_index, top_k_weights)
-        from looprl.kernels import moe_lora_experts, peft_lora_factors
-
         def factors(name: str):
             w = chain.get(name)
             return peft_lora_factors(w, key) if w is not None and key in w.lora_A else None
@@ -141,11 +99,11 @@ def _make_experts_forward(mixer: MixedLora):
                                 factors("gate_up_proj"), factors("down_proj"), act=experts.act_fn, impl=mixer.impl)
 
     def forward(self: nn.Module, hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        chain, experts = _chain(self)
+        experts, chain = peft_experts_chain(self)
         if len(args) != 2 or kwargs:  # not the (hidden, top_k_index, top_k_weights) experts call
             return peft_forward(self, hidden, *args, **kwargs)
         top_k_index, top_k_weights = args
-        fused = mixer.impl != "peft" and _fusable(chain, experts)
+        fused = mixer.impl != "peft" and fused_layout_problem(experts, chain) is None
         rows = mixer.rows
         if rows is None:  # whole batch on the model's active adapter (or adapters disabled)
             active = self.active_adapters
