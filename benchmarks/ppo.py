@@ -6,10 +6,9 @@ For each cfg.kernels setting (moe_lora peft|torch x logprob naive|chunked) it ru
 `--steps` PPO iterations in-process (LocalBackend: rollout, scoring, learning back to back, as
 one Ray worker + learner would, minus Ray's transport) and reports completion tokens/s and the
 share of time in rollout (sampling), scoring (reward) and learning (old/ref/value passes + PPO
-epochs). The base is `looprl.policy.model.create_base` at the cfg.model defaults when available
-(pre-trained tiny MoE), else a random-init model of the same shape. The reward is the
-an untrained reward model of the configured shape (scoring costs the same as with a
-trained one), or the cheerful-word count if `looprl.reward.model` is missing.
+epochs). The base is `looprl.policy.model.create_base` at the cfg.model defaults (the pre-trained
+tiny MoE of `looprl init`). The reward is an untrained reward model of the configured shape
+(scoring costs the same as with a trained one).
 
 The last line is a JSON object; speed figures are ratios to the peft+naive baseline of this run.
 """
@@ -31,17 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def build_base(cfg, out: Path) -> tuple[Path, str]:
-    try:
-        from looprl.policy.model import create_base
+    from looprl.policy.model import create_base
 
-        return Path(create_base(cfg, out_dir=out, progress=False)), "looprl.policy.model.create_base"
-    except ImportError:
-        from looprl.policy.testing import build_random_base
-
-        m = cfg.model
-        path = build_random_base(out, hidden_size=m.hidden_size, num_layers=m.num_layers,
-                                 num_experts=m.num_experts, expert_size=m.expert_intermediate_size)
-        return path, "random-init (looprl.policy.model not available)"
+    return Path(create_base(cfg, out_dir=out, progress=False)), "looprl.policy.model.create_base"
 
 
 class _FreshRewardModel:
@@ -59,12 +50,7 @@ class _FreshRewardModel:
 
 
 def make_scorer(cfg):
-    try:
-        return _FreshRewardModel(cfg), "reward model (base + LoRA + head, untrained)"
-    except ImportError:
-        from looprl.policy.scoring import CheerfulScorer
-
-        return CheerfulScorer(), "cheerful-word count (looprl.reward.model not available)"
+    return _FreshRewardModel(cfg), "reward model (base + LoRA + head, untrained)"
 
 
 def bench(cfgs: dict, scorer, steps: int) -> dict:

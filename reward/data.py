@@ -136,8 +136,6 @@ class FeedbackSource:
 
 def connect_event_log(events_dir):
     """A DuckDB connection to the event log (``looprl.storage.events``)."""
-    try:
-        from looprl.storage.events import EventLog
-    except ImportError as e:  # pragma: no cover - only while the storage stage is missing
-        raise RuntimeError(f"looprl.storage.events is not available ({e}); cannot read {events_dir}") from e
+    from looprl.storage.events import EventLog
+
     return EventLog(events_dir).connect()
