@@ -24,6 +24,7 @@ log = get_logger(__name__)
 
 HELDOUT_BUCKETS = 8  # 1 in 8 prompts is held out for the gate
 
+
 def is_heldout(prompt: str) -> bool:
     h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
     return h % HELDOUT_BUCKETS == 0
