@@ -23,8 +23,13 @@ from looprl.storage.registry import Registry
 pytestmark = pytest.mark.slow
 
 CHAOS_EVERY_S = 20
-MAX_TRAFFIC_MINUTES = 9  # the budget; a healthy run stops well before (~4-6 min)
+MAX_TRAFFIC_MINUTES = 9  # the budget; a healthy run stops well before (~3-5 min, ~7 if v1 is weak)
 MIN_EVAL = 20  # held-out requests served by the promoted version before we stop
+MIN_IMPROVEMENT_P = 0.08  # served minus base mean preference probability on held-out prompts
+# An early promoted version can be a weak one (it passes the canary by not regressing): then the
+# loop goes on training, and the test waits for a later version, within the budget. It stops at
+# a margin above the asserted figure because a few more answers arrive before the demo stops.
+STOP_MARGIN_P = 0.02
 
 
 def _descendants(pid: int) -> set[int]:
@@ -75,7 +80,9 @@ def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
                 continue  # every stage gets its SIGKILL first
             promoted = reg.pointer("policy", "promoted") if reg.kind_dir("policy").is_dir() else None
             evals = (read_status(cfg).get("by_version") or {}).get("eval") or {}
-            if promoted and (evals.get(promoted) or {}).get("n", 0) >= MIN_EVAL + 5:
+            served, base = evals.get(promoted) or {}, evals.get("base") or {}
+            if promoted and served.get("n", 0) >= MIN_EVAL + 5 and base.get("n", 0) >= MIN_EVAL \
+                    and served["p_mean"] - base["p_mean"] >= MIN_IMPROVEMENT_P + STOP_MARGIN_P:
                 break
         procs = _descendants(p.pid)  # now including the scheduler's Ray cluster
         os.killpg(p.pid, signal.SIGINT)  # Ctrl-C
@@ -118,4 +125,4 @@ def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
     assert s["reward_updates"] >= 2 and s["policy_versions"] >= 1, s
     assert s["promoted"] is not None, "no version was promoted"
     assert s["base"]["n"] >= MIN_EVAL and s["served"]["n"] >= MIN_EVAL
-    assert s["improvement_p"] >= 0.08, (s["base"], s["served"])
+    assert s["improvement_p"] >= MIN_IMPROVEMENT_P, (s["base"], s["served"])
