@@ -61,8 +61,8 @@ def prompt_sets(cfg: LooprlConfig) -> tuple[list[str], list[str]]:
 
     try:
         train = list(dict.fromkeys(configured_prompts(cfg)))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"policy.prompts_file: {e}") from None
+    except OSError as e:  # read_prompt_file's messages already name policy.prompts_file
+        raise ValueError(str(e)) from None
     fresh = [p for p in heldout_prompts() if p not in set(train)]
     held = [p for p in fresh if is_heldout(p)]
     if len(held) < 4:

@@ -43,20 +43,24 @@ def read_prompt_file(path: Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"policy.prompts_file {path} does not exist")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"policy.prompts_file {path} cannot be read as text ({e})") from None
     if path.suffix == ".jsonl":
         import json
 
         out = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
                 out.append(str(json.loads(line)["prompt"]))
             except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{path}:{i}: expected a JSON object with a 'prompt' field ({e})") from None
+                raise ValueError(f"policy.prompts_file {path}:{i}: expected a JSON object with a 'prompt' field ({e})") from None
         out = [p for p in out if p.strip()]
     else:
-        out = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        out = [line.strip() for line in lines if line.strip()]
     if not out:
         raise ValueError(f"policy.prompts_file {path} has no prompts")
     return out

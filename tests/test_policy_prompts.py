@@ -43,6 +43,22 @@ def test_bad_prompt_files_are_named(tmp_path):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=f"{name} has no prompts"):
             read_prompt_file(tmp_path / name)
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.txt cannot be read as text"):
+        read_prompt_file(tmp_path / "latin1.txt")
+
+
+@pytest.mark.parametrize("name, text", [("missing.txt", None), ("p.jsonl", '{"text": "x"}\n'), ("e.txt", "\n")])
+def test_simulator_names_a_bad_prompt_file_once(tmp_path, name, text):
+    from looprl.ops.simulator import prompt_sets
+
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    cfg = load_config(environ={}, workspace=tmp_path / "ws", policy={"prompts_file": str(tmp_path / name)})
+    with pytest.raises(ValueError) as err:
+        prompt_sets(cfg)
+    assert str(err.value).startswith(f"policy.prompts_file {tmp_path / name}")
+    assert str(err.value).count("policy.prompts_file") == 1
 
 
 def test_pool_without_training_prompts_is_an_error():
