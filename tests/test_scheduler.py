@@ -127,6 +127,21 @@ class Always:
         return "always due"
 
 
+class Fires:
+    """A manual trigger: due on its first `times` checks, then never again."""
+
+    name = "manual"
+
+    def __init__(self, times: int = 1, reason: str = "go"):
+        self.left, self.reason = times, reason
+
+    def check(self, now, state):
+        if self.left > 0:
+            self.left -= 1
+            return self.reason
+        return None
+
+
 def test_a_job_never_overlaps_itself(tmp_path):
     release, started = threading.Event(), []
 
@@ -183,19 +198,8 @@ def test_failed_jobs_retry_with_exponential_backoff(tmp_path):
             raise RuntimeError(f"boom {len(calls)}")
         return {"version": "v7"}
 
-    once = {"fired": False}
-
-    class Once:
-        name = "manual"
-
-        def check(self, now, state):
-            if not once["fired"]:
-                once["fired"] = True
-                return "test"
-            return None
-
     before = REGISTRY.get_sample_value("looprl_scheduler_job_retries_total", {"job": "flaky"}) or 0.0
-    s = make(tmp_path, [Job("flaky", flaky, [Once()])], clock=clock, max_retries=3, backoff_seconds=10)
+    s = make(tmp_path, [Job("flaky", flaky, [Fires(reason="test")])], clock=clock, max_retries=3, backoff_seconds=10)
     s.tick()
     wait_idle(s)
     assert len(calls) == 1 and s.state["flaky"].retry_at == clock.t + 10
@@ -222,17 +226,7 @@ def test_failed_jobs_retry_with_exponential_backoff(tmp_path):
 def test_retries_are_bounded(tmp_path):
     clock = Clock()
     calls = []
-    fired = []
-
-    class Once:
-        name = "manual"
-
-        def check(self, now, state):
-            if not fired:
-                fired.append(1)
-                return "x"
-
-    s = make(tmp_path, [Job("bad", lambda: calls.append(1) or 1 / 0, [Once()])], clock=clock,
+    s = make(tmp_path, [Job("bad", lambda: calls.append(1) or 1 / 0, [Fires()])], clock=clock,
              max_retries=2, backoff_seconds=1, backoff_max_seconds=1.5)
     for _ in range(10):
         s.tick()
@@ -310,21 +304,8 @@ def test_subprocess_jobs_report_details_failures_and_timeouts(tmp_path):
     ok = [py, "-c", "import json,sys; print('noise', file=sys.stderr); print(json.dumps({'version': 'v2'}))"]
     bad = [py, "-c", "import sys; print('it broke', file=sys.stderr); sys.exit(3)"]
     slow = [py, "-c", "import time; time.sleep(30)"]
-    fired = set()
-
-    class Once:
-        name = "manual"
-
-        def __init__(self, job):
-            self.job = job
-
-        def check(self, now, state):
-            if self.job not in fired:
-                fired.add(self.job)
-                return "go"
-
-    s = make(tmp_path, [Job("ok", ok, [Once("ok")]), Job("bad", bad, [Once("bad")]),
-                        Job("slow", slow, [Once("slow")], timeout_s=1.0)],
+    s = make(tmp_path, [Job("ok", ok, [Fires()]), Job("bad", bad, [Fires()]),
+                        Job("slow", slow, [Fires()], timeout_s=1.0)],
              runner=SubprocessRunner(tmp_path / "logs"), max_retries=0, max_concurrent=3)
     s.tick()
     wait_idle(s, timeout=20)
@@ -367,17 +348,7 @@ def test_a_job_runs_on_ray(tmp_path):
     try:
         cmd = [sys.executable, "-c", "import json, os; print(json.dumps({'addr': os.environ['LOOPRL_POLICY__RAY_ADDRESS'],"
                " 'pid': os.getpid()}))"]
-        fired = []
-
-        class Once:
-            name = "manual"
-
-            def check(self, now, state):
-                if not fired:
-                    fired.append(1)
-                    return "go"
-
-        s = make(tmp_path, [Job("policy", cmd, [Once()])], runner=runner)
+        s = make(tmp_path, [Job("policy", cmd, [Fires()])], runner=runner)
         s.tick()
         wait_idle(s, timeout=120)
         row = s.history.last("policy")
@@ -466,17 +437,7 @@ def test_each_policy_run_gets_its_own_seed(tmp_path):
             seen.append(env.get("LOOPRL_POLICY__SEED"))
             return super().submit(job, command, env, timeout_s)
 
-    fired = []
-
-    class Twice:
-        name = "manual"
-
-        def check(self, now, state):
-            if len(fired) < 2:
-                fired.append(1)
-                return "go"
-
-    s = make(tmp_path, [Job("policy", lambda: {}, [Twice()], seed_env="LOOPRL_POLICY__SEED")], runner=EnvRunner())
+    s = make(tmp_path, [Job("policy", lambda: {}, [Fires(times=2)], seed_env="LOOPRL_POLICY__SEED")], runner=EnvRunner())
     for _ in range(2):
         s.tick()
         wait_idle(s)
