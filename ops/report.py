@@ -20,6 +20,8 @@ import json
 import math
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -90,33 +92,43 @@ def _binned(rows: list[dict], t0: float, bin_s: float) -> tuple[list[float], lis
     return xs, rates, ps
 
 
-def plot_thumbs(interactions: list[dict], out: Path, bin_s: float = 60.0) -> Path:
+@contextmanager
+def _axes(out: Path, height: float = 4.0, legend_loc: str = "best") -> Iterator[Any]:
+    """Axes of a figure that is written to `out` (PNG, headless) when the block ends, with a grid
+    and, when anything drawn has a label, a legend."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, ax = plt.subplots(figsize=(8, height))
+    try:
+        yield ax
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc=legend_loc)
+        fig.tight_layout()
+        fig.savefig(out, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_thumbs(interactions: list[dict], out: Path, bin_s: float = 60.0) -> Path:
     evals = [r for r in interactions if r.get("kind") == "eval"]
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    if evals:
-        t0 = min(r["ts"] for r in interactions)
-        by_version: dict[str, list[dict]] = defaultdict(list)
-        for r in evals:
-            by_version[r["version"]].append(r)
-        for v in sorted(by_version, key=_version_key):
-            xs, rates, ps = _binned(by_version[v], t0, bin_s)
-            line, = ax.plot(xs, ps, marker="o", ms=3, label=f"{v} (expected)")
-            ax.scatter(xs, rates, s=10, alpha=0.4, color=line.get_color())
-    ax.set_xlabel("minutes since the first request")
-    ax.set_ylabel("thumbs-up rate on held-out prompts")
-    ax.set_ylim(0, 1)
-    ax.set_title("Eval thumbs-up rate per adapter version (dots: sampled, lines: expected)")
-    ax.grid(alpha=0.3)
-    if evals:
-        ax.legend(fontsize=8, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with _axes(out, height=4.5, legend_loc="upper left") as ax:
+        if evals:
+            t0 = min(r["ts"] for r in interactions)
+            by_version: dict[str, list[dict]] = defaultdict(list)
+            for r in evals:
+                by_version[r["version"]].append(r)
+            for v in sorted(by_version, key=_version_key):
+                xs, rates, ps = _binned(by_version[v], t0, bin_s)
+                line, = ax.plot(xs, ps, marker="o", ms=3, label=f"{v} (expected)")
+                ax.scatter(xs, rates, s=10, alpha=0.4, color=line.get_color())
+        ax.set_xlabel("minutes since the first request")
+        ax.set_ylabel("thumbs-up rate on held-out prompts")
+        ax.set_ylim(0, 1)
+        ax.set_title("Eval thumbs-up rate per adapter version (dots: sampled, lines: expected)")
     return out
 
 
@@ -143,30 +155,17 @@ def reward_accuracy_points(cfg: LooprlConfig) -> list[dict[str, Any]]:
 
 
 def plot_reward_accuracy(points: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    drawn = False
-    for key, label in (("pair_accuracy", "prequential pair accuracy"), ("thumbs_auc", "prequential thumbs AUC"),
-                       ("holdout_score", "held-out score")):
-        pts = [(i + 1, p[key]) for i, p in enumerate(points) if isinstance(p.get(key), (int, float))]
-        if pts:
-            ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, label=label)
-            drawn = True
-    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
-    ax.set_xlabel("reward model update")
-    ax.set_ylabel("accuracy / AUC")
-    ax.set_ylim(0, 1)
-    ax.set_title("Reward model on feedback it had not trained on (test-then-train)")
-    ax.grid(alpha=0.3)
-    if drawn:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with _axes(out) as ax:
+        for key, label in (("pair_accuracy", "prequential pair accuracy"), ("thumbs_auc", "prequential thumbs AUC"),
+                           ("holdout_score", "held-out score")):
+            pts = [(i + 1, p[key]) for i, p in enumerate(points) if isinstance(p.get(key), (int, float))]
+            if pts:
+                ax.plot([a for a, _ in pts], [b for _, b in pts], marker="o", ms=3, label=label)
+        ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+        ax.set_xlabel("reward model update")
+        ax.set_ylabel("accuracy / AUC")
+        ax.set_ylim(0, 1)
+        ax.set_title("Reward model on feedback it had not trained on (test-then-train)")
     return out
 
 
@@ -186,27 +185,16 @@ def policy_curves(cfg: LooprlConfig) -> list[dict[str, Any]]:
 
 
 def plot_kl(curves: list[dict], out: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    offset = 0
-    for c in curves:
-        kl = [k for k in c["kl"] if isinstance(k, (int, float))]
-        if kl:
-            ax.plot(range(offset, offset + len(kl)), kl, marker=".", label=f"{c['version']} ({c['status']})")
-            offset += len(kl)
-    ax.set_xlabel("PPO step (all runs, in order)")
-    ax.set_ylabel("KL(policy || base), nats per completion")
-    ax.set_title("KL to the base model during PPO")
-    ax.grid(alpha=0.3)
-    if offset:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    with _axes(out) as ax:
+        offset = 0  # runs follow each other on one step axis
+        for c in curves:
+            kl = [k for k in c["kl"] if isinstance(k, (int, float))]
+            if kl:
+                ax.plot(range(offset, offset + len(kl)), kl, marker=".", label=f"{c['version']} ({c['status']})")
+                offset += len(kl)
+        ax.set_xlabel("PPO step (all runs, in order)")
+        ax.set_ylabel("KL(policy || base), nats per completion")
+        ax.set_title("KL to the base model during PPO")
     return out
 
 
