@@ -81,7 +81,7 @@ class _ResponsesView:
 
         con = duckdb.connect()
         con.register("responses", pa.Table.from_pylist(self.rows))
-        return con.execute(sql).to_arrow_table()
+        return con.sql(sql).to_arrow_table()
 
 
 def test_recent_traffic_prompts_come_first_newest_first(tmp_path, monkeypatch):
