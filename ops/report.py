@@ -134,23 +134,26 @@ def plot_thumbs(interactions: list[dict], out: Path, bin_s: float = 60.0) -> Pat
 
 def reward_accuracy_points(cfg: LooprlConfig) -> list[dict[str, Any]]:
     """One point per reward update: prequential pair accuracy / thumbs AUC (judged on the new
-    feedback *before* training on it) and the held-out score, from ``state/reward_history.jsonl``
-    (falls back to the published manifests)."""
+    feedback *before* training on it), the candidate's held-out score and the published version's
+    score on the same held-out set (what the publish decision compared), from
+    ``state/reward_history.jsonl`` (falls back to the published manifests)."""
     from looprl.reward.history import read_history, reward_history_path
     from looprl.storage.registry import Registry
 
     pts: list[dict[str, Any]] = []
     if reward_history_path(cfg).is_file():
         for row in read_history(cfg):
-            preq, cand = row.get("prequential") or {}, row.get("candidate") or {}
+            preq, cand, cur = row.get("prequential") or {}, row.get("candidate") or {}, row.get("current") or {}
             pts.append({"update": row.get("update"), "version": row.get("version"), "decision": row.get("decision"),
                         "new_events": row.get("new_events"), "pair_accuracy": preq.get("pair_accuracy"),
-                        "thumbs_auc": preq.get("thumbs_auc"), "holdout_score": cand.get("score")})
+                        "thumbs_auc": preq.get("thumbs_auc"), "holdout_score": cand.get("score"),
+                        "current_score": cur.get("score"), "current_version": row.get("current_version")})
         return pts
     for m in Registry(cfg.registry_dir).list("reward"):
         pts.append({"update": m.extra.get("update"), "version": m.version, "decision": "published",
                     "new_events": None, "pair_accuracy": m.metrics.get("prequential_pair_accuracy"),
-                    "thumbs_auc": m.metrics.get("prequential_thumbs_auc"), "holdout_score": m.metrics.get("holdout_score")})
+                    "thumbs_auc": m.metrics.get("prequential_thumbs_auc"), "holdout_score": m.metrics.get("holdout_score"),
+                    "current_score": m.metrics.get("current_holdout_score"), "current_version": m.parent})
     return pts
 
 
@@ -255,12 +258,17 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
     for v, s in summary["eval"].items():
         lines.append(f"| {v} | {s['n']} | {_fmt(s['rate'], True)} | {_fmt(s['p_mean'], True)} |")
     lines += ["", "## Reward model", "",
-              "| update | new events | prequential pair acc. | prequential thumbs AUC | held-out | decision | version |",
-              "|---|---|---|---|---|---|---|"]
+              "| update | new events | prequential pair acc. | prequential thumbs AUC | held-out "
+              "| published on same held-out | decision | version |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in reward_pts:
+        cur = "-" if p.get("current_score") is None else f"{_fmt(p['current_score'])} ({p.get('current_version') or '?'})"
         lines.append(f"| {p['update']} | {_fmt(p['new_events'])} | {_fmt(p['pair_accuracy'])} | {_fmt(p['thumbs_auc'])} "
-                     f"| {_fmt(p['holdout_score'])} | {p['decision']} | {p['version'] or '-'} |")
-    lines += ["", "![reward accuracy](reward_accuracy.png)", "", "## Policy versions", "",
+                     f"| {_fmt(p['holdout_score'])} | {cur} | {p['decision']} | {p['version'] or '-'} |")
+    lines += ["", "A candidate is published when its held-out score is at least the published version's score on "
+              f"the same held-out set minus {cfg.reward.publish_margin}; the held-out set grows with every update, "
+              "so the published version is re-scored each time.",
+              "", "![reward accuracy](reward_accuracy.png)", "", "## Policy versions", "",
               "| version | status | reward model | steps | final KL |", "|---|---|---|---|---|"]
     for c in curves:
         lines.append(f"| {c['version']} | {c['status']} | {c['reward_version'] or '-'} | {len(c['kl'])} "

@@ -68,7 +68,9 @@ def test_write_report(tmp_path):
     (cfg.state_dir / "reward_history.jsonl").write_text("\n".join(json.dumps(
         {"update": i, "version": f"v{i}", "decision": "published", "new_events": 50,
          "prequential": {"pair_accuracy": 0.5 + 0.05 * i, "thumbs_auc": 0.6}, "candidate": {"score": 0.7}})
-        for i in (1, 2, 3)) + "\n")
+        for i in (1, 2, 3)) + "\n" + json.dumps(
+        {"update": 4, "version": None, "decision": "rejected", "new_events": 40, "prequential": {},
+         "candidate": {"score": 0.72}, "current": {"score": 0.781}, "current_version": "v3"}) + "\n")
     reg = Registry(cfg.registry_dir)
     v1 = publish(reg, tmp_path, [{"kl": 0.1 * i, "reward_mean": 0.2} for i in range(5)])
     reg.set_status("policy", v1, "gated", "test")
@@ -84,7 +86,9 @@ def test_write_report(tmp_path):
     assert saved["served_version"] == "v1" and saved["promoted"] == "v1"
     assert saved["target_met"] == (saved["improvement_rate"] >= 0.25)
     assert saved["improvement_rate"] > 0.25  # 0.6 vs 0.2 with n=200
-    assert saved["reward_updates"] == 3 and saved["policy_versions"] == 1 and saved["decisions"] == 2
+    assert saved["reward_updates"] == 4 and saved["policy_versions"] == 1 and saved["decisions"] == 2
     md = (out / "report.md").read_text()
     assert "Improvement: 0." in md and "manual_promote" in md and "| 3 | 50 | 0.650 |" in md
+    # A rejection is explained by the published version's score on the same held-out set.
+    assert "| 4 | 40 | - | - | 0.720 | 0.781 (v3) | rejected | - |" in md
     assert "![thumbs-up rate](thumbs_up.png)" in md
