@@ -59,6 +59,11 @@ DEMO_TUNING: dict[str, Any] = {
     "scheduler.policy_min_reward_pair_accuracy": 0.8,
     "scheduler.policy_min_reward_pairs": 15,
     "scheduler.poll_seconds": 1.0,
+    # Train continually: once the reward model stops publishing (its held-out score plateaus after
+    # ~10 minutes), new reward versions no longer start PPO runs, and at the 300 s default the
+    # policy sat idle for the last 3-4 minutes of the demo. A run starts at most every 60 s (a
+    # run takes ~45 s), still held while a canary is deciding.
+    "scheduler.interval_seconds": 60.0,
     "scheduler.job_timeout_seconds": 600.0,
     "scheduler.backoff_seconds": 2.0,
     "canary.traffic_share": 0.5,
