@@ -70,8 +70,14 @@ DEMO_TUNING: dict[str, Any] = {
     "canary.min_samples": 25,
     "canary.max_samples": 80,
     # The adaptive KL controller steers each run towards target_kl; a run continuing from a
-    # promoted adapter above it would spend its steps pulling the policy back to the base.
-    "policy.target_kl": 5.0,
+    # promoted adapter above it would spend its steps pulling the policy back to the base. The
+    # leash is what caps learning here. Measured (15-minute runs, expected thumbs-up rate of the
+    # served version): at 5 nats per 16-token answer 46-61% over 4 runs, later runs losing the gate
+    # to the promoted version; at 7 nats 60% and 70%, answers still grammatical and distinct but
+    # repeating cheerful phrases more ("we love the park in the morning. i love the hill.").
+    "policy.target_kl": 7.0,
+    # The gate's cap stays well above target_kl, which the controller overshoots for a while.
+    "gate.max_kl": 10.0,
 }
 
 # Start order = dependency order; the supervisor stops them in reverse.
