@@ -61,8 +61,8 @@ DEMO_TUNING: dict[str, Any] = {
     "scheduler.poll_seconds": 1.0,
     # Train continually: once the reward model stops publishing (its held-out score plateaus after
     # ~10 minutes), new reward versions no longer start PPO runs, and at the 300 s default the
-    # policy sat idle for the last 3-4 minutes of the demo. A run starts at most every 60 s (a
-    # run takes ~45 s), still held while a canary is deciding.
+    # policy sat idle for the last 3-4 minutes of the demo. Now a run also starts once 60 s have
+    # passed since the last one began (a run takes ~45 s), still held while a canary is deciding.
     "scheduler.interval_seconds": 60.0,
     "scheduler.job_timeout_seconds": 600.0,
     "scheduler.backoff_seconds": 2.0,
@@ -72,9 +72,10 @@ DEMO_TUNING: dict[str, Any] = {
     # The adaptive KL controller steers each run towards target_kl; a run continuing from a
     # promoted adapter above it would spend its steps pulling the policy back to the base. The
     # leash is what caps learning here. Measured (15-minute runs, expected thumbs-up rate of the
-    # served version): at 5 nats per 16-token answer 46-61% over 4 runs, later runs losing the gate
-    # to the promoted version; at 7 nats 60% and 70%, answers still grammatical and distinct but
-    # repeating cheerful phrases more ("we love the park in the morning. i love the hill.").
+    # served version, base ~21%): at 5 nats per 16-token answer 46-61% over 4 runs, later runs
+    # losing the gate to the promoted version; at 7 nats 48-70% over 3 runs (mean gain +0.39 vs
+    # +0.30), answers still grammatical and distinct but repeating cheerful phrases more
+    # ("we love the park in the morning. i love the hill.").
     "policy.target_kl": 7.0,
     # The gate's cap stays well above target_kl, which the controller overshoots for a while.
     "gate.max_kl": 10.0,
