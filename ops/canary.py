@@ -23,26 +23,24 @@ Every decision goes to ``registry.set_status`` with its numbers and to a JSONL d
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 from prometheus_client import Counter, Gauge
 
 from looprl.ops.config import CanaryConfig, LooprlConfig
 from looprl.ops.log import get_logger
+from looprl.storage import releases
 from looprl.storage.registry import Manifest, Registry, RegistryError
+from looprl.storage.releases import BASE, KIND, DecisionRecord
 
 log = get_logger(__name__)
 
 # Statuses that passed the offline gate at some point: a person may (re-)promote these.
 MANUALLY_PROMOTABLE = ("gated", "canary", "promoted", "rolled_back")
 
-KIND = "policy"
-BASE = "base"  # the adapter_version serving reports for the base model
 # The test looks at the data once per this many new votes (both arms together), not on every
 # poll: each look is a chance for a false alarm, so looks are tied to evidence, not to time.
 LOOK_EVERY_VOTES = 10
@@ -158,19 +156,7 @@ def event_log_counts(cfg: LooprlConfig) -> CountsFn:
 
 
 # --------------------------------------------------------------------------- the manager
-def _version_number(v: str | None) -> int:
-    return int(v[1:]) if v and v.startswith("v") and v[1:].isdigit() else 0
-
-
-@dataclass
-class DecisionRecord:
-    at: float
-    action: str  # start | promote | rollback | manual_promote | manual_rollback
-    version: str | None
-    control: str
-    reason: str
-    numbers: dict[str, Any]
-    by: str = "scheduler"
+_version_number = releases.version_number
 
 
 class CanaryManager:
@@ -181,7 +167,7 @@ class CanaryManager:
         self.registry = Registry(cfg.registry_dir)
         self.counts = counts or event_log_counts(cfg)
         self.clock = clock
-        self.log_path = cfg.state_dir / "canary" / "decisions.jsonl"
+        self.log_path = releases.decisions_path(cfg.state_dir)
         self._looked: tuple[str, int] | None = None  # (canary version, votes at the last look)
 
     # ---- reading
@@ -192,15 +178,11 @@ class CanaryManager:
         return self.registry.pointer(KIND, "canary")
 
     def decisions(self) -> list[dict[str, Any]]:
-        if not self.log_path.is_file():
-            return []
-        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+        return releases.read_decisions(self.cfg.state_dir)
 
-    def _record(self, rec: DecisionRecord) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(asdict(rec), default=str) + "\n")
-            f.flush()
+    def _record(self, rec: DecisionRecord, write: bool = True) -> None:
+        if write:
+            releases.record_decision(self.cfg.state_dir, rec)
         DECISIONS.labels(decision=rec.action).inc()
         log.info("canary decision", action=rec.action, version=rec.version, control=rec.control,
                  reason=rec.reason, numbers=rec.numbers, by=rec.by)
@@ -274,10 +256,10 @@ class CanaryManager:
         self._record(DecisionRecord(self.clock(), action, version, control, reason, numbers, by))
 
     def _rollback_canary(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str) -> None:
-        self.registry.set_status(KIND, version, "rolled_back", reason, numbers)
-        self.registry.set_pointer(KIND, "canary", None)
+        rec = releases.roll_back_canary(self.registry, self.cfg.state_dir, version, reason, by=by, action=action,
+                                        numbers={**numbers, "control": control}, at=self.clock())
         ACTIVE.set(0)
-        self._record(DecisionRecord(self.clock(), action, version, control, reason, numbers, by))
+        self._record(rec, write=False)
 
     # ---- people (token checked by the CLI)
     def manual_promote(self, version: str, by: str = "operator") -> None:
@@ -301,23 +283,14 @@ class CanaryManager:
         current = self.promoted()
         if current is None:
             raise RegistryError("nothing to roll back: no canary and the base model already serves all traffic")
-        previous = self.previous_promoted(current)
-        self.registry.set_status(KIND, current, "rolled_back", f"manual rollback by {by}",
-                                 {"restored": previous or BASE})
-        self.registry.set_pointer(KIND, "promoted", previous)
-        PROMOTED.set(_version_number(previous))
-        self._record(DecisionRecord(self.clock(), "manual_rollback", current, previous or BASE,
-                                    f"manual rollback by {by}", {"restored": previous or BASE}, by))
-        return f"{current} rolled back; {previous or 'the base model'} serves all traffic"
+        rec = releases.roll_back_promoted(self.registry, self.cfg.state_dir, f"manual rollback by {by}", by=by,
+                                          action="manual_rollback", at=self.clock())
+        PROMOTED.set(_version_number(self.promoted()))
+        self._record(rec, write=False)
+        return f"{current} rolled back; {rec.control if rec.control != BASE else 'the base model'} serves all traffic"
 
     def previous_promoted(self, current: str) -> str | None:
-        """The newest version before ``current`` that was promoted and not rolled back since."""
-        for m in reversed(self.registry.list(KIND)):
-            if m.number >= _version_number(current):
-                continue
-            if m.status == "promoted":
-                return m.version
-        return None
+        return releases.previous_promoted(self.registry, current)
 
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"promoted": self.promoted() or BASE, "canary": self.canary()}
@@ -332,7 +305,4 @@ class CanaryManager:
 
 
 def read_decisions(cfg: LooprlConfig) -> list[dict[str, Any]]:
-    path = Path(cfg.state_dir) / "canary" / "decisions.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return releases.read_decisions(cfg.state_dir)

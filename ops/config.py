@@ -192,6 +192,8 @@ class ServingConfig(Section):
     base_path: Path | None = None
     # Requests queued beyond the running batch before answering 503 (production: ~10x batch).
     max_queue: int = Field(256, ge=1)
+    # Consecutive failed requests after which an adapter is unhealthy: the controller rolls it back.
+    unhealthy_after: int = Field(3, ge=1)
     # Torch intra-op threads of the engine: 1 for the tiny CPU model (more spin on busy cores).
     torch_threads: int = Field(1, ge=1)
     # Log every answer to kafka.topic_responses (skipped with a warning if Kafka is unreachable).
@@ -264,6 +266,14 @@ class DemoConfig(Section):
     max_tokens: int = Field(16, ge=1)
     target_improvement: float = Field(0.25, ge=0, le=1)
     seed: int = 0
+    # Failure watch (ops/health.py): the demo stops with a non-zero exit, printing the first error
+    # line and the log path, when serving answers more than failure_rate of its requests with an
+    # error for failure_seconds, or a stage restarts more than max_restarts times within
+    # restart_window_seconds.
+    failure_rate: float = Field(0.2, ge=0, lt=1)
+    failure_seconds: float = Field(60.0, gt=0)
+    max_restarts: int = Field(3, ge=0)
+    restart_window_seconds: float = Field(300.0, gt=0)
 
 
 class LooprlConfig(Section):

@@ -34,7 +34,7 @@ from looprl.ops.log import get_logger
 from looprl.serving import metrics as m
 from looprl.serving.adapters import AdapterError
 from looprl.serving.base_model import format_prompt
-from looprl.serving.engine import EngineError, Finished
+from looprl.serving.engine import BASE_VERSION, EngineError, Finished
 from looprl.serving.protocol import (
     AliasRequest, ChatCompletionRequest, ChatMessageIn, CompletionRequest, LoadLoraRequest, UnloadLoraRequest,
 )
@@ -134,6 +134,13 @@ def create_app(
         param = "model" if exc.reason == "unknown_model" else ("prompt" if "prompt" in exc.reason else None)
         return _error(exc.status, str(exc), param=param, code=exc.reason)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The trace goes to the server log; the client gets OpenAI's error shape and no internals.
+        log.exception("request failed", path=request.url.path, error=f"{type(exc).__name__}: {exc}"[:500])
+        m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason="internal").inc()
+        return _error(500, f"internal server error ({type(exc).__name__}); see the server log", code="internal")
+
     @app.exception_handler(AdapterError)
     async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
         endpoint = ROUTES.get(request.url.path, "other")
@@ -198,10 +205,12 @@ def create_app(
             except asyncio.TimeoutError:
                 sub.handle.cancel()
                 m.ERRORS.labels(endpoint=endpoint, reason="timeout").inc()
-                return _error(504, "generation timed out")
+                m.REQUESTS_FAILED.labels(adapter=sub.adapter or BASE_VERSION, reason="timeout").inc()
+                return _error(504, "generation timed out", code="timeout")
             if payload.finish_reason == "error":
                 m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
-                return _error(503 if "shutting down" in (payload.error or "") else 500, payload.error or "engine error")
+                return _error(503 if payload.fault == "shutdown" else 500, payload.error or "engine error",
+                              code=payload.fault)
             on_done(payload)
             return JSONResponse(final(sub, payload), headers=headers)
 
@@ -219,7 +228,8 @@ def create_app(
                     break
                 if payload.finish_reason == "error":
                     m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
-                    err = {"error": {"message": payload.error or "engine error", "type": "server_error"}}
+                    err = {"error": {"message": payload.error or "engine error", "type": "server_error",
+                                     "param": None, "code": payload.fault}}
                     yield f"data: {json.dumps(err)}\n\n"
                     return
                 on_done(payload)  # logged before the client sees the end, so feedback can never outrun it
@@ -303,7 +313,11 @@ def create_app(
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **engine.stats()}
+        # 200 while the server runs (a load balancer must not drop it for one bad adapter);
+        # "degraded" and the per-model states say which adapter fails.
+        models = engine.health()
+        status = "ok" if all(h["healthy"] for h in models.values()) else "degraded"
+        return {"status": status, "models": models, **engine.stats()}
 
     # ------------------------------------------------------------------ admin
     @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)])

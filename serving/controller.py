@@ -19,6 +19,10 @@ keeps prefix-cache entries per name). One reconcile pass, for all endpoints in
 5. unload ``policy-v*`` names no longer needed, keeping ``serving.keep_previous`` previously
    promoted versions loaded for instant rollback.
 
+An adapter that an embedded server reports unhealthy (``serving.unhealthy_after`` failed requests
+in a row) is treated as failing before step 1: a canary is rolled back, a promoted version gives
+way to the previous promoted one (``looprl.storage.releases``), and the pass applies that.
+
 Calls are retried with backoff; failures are counted per step; after every pass the observed
 version of each endpoint is compared, and a split is reported as metric
 (``looprl_controller_diverged``), a warning log and ``state/serving_routing.json``.
@@ -43,6 +47,7 @@ from prometheus_client import Counter, Gauge
 
 from looprl.ops.config import LooprlConfig
 from looprl.ops.log import get_logger
+from looprl.storage import releases
 from looprl.storage.registry import Registry, RegistryError, atomic_write_text
 
 log = get_logger(__name__)
@@ -60,6 +65,8 @@ ENDPOINT_VERSION = Gauge(
 DESIRED_VERSION = Gauge("looprl_controller_desired_version", "Version number the registry asks for (0 base, -1 none)", ["role"])
 DIVERGED = Gauge("looprl_controller_diverged", "1 if endpoints serve different versions or are not all reachable")
 ENDPOINTS_UP = Gauge("looprl_controller_endpoints_up", "Endpoints that answered the last observation")
+ROLLBACKS = Counter("looprl_controller_rollbacks_total", "Versions rolled back because serving reported them unhealthy",
+                    ["role"])
 LAST_SUCCESS = Gauge("looprl_controller_last_success_timestamp_seconds", "End of the last pass where all endpoints converged")
 
 
@@ -99,6 +106,7 @@ class Observed:
     canary: str | None = None
     share: float = 0.0
     error: str | None = None
+    unhealthy: dict[str, str] = field(default_factory=dict)  # adapter name -> its last error
 
     def serving(self, desired: Desired) -> tuple[str | None, str | None]:
         """(primary version, canary version) this endpoint would serve for the alias."""
@@ -154,6 +162,10 @@ class EndpointClient:
                 obs.loaded = [x["name"] for x in s.get("adapters", [])]
                 obs.primary = a.get("lora_name")
                 obs.canary, obs.share = canary.get("lora_name"), float(canary.get("share") or 0.0)
+                for x in s.get("adapters", []):
+                    h = x.get("health") or {}
+                    if h.get("healthy") is False:
+                        obs.unhealthy[x["name"]] = str(h.get("last_error") or "failing requests")
                 return obs
             if r.status_code != 404:
                 raise EndpointError(f"GET /v1/looprl/state: HTTP {r.status_code}: {r.text[:300]}", r.status_code)
@@ -273,6 +285,8 @@ class AdapterController:
                 FAILURES.labels(endpoint=c.url, step="observe").inc()
                 errors.append(f"{c.url}: {e}")
             observed[c.url] = obs
+        if self._roll_back_unhealthy(d, observed):
+            d = self.desired()
         self._remember(d.promoted)
         keep = self.keep_set(d)
         reachable = [c for c in self.clients if observed[c.url].reachable]
@@ -332,6 +346,36 @@ class AdapterController:
                       "all endpoints stay on their current version", desired=asdict(d))
 
         return self._finish(d, observed, errors, flipped)
+
+    def _roll_back_unhealthy(self, d: Desired, observed: dict[str, Observed]) -> bool:
+        """Roll back the canary or promoted version if an endpoint reports its adapter unhealthy.
+        True if the registry pointers changed."""
+        bad: dict[str, str] = {}
+        for o in observed.values():
+            for name, error in o.unhealthy.items():
+                hit = NAME_RE.match(name)
+                if hit:
+                    bad.setdefault(hit.group(1), f"unhealthy on {o.url}: {error}")
+        changed = False
+        for role, version in (("canary", d.canary), ("promoted", d.promoted)):
+            if version is None or version not in bad:
+                continue
+            try:
+                if role == "canary":
+                    rec = releases.roll_back_canary(self.registry, self.cfg.state_dir, version, bad[version],
+                                                    by="controller", action="unhealthy_rollback")
+                else:
+                    rec = releases.roll_back_promoted(self.registry, self.cfg.state_dir, bad[version],
+                                                      by="controller", action="unhealthy_rollback")
+            except (RegistryError, OSError) as e:
+                FAILURES.labels(endpoint="registry", step="rollback").inc()
+                log.error("could not roll back an unhealthy version", version=version, role=role, error=str(e))
+                continue
+            ROLLBACKS.labels(role=role).inc()
+            log.error("unhealthy version rolled back", role=role, version=version, serving_now=rec.control,
+                      reason=bad[version][:300])
+            changed = True
+        return changed
 
     def _try(self, c: EndpointClient, step: str, errors: list[str], fn) -> bool:
         try:

@@ -17,10 +17,18 @@ With ``mixed=False`` the engine instead keeps one cohort per adapter and runs on
 forward per adapter per step (the reference behaviour, kept for models the mixed path does not
 cover).
 
-Adapters are peft LoRA directories loaded through transformers' adapter API under an internal
-key; the public name maps to that key. Unloading hides the name at once, while requests already
-running on it finish on it ("draining"); the weights are deleted after the last one. So an
-alias flip never changes the adapter of a request in flight.
+Adapters are peft LoRA directories loaded through peft's own API (``PeftModel`` and its
+``LoraModel``: load, select, disable, delete) under an internal key; the public name maps to that
+key. Unloading hides the name at once, while requests already running on it finish on it
+("draining"); the weights are deleted after the last one. So an alias flip never changes the
+adapter of a request in flight.
+
+Faults stay with the adapter that caused them. When a forward over rows of several adapters
+raises, the engine retries each adapter's rows on their own (prefill), or probes each adapter
+and repeats the step without the failing ones (decode, after cutting the KV cache back). Only
+the requests of the failing adapter get an error; base traffic and other adapters keep being
+served. Each adapter (and the base model) counts its failures; ``unhealthy_after`` consecutive
+ones mark it unhealthy, which ``/health`` and the controller see.
 """
 
 from __future__ import annotations
@@ -36,7 +44,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file
+from transformers import DynamicCache
 
 from looprl.ops.log import get_logger
 from looprl.serving import metrics as m
@@ -48,6 +58,7 @@ from looprl.serving.sampling import RowSampler, SamplingParams, sample_next
 log = get_logger(__name__)
 
 BASE_VERSION = "base"
+DEFAULT_UNHEALTHY_AFTER = 3
 
 
 class EngineError(RuntimeError):
@@ -68,10 +79,39 @@ class Finished:
     adapter: str | None  # public adapter name, None = base model
     version: str  # registry version ("v3") or "base"
     error: str | None = None
+    fault: str | None = None  # why it failed: "forward_error" | "engine_error" | "shutdown"
 
 
 # Events sent to a request's sink: ("delta", str) zero or more times, then ("done", Finished).
 Sink = Callable[[tuple[str, Any]], None]
+
+
+@dataclass
+class Health:
+    """Request outcomes of one adapter (or the base model)."""
+
+    unhealthy_after: int
+    served: int = 0
+    failed: int = 0
+    consecutive_failures: int = 0
+    last_error: str | None = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.consecutive_failures < self.unhealthy_after
+
+    def record(self, error: str | None) -> None:
+        if error is None:
+            self.served += 1
+            self.consecutive_failures = 0
+        else:
+            self.failed += 1
+            self.consecutive_failures += 1
+            self.last_error = error[:300]
+
+    def public(self) -> dict[str, Any]:
+        return {"healthy": self.healthy, "served": self.served, "failed": self.failed,
+                "consecutive_failures": self.consecutive_failures, "last_error": self.last_error}
 
 
 @dataclass
@@ -85,11 +125,13 @@ class AdapterInfo:
     target_parameters: tuple[str, ...] = ()
     in_flight: int = 0
     draining: bool = False
+    health: Health = field(default_factory=lambda: Health(DEFAULT_UNHEALTHY_AFTER))
 
     def public(self) -> dict[str, Any]:
         return {
             "name": self.name, "version": self.version, "path": str(self.path), "rank": self.rank,
             "loaded_at": self.loaded_at, "in_flight": self.in_flight, "draining": self.draining,
+            "health": self.health.public(),
         }
 
 
@@ -151,6 +193,7 @@ class Engine:
         seed: int = 0,
         mixed: bool = True,
         moe_lora: str = "torch",
+        unhealthy_after: int = DEFAULT_UNHEALTHY_AFTER,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -163,6 +206,8 @@ class Engine:
         self.max_lora_rank = max_lora_rank
         self.max_loras = max_loras
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        self.unhealthy_after = unhealthy_after
+        self.base_health = Health(unhealthy_after)
         # Inputs follow the model; sampling runs on the CPU (B x V logits, per-request generators).
         self.device = next(model.parameters()).device
         self.inventory = BaseInventory.of(model, base_checksum)
@@ -176,6 +221,7 @@ class Engine:
         self._waiting: list[_Request] = []
         self._adapters: dict[str, AdapterInfo] = {}  # public name -> info (not draining)
         self._draining: list[AdapterInfo] = []
+        self._peft: PeftModel | None = None  # wraps self.model while any adapter is injected
         self._mixer = MixedLora(self.model, impl=moe_lora) if mixed else None
         self._cohorts: dict[str | None, _Cohort] = {}
         self._active: tuple[bool, str | None] | None = None  # (adapters enabled, key) last set
@@ -204,7 +250,7 @@ class Engine:
             pending.extend(cohort.rows)
         self._cohorts.clear()
         for req in pending:
-            self._finish(req, "error", error="server shutting down")
+            self._finish(req, "error", error="server shutting down", fault="shutdown")
 
     def _wake(self) -> None:
         with self._cv:
@@ -228,8 +274,10 @@ class Engine:
             params = dataclasses.replace(params, max_tokens=room)
         with self._cv:
             if self._stop or self._thread is None:
+                m.REQUESTS_FAILED.labels(adapter=adapter or BASE_VERSION, reason="not_running").inc()
                 raise EngineError("engine is not running", status=503, reason="not_running")
             if len(self._waiting) >= self.max_queue:
+                m.REQUESTS_FAILED.labels(adapter=adapter or BASE_VERSION, reason="overloaded").inc()
                 raise EngineError("server is overloaded, retry later", status=503, reason="overloaded")
             info = None
             if adapter is not None:
@@ -301,9 +349,7 @@ class Engine:
         t0 = time.perf_counter()
         with self._model_lock:
             try:
-                with warnings.catch_warnings():  # peft warns that a model holds several adapters: intended
-                    warnings.simplefilter("ignore")
-                    self.model.load_adapter(str(spec.path), adapter_name=key, hotswap=False)
+                self._inject(spec.path, key)
                 self._check_loaded(key, state, weights_path)
                 if self._mixer is not None:
                     self._mixer.refresh()
@@ -315,7 +361,8 @@ class Engine:
                                    reason="incompatible") from None
             finally:
                 self._active = None
-        info = AdapterInfo(spec.name, key, spec.version, spec.path, spec.rank, time.time(), spec.target_parameters)
+        info = AdapterInfo(spec.name, key, spec.version, spec.path, spec.rank, time.time(), spec.target_parameters,
+                           health=Health(self.unhealthy_after))
         with self._lock:
             self._adapters[spec.name] = info
             m.LOADED_ADAPTERS.set(len(self._adapters) + len(self._draining))
@@ -323,6 +370,15 @@ class Engine:
         log.info("adapter loaded", name=spec.name, version=spec.version, rank=spec.rank,
                  seconds=round(time.perf_counter() - t0, 4))
         return info
+
+    def _inject(self, path: Path, key: str) -> None:
+        """Add the LoRA layers of ``path`` to the model under ``key``. Caller holds the model lock."""
+        with warnings.catch_warnings():  # peft warns that a model holds several adapters: intended
+            warnings.simplefilter("ignore")
+            if self._peft is None:
+                self._peft = PeftModel.from_pretrained(self.model, str(path), adapter_name=key, is_trainable=False)
+            else:
+                self._peft.load_adapter(str(path), adapter_name=key, is_trainable=False)
 
     def _check_loaded(self, key: str, state: dict[str, torch.Tensor], where: Path) -> None:
         """Every LoRA tensor of the new adapter must come from the file: transformers reports
@@ -347,11 +403,22 @@ class Engine:
                                reason="bad_weights")
 
     def _delete_key(self, key: str) -> None:
+        """Remove ``key``'s LoRA layers; with the last adapter gone, the bare base model is restored
+        (peft cannot add an adapter to a ``PeftModel`` whose adapters were all deleted)."""
+        if self._peft is None:
+            return
         try:
-            if key in (getattr(self.model, "peft_config", None) or {}):
-                with warnings.catch_warnings():  # "adapter was active which is now deleted": intended
-                    warnings.simplefilter("ignore")
-                    self.model.delete_adapter(key)
+            with warnings.catch_warnings():  # "adapter was active which is now deleted": intended
+                warnings.simplefilter("ignore")
+                if key in self._peft.peft_config:
+                    self._peft.delete_adapter(key)
+                if not self._peft.peft_config:
+                    self._peft.unload()
+                    self._peft = None
+                elif self._peft.active_adapter not in self._peft.peft_config:
+                    # peft reads its config through the active name (load_adapter needs it valid).
+                    self._peft.set_adapter(next(iter(self._peft.peft_config)), inference_mode=True)
+                    self._active = None
         except Exception as e:  # pragma: no cover - best effort cleanup
             log.warning("adapter cleanup failed", key=key, error=str(e))
 
@@ -404,11 +471,11 @@ class Engine:
                 self._admit()
                 self._decode_all()
                 self._reap()
-            except Exception as e:  # never let one bad step kill the server
+            except Exception as e:  # a fault outside any one forward: never let it kill the server
                 log.exception("engine step failed", error=str(e))
                 for cohort in list(self._cohorts.values()):
                     for req in cohort.rows:
-                        self._finish(req, "error", error=f"engine error: {e}")
+                        self._finish(req, "error", error=f"engine error: {type(e).__name__}: {e}", fault="engine_error")
                 self._cohorts.clear()
 
     def _running(self) -> int:
@@ -430,10 +497,19 @@ class Engine:
         for key, reqs in groups.items():
             try:
                 self._prefill(key, reqs)
-            except Exception as e:  # fail these requests, keep serving the others
-                log.exception("prefill failed", requests=len(reqs), error=str(e))
-                for req in reqs:
-                    self._finish(req, "error", error=f"engine error: {e}")
+                continue
+            except Exception as e:
+                by_adapter = _by_adapter(reqs)
+                if len(by_adapter) == 1:
+                    self._fail(reqs, e, "prefill")
+                    continue
+            # Rows of several adapters failed together: retry each adapter's rows on their own, so
+            # only the adapter at fault fails its requests.
+            for group in by_adapter.values():
+                try:
+                    self._prefill(key, group)
+                except Exception as e:
+                    self._fail(group, e, "prefill")
 
     def _cohort_of(self, req: _Request) -> str | None:
         return "*" if self._mixer is not None else req.key
@@ -445,29 +521,28 @@ class Engine:
             self._activate(next(iter(keys)))
             return self.model(**inputs)
         assert self._mixer is not None, "rows on several adapters need mixed mode"
+        assert self._peft is not None
         if self._active is None or not self._active[0]:
-            self.model.enable_adapters()
+            self._peft.base_model.enable_adapter_layers()
         self._active = None  # the experts' active adapter is changed per group
         return self._mixer.forward([r.key or BASE for r in rows], **inputs)
 
     def _activate(self, key: str | None) -> None:
         """Point the model's LoRA layers at one adapter (or none) for the next forward."""
-        has_peft = bool(getattr(self.model, "_hf_peft_config_loaded", False))
         want = (key is not None, key)
-        if not has_peft or self._active == want:
+        if self._peft is None or self._active == want:
             return
+        lora = self._peft.base_model
         if key is None:
-            self.model.disable_adapters()
+            lora.disable_adapter_layers()
         else:
             if self._active is None or not self._active[0]:
-                self.model.enable_adapters()
-            self.model.set_adapter(key)
+                lora.enable_adapter_layers()
+            self._peft.set_adapter(key, inference_mode=True)
         self._active = want
 
     def _prefill(self, key: str | None, reqs: list[_Request]) -> None:
         ids, mask, pos = (t.to(self.device) for t in left_pad([r.prompt_ids for r in reqs], self.pad_id))
-        from transformers import DynamicCache
-
         cache = DynamicCache()
         with self._model_lock:
             out = self._forward(reqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
@@ -507,12 +582,17 @@ class Engine:
     def _decode(self, cohort: _Cohort) -> None:
         kv = cohort.kv
         assert kv is not None
-        last = torch.tensor([[r.generated[-1]] for r in cohort.rows], dtype=torch.long, device=self.device)
-        step_mask = kv.step_mask()
-        pos = kv.positions()
-        with self._model_lock:
-            out = self._forward(cohort.rows, input_ids=last, attention_mask=step_mask, position_ids=pos,
-                                past_key_values=kv.cache, use_cache=True)
+        try:
+            out, step_mask = self._decode_step(cohort)
+        except Exception as e:
+            if not self._drop_failing(cohort, e):
+                return
+            try:  # the step again, without the rows of the failing adapters
+                out, step_mask = self._decode_step(cohort)
+            except Exception as e:
+                self._fail(cohort.rows, e, "decode")
+                cohort.rows = []
+                return
         kv.advance(step_mask)
         tokens = sample_next(out.logits[:, -1, :].float().cpu(), [r.sampler for r in cohort.rows], self._gen)
         keep = []
@@ -526,6 +606,79 @@ class Engine:
         if len(keep) != len(cohort.rows):
             cohort.rows = [cohort.rows[i] for i in keep]
             kv.keep(keep)
+
+    def _decode_step(self, cohort: _Cohort) -> tuple[Any, torch.Tensor]:
+        """One decode forward of the cohort; on failure the KV cache is as it was before."""
+        kv = cohort.kv
+        assert kv is not None
+        width = kv.length
+        last = torch.tensor([[r.generated[-1]] for r in cohort.rows], dtype=torch.long, device=self.device)
+        step_mask = kv.step_mask()
+        pos = kv.positions()
+        try:
+            with self._model_lock:
+                out = self._forward(cohort.rows, input_ids=last, attention_mask=step_mask, position_ids=pos,
+                                    past_key_values=kv.cache, use_cache=True)
+        except Exception:
+            kv.truncate(width)
+            raise
+        return out, step_mask
+
+    # ------------------------------------------------------------------ faults
+    def _drop_failing(self, cohort: _Cohort, error: Exception) -> bool:
+        """After a failed decode step: probe each adapter of the cohort alone, fail the rows of
+        those that fail, keep the others. True if rows are left to repeat the step with."""
+        by_adapter = _by_adapter(cohort.rows)
+        faults = {} if len(by_adapter) == 1 else {k: self._probe(rows[0]) for k, rows in by_adapter.items()}
+        faults = {k: e for k, e in faults.items() if e is not None}
+        if not faults:  # one adapter, or none fails alone: the step's fault is every row's
+            self._fail(cohort.rows, error, "decode")
+            cohort.rows = []
+            return False
+        keep = [i for i, r in enumerate(cohort.rows) if r.key not in faults]
+        for key, e in faults.items():
+            self._fail(by_adapter[key], e, "decode")
+        cohort.rows = [cohort.rows[i] for i in keep]
+        if keep:
+            assert cohort.kv is not None
+            cohort.kv.keep(keep)
+        return bool(keep)
+
+    def _probe(self, req: _Request) -> Exception | None:
+        """Replay ``req`` on its adapter alone, as the engine ran it (prefill of the prompt, then a
+        one-token decode step): the exception, if that fails."""
+        ids, mask, pos = (t.to(self.device) for t in left_pad([req.prompt_ids], self.pad_id))
+        cache = DynamicCache()
+        try:
+            with self._model_lock:
+                self._forward([req], input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                              use_cache=True)
+                if req.generated:
+                    last = torch.tensor([[req.generated[-1]]], dtype=torch.long, device=self.device)
+                    self._forward([req], input_ids=last, attention_mask=torch.cat([mask, mask.new_ones(1, 1)], dim=1),
+                                  position_ids=pos[:, -1:] + 1, past_key_values=cache, use_cache=True)
+            return None
+        except Exception as e:
+            return e
+
+    def _fail(self, reqs: list[_Request], error: Exception, stage: str) -> None:
+        """Answer ``reqs`` (all on one adapter, or a whole failed step) with an error."""
+        names = sorted({r.adapter.name if r.adapter else BASE_VERSION for r in reqs})
+        log.error("forward failed", stage=stage, adapters=names, requests=len(reqs),
+                  error=f"{type(error).__name__}: {error}"[:500])
+        for r in reqs:
+            who = f"adapter {r.adapter.name!r} ({r.adapter.version})" if r.adapter else "the base model"
+            self._finish(r, "error", error=f"{who} failed: {type(error).__name__}: {str(error)[:300]}",
+                         fault="forward_error")
+
+    def health(self) -> dict[str, Any]:
+        """Per-model request outcomes: ``base`` and every loaded (or draining) adapter."""
+        with self._lock:
+            adapters = list(self._adapters.values()) + list(self._draining)
+        out = {BASE_VERSION: {"version": BASE_VERSION, **self.base_health.public()}}
+        for a in adapters:
+            out[a.name] = {"version": a.version, "draining": a.draining, **a.health.public()}
+        return out
 
     def _count_tokens(self, n: int) -> None:
         now = time.monotonic()
@@ -571,10 +724,26 @@ class Engine:
             self._send(r, ("delta", text[r.emitted:]))
             r.emitted = len(text)
 
-    def _finish(self, r: _Request, reason: str, text: str | None = None, error: str | None = None) -> None:
+    def _finish(self, r: _Request, reason: str, text: str | None = None, error: str | None = None,
+                fault: str | None = None) -> None:
+        """End ``r``. ``fault``: why it failed (a metric label), for error finishes."""
         if r.done:
             return
         r.done = True
+        health = r.adapter.health if r.adapter is not None else self.base_health
+        if error is not None:
+            m.REQUESTS_FAILED.labels(adapter=r.adapter.name if r.adapter else BASE_VERSION,
+                                     reason=fault or "engine_error").inc()
+            if fault == "forward_error":
+                with self._lock:
+                    was = health.healthy
+                    health.record(error)
+                if was and not health.healthy:
+                    log.error("model unhealthy", adapter=r.adapter.name if r.adapter else BASE_VERSION,
+                              consecutive_failures=health.consecutive_failures, error=error)
+        elif not r.cancelled:
+            with self._lock:
+                health.record(None)
         if text is None:
             text = self.tokenizer.decode(r.generated, skip_special_tokens=True) if r.generated else ""
             if reason == "stop" and not r.cancelled and error is None:
@@ -586,6 +755,7 @@ class Engine:
         self._send(r, ("done", Finished(
             text=text, finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated),
             adapter=info.name if info else None, version=info.version if info else BASE_VERSION, error=error,
+            fault=(fault or "engine_error") if error is not None else None,
         )))
 
     @staticmethod
@@ -594,3 +764,10 @@ class Engine:
             r.sink(event)
         except Exception as e:  # a consumer that went away must not break the engine
             log.warning("request sink failed", rid=r.rid, error=str(e))
+
+
+def _by_adapter(reqs: list[_Request]) -> dict[str | None, list[_Request]]:
+    groups: dict[str | None, list[_Request]] = {}
+    for r in reqs:
+        groups.setdefault(r.key, []).append(r)
+    return groups

@@ -54,6 +54,14 @@ class KVBatch:
         """Record that the decode step appended one column to the cache."""
         self.mask = step_mask
 
+    def truncate(self, length: int) -> None:
+        """Drop cache columns past ``length``: a forward that raised half way has appended the new
+        token to the layers it reached, and the step is repeated from the old state."""
+        for layer in self._layers():
+            if layer.keys.shape[2] > length:
+                layer.keys = layer.keys[:, :, :length, :]
+                layer.values = layer.values[:, :, :length, :]
+
     def _layers(self):
         return [layer for layer in self.cache.layers if layer.is_initialized]
 

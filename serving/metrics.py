@@ -31,4 +31,8 @@ SWAPS = Counter("looprl_serving_adapter_swaps_total", "Alias flips to a differen
 ADAPTER_LOADS = Counter("looprl_serving_adapter_loads_total", "Adapters loaded")
 ADAPTER_UNLOADS = Counter("looprl_serving_adapter_unloads_total", "Adapters unloaded")
 LOAD_FAILURES = Counter("looprl_serving_adapter_load_failures_total", "Adapter loads refused or failed", ["reason"])
+REQUESTS_FAILED = Counter(
+    "looprl_serving_requests_failed_total", "Generation requests that failed (adapter: public name or base)",
+    ["adapter", "reason"],
+)
 RESPONSE_LOG_FAILURES = Counter("looprl_serving_response_log_failures_total", "Responses that could not be logged")

@@ -39,7 +39,6 @@ class MixedLora:
         self.model = model
         self.impl = impl
         self.rows: list[str] | None = None  # adapter key per batch row, during one forward
-        self._hooked: set[int] = set()
 
     # ------------------------------------------------------------------ install
     def refresh(self) -> None:
@@ -57,9 +56,11 @@ class MixedLora:
                     mod.forward = types.MethodType(_make_experts_forward(self), mod)
                 elif not outermost and patched:
                     del mod.forward
-            elif isinstance(mod, LoraLayer) and id(mod) not in self._hooked:
+            elif isinstance(mod, LoraLayer) and not getattr(mod, "_looprl_mixed_hook", False):
+                # A flag on the layer, not its id(): layers are dropped when the last adapter
+                # is unloaded, and a new layer may reuse a freed id.
                 mod.register_forward_pre_hook(self._inject_names, with_kwargs=True)
-                self._hooked.add(id(mod))
+                mod._looprl_mixed_hook = True
 
     def _inject_names(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.rows is None:

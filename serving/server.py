@@ -66,7 +66,7 @@ def build_service(cfg: LooprlConfig, model: Any = None, tokenizer: Any = None) -
     s = cfg.serving
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                     max_lora_rank=s.max_lora_rank, max_loras=s.max_loras, base_checksum=checksum,
-                    moe_lora=s.moe_lora).start()
+                    moe_lora=s.moe_lora, unhealthy_after=s.unhealthy_after).start()
     log.info("engine started", base=str(path), checksum=(checksum or "")[:12], max_batch_size=s.max_batch_size)
     return ServingService(engine, registry_root=cfg.registry_dir, base_name=s.served_model_name, alias=s.alias,
                           base_path=Path(path))

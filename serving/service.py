@@ -61,6 +61,9 @@ class ServingService:
             route = self._routes.get(model)
             if route is not None:
                 adapter, role = route.choose(model, user, self._rng)
+                if role == "canary" and not self._healthy(adapter):
+                    # An unhealthy canary's users get the primary until the controller rolls it back.
+                    adapter, role = route.primary, "primary"
             elif model == self.base_name:
                 adapter, role = None, "direct"
             else:
@@ -133,6 +136,10 @@ class ServingService:
                  previous=old.primary if old else None)
         return route
 
+    def _healthy(self, name: str | None) -> bool:
+        info = self.engine.resolve(name) if name is not None else None
+        return info is None or info.health.healthy
+
     def _version_of(self, name: str | None) -> str:
         if name is None:
             return BASE_VERSION
@@ -162,4 +169,5 @@ class ServingService:
             "draining": [a.public() for a in self.engine.draining()],
             "aliases": aliases,
             "engine": self.engine.stats(),
+            "health": self.engine.health(),
         }
