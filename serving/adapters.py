@@ -28,13 +28,12 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class AdapterError(ValueError):
-    """An adapter request that is refused. ``reason`` is a bounded label for metrics;
-    ``status`` the HTTP status to answer with."""
+    """An adapter request that is refused. ``reason`` is a bounded label for metrics, which the
+    HTTP layer maps to a status (``looprl.serving.app.http_status``)."""
 
-    def __init__(self, message: str, reason: str = "invalid", status: int = 400):
+    def __init__(self, message: str, reason: str = "invalid"):
         super().__init__(message)
         self.reason = reason
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ def resolve_registry_path(lora_path: Any, registry_root: Path) -> tuple[str, str
     except ValueError:
         raise AdapterError(
             f"lora_path {lora_path!r} is outside the registry root {root}; adapters load only from the registry",
-            reason="bad_path", status=403,
+            reason="outside_registry",
         ) from None
     parts = rel.parts
     if len(parts) != 2 or not re.match(r"^v[1-9][0-9]*$", parts[1]):
@@ -99,7 +98,7 @@ def resolve_registry_path(lora_path: Any, registry_root: Path) -> tuple[str, str
             reason="bad_path",
         )
     if not real.is_dir():
-        raise AdapterError(f"lora_path {lora_path!r} does not exist", reason="not_found", status=404)
+        raise AdapterError(f"lora_path {lora_path!r} does not exist", reason="not_found")
     return parts[0], parts[1], real
 
 

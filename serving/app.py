@@ -52,6 +52,15 @@ ROUTES = {
 REQUEST_TIMEOUT_S = 600.0
 
 
+# The engine and the adapter checks raise domain errors with a reason; HTTP statuses live here.
+HTTP_STATUS = {"not_running": 503, "overloaded": 503, "unknown_model": 404, "not_found": 404,
+               "outside_registry": 403, "in_use": 409, "unauthorized": 401}
+
+
+def http_status(reason: str) -> int:
+    return HTTP_STATUS.get(reason, 400)
+
+
 def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
             404: "not_found_error", 409: "conflict_error", 503: "overloaded_error"}.get(status, "server_error")
@@ -132,7 +141,7 @@ def create_app(
     async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
         m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason=exc.reason).inc()
         param = "model" if exc.reason == "unknown_model" else ("prompt" if "prompt" in exc.reason else None)
-        return _error(exc.status, str(exc), param=param, code=exc.reason)
+        return _error(http_status(exc.reason), str(exc), param=param, code=exc.reason)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -148,7 +157,7 @@ def create_app(
         if endpoint == "load_lora":
             m.LOAD_FAILURES.labels(reason=exc.reason).inc()
         log.warning("admin request refused", endpoint=endpoint, reason=exc.reason, error=str(exc))
-        return _error(exc.status, str(exc), code=exc.reason)
+        return _error(http_status(exc.reason), str(exc), code=exc.reason)
 
     # ------------------------------------------------------------------ admin auth
     def require_admin(request: Request) -> None:
@@ -157,7 +166,7 @@ def create_app(
         auth = request.headers.get("authorization", "")
         scheme, _, token = auth.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token.encode()):
-            raise AdapterError("admin endpoint: missing or wrong bearer token", reason="unauthorized", status=401)
+            raise AdapterError("admin endpoint: missing or wrong bearer token", reason="unauthorized")
 
     # ------------------------------------------------------------------ generation
     def log_response(rid: str, model: str, user: str | None, prompt: str, messages: list[ChatMessage] | None,

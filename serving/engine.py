@@ -62,11 +62,11 @@ DEFAULT_UNHEALTHY_AFTER = 3
 
 
 class EngineError(RuntimeError):
-    """A request cannot be accepted (``status`` is the HTTP status to answer with)."""
+    """A request the engine cannot accept. ``reason`` is a bounded label; the HTTP layer maps it
+    to a status (``looprl.serving.app.http_status``)."""
 
-    def __init__(self, message: str, status: int = 400, reason: str = "bad_request"):
+    def __init__(self, message: str, reason: str = "bad_request"):
         super().__init__(message)
-        self.status = status
         self.reason = reason
 
 
@@ -275,15 +275,15 @@ class Engine:
         with self._cv:
             if self._stop or self._thread is None:
                 m.REQUESTS_FAILED.labels(adapter=adapter or BASE_VERSION, reason="not_running").inc()
-                raise EngineError("engine is not running", status=503, reason="not_running")
+                raise EngineError("engine is not running", reason="not_running")
             if len(self._waiting) >= self.max_queue:
                 m.REQUESTS_FAILED.labels(adapter=adapter or BASE_VERSION, reason="overloaded").inc()
-                raise EngineError("server is overloaded, retry later", status=503, reason="overloaded")
+                raise EngineError("server is overloaded, retry later", reason="overloaded")
             info = None
             if adapter is not None:
                 info = self._adapters.get(adapter)
                 if info is None:
-                    raise EngineError(f"adapter {adapter!r} is not loaded", status=404, reason="unknown_model")
+                    raise EngineError(f"adapter {adapter!r} is not loaded", reason="unknown_model")
                 info.in_flight += 1
             req = _Request(next(self._ids), list(prompt_ids), params, info, sink, sampler=RowSampler.create(params))
             self._waiting.append(req)
@@ -427,7 +427,7 @@ class Engine:
         with self._cv:
             info = self._adapters.pop(name, None)
             if info is None:
-                raise AdapterError(f"lora_name {name!r} is not loaded", reason="not_found", status=404)
+                raise AdapterError(f"lora_name {name!r} is not loaded", reason="not_found")
             info.draining = True
             self._draining.append(info)
             self._cv.notify_all()

@@ -69,7 +69,7 @@ class ServingService:
             else:
                 if self.engine.resolve(model) is None:
                     raise EngineError(
-                        f"model {model!r} does not exist; see GET /v1/models", status=404, reason="unknown_model"
+                        f"model {model!r} does not exist; see GET /v1/models", reason="unknown_model"
                     )
                 adapter, role = model, "direct"
             handle = self.engine.submit(prompt_ids, params, adapter, sink)
@@ -104,7 +104,7 @@ class ServingService:
             if users:
                 raise AdapterError(
                     f"lora_name {name!r} is in use by alias {users[0]!r}; point the alias elsewhere first",
-                    reason="in_use", status=409,
+                    reason="in_use",
                 )
             info = self.engine.unload_adapter(name)
         return info.public()
@@ -120,7 +120,7 @@ class ServingService:
                 raise AdapterError(f"at most {MAX_ALIASES} aliases", reason="bad_alias")
             for name in (primary, canary):
                 if name is not None and self.engine.resolve(name) is None:
-                    raise AdapterError(f"lora_name {name!r} is not loaded; load it first", reason="not_found", status=404)
+                    raise AdapterError(f"lora_name {name!r} is not loaded; load it first", reason="not_found")
             if canary is not None and canary == primary:
                 raise AdapterError("canary lora_name equals the primary", reason="bad_alias")
             try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from looprl.serving.adapters import AdapterError, read_adapter
+from looprl.serving.app import http_status
 from looprl.serving.base_model import load_model
 from looprl.serving.engine import Engine, EngineError
 from looprl.serving.kv import left_pad
@@ -194,7 +195,7 @@ def test_unload_waits_for_in_flight_requests(engine, serving_adapters, reference
     assert engine.resolve("tmp-a") is None  # hidden at once: new requests cannot pick it
     with pytest.raises(EngineError) as e:
         engine.submit(engine.encode(PROMPTS[0]), GREEDY, "tmp-a", lambda ev: None)
-    assert e.value.status == 404
+    assert e.value.reason == "unknown_model" and http_status(e.value.reason) == 404
     fin, _ = _collect(box)
     assert fin.finish_reason in ("stop", "length") and fin.adapter == "tmp-a"
     assert fin.text == reference(PROMPTS[0], "a1", 40)  # finished on the adapter it started with
@@ -218,7 +219,7 @@ def test_adapter_admin_refusals_leave_the_engine_unchanged(engine, serving_adapt
         read_adapter("bad", f"policy/{serving_adapters.tampered}", reg, engine.inventory, MAX_LORA_RANK)
     with pytest.raises(AdapterError, match="outside the registry root") as e:
         read_adapter("evil", "../../etc", reg, engine.inventory, MAX_LORA_RANK)
-    assert e.value.status == 403
+    assert e.value.reason == "outside_registry" and http_status(e.value.reason) == 403
     with pytest.raises(AdapterError, match="already loaded"):
         engine.load_adapter(read_adapter("a1", f"policy/{serving_adapters.good[2]}", reg, engine.inventory, MAX_LORA_RANK))
     spec = read_adapter("fifth", f"policy/{serving_adapters.good[2]}", reg, engine.inventory, MAX_LORA_RANK)
@@ -253,7 +254,7 @@ def test_queue_full_is_503(serving_base):
                 eng.submit([1, 2, 3], GREEDY, None, lambda ev: None)
             with pytest.raises(EngineError, match="overloaded") as e:
                 eng.submit([1, 2, 3], GREEDY, None, lambda ev: None)
-            assert e.value.status == 503
+            assert e.value.reason == "overloaded" and http_status(e.value.reason) == 503
     finally:
         eng.stop()
 
