@@ -8,6 +8,7 @@
     looprl promote VERSION --token T   /   looprl rollback --token T      people's decisions
     looprl simulate [--minutes M] [--preference module:function]         the product simulator alone
     looprl report [--out DIR]                                              demo report from a workspace
+    looprl status [--json]                                                 failures, error rate, restarts per stage
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import getpass
 import hmac
 import json
+import os
 import signal
 import sys
 import threading
@@ -195,6 +197,44 @@ def _report(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     return 0
 
 
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    return True
+
+
+def _status(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    """What the demo's failure watch last saw (the live view's figures), read from the workspace.
+    Exit code 1 while a failure is recorded."""
+    from looprl.ops.health import Failure, health_path, read_health, stages_table
+
+    health = read_health(cfg)
+    if health is None:
+        print(f"looprl status: no figures in {health_path(cfg)}: `looprl demo` writes them while it runs",
+              file=sys.stderr)
+        return 2
+    running = bool(health.get("running")) and _pid_alive(int(health.get("pid") or 0))
+    if args.json:
+        print(json.dumps({**health, "running": running}, default=str))
+    else:
+        from rich.console import Console
+
+        age = time.time() - float(health.get("ts") or 0)
+        state = f"running (pid {health.get('pid')})" if running else "not running"
+        print(f"looprl demo: {state}; figures from {time.strftime('%H:%M:%S', time.localtime(health['ts']))} "
+              f"({age:.0f} s ago), workspace {cfg.workspace}")
+        Console(width=160).print(stages_table(health))
+        if health.get("failure"):
+            print("\n".join(Failure(**health["failure"]).lines()))
+    return 1 if health.get("failure") else 0
+
+
 def _demo(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ops.demo import run_demo
 
@@ -254,6 +294,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--no-sdk", action="store_true", help="send feedback over HTTP only")
     m.add_argument("--metrics-port", type=int, default=0)
     m.set_defaults(func=_simulate)
+
+    st = sub.add_parser("status", help="failed requests, error rate and restarts per stage of the (last) demo; "
+                                       "exit code 1 when it stopped on a failure")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=_status)
 
     o = sub.add_parser("report", help="write the demo report (markdown + plots) from the workspace")
     o.add_argument("--out", help="output folder (default: <workspace>/reports/demo-<time>)")

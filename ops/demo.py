@@ -11,10 +11,12 @@
     looprl simulate                  simulated users (OpenAI API + feedback SDK + HTTP collector)
 
 They are the same commands a production deployment runs (see docker-compose.yml); here a
-`Supervisor` restarts any that dies. The demo picks free loopback ports, and tunes a few
-settings for a 2-core laptop (fewer threads, a short PPO run per reward version, a smaller
-canary sample) unless your config sets them. Ctrl-C stops everything in order; running the
-demo again resumes from the workspace (event log, registry, scheduler history, simulator log).
+`Supervisor` restarts any that dies, and a failure watch (ops/health.py) stops the demo, naming
+the first error and its log, when serving keeps failing requests or a stage keeps crashing. The
+demo picks free loopback ports, and tunes a few settings for a 2-core laptop (fewer threads, a
+short PPO run per reward version, a smaller canary sample) unless your config sets them. Ctrl-C
+stops everything in order; running the demo again resumes from the workspace (event log,
+registry, scheduler history, simulator log).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +226,7 @@ def ensure_base(cfg: LooprlConfig, env: dict[str, str]) -> None:
 
 
 # --------------------------------------------------------------------------- progress
-def snapshot(cfg: LooprlConfig, sup: Supervisor | None = None) -> dict[str, Any]:
+def snapshot(cfg: LooprlConfig, sup: Supervisor | None = None, monitor: Any = None) -> dict[str, Any]:
     """What the live view shows, read from the workspace (no process is asked anything)."""
     from looprl.ops.scheduler import History, history_path
     from looprl.ops.simulator import read_status
@@ -254,6 +257,8 @@ def snapshot(cfg: LooprlConfig, sup: Supervisor | None = None) -> dict[str, Any]
     out["runs"] = History(hp).runs(limit=5) if hp.is_file() else []
     if sup is not None:
         out["services"] = {n: (sup.alive(n), sup.restarts(n)) for n in sup.procs}
+    if monitor is not None:  # a StageMonitor: failures, error rate and restarts per stage
+        out["health"] = monitor.health()
     return out
 
 
@@ -275,7 +280,7 @@ def render(snap: dict[str, Any], elapsed: float, total: float):
     t.add_column()
     t.add_row("time", f"{elapsed / 60:.1f} / {total / 60:.0f} min")
     t.add_row("traffic", f"{sim.get('train_requests', 0)} requests, {sim.get('eval_requests', 0)} eval, "
-                         f"{sim.get('errors', 0)} errors")
+                         f"{sim.get('serving_failed', 0)} failed")
     t.add_row("feedback sent", f"{fb.get('thumbs', 0)} thumbs, {fb.get('preference', 0)} preferences")
     preq, kl = snap["reward_preq"], snap["kl_last"]
     t.add_row("reward model", f"{snap['reward_versions']} versions (latest {snap['reward_latest'] or '-'}), "
@@ -305,7 +310,11 @@ def render(snap: dict[str, Any], elapsed: float, total: float):
     for r in snap.get("runs", [])[:4]:
         runs.add_row(str(r["id"]), r["job"], r["trigger"][:50], r["status"])
     parts = [t, v, runs]
-    if "services" in snap:
+    if "health" in snap:
+        from looprl.ops.health import stages_table
+
+        parts.append(stages_table(snap["health"]))
+    elif "services" in snap:
         parts.append("services: " + "  ".join(f"{n}{'' if ok else ' (down)'}{f' x{r}' if r else ''}"
                                               for n, (ok, r) in snap["services"].items()))
     return Panel(Group(*parts), title="looprl demo", subtitle="Ctrl-C stops everything cleanly")
@@ -315,9 +324,15 @@ def _plain(snap: dict[str, Any], elapsed: float) -> str:
     sim = snap.get("sim") or {}
     evals = (sim.get("by_version") or {}).get("eval") or {}
     rates = ", ".join(f"{k}: {_rate(v)}" for k, v in evals.items())
-    return (f"[{elapsed / 60:5.1f} min] requests {sim.get('train_requests', 0)} | reward v{snap['reward_versions']} | "
-            f"PPO steps {snap['ppo_steps']} | policy versions {snap['policy_versions']} | promoted "
-            f"{snap['promoted'] or 'base'} canary {snap['canary'] or '-'} | eval {rates}")
+    line = (f"[{elapsed / 60:5.1f} min] requests {sim.get('train_requests', 0)} ({sim.get('serving_failed', 0)} "
+            f"failed) | reward v{snap['reward_versions']} | PPO steps {snap['ppo_steps']} | policy versions "
+            f"{snap['policy_versions']} | promoted {snap['promoted'] or 'base'} canary {snap['canary'] or '-'} | "
+            f"eval {rates}")
+    if "health" in snap:
+        from looprl.ops.health import stages_line
+
+        line += "\n" + " " * 12 + stages_line(snap["health"])
+    return line
 
 
 # --------------------------------------------------------------------------- shutdown
@@ -376,8 +391,20 @@ def shutdown(cfg: LooprlConfig, sup: Supervisor) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- the demo
+def metrics_urls(ports: dict[str, int]) -> dict[str, str]:
+    """Each stage's /metrics, read by the failure watch (ops/health.py)."""
+    host = "127.0.0.1"
+    return {"serve": f"http://{host}:{ports['serve']}/metrics",
+            "collector": f"http://{host}:{ports['collector']}/metrics",
+            "ingest": f"http://{host}:{ports['ingest_metrics']}/metrics",
+            "reward": f"http://{host}:{ports['reward_metrics']}/metrics",
+            "scheduler": f"http://{host}:{ports['scheduler_metrics']}/metrics",
+            "controller": f"http://{host}:{ports['controller_metrics']}/metrics"}
+
+
 def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | None = None, fresh: bool = False,
              ui: bool = True, kill_every: float | None = None, report: bool = True) -> int:
+    from looprl.ops.health import Failure, StageMonitor
     from looprl.ops.preference import load_preference
 
     cfg = cfg.model_copy(update={"workspace": cfg.workspace.resolve()})
@@ -401,6 +428,7 @@ def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | 
 
         logging.getLogger("looprl").setLevel(logging.WARNING)
     sup = Supervisor(services, log_dir, backoff_initial_s=1.0, backoff_max_s=20.0, stable_after_s=30.0)
+    monitor = StageMonitor(cfg, sup, metrics_urls(ports))
     stop = threading.Event()
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in handlers:
@@ -408,76 +436,101 @@ def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | 
     t0 = time.monotonic()
     total = minutes * 60
     interrupted = False
-    failed: str | None = None
+    failure: Failure | None = None
+    traffic = False  # the simulator started: there is something to report
     summary: dict[str, Any] = {}
     try:
         print(f"starting {len(services)} services (logs in {log_dir}) ...", flush=True)
+        # Restart stages that die while later ones start, under the same failure watch: a stage
+        # that crash-loops stops the demo within seconds, not after its readiness timeout.
+        sup.start_monitor()
         for svc in services:
             if stop.is_set():
                 break
             try:
-                sup.start(svc.name)
+                ready = sup.start(svc.name, give_up=lambda: stop.is_set() or monitor.poll() is not None)
             except ServiceFailed as e:
-                failed = str(e)
-                return 1
+                print(str(e), file=sys.stderr)  # with the log's tail
+                failure = monitor.watch.failure or Failure(svc.name, str(e).split(";")[0])
+                break
+            if not ready:
+                failure = monitor.watch.failure
+                break
             print(f"  {svc.name} ready", flush=True)
-        sup.start_monitor()
-        t0 = time.monotonic()  # the budget counts from when users start using the product
-        next_kill = t0 + kill_every if kill_every else None
-        killed: list[tuple[float, str, int | None]] = []
+        if failure is None and not stop.is_set():
+            traffic = True
+            t0 = time.monotonic()  # the budget counts from when users start using the product
+            next_kill = t0 + kill_every if kill_every else None
+            killed: list[tuple[float, str, int | None]] = []
 
-        def loop(update) -> None:
-            nonlocal next_kill
-            while not stop.is_set() and time.monotonic() - t0 < total:
-                if next_kill is not None and time.monotonic() >= next_kill:
-                    # Every stage once, in a fixed order (the in-memory broker is never killed: it
-                    # would lose what it holds by design).
-                    victim = CHAOS_ORDER[len(killed) % len(CHAOS_ORDER)]
-                    killed.append((time.monotonic() - t0, victim, sup.kill(victim)))
-                    log.warning("chaos: SIGKILL", service=victim)
-                    next_kill = time.monotonic() + kill_every if len(killed) < len(CHAOS_ORDER) else None
-                update()
-                stop.wait(2.0)
+            def loop(update) -> None:
+                nonlocal next_kill, failure
+                while not stop.is_set() and time.monotonic() - t0 < total:
+                    if next_kill is not None and time.monotonic() >= next_kill:
+                        # Every stage once, in a fixed order (the in-memory broker is never killed: it
+                        # would lose what it holds by design).
+                        victim = CHAOS_ORDER[len(killed) % len(CHAOS_ORDER)]
+                        killed.append((time.monotonic() - t0, victim, sup.kill(victim)))
+                        log.warning("chaos: SIGKILL", service=victim)
+                        next_kill = time.monotonic() + kill_every if len(killed) < len(CHAOS_ORDER) else None
+                    failure = monitor.poll()
+                    update(failure is not None)
+                    if failure is not None:
+                        return
+                    stop.wait(2.0)
 
-        if ui and sys.stdout.isatty():
-            from rich.live import Live
+            if ui and sys.stdout.isatty():
+                from rich.live import Live
 
-            with Live(render(snapshot(cfg, sup), 0, total), refresh_per_second=1, transient=False) as live:
-                loop(lambda: live.update(render(snapshot(cfg, sup), time.monotonic() - t0, total)))
-        else:
-            last = [0.0]
+                with Live(render(snapshot(cfg, sup, monitor), 0, total), refresh_per_second=1,
+                          transient=False) as live:
+                    loop(lambda _last: live.update(render(snapshot(cfg, sup, monitor), time.monotonic() - t0, total)))
+            else:
+                last = [0.0]
 
-            def plain() -> None:
-                if time.monotonic() - last[0] >= 15:
-                    last[0] = time.monotonic()
-                    print(_plain(snapshot(cfg, sup), time.monotonic() - t0), flush=True)
+                def plain(final: bool) -> None:
+                    if final or time.monotonic() - last[0] >= 15:
+                        last[0] = time.monotonic()
+                        print(_plain(snapshot(cfg, sup, monitor), time.monotonic() - t0), flush=True)
 
-            loop(plain)
+                loop(plain)
+            summary["chaos_kills"] = [{"at_s": round(a, 1), "service": n, "pid": p} for a, n, p in killed]
         interrupted = stop.is_set()
-        summary["chaos_kills"] = [{"at_s": round(a, 1), "service": n, "pid": p} for a, n, p in killed]
     finally:
+        if failure is not None:
+            if failure.log is None:
+                monitor.explain(failure)
+            monitor.watch.failure = failure  # also a start-up timeout, which no rule reports
+            summary["failure"] = asdict(failure)
+        summary["stages"] = monitor.health()["stages"]  # as they were, before the stop
         print("stopping services (producers first, then draining ingest) ...", flush=True)
         summary.update(shutdown(cfg, sup))
+        monitor.running = False
+        monitor.write()  # `looprl status` shows the final figures, every stage down
         for s, h in handlers.items():
             signal.signal(s, h)
         summary["restarts"] = {n: sup.restarts(n) for n in sup.procs}
         summary["minutes"] = round((time.monotonic() - t0) / 60, 2)
         summary["interrupted"] = interrupted
-        if failed:
-            print(f"looprl demo: {failed}", file=sys.stderr)
+    result: dict[str, Any] = {}
+    if report and (failure is None or traffic):  # a demo that never got going has nothing to report
+        from looprl.ops.report import write_report
+
+        out_dir, result = write_report(cfg, extra=summary)
+        print(f"\nreport: {out_dir / 'report.md'}")
+    if failure is not None:
+        # Last, so it is what the terminal shows: the cause, not a verdict on too little data.
+        print("\n".join(failure.lines()), flush=True)
+        return 1
     if not report:
         return 0
-    from looprl.ops.report import write_report
-
-    out, s = write_report(cfg, extra=summary)
-    base, served = s.get("base") or {}, s.get("served") or {}
-    print(f"\nreport: {out / 'report.md'}")
-    if s["improvement_rate"] is None:
+    base, served = result.get("base") or {}, result.get("served") or {}
+    if result["improvement_rate"] is None:
         print("not enough eval traffic on both the base and a trained version to measure learning yet; "
               "run `looprl demo` again to continue from this workspace")
     else:
         print(f"thumbs-up rate on held-out prompts: base {base['rate']:.0%} (n={base['n']}) -> "
-              f"{s['served_version']} {served['rate']:.0%} (n={served['n']}): "
-              f"{s['improvement_rate']:+.2f} (target +{cfg.demo.target_improvement:.2f}: "
-              f"{'met' if s['target_met'] else 'not met'})")
-    return 130 if interrupted and not s.get("target_met") else 0
+              f"{result['served_version']} {served['rate']:.0%} (n={served['n']}): "
+              f"{result['improvement_rate']:+.2f} (target +{cfg.demo.target_improvement:.2f}: "
+              f"{'met' if result['target_met'] else 'not met'})")
+    return 130 if interrupted and not result.get("target_met") else 0

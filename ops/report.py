@@ -209,6 +209,29 @@ def _fmt(x: Any, pct: bool = False) -> str:
     return str(x)
 
 
+def _failure_lines(summary: dict[str, Any]) -> list[str]:
+    """The failure that stopped the demo, and every stage's failures and restarts (from the
+    demo's failure watch, ops/health.py); nothing when the demo did not pass them."""
+    lines = []
+    f = summary.get("failure")
+    if f:
+        lines += ["## The demo stopped on a failure", "", f"**{f['reason']}**", "",
+                  f"First error: `{f.get('first_error') or '-'}`", "", f"Log: `{f.get('log') or '-'}`", ""]
+    stages = summary.get("stages")
+    if stages:
+        lines += ["## Stages", "", "| stage | restarts | handled | failed | error rate (last minute) |",
+                  "|---|---|---|---|---|"]
+        for name, row in stages.items():
+            counted = "requests" in row and row.get("unit")
+            fails = counted and row.get("counts_failures")
+            handled = f"{row['requests']} {row['unit']}" if counted else "-"
+            failed = row["failed"] if fails else "-"
+            rate = _fmt(row.get("error_rate"), True) if fails else "-"
+            lines.append(f"| {name} | {row.get('restarts', 0)} | {handled} | {failed} | {rate} |")
+        lines.append("")
+    return lines
+
+
 def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str, Any] | None = None,
                  min_eval: int = 20) -> tuple[Path, dict[str, Any]]:
     """Write the report folder; returns (folder, summary)."""
@@ -242,6 +265,7 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
     lines = [
         "# looprl demo report", "",
         f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from workspace `{cfg.workspace}`.", "",
+        *_failure_lines(summary),
         "## Did the served model get better from feedback?", "",
         "Measured by the simulator on held-out prompts from eval users (no feedback sent from them).", "",
         "| model | eval requests | thumbs-up rate | expected rate (hidden preference) |",

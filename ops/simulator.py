@@ -258,8 +258,18 @@ class Simulator:
 
     def complete(self, prompt: str, user: str, model: str | None = None) -> tuple[str, str, str]:
         """(response id, completion text, adapter version) of one request to the serving tier."""
-        r = self.client.completions.create(model=model or self.cfg.serving.alias, prompt=prompt,
-                                           max_tokens=self.d.max_tokens, temperature=1.0, user=user)
+        try:
+            r = self.client.completions.create(model=model or self.cfg.serving.alias, prompt=prompt,
+                                               max_tokens=self.d.max_tokens, temperature=1.0, user=user)
+        except Exception:
+            # Counted per request as the users see them (server errors, refused connections,
+            # timeouts): the demo's failure view shows them next to what the server counted.
+            with self._log_lock:
+                self.counts["serving_requests"] += 1
+                self.counts["serving_failed"] += 1
+            raise
+        with self._log_lock:
+            self.counts["serving_requests"] += 1
         extra = r.model_extra or {}
         version = str(extra.get("looprl_adapter_version") or "unknown")
         return r.id, r.choices[0].text, version

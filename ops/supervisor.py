@@ -108,6 +108,10 @@ class _Proc:
 class ServiceFailed(RuntimeError):
     """A service did not become ready (the message names it and points at its log)."""
 
+    def __init__(self, message: str, service: str | None = None):
+        super().__init__(message)
+        self.service = service
+
 
 class Supervisor:
     def __init__(self, services: list[Service], log_dir: Path, *, backoff_initial_s: float = 1.0,
@@ -159,32 +163,37 @@ class Supervisor:
         UP.labels(service=s.name).set(1)
         log.info("service started", service=s.name, pid=pr.popen.pid)
 
-    def start(self, name: str, wait_ready: bool = True) -> None:
+    def start(self, name: str, wait_ready: bool = True, give_up: Callable[[], bool] | None = None) -> bool:
+        """Start ``name`` (if not running) and wait until it is ready; False if ``give_up`` said so
+        (or the supervisor is stopping) first."""
         with self._lock:
             pr = self.procs[name]
             if pr.popen is not None and pr.popen.poll() is None:
-                return
+                return True
             self._spawn(pr)
-        if wait_ready:
-            self.wait_ready(name)
+        return self.wait_ready(name, give_up) if wait_ready else True
 
-    def wait_ready(self, name: str) -> None:
+    def wait_ready(self, name: str, give_up: Callable[[], bool] | None = None) -> bool:
+        """Poll the readiness probe until ready (True), ``give_up()`` or a stop (False), or the
+        timeout (ServiceFailed). A service that dies meanwhile is restarted by the monitor, if it runs."""
         pr = self.procs[name]
         s = pr.service
         if s.ready is None:
-            return
+            return True
         deadline = time.monotonic() + s.ready_timeout_s
         while time.monotonic() < deadline and not self._stopping.is_set():
             if s.ready():
                 log.info("service ready", service=name)
-                return
+                return True
             if pr.popen is not None and pr.popen.poll() is not None and not s.restart:
                 break
+            if give_up is not None and give_up():
+                return False
             time.sleep(0.25)
         if self._stopping.is_set():
-            return
+            return False
         raise ServiceFailed(f"service {name} not ready within {s.ready_timeout_s:.0f}s; "
-                            f"see {self.log_path(name)}:\n{self.log_tail(name, 1500)}")
+                            f"see {self.log_path(name)}:\n{self.log_tail(name, 1500)}", service=name)
 
     def start_all(self, wait_ready: bool = True) -> None:
         for name in self.procs:

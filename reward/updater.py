@@ -321,6 +321,7 @@ def serve(cfg: LooprlConfig, max_updates: int | None = None, metrics_port: int |
                 raise
             except Exception as e:  # a missing log dir or a transient read error must not kill the service
                 failures += 1
+                UPDATES.labels(result="failed").inc()
                 log.error("reward update failed", error=repr(e), failures=failures)
             stop.wait(min(cfg.reward.poll_seconds * (2 ** min(failures, 4)), 300.0))
     return done

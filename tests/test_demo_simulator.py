@@ -130,6 +130,17 @@ def test_status_is_written_for_the_live_view(tmp_path, server):
     # about half the users clicked a thumb (thumbs_fraction=0.5)
     assert 0.25 * len(rows) < len(ch.thumbs_calls) < 0.75 * len(rows)
     assert json.loads((cfg.state_dir / "simulator/status.json").read_text())["train_requests"] == len(rows)
+    # every request to the serving tier is counted, as its users see it (one per interaction here)
+    assert status["serving_requests"] == len(rows) and status.get("serving_failed", 0) == 0
+
+
+def test_requests_the_serving_tier_did_not_answer_are_counted_as_failed(tmp_path):
+    from looprl.ops.supervisor import free_port
+
+    port = free_port()  # nothing listens there
+    cfg, sim, ch, rows, status = run_sim(tmp_path, f"http://127.0.0.1:{port}", lambda p, c: 1.0)
+    assert rows == [] and status["serving_failed"] == status["serving_requests"] >= 3
+    assert status["errors"] >= 3  # failed interactions, each after the client's own retries
 
 
 def test_bad_preference_spec_names_the_spec():
