@@ -127,7 +127,7 @@ def raw_confluent(bootstrap: str, topics: list[str], n: int, timeout: float) -> 
 def looprl_ingest(bootstrap: str, topics: dict[str, str], n: int, client: str, workdir: Path,
                   batch: int, timeout: float) -> tuple[float, int]:
     from looprl.ingest.consumer import IngestConsumer
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.storage.events import EventLog
 
     ws = workdir / f"ws-{client}"
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from looprl.ingest.broker import EmbeddedBroker
     from looprl.ingest.transport import ensure_topics
-    from looprl.ops.log import setup_logging
+    from looprl.ops.core.log import setup_logging
 
     setup_logging("WARNING")
     broker = None

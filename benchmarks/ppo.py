@@ -116,8 +116,8 @@ def main() -> int:
 
     import torch
 
-    from looprl.ops.config import load_config
-    from looprl.ops.log import setup_logging
+    from looprl.ops.core.config import load_config
+    from looprl.ops.core.log import setup_logging
 
     setup_logging("WARNING")
     torch.set_num_threads(args.threads)

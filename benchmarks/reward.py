@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, tmp: Path) -> int:
     import torch
 
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.policy.model import create_base
     from looprl.reward.data import Example, FeedbackSource, is_holdout
     from looprl.reward.model import RewardModel

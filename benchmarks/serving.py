@@ -147,7 +147,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     args = ap.parse_args()
 
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.serving.controller import AdapterController
     from looprl.storage.registry import Registry
 

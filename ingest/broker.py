@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import fcntl
 import importlib.util
 import json
 import os
@@ -30,8 +29,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from looprl.ingest.transport import KafkaUnavailable, ensure_topics, tcp_reachable, wait_for_broker
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.locks import file_lock
+from looprl.ops.core.log import get_logger
+from looprl.ops.core.signals import stop_on_signals
 
 log = get_logger(__name__)
 
@@ -215,17 +216,6 @@ def remove_broker_file(path: Path, pid: int) -> None:
             path.unlink()
 
 
-@contextlib.contextmanager
-def _locked(state_dir: Path):
-    state_dir.mkdir(parents=True, exist_ok=True)
-    with open(state_dir / _LOCK_FILE, "a+") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def standard_topics(cfg: LooprlConfig) -> dict[str, int]:
     k = cfg.kafka
     return {k.topic_feedback: k.topic_partitions, k.topic_responses: k.topic_partitions, k.topic_dlq: k.topic_partitions}
@@ -243,7 +233,7 @@ def bootstrap_servers(cfg: LooprlConfig, start: bool = True, timeout: float = 30
     if cfg.kafka.bootstrap_servers:
         return cfg.kafka.bootstrap_servers
     path = cfg.state_dir / STATE_FILE
-    with _locked(cfg.state_dir):
+    with file_lock(cfg.state_dir / _LOCK_FILE):
         found = find_embedded(cfg)
         if found:
             return found
@@ -273,7 +263,7 @@ def run_broker(cfg: LooprlConfig, port: int | None = None, host: str = "127.0.0.
     """``looprl broker``: run the embedded broker in the foreground until SIGTERM/SIGINT."""
     path = cfg.state_dir / STATE_FILE
     stop = stop or threading.Event()
-    with _locked(cfg.state_dir):
+    with file_lock(cfg.state_dir / _LOCK_FILE):
         other = read_broker_file(path)
         if other is not None and other.alive() and other.owner_pid != os.getpid():
             print(f"looprl broker: an embedded broker is already running at {other.bootstrap} "
@@ -282,10 +272,11 @@ def run_broker(cfg: LooprlConfig, port: int | None = None, host: str = "127.0.0.
         broker = EmbeddedBroker(port=cfg.kafka.embedded_port if port is None else port, host=host).start()
         write_broker_file(path, broker.info())
     pid = broker.proc.pid if broker.proc else -1
-    prev = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    if threading.current_thread() is threading.main_thread():
-        for s in prev:
-            signal.signal(s, lambda *_: stop.set())
+    with stop_on_signals(stop):
+        return _serve_broker(cfg, broker, path, pid, stop)
+
+
+def _serve_broker(cfg: LooprlConfig, broker: "EmbeddedBroker", path: Path, pid: int, stop: threading.Event) -> int:
     try:
         ensure_topics(broker.bootstrap, standard_topics(cfg))
         print(json.dumps({"bootstrap_servers": broker.bootstrap, "pid": pid, "state_file": str(path),
@@ -298,7 +289,4 @@ def run_broker(cfg: LooprlConfig, port: int | None = None, host: str = "127.0.0.
     finally:
         broker.stop()
         remove_broker_file(path, pid)
-        if threading.current_thread() is threading.main_thread():
-            for s, h in prev.items():
-                signal.signal(s, h)
         log.info("embedded broker stopped", bootstrap=broker.bootstrap)

@@ -23,7 +23,7 @@ from looprl.ingest.schema import (
     CorrectionEvent, PreferenceEvent, RatingEvent, ResponseEvent, ThumbsEvent, encode_event,
 )
 from looprl.ingest.transport import ClientName, DeliveryFailed, make_producer
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 
 log = get_logger(__name__)
 

@@ -27,9 +27,9 @@ from fastapi.responses import JSONResponse
 from looprl.ingest import metrics as m
 from looprl.ingest.schema import InvalidEvent, ResponseEvent, encode_event, validate_event
 from looprl.ingest.transport import Producer
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
-from looprl.ops.metrics import metrics_app
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
+from looprl.ops.core.metrics import metrics_app
 
 log = get_logger(__name__)
 

@@ -18,20 +18,19 @@ Dead-lettered records may be re-sent to the DLQ after such a crash (at-least-onc
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
 from looprl.ingest import metrics as m
 from looprl.ingest.decode import Columns, decode
 from looprl.ingest.schema import InvalidEvent
 from looprl.ingest.transport import Consumer, Producer, Record, ensure_topics, make_consumer, make_producer, wait_for_broker
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
+from looprl.ops.core.signals import stop_on_signals
 from looprl.storage.parts import PartWriter, clean_temp, recent_event_ids
 
 log = get_logger(__name__)
@@ -311,21 +310,13 @@ class IngestConsumer:
 def run_ingest(cfg: LooprlConfig, bootstrap: str, idle_exit_s: float | None = None,
                max_records: int | None = None, stop: threading.Event | None = None) -> Totals:
     """``looprl ingest``: SIGTERM/SIGINT stop it cleanly after the current batch is committed."""
-    stop = stop or threading.Event()
-    main = threading.current_thread() is threading.main_thread()
-    prev: dict[int, Any] = {}
-    if main:
-        for s in (signal.SIGTERM, signal.SIGINT):
-            prev[s] = signal.getsignal(s)
-            signal.signal(s, lambda *_: stop.set())
-    consumer = IngestConsumer(cfg, bootstrap).start()
-    t0 = time.monotonic()
-    try:
-        totals = consumer.run(stop, idle_exit_s=idle_exit_s, max_records=max_records)
-    finally:
-        consumer.close()
-        for s, h in prev.items():
-            signal.signal(s, h)
+    with stop_on_signals(stop) as stop:
+        consumer = IngestConsumer(cfg, bootstrap).start()
+        t0 = time.monotonic()
+        try:
+            totals = consumer.run(stop, idle_exit_s=idle_exit_s, max_records=max_records)
+        finally:
+            consumer.close()
     log.info("ingest stopped", seconds=round(time.monotonic() - t0, 1), records=totals.records, stored=totals.stored,
              duplicates=totals.duplicates, dead_lettered=totals.dead)
     return totals

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, NamedTuple, Protocol
 
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 
 log = get_logger(__name__)
 

@@ -30,8 +30,8 @@ from typing import Any, Callable, Literal
 
 from prometheus_client import Counter, Gauge
 
-from looprl.ops.config import CanaryConfig, LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import CanaryConfig, LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.storage import releases
 from looprl.storage.registry import Manifest, Registry, RegistryError
 from looprl.storage.releases import BASE, KIND, DecisionRecord

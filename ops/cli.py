@@ -12,8 +12,8 @@ import json
 import sys
 
 from looprl.ops import cmd_ingest, cmd_loop, cmd_policy, cmd_reward, cmd_serving
-from looprl.ops.config import ConfigError, LooprlConfig, load_config
-from looprl.ops.log import get_logger, setup_logging
+from looprl.ops.core.config import ConfigError, LooprlConfig, load_config
+from looprl.ops.core.log import get_logger, setup_logging
 
 COMMAND_MODULES = (cmd_ingest, cmd_reward, cmd_policy, cmd_serving, cmd_loop)
 

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from looprl.ops.config import LooprlConfig
+from looprl.ops.core.config import LooprlConfig
 
 
 def _broker(args: argparse.Namespace, cfg: LooprlConfig) -> int:
@@ -29,7 +29,7 @@ def _broker(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 def _bootstrap(cfg: LooprlConfig) -> str:
     from looprl.ingest.broker import bootstrap_servers
     from looprl.ingest.transport import parse_servers
-    from looprl.ops.config import ConfigError
+    from looprl.ops.core.config import ConfigError
 
     try:
         servers = bootstrap_servers(cfg)
@@ -42,8 +42,8 @@ def _bootstrap(cfg: LooprlConfig) -> str:
 def _ingest(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ingest.consumer import run_ingest
     from looprl.ingest.transport import KafkaUnavailable
-    from looprl.ops.log import get_logger
-    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.core.log import get_logger
+    from looprl.ops.core.metrics import serve_metrics
 
     log = get_logger("ops.cmd_ingest")
     port = serve_metrics(cfg.ingest.metrics_port, host=cfg.metrics_host)

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from looprl.ops.config import ConfigError, LooprlConfig
+from looprl.ops.core.config import ConfigError, LooprlConfig
 
 
 # --------------------------------------------------------------------------- helpers
@@ -59,8 +59,8 @@ def _token(args: argparse.Namespace) -> str | None:
 # --------------------------------------------------------------------------- handlers
 def _scheduler(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ops.cron import Cron, CronError
-    from looprl.ops.log import get_logger
-    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.core.log import get_logger
+    from looprl.ops.core.metrics import serve_metrics
     from looprl.ops.scheduler import SubprocessRunner, build_scheduler
 
     if cfg.scheduler.cron:
@@ -158,7 +158,7 @@ def _rollback(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
 
 def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
-    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.core.metrics import serve_metrics
     from looprl.ops.preference import load_preference
     from looprl.ops.simulator import FeedbackChannels, Simulator
 

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from looprl.ops.config import LooprlConfig
+from looprl.ops.core.config import LooprlConfig
 
 
 def _train_group(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
@@ -60,7 +60,7 @@ def _train_policy(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
     port = cfg.policy.metrics_port if args.metrics_port is None else args.metrics_port
     if port:
-        from looprl.ops.metrics import serve_metrics
+        from looprl.ops.core.metrics import serve_metrics
 
         serve_metrics(port, host=cfg.metrics_host)
     from looprl.policy.checkpoint import CheckpointError

@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from looprl.ops.config import LooprlConfig
+from looprl.ops.core.config import LooprlConfig
 
 WORKSPACE_DIRS = ("events", "registry", "state", "ray", "reports")
 

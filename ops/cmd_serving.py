@@ -14,7 +14,7 @@ import signal
 import sys
 import threading
 
-from looprl.ops.config import LooprlConfig
+from looprl.ops.core.config import LooprlConfig
 
 
 def _serve(args: argparse.Namespace, cfg: LooprlConfig) -> int:
@@ -30,7 +30,7 @@ def _serve(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 def _controller(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from dataclasses import asdict
 
-    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.core.metrics import serve_metrics
     from looprl.serving.controller import AdapterController
 
     ctl = AdapterController(cfg, endpoints=args.endpoint or None)

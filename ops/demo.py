@@ -34,8 +34,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from looprl.ops.config import ConfigError, LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import ConfigError, LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.ops.supervisor import Service, ServiceFailed, Supervisor, free_port, http_ready, tcp_ready
 
 log = get_logger(__name__)

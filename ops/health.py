@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from looprl.ops.config import DemoConfig, LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import DemoConfig, LooprlConfig
+from looprl.ops.core.log import get_logger
 
 log = get_logger(__name__)
 

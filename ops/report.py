@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
 
 log = get_logger(__name__)
 

@@ -38,9 +38,9 @@ from typing import Any, Callable, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
 
-from looprl.ops.config import LooprlConfig
+from looprl.ops.core.config import LooprlConfig
 from looprl.ops.cron import Cron
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 
 log = get_logger(__name__)
 

@@ -33,8 +33,8 @@ from typing import Any
 import httpx
 from prometheus_client import Counter
 
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.ops.preference import Preference
 
 log = get_logger(__name__)

@@ -29,7 +29,7 @@ from typing import Callable
 
 from prometheus_client import Counter, Gauge
 
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 
 log = get_logger(__name__)
 

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from looprl.ops.core.locks import LockHeld, try_lock
 from looprl.storage.registry import atomic_write_text, fsync_dir
 
 CKPT_FILES = ("adapter.safetensors", "value_head.safetensors", "optimizer.safetensors", "rng.safetensors",
@@ -98,25 +100,12 @@ class RunDir:
         return json.loads((self.path / "done.json").read_text())
 
     # ---- one process per run ----
-    def lock(self) -> int:
-        """Take the run's exclusive lock (released by `unlock` or when the process dies, even by SIGKILL)."""
-        import fcntl
-
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
+    def lock(self) -> FileLock:
+        """Take the run's exclusive lock (released by ``.release()`` or when the process dies, even by SIGKILL)."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            return try_lock(self.path / ".lock")
+        except LockHeld:
             raise CheckpointError(f"run {self.run_id} is being trained by another process ({self.path}/.lock)") from None
-        return fd
-
-    @staticmethod
-    def unlock(fd: int) -> None:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
 
     # ---- checkpoints ----
     def latest_step(self) -> int | None:

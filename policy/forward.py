@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from looprl.ops.config import KernelsConfig
+from looprl.ops.core.config import KernelsConfig
 
 
 @dataclass

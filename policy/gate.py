@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.policy import metrics
 from looprl.policy.forward import apply_kernels, policy_forward
 from looprl.policy.model import base_checksum, format_prompt, load_base

@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from looprl.ops.config import PolicyConfig
+from looprl.ops.core.config import PolicyConfig
 
 ADAPTER = "default"
 

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Iterator, Literal
 
 import torch
 
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 from looprl.storage.registry import checksum_dir
 
 if TYPE_CHECKING:  # heavy imports stay lazy: `looprl --help` must not import transformers
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
-    from looprl.ops.config import LooprlConfig, ModelConfig
+    from looprl.ops.core.config import LooprlConfig, ModelConfig
 
 log = get_logger(__name__)
 

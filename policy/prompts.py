@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.policy.model import shipped_prompts
 
 log = get_logger(__name__)

@@ -15,8 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.policy.rollout import Rollout
 from looprl.policy.workers import Learner, RolloutWorker
 

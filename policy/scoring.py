@@ -11,7 +11,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from looprl.ops.config import LooprlConfig
+from looprl.ops.core.config import LooprlConfig
 from looprl.ops.preference import positive_word_count
 
 

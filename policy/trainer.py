@@ -23,8 +23,8 @@ from typing import Callable
 
 import torch
 
-from looprl.ops.config import LooprlConfig, PolicyConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig, PolicyConfig
+from looprl.ops.core.log import get_logger
 from looprl.policy import metrics
 from looprl.policy.model import base_checksum
 from looprl.policy.checkpoint import CheckpointError, RunDir, latest_unfinished, runs_root
@@ -143,7 +143,7 @@ def train(
     try:
         return _train_locked(cfg, run, resuming, steps, scorer, use_ray, progress, publish, on_step)
     finally:
-        RunDir.unlock(lock)
+        lock.release()
 
 
 def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | None, scorer, use_ray: bool,

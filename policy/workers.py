@@ -18,8 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.policy import ppo
 from looprl.policy.model import format_prompt, load_base
 from looprl.policy.forward import ValueHead, apply_kernels, expert_load, policy_forward

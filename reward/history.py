@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from looprl.ops.config import LooprlConfig
+from looprl.ops.core.config import LooprlConfig
 
 
 def reward_history_path(cfg: LooprlConfig) -> Path:

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 from looprl.policy.model import base_checksum, format_prompt, load_base
 from looprl.storage.registry import Registry, RegistryError
 
 if TYPE_CHECKING:
-    from looprl.ops.config import LooprlConfig, RewardConfig
+    from looprl.ops.core.config import LooprlConfig, RewardConfig
 
 log = get_logger(__name__)
 

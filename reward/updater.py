@@ -19,21 +19,22 @@ Decisions and numbers go to the manifest (metrics/status) and to ``state/reward_
 
 from __future__ import annotations
 
-import fcntl
-import os
 import random
-import signal
 import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from filelock import FileLock
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel
 
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.locks import LockHeld, try_lock
+from looprl.ops.core.log import get_logger
+from looprl.ops.core.retry import backoff_seconds
+from looprl.ops.core.signals import stop_on_signals
 from looprl.policy.model import base_checksum
 from looprl.reward.data import FeedbackSource, connect_event_log, is_holdout
 from looprl.reward.history import read_history, reward_history_path
@@ -92,18 +93,15 @@ class RewardUpdater:
         self.consumed: set[str] = set()
         self.model: RewardModel | None = None
         self._published: tuple[str, RewardModel] | None = None
-        self._lock_fd: int | None = None
+        self._lock: FileLock | None = None
 
     # ---- lifecycle ----
     def open(self) -> "RewardUpdater":
         if self.state is not None:
             return self
-        self._lock_fd = os.open(self.store.dir / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            self._lock = try_lock(self.store.dir / ".lock")
+        except LockHeld:
             raise UpdaterBusy(f"another reward updater is running on {self.store.dir} (lock held)") from None
         try:
             return self._load()
@@ -133,10 +131,9 @@ class RewardUpdater:
         return self
 
     def close(self) -> None:
-        if self._lock_fd is not None:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
         self.state = None
 
     def __enter__(self) -> "RewardUpdater":
@@ -301,17 +298,13 @@ def serve(cfg: LooprlConfig, max_updates: int | None = None, metrics_port: int |
     Returns the number of updates run."""
     import torch
 
-    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.core.metrics import serve_metrics
 
     torch.set_num_threads(1)
-    stop = stop or threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
     port = serve_metrics(cfg.reward.metrics_port if metrics_port is None else metrics_port, host=cfg.metrics_host)
     log.info("reward updater serving", metrics_port=port, poll_seconds=cfg.reward.poll_seconds)
     done, failures = 0, 0
-    with RewardUpdater(cfg, connect=connect) as up:
+    with stop_on_signals(stop) as stop, RewardUpdater(cfg, connect=connect) as up:
         while not stop.is_set() and (max_updates is None or done < max_updates):
             try:
                 if up.update() is not None:
@@ -323,7 +316,8 @@ def serve(cfg: LooprlConfig, max_updates: int | None = None, metrics_port: int |
                 failures += 1
                 UPDATES.labels(result="failed").inc()
                 log.error("reward update failed", error=repr(e), failures=failures)
-            stop.wait(min(cfg.reward.poll_seconds * (2 ** min(failures, 4)), 300.0))
+            poll = cfg.reward.poll_seconds
+            stop.wait(backoff_seconds(failures + 1, poll, cap=max(poll, 300.0)))
     return done
 
 

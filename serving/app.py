@@ -30,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from looprl.ingest.schema import MAX_TEXT_CHARS, ChatMessage, ResponseEvent
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 from looprl.serving import metrics as m
 from looprl.serving.adapters import AdapterError
 from looprl.serving.base_model import format_prompt

@@ -45,8 +45,8 @@ from typing import Any
 import httpx
 from prometheus_client import Counter, Gauge
 
-from looprl.ops.config import LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.storage import releases
 from looprl.storage.registry import Registry, RegistryError, atomic_write_text
 

@@ -48,7 +48,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import DynamicCache
 
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 from looprl.serving import metrics as m
 from looprl.serving.adapters import WEIGHTS_FILE, AdapterError, AdapterSpec, BaseInventory
 from looprl.serving.kv import KVBatch, left_pad

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 import uvicorn
 
-from looprl.ops.config import ConfigError, LooprlConfig
-from looprl.ops.log import get_logger
+from looprl.ops.core.config import ConfigError, LooprlConfig
+from looprl.ops.core.log import get_logger
 from looprl.serving.app import create_app
 from looprl.serving.base_model import base_checksum, load_model
 from looprl.serving.engine import Engine

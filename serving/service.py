@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from looprl.ops.log import get_logger
+from looprl.ops.core.log import get_logger
 from looprl.serving import metrics as m
 from looprl.serving.adapters import AdapterError, check_name, read_adapter
 from looprl.serving.engine import BASE_VERSION, Engine, EngineError, Handle, Sink

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from looprl.ops.core.locks import file_lock
+
 Status = Literal["candidate", "gated", "rejected", "canary", "promoted", "rolled_back", "published"]
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
@@ -243,7 +245,7 @@ class Registry:
                 with open(dst, "rb+") as f:
                     os.fsync(f.fileno())
                 digests[p.name] = sha256_file(dst)
-            with _Lock(kdir / ".lock"):
+            with file_lock(kdir / ".lock"):  # two publishers never pick the same version number
                 existing = self.versions(kind)
                 number = int(existing[-1][1:]) + 1 if existing else 1
                 now = datetime.now(timezone.utc)
@@ -279,7 +281,7 @@ class Registry:
 
         The manifest file is not covered by its own checksums, so rewriting it is safe."""
         d = self.version_dir(kind, version)
-        with _Lock(self.kind_dir(kind) / ".lock"):
+        with file_lock(self.kind_dir(kind) / ".lock"):
             m = self.manifest(kind, version)
             now = datetime.now(timezone.utc)
             m.status, m.reason = status, reason
@@ -298,21 +300,3 @@ class Registry:
                 pass
 
 
-class _Lock:
-    """An exclusive advisory file lock, so two publishers never pick the same version number."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self) -> "_Lock":
-        import fcntl
-
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import fcntl
-
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)

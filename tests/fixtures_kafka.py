@@ -48,7 +48,7 @@ def kafka_topics() -> dict[str, str]:
 
 def ingest_config(tmp_path, bootstrap: str, topics: dict[str, str], **ingest):
     """A config for an ingest test: its own workspace, topics and group; short Kafka timeouts."""
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
 
     kafka = {k: v for k, v in topics.items() if k.startswith("topic_")}
     return load_config(environ={}, workspace=tmp_path / "ws",

@@ -16,7 +16,7 @@ TINY_DOCS = 2500
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """Path of a tiny pre-trained base checkpoint dir (config.json, model.safetensors, tokenizer)."""
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.policy.model import create_base
 
     root = tmp_path_factory.mktemp("tiny-base")
@@ -27,7 +27,7 @@ def tiny_base(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_base_cfg(tiny_base, tmp_path_factory):
     """A config factory whose model.base_path is the session's tiny base (fresh workspace per call)."""
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
 
     def make(workspace: Path | None = None, **sections):
         ws = workspace or tmp_path_factory.mktemp("ws")

@@ -16,7 +16,7 @@ def policy_base(tiny_base) -> Path:
 @pytest.fixture
 def policy_cfg(tmp_path, policy_base):
     """A factory of small, fast PPO configs in a fresh workspace, on the session's tiny base."""
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
 
     def make(**policy):
         base = dict(rollout_batch_size=16, minibatch_size=8, max_new_tokens=8, ppo_epochs=2, steps=4,
@@ -37,7 +37,7 @@ def ppo_trained(tmp_path_factory, policy_base):
     training and gate tests: (cfg, TrainResult). Read-only: copy its registry before changing it."""
     import torch
 
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.policy.scoring import CheerfulScorer
     from looprl.policy.trainer import train
 

@@ -94,7 +94,7 @@ def make_workspace(dst: Path, adapters: AdapterSet) -> Path:
 
 
 def serving_config(workspace: Path, base: Path, **serving: Any):
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
 
     s = {"max_lora_rank": MAX_LORA_RANK, "admin_token": ADMIN_TOKEN, "max_batch_size": 16, "torch_threads": 1,
          "controller_poll_seconds": 0.2, "controller_retries": 2, "controller_timeout_seconds": 10.0,

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from looprl.ops.canary import Arm, CanaryManager, decide, prob_better
-from looprl.ops.config import CanaryConfig, load_config
+from looprl.ops.core.config import CanaryConfig, load_config
 from looprl.storage.registry import Registry, RegistryError
 
 

@@ -30,7 +30,7 @@ def loop(tmp_path, tiny_base, kafka_bootstrap):
     import torch
 
     from looprl.ingest.client import ResponseLogger
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.serving.server import ServerThread, build_service
 
     torch.set_num_threads(1)

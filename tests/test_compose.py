@@ -87,7 +87,7 @@ def test_ray_head_and_worker(model):
 
 
 def test_looprl_services_use_the_production_stack(model):
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
 
     s = model["services"]
     looprl = {name: svc for name, svc in s.items() if svc.get("image", "").startswith("looprl")

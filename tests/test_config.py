@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from looprl.ops.cli import main
-from looprl.ops.config import ConfigError, load_config
+from looprl.ops.core.config import ConfigError, load_config
 
 
 def test_defaults_without_file_or_env(tmp_path, monkeypatch):
@@ -88,7 +88,7 @@ def test_metrics_host_is_configurable_for_containers(tmp_path):
     """Prometheus in another container can only scrape a /metrics bound beyond loopback."""
     import urllib.request
 
-    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.core.metrics import serve_metrics
 
     assert load_config(environ={}).metrics_host == "127.0.0.1"
     cfg = load_config(environ={"LOOPRL_METRICS_HOST": "0.0.0.0"})
@@ -105,7 +105,7 @@ def test_structured_logs_follow_a_replaced_stderr(monkeypatch):
     import json
     import sys
 
-    from looprl.ops.log import get_logger, setup_logging
+    from looprl.ops.core.log import get_logger, setup_logging
 
     setup_logging("INFO")
     old = io.StringIO()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.ops.health import FailureWatch, StageMonitor, first_error_line, read_health, stage_counts
 
 

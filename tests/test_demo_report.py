@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.ops.report import summarize, write_report
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from looprl.ops.config import ConfigError, load_config
+from looprl.ops.core.config import ConfigError, load_config
 from looprl.ops.demo import DEMO_TUNING, allocate_ports, demo_env, prepare_workspace, tuning_env
 
 

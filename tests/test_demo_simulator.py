@@ -45,7 +45,7 @@ def server(tiny_base, tmp_path_factory):
     import torch
 
     from fixtures_serving import CapturingLogger
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.serving.server import ServerThread, build_service
 
     torch.set_num_threads(1)
@@ -60,7 +60,7 @@ def server(tiny_base, tmp_path_factory):
 
 
 def run_sim(tmp_path, url, preference, **demo):
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.ops.simulator import Simulator, read_interactions, read_status
 
     cfg = load_config(environ={}, workspace=tmp_path / "ws",

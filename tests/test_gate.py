@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from looprl.ops.config import PolicyConfig, load_config
+from looprl.ops.core.config import PolicyConfig, load_config
 from looprl.policy.model import base_checksum, load_base
 from looprl.policy.gate import GateError, promote, run_gate
 from looprl.policy.lora import attach_lora, save_adapter

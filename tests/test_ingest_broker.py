@@ -18,7 +18,7 @@ from looprl.ingest.broker import (
     tansu_binary, write_broker_file,
 )
 from looprl.ingest.transport import KafkaUnavailable, ensure_topics, tcp_reachable, topic_partitions, wait_for_broker
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 
 
 def test_tansu_runs_from_site_packages_without_touching_home(tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from looprl.kernels import (
     naive_logprobs_and_entropy,
     select,
 )
-from looprl.ops.config import KernelsConfig
+from looprl.ops.core.config import KernelsConfig
 
 EXPERT_PARAMS = ["experts.gate_up_proj", "experts.down_proj"]
 

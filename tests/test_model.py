@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.ops.preference import POSITIVE_WORDS, positive_word_count
 from looprl.policy import model as M
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.policy.prompts import PromptSampler, build_pool, heldout_prompts, is_heldout, read_prompt_file
 
 

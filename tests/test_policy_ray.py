@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.policy.ray_backend import PolicyJobError, init_ray, ray_temp_dir
 from looprl.policy.scoring import CheerfulScorer
 from looprl.policy.trainer import train

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.policy.checkpoint import RunDir, runs_root
 from looprl.policy.scoring import CheerfulScorer
 from looprl.policy.trainer import train
@@ -28,7 +28,7 @@ POLICY = dict(rollout_batch_size=8, minibatch_size=4, max_new_tokens=6, steps=6,
 CHILD = r"""
 import json, os, sys, time, torch
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.policy.scoring import CheerfulScorer
 from looprl.policy.trainer import train
 ws, base, policy = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
@@ -134,4 +134,4 @@ def test_a_run_publishes_once_and_trains_in_one_process(tmp_path, policy_base):
         with pytest.raises(CheckpointError, match="another process"):
             train(cfg, run_id="run-d", scorer=CheerfulScorer(), use_ray=False)
     finally:
-        RunDir.unlock(held)
+        held.release()

@@ -6,7 +6,7 @@ held-out prompts, judged by the hidden preference itself, not by the reward mode
 import pytest
 import torch
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.policy.gate import evaluate
 from looprl.policy.scoring import CheerfulScorer
 from looprl.policy.trainer import train

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.reward import updater as U
 from looprl.reward.model import KIND, load_reward_model
 from looprl.reward.simulate import ViewsDouble, simulate_feedback
@@ -26,7 +26,7 @@ CHILD = textwrap.dedent("""
     import os, signal, sys, shutil
     import torch
     torch.set_num_threads(1)
-    from looprl.ops.config import load_config
+    from looprl.ops.core.config import load_config
     from looprl.reward.simulate import ViewsDouble
     from looprl.reward import updater as U, train as T
     from looprl.reward.state import StateStore

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.policy.model import base_checksum
 from looprl.reward.model import (CONFIG_FILE, KIND, WEIGHTS_FILE, RewardModel, RewardModelError, load_reward_model,
                                  render)

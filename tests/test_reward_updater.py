@@ -11,7 +11,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.reward import updater as U
 from looprl.reward.data import FeedbackSource, is_holdout
 from looprl.reward.model import KIND, load_reward_model
@@ -207,7 +207,7 @@ def test_serve_follows_the_log_and_exports_metrics(setup):
 
 
 def test_metrics_endpoint(setup):
-    from looprl.ops.metrics import serve_metrics
+    from looprl.ops.core.metrics import serve_metrics
 
     cfg, views = setup(epochs_per_update=1)
     views.append(simulate_feedback(20, seed=1))

@@ -12,7 +12,7 @@ from datetime import datetime, timezone
 import pytest
 from prometheus_client import REGISTRY
 
-from looprl.ops.config import load_config
+from looprl.ops.core.config import load_config
 from looprl.ops.cron import Cron, CronError
 from looprl.ops.scheduler import (
     AccuracyDropTrigger, CallableRunner, ChangeTrigger, CountTrigger, CronTrigger, History, IntervalTrigger, Job,

@@ -86,7 +86,7 @@ def test_prompts_are_rendered_like_the_trainer_renders_them(client, srv):
 
 
 def test_admin_endpoints_are_never_open_beyond_loopback(srv):
-    from looprl.ops.config import ConfigError
+    from looprl.ops.core.config import ConfigError
     from looprl.serving.server import admin_token_of
 
     cfg = srv.cfg
