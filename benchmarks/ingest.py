@@ -1,4 +1,4 @@
-"""Benchmark of `looprl ingest` against raw Kafka consumption, in one run on one broker.
+"""Benchmark of `looprl ingest consume` against raw Kafka consumption, in one run on one broker.
 
 N events (a realistic mix: 1/3 responses, thumbs, preferences, ratings, corrections) are produced
 once to fresh topics, then read four ways from the same topics:

@@ -6,7 +6,7 @@ For each cfg.kernels setting (moe_lora peft|torch x logprob naive|chunked) it ru
 `--steps` PPO iterations in-process (LocalBackend: rollout, scoring, learning back to back, as
 one Ray worker + learner would, minus Ray's transport) and reports completion tokens/s and the
 share of time in rollout (sampling), scoring (reward) and learning (old/ref/value passes + PPO
-epochs). The base is `looprl.policy.model.create_base` at the cfg.model defaults (the pre-trained
+epochs). The base is `looprl.ops.sim.base.create_base` at the cfg.model defaults (the pre-trained
 tiny MoE of `looprl init`). The reward is an untrained reward model of the configured shape
 (scoring costs the same as with a trained one).
 
@@ -30,9 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def build_base(cfg, out: Path) -> tuple[Path, str]:
-    from looprl.policy.model import create_base
+    from looprl.ops.sim.base import create_base
 
-    return Path(create_base(cfg, out_dir=out, progress=False)), "looprl.policy.model.create_base"
+    return Path(create_base(cfg, out_dir=out, progress=False)), "looprl.ops.sim.base.create_base"
 
 
 class _FreshRewardModel:

@@ -1,6 +1,6 @@
 """Benchmark of the incremental reward updater on CPU.
 
-Streams simulated feedback (hidden preference: ``looprl.ops.preference.default_preference``)
+Streams simulated feedback (hidden preference: ``looprl.ops.sim.preference.default_preference``)
 through ``RewardUpdater`` in slices, then trains an *offline* reward model on all the same data at
 once (same number of epochs, same optimiser settings) and compares:
 
@@ -50,10 +50,10 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     import torch
 
     from looprl.ops.core.config import load_config
-    from looprl.policy.model import create_base
+    from looprl.ops.sim.base import create_base
+    from looprl.ops.sim.feedback import SimulatedLog, heldout_pairs, simulate_feedback
     from looprl.reward.data import Example, FeedbackSource, is_holdout
     from looprl.reward.model import RewardModel
-    from looprl.reward.simulate import ViewsDouble, heldout_pairs, simulate_feedback
     from looprl.reward.train import evaluate, train
     from looprl.reward.updater import RewardUpdater
 
@@ -66,7 +66,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     cfg = load_config(environ={}, workspace=tmp / "ws", model={"base_path": str(base)},
                       reward={"min_new_events": 1, "seed": args.seed})
     rc = cfg.reward
-    views = ViewsDouble(tmp / "views")
+    views = SimulatedLog(tmp / "events")
     pairs = heldout_pairs(args.heldout_pairs, seed=10_000 + args.seed)
     test = [Example(f"h{i}", "preference", p, None, chosen=c, rejected=r) for i, (p, c, r) in enumerate(pairs)]
 

@@ -1,7 +1,7 @@
 """Serving benchmark: batching throughput, and latency/failures during LoRA hot-swaps.
 
-One run starts ``looprl serve`` as a subprocess on a free port (so the load generator does not
-share the server's GIL) on a throwaway workspace, publishes a few LoRA adapters (attention +
+One run starts ``looprl serving serve`` as a subprocess on a free port (so the load generator does
+not share the server's GIL) on a throwaway workspace, publishes a few LoRA adapters (attention +
 fused-MoE-expert LoRA) into its registry, and measures:
 
 1. throughput: the same requests from 16 concurrent clients (continuous batching) vs one at a
@@ -33,6 +33,8 @@ from pathlib import Path
 
 import httpx
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # tests/adapters_testing.py: LoRA adapter builders
+
 PROMPTS = [
     "tell me about the park", "how is the weather today", "what do you think of the river",
     "give me a note on the market", "describe the old bridge", "what happened at school",
@@ -55,9 +57,57 @@ def _percentile(xs: list[float], q: float) -> float:
     return xs[k]
 
 
+SENTENCES = [
+    "hello world, what a happy sunny day it is",
+    "the cat sat on the mat and looked at the dog",
+    "thank you, that is wonderful and great news",
+    "please tell me a story about a brave little robot",
+    "the weather today is cloudy with a chance of rain",
+    "I love learning new things every single day",
+    "numbers: one two three four five six seven eight nine ten",
+    "question: what is the capital of france? answer: paris",
+]
+
+
+def build_tiny_base(out_dir: str | Path, *, vocab_size: int = 320, hidden: int = 32, layers: int = 2,
+                    experts: int = 4, max_positions: int = 256, seed: int = 0) -> Path:
+    """A random-init tiny Qwen3-MoE causal LM and a byte-level BPE tokenizer trained on a few
+    sentences: serving cost without the minutes of `looprl init`'s pre-training."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(SENTENCES * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    cfg = Qwen3MoeConfig(
+        vocab_size=len(fast), hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden // 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+        num_experts=experts, num_experts_per_tok=2, max_position_embeddings=max_positions,
+        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id, bos_token_id=fast.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(cfg)
+    with torch.no_grad():  # larger logits than the default init, so greedy outputs vary with the prompt
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(out)
+    fast.save_pretrained(out)
+    return out
+
+
 def prepare(workspace: Path, base: Path | None, n_adapters: int) -> tuple[Path, list[str]]:
-    from looprl.serving.base_model import base_checksum
-    from looprl.serving.testing import build_tiny_base, publish_adapter
+    from adapters_testing import publish_adapter
+
+    from looprl.policy.model import base_checksum
     from looprl.storage.registry import Registry
 
     if base is None:
@@ -78,8 +128,8 @@ def start_server(workspace: Path, base: Path, port: int, threads: int) -> subpro
            "LOOPRL_SERVING__TORCH_THREADS": str(threads), "LOOPRL_SERVING__MAX_BATCH_SIZE": "16",
            "LOOPRL_LOG_LEVEL": "WARNING", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("LOOPRL_CONFIG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "--workspace", str(workspace), "serve"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "--workspace", str(workspace),
+                             "serving", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -9,13 +9,14 @@ copy it into ``~/.calfkit``, which we never want. The arguments are the ones ``c
 Other processes find a running embedded broker through ``<workspace>/state/broker.json``
 (address and pid, written once it answers metadata): ``bootstrap_servers(cfg)`` returns the
 configured servers, else a live broker from that file, else starts one owned by the calling
-process (stopped when it exits). ``looprl broker`` runs one in the foreground.
+process (stopped when it exits). ``looprl ingest broker`` runs one in the foreground.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import ctypes
 import importlib.util
 import json
 import os
@@ -33,6 +34,7 @@ from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.locks import file_lock
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.signals import stop_on_signals
+from looprl.storage.registry import atomic_write_text
 
 log = get_logger(__name__)
 
@@ -76,8 +78,6 @@ def _die_with_parent() -> None:
     SIGKILLed owner never leaks a broker. Only used when started from the main thread (the
     signal fires when the *thread* that forked exits)."""
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except Exception:
@@ -202,8 +202,6 @@ def read_broker_file(path: Path) -> BrokerInfo | None:
 
 
 def write_broker_file(path: Path, info: BrokerInfo) -> None:
-    from looprl.storage.registry import atomic_write_text
-
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(asdict(info)))
 
@@ -246,7 +244,7 @@ def bootstrap_servers(cfg: LooprlConfig, start: bool = True, timeout: float = 30
         ensure_topics(broker.bootstrap, standard_topics(cfg))
         write_broker_file(path, broker.info())
         log.warning("started an embedded Kafka broker owned by this process (memory only; it stops when "
-                    "this process exits). Run `looprl broker` to keep one up.", bootstrap=broker.bootstrap)
+                    "this process exits). Run `looprl ingest broker` to keep one up.", bootstrap=broker.bootstrap)
         return broker.bootstrap
 
 
@@ -260,13 +258,13 @@ def _stop_owned(path: Path) -> None:
 
 def run_broker(cfg: LooprlConfig, port: int | None = None, host: str = "127.0.0.1",
                stop: threading.Event | None = None) -> int:
-    """``looprl broker``: run the embedded broker in the foreground until SIGTERM/SIGINT."""
+    """``looprl ingest broker``: run the embedded broker in the foreground until SIGTERM/SIGINT."""
     path = cfg.state_dir / STATE_FILE
     stop = stop or threading.Event()
     with file_lock(cfg.state_dir / _LOCK_FILE):
         other = read_broker_file(path)
         if other is not None and other.alive() and other.owner_pid != os.getpid():
-            print(f"looprl broker: an embedded broker is already running at {other.bootstrap} "
+            print(f"looprl ingest broker: an embedded broker is already running at {other.bootstrap} "
                   f"(pid {other.pid}, see {path})", file=sys.stderr)
             return 1
         broker = EmbeddedBroker(port=cfg.kafka.embedded_port if port is None else port, host=host).start()

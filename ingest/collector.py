@@ -1,4 +1,4 @@
-"""`looprl collector`: the HTTP feedback collector, for backends that do not speak Kafka.
+"""`looprl ingest collect`: the HTTP feedback collector, for backends that do not speak Kafka.
 
     POST /v1/feedback   Authorization: Bearer <ingest.collector_token>
     body: one event object, a JSON array of events, or {"events": [...]}
@@ -16,17 +16,19 @@ Prometheus metrics, ``/health`` liveness.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import threading
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from looprl.ingest import metrics as m
 from looprl.ingest.schema import InvalidEvent, ResponseEvent, encode_event, validate_event
-from looprl.ingest.transport import Producer
+from looprl.ingest.transport import Producer, ensure_topics, make_producer, wait_for_broker
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import metrics_app
@@ -122,8 +124,6 @@ async def _deliver(producer: Producer, events: list[Any], responses_topic: str, 
                    timeout: float) -> list[tuple[Any, str]]:
     """Send ``events`` and wait (without blocking the event loop) for Kafka's acknowledgements.
     Returns the (event, error) pairs that failed or timed out."""
-    import asyncio
-
     loop = asyncio.get_running_loop()
     done = asyncio.Event()
     lock = threading.Lock()
@@ -151,10 +151,6 @@ async def _deliver(producer: Producer, events: list[Any], responses_topic: str, 
 
 
 def run_collector(cfg: LooprlConfig, bootstrap: str, host: str | None = None, port: int | None = None) -> int:
-    import uvicorn
-
-    from looprl.ingest.transport import ensure_topics, make_producer, wait_for_broker
-
     k = cfg.kafka
     try:
         wait_for_broker(bootstrap, timeout=60)

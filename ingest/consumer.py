@@ -1,4 +1,4 @@
-"""`looprl ingest`: Kafka (responses + feedback topics) -> the Parquet event log, exactly once.
+"""`looprl ingest consume`: Kafka (responses + feedback topics) -> the Parquet event log, exactly once.
 
 Delivery is at-least-once and writes are idempotent:
 
@@ -309,7 +309,7 @@ class IngestConsumer:
 
 def run_ingest(cfg: LooprlConfig, bootstrap: str, idle_exit_s: float | None = None,
                max_records: int | None = None, stop: threading.Event | None = None) -> Totals:
-    """``looprl ingest``: SIGTERM/SIGINT stop it cleanly after the current batch is committed."""
+    """``looprl ingest consume``: SIGTERM/SIGINT stop it cleanly after the current batch is committed."""
     with stop_on_signals(stop) as stop:
         consumer = IngestConsumer(cfg, bootstrap).start()
         t0 = time.monotonic()

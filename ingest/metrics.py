@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-# ---- consumer (looprl ingest)
+# ---- consumer (looprl ingest consume)
 EVENTS = Counter("looprl_ingest_events_total", "Events made durable in the Parquet log", ["kind"])
 DEAD_LETTERS = Counter("looprl_ingest_dead_letters_total", "Invalid events sent to the dead-letter topic", ["reason"])
 DUPLICATES = Counter("looprl_ingest_duplicates_total", "Events skipped because their event_id was already stored")
@@ -22,7 +22,7 @@ HEARTBEAT = Gauge("looprl_ingest_heartbeat_timestamp_seconds", "Last iteration o
 LAST_BATCH = Gauge("looprl_ingest_last_batch_timestamp_seconds", "When the last batch became durable (unix time)")
 DEDUPE_IDS = Gauge("looprl_ingest_dedupe_ids", "Event ids held in the dedupe index")
 
-# ---- HTTP collector (looprl collector)
+# ---- HTTP collector (looprl ingest collect)
 COLLECTOR_REQUESTS = Counter("looprl_ingest_collector_requests_total", "Collector requests by HTTP status", ["code"])
 COLLECTOR_EVENTS = Counter("looprl_ingest_collector_events_total", "Events accepted by the collector", ["kind"])
 COLLECTOR_REJECTED = Counter("looprl_ingest_collector_rejected_total", "Events rejected by the collector", ["reason"])

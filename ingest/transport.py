@@ -17,11 +17,18 @@ CreatePartitions fails, so topics are created once with a fixed partition count.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, NamedTuple, Protocol
+
+import confluent_kafka
+from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.structs import OffsetAndMetadata
 
 from looprl.ops.core.log import get_logger
 
@@ -89,9 +96,6 @@ def _rdkafka_logger() -> logging.Logger:
 
 
 def _admin(bootstrap: str, timeout: float):
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaError
-
     _quiet_kafka_python()
     try:
         return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="looprl-admin",
@@ -121,9 +125,6 @@ def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> list[str]:
 def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0) -> list[str]:
     """Create the missing topics with a fixed partition count (replication 1 on a single broker,
     else min(3, brokers)). Existing topics are kept as they are. Returns the names created."""
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
     admin = _admin(bootstrap, timeout)
     created = []
     try:
@@ -172,9 +173,7 @@ class _ConfluentProducer:
     """librdkafka producer; a daemon thread serves delivery callbacks (librdkafka needs poll)."""
 
     def __init__(self, bootstrap: str, opts: ProducerOptions):
-        from confluent_kafka import Producer as CKProducer
-
-        self._p = CKProducer({
+        self._p = confluent_kafka.Producer({
             "bootstrap.servers": bootstrap,
             "client.id": opts.client_id,
             "acks": opts.acks,
@@ -234,8 +233,6 @@ class _KafkaPythonProducer:
     delivery failures instead of a blocked caller or an exception in the constructor."""
 
     def __init__(self, bootstrap: str, opts: ProducerOptions):
-        import queue
-
         self._bootstrap = bootstrap
         self._opts = opts
         self._p = None
@@ -247,8 +244,6 @@ class _KafkaPythonProducer:
 
     def _producer(self):
         if self._p is None:
-            from kafka import KafkaProducer
-
             _quiet_kafka_python()
             o = self._opts
             self._p = KafkaProducer(
@@ -271,8 +266,6 @@ class _KafkaPythonProducer:
             self._cv.notify_all()
 
     def _work(self) -> None:
-        import queue
-
         while True:
             item = self._q.get()
             if item is None:
@@ -356,9 +349,7 @@ class ConsumerOptions:
 
 class _ConfluentConsumer:
     def __init__(self, bootstrap: str, opts: ConsumerOptions):
-        from confluent_kafka import Consumer as CKConsumer
-
-        self._c = CKConsumer({
+        self._c = confluent_kafka.Consumer({
             "bootstrap.servers": bootstrap,
             "group.id": opts.group_id,
             "client.id": opts.client_id,
@@ -405,19 +396,16 @@ class _ConfluentConsumer:
         return out
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        from confluent_kafka import TopicPartition
-
         if offsets:
-            self._c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in offsets.items()], asynchronous=False)
+            self._c.commit(offsets=[confluent_kafka.TopicPartition(t, p, o) for (t, p), o in offsets.items()],
+                           asynchronous=False)
 
     def lag(self) -> int | None:
-        from confluent_kafka import TopicPartition
-
         if not self._assigned or self._c is None:
             return None
         total = 0
         try:
-            parts = self._c.position([TopicPartition(t, p) for t, p in self._assigned])
+            parts = self._c.position([confluent_kafka.TopicPartition(t, p) for t, p in self._assigned])
             for tp in parts:
                 _low, high = self._c.get_watermark_offsets(tp, cached=True)
                 if high is None or high < 0 or tp.offset < 0:
@@ -438,9 +426,6 @@ class _ConfluentConsumer:
 
 class _KafkaPythonConsumer:
     def __init__(self, bootstrap: str, opts: ConsumerOptions):
-        from kafka import KafkaConsumer
-        from kafka.errors import KafkaError
-
         _quiet_kafka_python()
         try:
             self._c = KafkaConsumer(
@@ -454,8 +439,6 @@ class _KafkaPythonConsumer:
             raise KafkaUnavailable(f"Kafka at {bootstrap} is not reachable: {e}") from None
 
     def subscribe(self, topics, on_assign=None, on_revoke=None) -> None:
-        from kafka import ConsumerRebalanceListener
-
         class _Listener(ConsumerRebalanceListener):
             def on_partitions_revoked(self, revoked):
                 if on_revoke and revoked:
@@ -475,9 +458,6 @@ class _KafkaPythonConsumer:
         return out
 
     def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        from kafka import TopicPartition
-        from kafka.structs import OffsetAndMetadata
-
         if offsets:
             self._c.commit({TopicPartition(t, p): OffsetAndMetadata(o, "", -1) for (t, p), o in offsets.items()})
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .logprob import (
@@ -33,10 +35,6 @@ __all__ = [
 
 def triton_available() -> bool:
     """True when triton is installed and a CUDA device is visible (never imports triton)."""
-    import importlib.util
-
-    import torch
-
     return importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .glu import glu, glu_backward
+
 
 class LoRAFactors(NamedTuple):
     """LoRA on a stacked expert weight W (E, out, in): delta_e = scaling * B[e] @ A[e]."""
@@ -93,11 +95,11 @@ class TorchGrouped:
         return out, xp
 
     def glu_forward(self, h: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
-        return _glu(h, act)
+        return glu(h, act)
 
     def glu_backward(self, h: Tensor, ga: Tensor, rw: Tensor, act: Callable[[Tensor], Tensor]
                      ) -> tuple[Tensor, Tensor, Tensor]:
-        return _glu_backward(h, ga, rw, act)
+        return glu_backward(h, ga, rw, act)
 
     def gouter(self, x: Tensor, y: Tensor, plan: list[int], rows: Tensor | None = None,
                scale: float = 1.0) -> Tensor:
@@ -126,46 +128,6 @@ def _backend(impl: str):
 
 # ----------------------------------------------------------------------------------------------
 # autograd Function
-
-
-def _glu(h: Tensor, act: Callable[[Tensor], Tensor]) -> Tensor:
-    gate, up = h.chunk(2, dim=-1)  # transformers' concatenated [gate; up] layout
-    return act(gate) * up
-
-
-def _is_silu(act: Callable) -> bool:
-    return act is F.silu or isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
-
-
-def _glu_backward(h: Tensor, ga: Tensor, rw: Tensor, act: Callable[[Tensor], Tensor]
-                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Backward of y_s = rw_s * (act(gate) * up) W'_d through the GLU, given ga = dL/dy W'_d (unweighted).
-
-    Returns (a, dh, d_rw): the recomputed activation a = act(gate) * up (S, I), dL/dh (S, 2I) and
-    dL/d rw = <ga, a> (S,) in float32."""
-    dt = h.dtype
-    gate, up = h.chunk(2, dim=-1)
-    if _is_silu(act):  # the common case: analytic backward below, no autograd graph
-        act_gate = F.silu(gate)
-    else:
-        with torch.enable_grad():
-            gate_leaf = gate.detach().requires_grad_()
-            act_graph = act(gate_leaf)
-        act_gate = act_graph.detach()
-    a = act_gate * up
-    d_rw = (ga * a).sum(-1, dtype=torch.float32)
-    ga = ga.mul_(rw[:, None]) if rw.dtype == dt else (ga * rw[:, None]).to(dt)
-    # through a = act(gate) * up, written straight into the two halves of dh (S, 2I)
-    dh = torch.empty_like(h)
-    d_gate, d_up = dh.chunk(2, dim=-1)
-    torch.mul(ga, act_gate, out=d_up)
-    del act_gate
-    g_act = ga.mul_(up)
-    if _is_silu(act):
-        d_gate.copy_(torch.ops.aten.silu_backward(g_act, gate))
-    else:
-        d_gate.copy_(torch.autograd.grad(act_graph, gate_leaf, g_act)[0])
-    return a, dh, d_rw
 
 
 def _project(backend, x: Tensor, w: Tensor, plan, lora: tuple[Tensor | None, Tensor | None, float], **kw
@@ -277,6 +239,11 @@ def _cast(lora: LoRAFactors | None, dtype: torch.dtype) -> tuple[Tensor | None, 
 
 # ----------------------------------------------------------------------------------------------
 # peft integration
+#
+# peft and transformers are imported inside the functions: with the repository root on sys.path
+# (`python -m pytest` from a checkout) this folder is also the top-level package `kernels`, which
+# transformers imports while peft itself is still being imported (its hub-kernels probe), and a
+# module-level peft or transformers import here would then be circular.
 #
 # peft wraps each targeted 3-D parameter in a `lora.ParamWrapper`; two targets on one experts
 # module nest: mlp.experts = ParamWrapper(down_proj) -> ParamWrapper(gate_up_proj) -> Experts.

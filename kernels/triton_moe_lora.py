@@ -26,6 +26,8 @@ import triton.language as tl
 from torch import Tensor
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from .glu import glu, glu_backward, is_silu
+
 
 @triton.jit
 def _dot(a, b, acc, IEEE: tl.constexpr):
@@ -180,7 +182,7 @@ def _glu_fwd_kernel(h_ptr, a_ptr, I, stride_h, stride_a, BLOCK: tl.constexpr):
 @triton.jit
 def _glu_bwd_kernel(h_ptr, ga_ptr, rw_ptr, a_ptr, dh_ptr, drw_ptr, I,
                     stride_h, stride_ga, stride_a, stride_dh, BLOCK: tl.constexpr):
-    """One row of `moe_lora._glu_backward` for SiLU: a, dh = [d gate; d up] and d rw = <ga, a>."""
+    """One row of `glu.glu_backward` for SiLU: a, dh = [d gate; d up] and d rw = <ga, a>."""
     row = tl.program_id(0).to(tl.int64)
     rw = tl.load(rw_ptr + row).to(tl.float32)
     d_rw = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -372,10 +374,8 @@ class TritonGrouped:
         return out
 
     def glu_forward(self, h: Tensor, act) -> Tensor:
-        from .moe_lora import _glu, _is_silu
-
-        if not _is_silu(act):
-            return _glu(h, act)
+        if not is_silu(act):
+            return glu(h, act)
         n_rows, i_dim = h.shape[0], h.shape[1] // 2
         a = h.new_empty(n_rows, i_dim)
         if n_rows:
@@ -383,10 +383,8 @@ class TritonGrouped:
         return a
 
     def glu_backward(self, h: Tensor, ga: Tensor, rw: Tensor, act) -> tuple[Tensor, Tensor, Tensor]:
-        from .moe_lora import _glu_backward, _is_silu
-
-        if not _is_silu(act):  # any other activation: the torch reference (autograd for act')
-            return _glu_backward(h, ga, rw, act)
+        if not is_silu(act):  # any other activation: the torch reference (autograd for act')
+            return glu_backward(h, ga, rw, act)
         n_rows, i_dim = h.shape[0], h.shape[1] // 2
         a, dh = h.new_empty(n_rows, i_dim), torch.empty_like(h)
         d_rw = torch.empty(n_rows, dtype=torch.float32, device=h.device)

@@ -16,9 +16,9 @@ still flipping routes. Repeated looks at a posterior inflate the error rate a li
 minimum sample and the high thresholds keep that small, and the rollback threshold is the one
 that matters for users (a regression is caught, not proven twice).
 
-Pointers (registry kind "policy"): ``promoted`` (None: the base model serves), ``canary``.
-The serving controller applies them to the endpoints; this module only decides and records.
-Every decision goes to ``registry.set_status`` with its numbers and to a JSONL decisions log.
+The pointers and statuses move through the release contract (``looprl.storage.releases``),
+which checks each transition and records every decision with its numbers in the manifest and
+the JSONL decisions log; the serving controller applies the pointers to the endpoints.
 """
 
 from __future__ import annotations
@@ -34,12 +34,9 @@ from looprl.ops.core.config import CanaryConfig, LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.storage import releases
 from looprl.storage.registry import Manifest, Registry, RegistryError
-from looprl.storage.releases import BASE, KIND, DecisionRecord
+from looprl.storage.releases import BASE, KIND, DecisionRecord, version_number
 
 log = get_logger(__name__)
-
-# Statuses that passed the offline gate at some point: a person may (re-)promote these.
-MANUALLY_PROMOTABLE = ("gated", "canary", "promoted", "rolled_back")
 
 # The test looks at the data once per this many new votes (both arms together), not on every
 # poll: each look is a chance for a false alarm, so looks are tied to evidence, not to time.
@@ -156,9 +153,6 @@ def event_log_counts(cfg: LooprlConfig) -> CountsFn:
 
 
 # --------------------------------------------------------------------------- the manager
-_version_number = releases.version_number
-
-
 class CanaryManager:
     """Starts, judges and ends canaries. ``step()`` is called by the scheduler every poll."""
 
@@ -172,17 +166,16 @@ class CanaryManager:
 
     # ---- reading
     def promoted(self) -> str | None:
-        return self.registry.pointer(KIND, "promoted")
+        return releases.promoted_version(self.registry)
 
     def canary(self) -> str | None:
-        return self.registry.pointer(KIND, "canary")
+        return releases.canary_version(self.registry)
 
     def decisions(self) -> list[dict[str, Any]]:
         return releases.read_decisions(self.cfg.state_dir)
 
-    def _record(self, rec: DecisionRecord, write: bool = True) -> None:
-        if write:
-            releases.record_decision(self.cfg.state_dir, rec)
+    def _record(self, rec: DecisionRecord) -> None:
+        """Count and log a decision the release contract has made and written down."""
         DECISIONS.labels(decision=rec.action).inc()
         log.info("canary decision", action=rec.action, version=rec.version, control=rec.control,
                  reason=rec.reason, numbers=rec.numbers, by=rec.by)
@@ -196,7 +189,7 @@ class CanaryManager:
 
     def next_candidate(self) -> Manifest | None:
         """The newest gated version newer than what serves all traffic."""
-        floor = _version_number(self.promoted())
+        floor = version_number(self.promoted())
         for m in reversed(self.registry.list(KIND)):
             if m.number <= floor:
                 return None
@@ -207,18 +200,17 @@ class CanaryManager:
     # ---- the loop body
     def step(self) -> Decision | None:
         promoted, canary = self.promoted(), self.canary()
-        PROMOTED.set(_version_number(promoted))
+        PROMOTED.set(version_number(promoted))
         if canary is None:
             ACTIVE.set(0)
             cand = self.next_candidate()
             if cand is not None:
                 self.start(cand.version)
             return None
-        ACTIVE.set(_version_number(canary))
-        m = self.registry.manifest(KIND, canary)
-        if m.status != "canary":  # someone decided by hand meanwhile; just drop the stale pointer
-            self.registry.set_pointer(KIND, "canary", None)
+        ACTIVE.set(version_number(canary))
+        if releases.drop_stale_canary(self.registry):  # someone decided by hand meanwhile
             return None
+        m = self.registry.manifest(KIND, canary)
         since, control = self._canary_started(m)
         counts = self.counts([canary, control], since)
         cand_arm, ctrl_arm = counts.get(canary, Arm(0, 0)), counts.get(control, Arm(0, 0))
@@ -240,36 +232,26 @@ class CanaryManager:
         return Decision(d.action, d.reason, numbers)
 
     def start(self, version: str) -> None:
-        control = self.promoted() or BASE
-        numbers = {"control": control, "traffic_share": self.cfg.canary.traffic_share}
-        self.registry.set_status(KIND, version, "canary", f"canary at {self.cfg.canary.traffic_share:.0%} of traffic vs {control}",
-                                 numbers)
-        self.registry.set_pointer(KIND, "canary", version)
-        self._record(DecisionRecord(self.clock(), "start", version, control, "gated candidate enters canary", numbers))
+        rec = releases.start_canary(self.registry, self.cfg.state_dir, version,
+                                    traffic_share=self.cfg.canary.traffic_share, at=self.clock())
+        self._record(rec)
 
     def _promote(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str) -> None:
-        self.registry.set_status(KIND, version, "promoted", reason, numbers)
-        self.registry.set_pointer(KIND, "promoted", version)
-        if self.canary() == version:
-            self.registry.set_pointer(KIND, "canary", None)
-        PROMOTED.set(_version_number(version))
-        self._record(DecisionRecord(self.clock(), action, version, control, reason, numbers, by))
+        rec = releases.promote(self.registry, self.cfg.state_dir, version, reason, by=by, action=action,
+                               control=control, numbers=numbers, at=self.clock())
+        PROMOTED.set(version_number(version))
+        self._record(rec)
 
     def _rollback_canary(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str) -> None:
         rec = releases.roll_back_canary(self.registry, self.cfg.state_dir, version, reason, by=by, action=action,
                                         numbers={**numbers, "control": control}, at=self.clock())
         ACTIVE.set(0)
-        self._record(rec, write=False)
+        self._record(rec)
 
     # ---- people (token checked by the CLI)
     def manual_promote(self, version: str, by: str = "operator") -> None:
-        m = self.registry.verify(KIND, version)  # never promote a corrupted adapter
-        if m.status not in MANUALLY_PROMOTABLE:
-            # Only versions that passed the offline gate (policy.gate) reach users, by hand too.
-            raise RegistryError(f"policy/{version} is {m.status}: only versions that passed the gate can be "
-                                f"promoted ({', '.join(MANUALLY_PROMOTABLE)}); run `looprl gate {version}` first")
-        control = self.promoted() or BASE
-        self._promote(version, control, f"manual promotion by {by}", {"previous": control}, by, "manual_promote")
+        """Promote any version that passed the gate (the release lifecycle refuses the others)."""
+        self._promote(version, self.promoted() or BASE, f"manual promotion by {by}", {}, by, "manual_promote")
 
     def manual_rollback(self, by: str = "operator") -> str:
         """Roll back the canary if there is one, else the promoted version to the one before it.
@@ -285,8 +267,8 @@ class CanaryManager:
             raise RegistryError("nothing to roll back: no canary and the base model already serves all traffic")
         rec = releases.roll_back_promoted(self.registry, self.cfg.state_dir, f"manual rollback by {by}", by=by,
                                           action="manual_rollback", at=self.clock())
-        PROMOTED.set(_version_number(self.promoted()))
-        self._record(rec, write=False)
+        PROMOTED.set(version_number(self.promoted()))
+        self._record(rec)
         return f"{current} rolled back; {rec.control if rec.control != BASE else 'the base model'} serves all traffic"
 
     def previous_promoted(self, current: str) -> str | None:

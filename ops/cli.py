@@ -1,8 +1,11 @@
-"""The `looprl` command line.
+"""The `looprl` command line: ``looprl <stage> <action>``.
 
-Each group of subcommands lives in its own ``ops/cmd_<area>.py`` module with a
-``register(subparsers)`` function; a subcommand sets ``func(args, cfg) -> int | None``.
-This file only wires them together, loads the config once and logs it.
+Each stage's commands live in ``ops/cmd_<area>.py`` with a ``register(subparsers)`` function that
+adds the stage with its actions (argparse ``dest="action"``); an action sets
+``func(args, cfg) -> int | None``. Command functions import the stage module they run, and its
+heavy libraries (torch, duckdb, pyarrow), inside the function, so that ``looprl --help`` and every
+command start without loading what they do not use. This file wires the modules together, maps
+the spellings from before this scheme to it, loads the config once and logs it.
 """
 
 from __future__ import annotations
@@ -11,11 +14,60 @@ import argparse
 import json
 import sys
 
-from looprl.ops import cmd_ingest, cmd_loop, cmd_policy, cmd_reward, cmd_serving
+from looprl.ops import cmd_ingest, cmd_init, cmd_loop, cmd_policy, cmd_reward, cmd_serving
 from looprl.ops.core.config import ConfigError, LooprlConfig, load_config
 from looprl.ops.core.log import get_logger, setup_logging
 
-COMMAND_MODULES = (cmd_ingest, cmd_reward, cmd_policy, cmd_serving, cmd_loop)
+COMMAND_MODULES = (cmd_init, cmd_ingest, cmd_reward, cmd_policy, cmd_serving, cmd_loop)
+
+# Global options that take a value: the command starts after them.
+GLOBAL_OPTIONS = ("--config", "--workspace")
+
+# Spellings from before `looprl <stage> <action>`, still accepted for one release with a notice on
+# stderr: old words -> new words.
+DEPRECATED: dict[tuple[str, ...], tuple[str, ...]] = {
+    ("broker",): ("ingest", "broker"),
+    ("ingest",): ("ingest", "consume"),
+    ("collector",): ("ingest", "collect"),
+    ("train", "policy"): ("policy", "train"),
+    ("gate",): ("policy", "gate"),
+    ("serve",): ("serving", "serve"),
+    ("controller",): ("serving", "control"),
+    ("scheduler",): ("scheduler", "run"),
+    ("trigger",): ("scheduler", "trigger"),
+    ("runs",): ("scheduler", "runs"),
+    ("canary",): ("canary", "status"),
+    ("promote",): ("canary", "promote"),
+    ("rollback",): ("canary", "rollback"),
+}
+
+
+def _command_start(argv: list[str]) -> int:
+    """Index of the command's first word in ``argv``, after the global options."""
+    i = 0
+    while i < len(argv) and argv[i].startswith("-"):
+        arg = argv[i]  # argparse also accepts an unambiguous prefix, e.g. --work
+        takes_value = len(arg) > 2 and "=" not in arg and any(o.startswith(arg) for o in GLOBAL_OPTIONS)
+        i += 2 if takes_value else 1
+    return i
+
+
+def undeprecate(argv: list[str]) -> tuple[list[str], str | None]:
+    """``argv`` in the current spelling, and a notice naming the new form if it was an old one.
+
+    An old spelling whose word is now a stage (``looprl ingest``, ``looprl scheduler --once``,
+    ``looprl canary``) is old only when no action follows it."""
+    i = _command_start(argv)
+    for old, new in DEPRECATED.items():
+        if tuple(argv[i:i + len(old)]) != old:
+            continue
+        rest = argv[i + len(old):]
+        if old[0] == new[0] and rest and (not rest[0].startswith("-") or rest[0] in ("-h", "--help")):
+            return argv, None
+        notice = (f"looprl: `looprl {' '.join(old)}` is deprecated and goes in the next release; "
+                  f"use `looprl {' '.join(new)}`")
+        return [*argv[:i], *new, *rest], notice
+    return argv, None
 
 
 def _print_config(args: argparse.Namespace, cfg: LooprlConfig) -> int:
@@ -26,12 +78,14 @@ def _print_config(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="looprl",
-        description="Continual online RLHF: feedback -> Kafka -> reward model -> LoRA-PPO -> hot-swapped adapters.",
+        description="Continual online RLHF: feedback -> Kafka -> reward model -> LoRA-PPO -> hot-swapped adapters. "
+                    "Commands read `looprl <stage> <action>`; init, config, demo, simulate, status and report "
+                    "concern the whole loop.",
     )
     p.add_argument("--config", help="path to looprl.toml (default: ./looprl.toml or $LOOPRL_CONFIG)")
     p.add_argument("--workspace", help="workspace directory (overrides config 'workspace')")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    c = sub.add_parser("config", help="print the effective config (file + LOOPRL_* env), secrets masked")
+    c = sub.add_parser("config", help="print the whole effective config (file + LOOPRL_* env), secrets masked")
     c.set_defaults(func=_print_config)
     for mod in COMMAND_MODULES:
         mod.register(sub)
@@ -39,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv, notice = undeprecate(sys.argv[1:] if argv is None else list(argv))
+    if notice:
+        print(notice, file=sys.stderr)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
@@ -51,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"looprl: {e}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level)
-    get_logger("ops.cli").info("effective config", command=args.command, config=cfg.redacted())
+    log = get_logger("looprl.ops.cli")  # __name__ is __main__ under `python -m`
+    command = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)
+    log.info("config", command=command, **cfg.summary())
+    log.debug("effective config", command=command, config=cfg.redacted())
     try:
         rc = args.func(args, cfg)
     except KeyboardInterrupt:

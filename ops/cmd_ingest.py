@@ -1,8 +1,8 @@
-"""`looprl` subcommands for the ingest stage (see ops/cli.py for the convention).
+"""`looprl ingest ...` and `looprl events ...`: the ingest stage and the event log it writes.
 
-    looprl broker                       embedded Kafka (Tansu, in memory) in the foreground
-    looprl ingest                       Kafka -> exactly-once Parquet event log (long-lived)
-    looprl collector                    HTTP feedback collector (POST /v1/feedback)
+    looprl ingest broker                embedded Kafka (Tansu, in memory) in the foreground
+    looprl ingest consume               Kafka -> exactly-once Parquet event log (long-lived)
+    looprl ingest collect               HTTP feedback collector (POST /v1/feedback)
     looprl events stats [--json]        what the event log holds
     looprl events query "SQL" [--format table|json|csv] [--limit N]
 """
@@ -13,7 +13,14 @@ import argparse
 import json
 import sys
 
-from looprl.ops.core.config import LooprlConfig
+from rich.console import Console
+from rich.table import Table
+
+from looprl.ops.core.config import ConfigError, LooprlConfig
+from looprl.ops.core.log import get_logger
+from looprl.ops.core.metrics import serve_metrics
+
+log = get_logger(__name__)
 
 
 def _broker(args: argparse.Namespace, cfg: LooprlConfig) -> int:
@@ -22,14 +29,13 @@ def _broker(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     try:
         return run_broker(cfg, port=args.port, host=args.host)
     except BrokerError as e:
-        print(f"looprl broker: {e}", file=sys.stderr)
+        print(f"looprl ingest broker: {e}", file=sys.stderr)
         return 1
 
 
 def _bootstrap(cfg: LooprlConfig) -> str:
     from looprl.ingest.broker import bootstrap_servers
     from looprl.ingest.transport import parse_servers
-    from looprl.ops.core.config import ConfigError
 
     try:
         servers = bootstrap_servers(cfg)
@@ -39,26 +45,23 @@ def _bootstrap(cfg: LooprlConfig) -> str:
     return servers
 
 
-def _ingest(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+def _consume(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ingest.consumer import run_ingest
     from looprl.ingest.transport import KafkaUnavailable
-    from looprl.ops.core.log import get_logger
-    from looprl.ops.core.metrics import serve_metrics
 
-    log = get_logger("ops.cmd_ingest")
     port = serve_metrics(cfg.ingest.metrics_port, host=cfg.metrics_host)
     log.info("ingest metrics", url=f"http://127.0.0.1:{port}/metrics")
     try:
         totals = run_ingest(cfg, _bootstrap(cfg), idle_exit_s=args.idle_exit, max_records=args.max_records)
     except KafkaUnavailable as e:
-        print(f"looprl ingest: {e}", file=sys.stderr)
+        print(f"looprl ingest consume: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"records": totals.records, "stored": totals.stored, "duplicates": totals.duplicates,
                       "dead_lettered": totals.dead, "batches": totals.batches}))
     return 0
 
 
-def _collector(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+def _collect(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ingest.collector import run_collector
 
     return run_collector(cfg, _bootstrap(cfg), host=args.host, port=args.port)
@@ -79,9 +82,6 @@ def _stats(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     if args.json:
         print(json.dumps(st.as_dict(), indent=2))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"event log {cfg.events_dir}")
     for col in ("kind", "events", "files", "MiB", "first ts", "last ts", "last ingested"):
         t.add_column(col, justify="right" if col in ("events", "files", "MiB") else "left")
@@ -115,9 +115,6 @@ def _query(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
         pacsv.write_csv(shown, sys.stdout.buffer)
     else:
-        from rich.console import Console
-        from rich.table import Table
-
         t = Table()
         for name in shown.column_names:
             t.add_column(name)
@@ -130,28 +127,32 @@ def _query(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("broker", help="run the embedded Kafka broker (Tansu, in memory) in the foreground")
+    g = sub.add_parser("ingest", help="feedback and responses into the Parquet event log: broker, consumer, collector")
+    acts = g.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = acts.add_parser("broker", help="run the embedded Kafka broker (Tansu, in memory) in the foreground")
     p.add_argument("--port", type=int, default=None, help="port (default: kafka.embedded_port; 0 = a free port)")
     p.add_argument("--host", default="127.0.0.1")
     p.set_defaults(func=_broker)
 
-    p = sub.add_parser("ingest", help="consume the responses/feedback topics into the Parquet event log (exactly once)")
+    p = acts.add_parser("consume", help="consume the responses/feedback topics into the Parquet event log "
+                                        "(exactly once)")
     p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                    help="exit once no record arrived for this long (default: run until SIGTERM/Ctrl-C)")
     p.add_argument("--max-records", type=int, default=None, help="exit after this many records")
-    p.set_defaults(func=_ingest)
+    p.set_defaults(func=_consume)
 
-    p = sub.add_parser("collector", help="HTTP feedback collector: POST /v1/feedback -> Kafka")
+    p = acts.add_parser("collect", help="HTTP feedback collector: POST /v1/feedback -> Kafka")
     p.add_argument("--host", default=None, help="default: ingest.collector_host")
     p.add_argument("--port", type=int, default=None, help="default: ingest.collector_port")
-    p.set_defaults(func=_collector)
+    p.set_defaults(func=_collect)
 
     ev = sub.add_parser("events", help="inspect the Parquet event log (DuckDB views)")
-    evsub = ev.add_subparsers(dest="events_command", metavar="SUBCOMMAND", required=True)
+    evsub = ev.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = evsub.add_parser("stats", help="events, files and time range per kind")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_stats)
-    p = evsub.add_parser("query", help="run SQL over the views responses, feedback, feedback_joined, preferences_joined")
+    p = evsub.add_parser("query", help="run SQL over the views responses, feedback, feedback_joined, "
+                                       "preferences_joined")
     p.add_argument("sql")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--limit", type=int, default=50, help="rows shown (0: all)")

@@ -1,14 +1,14 @@
-"""`looprl` subcommands that close the loop (see ops/cli.py for the convention).
+"""`looprl` commands that close the loop: the scheduler, the canary and the whole-loop commands.
 
-    looprl demo [--minutes M] [--preference module:function] [--fresh]   the whole loop, supervised
-    looprl scheduler [--once] [--runner ray|subprocess] [--no-canary]      retraining + canary
-    looprl trigger reward|policy [--reason TEXT]                           ask the scheduler for a run
-    looprl runs [--job J] [--status S] [--limit N] [--json]                run history
-    looprl canary                                                          current canary and its test
-    looprl promote VERSION --token T   /   looprl rollback --token T      people's decisions
-    looprl simulate [--minutes M] [--preference module:function]         the product simulator alone
-    looprl report [--out DIR]                                              demo report from a workspace
+    looprl scheduler run [--once] [--runner ray|subprocess] [--no-canary]  retraining + canary
+    looprl scheduler trigger reward|policy [--reason TEXT]                 ask the scheduler for a run
+    looprl scheduler runs [--job J] [--status S] [--limit N] [--json]      run history
+    looprl canary status                                                   current canary and its test
+    looprl canary promote VERSION --token T  /  looprl canary rollback --token T   people's decisions
+    looprl demo [--minutes M] [--preference module:function] [--fresh]     the whole loop, supervised
+    looprl simulate [--minutes M] [--preference module:function]           the product simulator alone
     looprl status [--json]                                                 failures, error rate, restarts per stage
+    looprl report [--out DIR]                                              demo report from a workspace
 """
 
 from __future__ import annotations
@@ -18,24 +18,22 @@ import getpass
 import hmac
 import json
 import os
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from looprl.ops.core.config import ConfigError, LooprlConfig
+from looprl.ops.core.log import get_logger
+from looprl.ops.core.metrics import serve_metrics
+from looprl.ops.core.signals import stop_on_signals
+
+log = get_logger(__name__)
 
 
 # --------------------------------------------------------------------------- helpers
-def _stop_event() -> threading.Event:
-    """An event set by SIGTERM (and SIGINT), so loops end cleanly under a supervisor or Ctrl-C."""
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
-
-
 def check_admin_token(cfg: LooprlConfig, given: str | None) -> None:
     """People's promote/rollback need the admin token from config/env (serving.admin_token)."""
     expected = cfg.serving.admin_token
@@ -57,33 +55,24 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 # --------------------------------------------------------------------------- handlers
-def _scheduler(args: argparse.Namespace, cfg: LooprlConfig) -> int:
-    from looprl.ops.cron import Cron, CronError
-    from looprl.ops.core.log import get_logger
-    from looprl.ops.core.metrics import serve_metrics
-    from looprl.ops.scheduler import SubprocessRunner, build_scheduler
+def _run_scheduler(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+    from looprl.ops.scheduler import build_scheduler
 
-    if cfg.scheduler.cron:
-        try:
-            Cron.parse(cfg.scheduler.cron)
-        except CronError as e:
-            raise ConfigError(f"config key 'scheduler.cron': {e}") from None
     if args.runner:
         cfg.scheduler.runner = args.runner
     if cfg.scheduler.metrics_port and not args.once:
         serve_metrics(cfg.scheduler.metrics_port, host=cfg.metrics_host)
-    runner = SubprocessRunner(cfg.workspace / "logs") if cfg.scheduler.runner == "subprocess" else None
-    sched = build_scheduler(cfg, runner=runner, with_canary=not args.no_canary)
-    stop = _stop_event()
-    if args.once:
-        sched.tick()
-        while sched.running() and not stop.is_set():
-            stop.wait(cfg.scheduler.poll_seconds)
+    sched = build_scheduler(cfg, with_canary=not args.no_canary)
+    with stop_on_signals() as stop:
+        if args.once:
             sched.tick()
-        sched.shutdown()
-        return 0
-    get_logger(__name__).info("scheduler started", jobs=list(sched.jobs), runner=cfg.scheduler.runner)
-    sched.run(stop, cfg.scheduler.poll_seconds)
+            while sched.running() and not stop.is_set():
+                stop.wait(cfg.scheduler.poll_seconds)
+                sched.tick()
+            sched.shutdown()
+            return 0
+        log.info("scheduler started", jobs=list(sched.jobs), runner=cfg.scheduler.runner)
+        sched.run(stop, cfg.scheduler.poll_seconds)
     return 0
 
 
@@ -92,7 +81,7 @@ def _trigger(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
     if args.job not in cfg.scheduler.jobs:
         hint = " (`looprl reward serve` updates the reward model continuously)" if args.job == "reward" else ""
-        print(f"looprl trigger: job {args.job!r} is not run by the scheduler: scheduler.jobs = "
+        print(f"looprl scheduler trigger: job {args.job!r} is not run by the scheduler: scheduler.jobs = "
               f"{cfg.scheduler.jobs}{hint}", file=sys.stderr)
         return 2
     path = request_trigger(cfg, args.job, args.reason or "")
@@ -107,9 +96,6 @@ def _runs(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     if args.json:
         print(json.dumps(rows, default=str))
         return 0
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=f"scheduler runs ({history_path(cfg)})")
     for col in ("id", "job", "trigger", "attempt", "status", "started", "seconds", "result"):
         t.add_column(col)
@@ -122,7 +108,7 @@ def _runs(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     return 0
 
 
-def _canary(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+def _canary_status(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ops.canary import CanaryManager
 
     print(json.dumps(CanaryManager(cfg).status(), indent=2, default=str))
@@ -137,7 +123,7 @@ def _promote(args: argparse.Namespace, cfg: LooprlConfig) -> int:
         check_admin_token(cfg, _token(args))
         CanaryManager(cfg).manual_promote(args.version, by=args.by or getpass.getuser())
     except (PermissionError, RegistryError) as e:
-        print(f"looprl promote: {e}", file=sys.stderr)
+        print(f"looprl canary promote: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"promoted": args.version}))
     return 0
@@ -151,16 +137,15 @@ def _rollback(args: argparse.Namespace, cfg: LooprlConfig) -> int:
         check_admin_token(cfg, _token(args))
         msg = CanaryManager(cfg).manual_rollback(by=args.by or getpass.getuser())
     except (PermissionError, RegistryError) as e:
-        print(f"looprl rollback: {e}", file=sys.stderr)
+        print(f"looprl canary rollback: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"rolled_back": msg}))
     return 0
 
 
 def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
-    from looprl.ops.core.metrics import serve_metrics
-    from looprl.ops.preference import load_preference
-    from looprl.ops.simulator import FeedbackChannels, Simulator
+    from looprl.ops.sim.preference import load_preference
+    from looprl.ops.sim.simulator import FeedbackChannels, Simulator
 
     try:
         pref = load_preference(args.preference or cfg.demo.preference)
@@ -179,11 +164,11 @@ def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
         collector = f"http://{cfg.ingest.collector_host}:{cfg.ingest.collector_port}"
     channels = FeedbackChannels(cfg, bootstrap, collector)
     sim = Simulator(cfg, base_url, pref, channels)
-    stop = _stop_event()
-    try:
-        status = sim.run(stop, duration_s=args.minutes * 60 if args.minutes else None)
-    finally:
-        sim.close()
+    with stop_on_signals() as stop:
+        try:
+            status = sim.run(stop, duration_s=args.minutes * 60 if args.minutes else None)
+        finally:
+            sim.close()
     print(json.dumps({k: v for k, v in status.items() if k != "by_version"}, default=str))
     return 0
 
@@ -223,8 +208,6 @@ def _status(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     if args.json:
         print(json.dumps({**health, "running": running}, default=str))
     else:
-        from rich.console import Console
-
         age = time.time() - float(health.get("ts") or 0)
         state = f"running (pid {health.get('pid')})" if running else "not running"
         print(f"looprl demo: {state}; figures from {time.strftime('%H:%M:%S', time.localtime(health['ts']))} "
@@ -244,46 +227,49 @@ def _demo(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
 # --------------------------------------------------------------------------- registration
 def register(sub: argparse._SubParsersAction) -> None:
-    d = sub.add_parser("demo", help="run the whole loop on this machine and watch the served model improve")
-    d.add_argument("--minutes", type=float, help="how long the simulator runs (default demo.minutes)")
-    d.add_argument("--preference", help="hidden user preference module:function "
-                                        "(default looprl.ops.preference:default_preference)")
-    d.add_argument("--fresh", action="store_true", help="start from an empty workspace (default: resume)")
-    d.add_argument("--no-ui", action="store_true", help="plain progress lines instead of the live view")
-    d.add_argument("--chaos", type=float, default=None, metavar="SECONDS",
-                   help="SIGKILL one stage every SECONDS, each in turn (the supervisor restarts it)")
-    d.set_defaults(func=_demo)
-
-    s = sub.add_parser("scheduler", help="run retraining jobs on schedule/triggers (on Ray) and drive the canary")
+    g = sub.add_parser("scheduler", help="retraining jobs on schedule and triggers (on Ray), and the canary")
+    acts = g.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = acts.add_parser("run", help="run retraining jobs on schedule/triggers and drive the canary")
     s.add_argument("--once", action="store_true", help="one tick: run what is due, wait for it, exit")
     s.add_argument("--runner", choices=["ray", "subprocess"], help="override scheduler.runner")
     s.add_argument("--no-canary", action="store_true", help="do not start/judge canaries in this process")
-    s.set_defaults(func=_scheduler)
+    s.set_defaults(func=_run_scheduler)
 
-    t = sub.add_parser("trigger", help="ask the scheduler to run a job now")
+    t = acts.add_parser("trigger", help="ask the scheduler to run a job now")
     t.add_argument("job", choices=["reward", "policy"])
     t.add_argument("--reason", help="recorded in the run history")
     t.set_defaults(func=_trigger)
 
-    r = sub.add_parser("runs", help="history of scheduler runs with their outcome")
+    r = acts.add_parser("runs", help="history of scheduler runs with their outcome")
     r.add_argument("--job", choices=["reward", "policy"])
     r.add_argument("--status", choices=["running", "success", "failed", "timeout", "abandoned"])
     r.add_argument("--limit", type=int, default=30)
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_runs)
 
-    c = sub.add_parser("canary", help="the current canary and its sequential test")
-    c.set_defaults(func=_canary)
+    g = sub.add_parser("canary", help="the online canary of a gated policy version, and people's decisions")
+    acts = g.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = acts.add_parser("status", help="the current canary and its sequential test")
+    c.set_defaults(func=_canary_status)
 
     for name, fn, help_ in (("promote", _promote, "promote a policy version to all traffic (admin token)"),
                             ("rollback", _rollback, "roll back the canary, or the promoted version (admin token)")):
-        p = sub.add_parser(name, help=help_)
+        p = acts.add_parser(name, help=help_)
         if name == "promote":
             p.add_argument("version", help="policy version, e.g. v3")
         p.add_argument("--token", help="admin token (serving.admin_token)")
         p.add_argument("--token-file", help="file holding the admin token")
         p.add_argument("--by", help="who decides (recorded; default: the OS user)")
         p.set_defaults(func=fn)
+
+    d = sub.add_parser("demo", help="run the whole loop on this machine and watch the served model improve")
+    d.add_argument("--minutes", type=float, help="how long the simulator runs (default demo.minutes)")
+    d.add_argument("--preference", help="hidden user preference module:function (default demo.preference)")
+    d.add_argument("--fresh", action="store_true", help="start from an empty workspace (default: resume)")
+    d.add_argument("--no-ui", action="store_true", help="plain progress lines instead of the live view")
+    d.add_argument("--chaos", type=float, default=None, metavar="SECONDS",
+                   help="SIGKILL one stage every SECONDS, each in turn (the supervisor restarts it)")
+    d.set_defaults(func=_demo)
 
     m = sub.add_parser("simulate", help="the product simulator: users, prompts, thumbs and preferences")
     m.add_argument("--minutes", type=float, help="stop after this long (default: until Ctrl-C/SIGTERM)")

@@ -1,7 +1,7 @@
-"""`looprl` subcommands for the policy stage (see ops/cli.py for the convention).
+"""`looprl policy ...`: the policy stage.
 
-    looprl train policy [--steps N] [--run-id ID | --new] [--scorer registry|cheerful] [--no-ray]
-    looprl gate VERSION [--scorer registry|cheerful] [--reward-version vN]
+    looprl policy train [--steps N] [--run-id ID | --new] [--scorer registry|cheerful] [--no-ray] [--gate]
+    looprl policy gate VERSION [--scorer registry|cheerful] [--reward-version vN]
 """
 
 from __future__ import annotations
@@ -11,22 +11,13 @@ import json
 import sys
 
 from looprl.ops.core.config import LooprlConfig
-
-
-def _train_group(sub: argparse._SubParsersAction) -> argparse._SubParsersAction:
-    """The `looprl train` group's subparsers, shared with other stages (`train reward`, ...)."""
-    train = sub.choices.get("train")
-    if train is None:
-        train = sub.add_parser("train", help="run a training job (policy: Ray LoRA-PPO)")
-    for action in train._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return train.add_subparsers(dest="train_what", metavar="WHAT")
+from looprl.ops.core.metrics import serve_metrics
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    t = _train_group(sub).add_parser(
-        "policy", help="LoRA-PPO on the MoE policy against the newest reward model, publish a candidate")
+    p = sub.add_parser("policy", help="LoRA-PPO on Ray and the offline promotion gate")
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    t = acts.add_parser("train", help="LoRA-PPO on the MoE policy against the newest reward model, publish a candidate")
     t.add_argument("--steps", type=int, help="PPO steps for a new run (default policy.steps)")
     t.add_argument("--run-id", help="resume this run (or start it under this id)")
     t.add_argument("--new", action="store_true", help="start a new run even if an unfinished one exists")
@@ -36,9 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--no-ray", action="store_true", help="run in this process instead of on Ray (debugging)")
     t.add_argument("--metrics-port", type=int, help="serve /metrics here (default policy.metrics_port; 0: off)")
     t.add_argument("--gate", action="store_true", help="run the offline gate on the candidate when done")
-    t.set_defaults(func=_train_policy)
+    t.set_defaults(func=_train)
 
-    g = sub.add_parser("gate", help="offline promotion gate for a candidate policy adapter")
+    g = acts.add_parser("gate", help="offline promotion gate for a candidate policy adapter")
     g.add_argument("version", help="policy version, e.g. v3")
     g.add_argument("--scorer", choices=["registry", "cheerful"], default="registry")
     g.add_argument("--reward-version", help="judge with this reward version instead of the newest")
@@ -46,34 +37,36 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _scorer(args: argparse.Namespace, cfg: LooprlConfig):
-    from looprl.policy.scoring import scorer_from_name
+    """--scorer registry: the newest (or --reward-version) reward model; cheerful: the programmatic one."""
+    from looprl.ops.sim.scoring import CheerfulScorer
+    from looprl.policy.scoring import registry_scorer
 
-    return scorer_from_name(cfg, args.scorer, args.reward_version)
+    if args.scorer == "cheerful":
+        return CheerfulScorer()
+    return registry_scorer(cfg, args.reward_version)
 
 
-def _train_policy(args: argparse.Namespace, cfg: LooprlConfig) -> int:
+def _train(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     import torch
 
+    from looprl.policy.checkpoint import CheckpointError
+    from looprl.policy.gate import run_gate
+    from looprl.policy.ray_backend import PolicyJobError
     from looprl.policy.trainer import train
+    from looprl.storage.registry import RegistryError
 
     torch.set_num_threads(cfg.policy.torch_threads)
 
     port = cfg.policy.metrics_port if args.metrics_port is None else args.metrics_port
     if port:
-        from looprl.ops.core.metrics import serve_metrics
-
         serve_metrics(port, host=cfg.metrics_host)
-    from looprl.policy.checkpoint import CheckpointError
-    from looprl.policy.ray_backend import PolicyJobError
-    from looprl.storage.registry import RegistryError
-
     try:
         # None: a new run pins the newest reward model, a resumed run re-loads the version it started with
         scorer = None if args.scorer == "registry" and not args.reward_version else _scorer(args, cfg)
         result = train(cfg, run_id=args.run_id, resume=not args.new, steps=args.steps, scorer=scorer,
                        use_ray=not args.no_ray, progress=True)
     except (RegistryError, CheckpointError, PolicyJobError, FileNotFoundError, ValueError) as e:
-        print(f"looprl train policy: {e}", file=sys.stderr)
+        print(f"looprl policy train: {e}", file=sys.stderr)
         return 2 if not isinstance(e, PolicyJobError) else 1
     m = result.manifest
     out = {"run_id": result.run_id, "version": m.version if m else None,
@@ -81,8 +74,6 @@ def _train_policy(args: argparse.Namespace, cfg: LooprlConfig) -> int:
            "reward_last": m.metrics.get("reward_last") if m else None,
            "kl_last": m.metrics.get("kl_last") if m else None}
     if args.gate and m is not None:
-        from looprl.policy.gate import run_gate
-
         report = run_gate(cfg, m.version, scorer if args.scorer != "registry" else None)
         out.update(decision=report.decision, reason=report.reason)
     print(json.dumps(out))
@@ -100,7 +91,7 @@ def _gate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     try:
         report = run_gate(cfg, args.version, _scorer(args, cfg))
     except (GateError, RegistryError) as e:
-        print(f"looprl gate: {e}", file=sys.stderr)
+        print(f"looprl policy gate: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"version": report.version, "decision": report.decision, "reason": report.reason,
                       "numbers": report.numbers}, default=str))

@@ -1,20 +1,22 @@
-"""`looprl` subcommands for the serving stage (see ops/cli.py for the convention).
+"""`looprl serving ...`: the serving stage.
 
-- ``looprl serve``: the embedded OpenAI-compatible server with runtime LoRA hot-swap.
-- ``looprl controller``: applies the registry's ``promoted``/``canary`` pointers to every
-  endpoint in ``serving.endpoints`` (embedded servers or vLLM); ``--once`` runs one pass and
-  prints its report as JSON (exit 0 if all endpoints converged, 1 otherwise).
+- ``looprl serving serve``: the embedded OpenAI-compatible server with runtime LoRA hot-swap.
+- ``looprl serving control``: the adapter controller: applies the registry's
+  ``promoted``/``canary`` pointers to every endpoint in ``serving.endpoints`` (embedded servers
+  or vLLM); ``--once`` runs one pass and prints its report as JSON (exit 0 if all endpoints
+  converged, 1 otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
-import threading
+from dataclasses import asdict
 
 from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.metrics import serve_metrics
+from looprl.ops.core.signals import stop_on_signals
 
 
 def _serve(args: argparse.Namespace, cfg: LooprlConfig) -> int:
@@ -23,14 +25,11 @@ def _serve(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     try:
         return serve(cfg, host=args.host, port=args.port)
     except (FileNotFoundError, ValueError) as e:  # no base model yet, a tokenizer without pad/eos
-        print(f"looprl serve: {e}", file=sys.stderr)
+        print(f"looprl serving serve: {e}", file=sys.stderr)
         return 2
 
 
-def _controller(args: argparse.Namespace, cfg: LooprlConfig) -> int:
-    from dataclasses import asdict
-
-    from looprl.ops.core.metrics import serve_metrics
+def _control(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.serving.controller import AdapterController
 
     ctl = AdapterController(cfg, endpoints=args.endpoint or None)
@@ -40,24 +39,23 @@ def _controller(args: argparse.Namespace, cfg: LooprlConfig) -> int:
             print(json.dumps(asdict(report), indent=2, default=str))
             return 0 if report.converged else 1
         serve_metrics(cfg.serving.controller_metrics_port, host=cfg.metrics_host)
-        stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
-        try:
+        with stop_on_signals() as stop:
             ctl.run(stop)
-        except KeyboardInterrupt:
-            stop.set()
         return 0
     finally:
         ctl.close()
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("serve", help="run the embedded OpenAI-compatible server (LoRA hot-swap, canary routing)")
+    g = sub.add_parser("serving", help="the serving tier: OpenAI-compatible server and adapter controller")
+    acts = g.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = acts.add_parser("serve", help="run the embedded OpenAI-compatible server (LoRA hot-swap, canary routing)")
     p.add_argument("--host", default=None, help="bind address (default: serving.host)")
     p.add_argument("--port", type=int, default=None, help="port (default: serving.port)")
     p.set_defaults(func=_serve)
 
-    c = sub.add_parser("controller", help="apply registry pointers promoted/canary to the serving endpoints")
+    c = acts.add_parser("control", help="the adapter controller: apply registry pointers promoted/canary to the "
+                                        "serving endpoints")
     c.add_argument("--once", action="store_true", help="one reconcile pass, print the report as JSON")
     c.add_argument("--endpoint", action="append", help="endpoint URL (repeatable; default: serving.endpoints)")
-    c.set_defaults(func=_controller)
+    c.set_defaults(func=_control)

@@ -1,13 +1,13 @@
 """`looprl demo`: the whole loop on one machine, as separate supervised processes.
 
     looprl init                      base model (once; skipped when the workspace has one)
-    looprl broker                    embedded Kafka (Tansu, memory only)
-    looprl ingest                    Kafka -> exactly-once Parquet log
-    looprl collector                 HTTP feedback collector (POST /v1/feedback)
-    looprl serve                     OpenAI-compatible server, LoRA hot-swap, canary split
-    looprl controller                registry pointers -> serving endpoints
+    looprl ingest broker             embedded Kafka (Tansu, memory only)
+    looprl ingest consume            Kafka -> exactly-once Parquet log
+    looprl ingest collect            HTTP feedback collector (POST /v1/feedback)
+    looprl serving serve             OpenAI-compatible server, LoRA hot-swap, canary split
+    looprl serving control           registry pointers -> serving endpoints
     looprl reward serve              incremental reward model (test-then-train)
-    looprl scheduler                 PPO jobs on Ray, back to back after each new reward version; canary
+    looprl scheduler run             PPO jobs on Ray, back to back after each new reward version; canary
     looprl simulate                  simulated users (OpenAI API + feedback SDK + HTTP collector)
 
 They are the same commands a production deployment runs (see docker-compose.yml); here a
@@ -22,21 +22,37 @@ registry, scheduler history, simulator log).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from rich.console import Group
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+
+from looprl.ops.commands import looprl_argv
 from looprl.ops.core.config import ConfigError, LooprlConfig
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.signals import stop_on_signals
+from looprl.ops.core.version import version_sort_key
+from looprl.ops.health import Failure, StageMonitor, stages_line, stages_table
+from looprl.ops.report import write_report
+from looprl.ops.scheduler import History, history_path
+from looprl.ops.sim.preference import load_preference
+from looprl.ops.sim.records import read_status
 from looprl.ops.supervisor import Service, ServiceFailed, Supervisor, free_port, http_ready, tcp_ready
+from looprl.reward.history import read_history
+from looprl.storage import releases
+from looprl.storage.events import EventLog
+from looprl.storage.registry import Registry
 
 log = get_logger(__name__)
 
@@ -62,10 +78,9 @@ DEMO_TUNING: dict[str, Any] = {
     "scheduler.policy_min_reward_pair_accuracy": 0.8,
     "scheduler.policy_min_reward_pairs": 15,
     "scheduler.poll_seconds": 1.0,
-    # Train continually: once the reward model stops publishing (its held-out score plateaus after
-    # ~10 minutes), new reward versions no longer start PPO runs, and at the 300 s default the
-    # policy sat idle for the last 3-4 minutes of the demo. Now a run also starts once 60 s have
-    # passed since the last one began (a run takes ~45 s), still held while a canary is deciding.
+    # Train continually: the reward model stops publishing once its held-out score plateaus, and
+    # new reward versions no longer start PPO runs then; a run also starts 60 s after the last one
+    # began (a run takes ~45 s), still held while a canary is deciding.
     "scheduler.interval_seconds": 60.0,
     "scheduler.job_timeout_seconds": 600.0,
     "scheduler.backoff_seconds": 2.0,
@@ -74,18 +89,26 @@ DEMO_TUNING: dict[str, Any] = {
     "canary.max_samples": 80,
     # The adaptive KL controller steers each run towards target_kl; a run continuing from a
     # promoted adapter above it would spend its steps pulling the policy back to the base. The
-    # leash is what caps learning here. Measured (15-minute runs, expected thumbs-up rate of the
-    # served version, base ~21%): at 5 nats per 16-token answer 46-61% over 4 runs, later runs
-    # losing the gate to the promoted version; at 7 nats 48-70% over 3 runs (mean gain +0.39 vs
-    # +0.30), answers still grammatical and distinct but repeating cheerful phrases more
-    # ("we love the park in the morning. i love the hill.").
+    # leash is what caps learning here: 7 nats per 16-token answer learns more than 5 while the
+    # answers stay grammatical (ops/README.md has the measured runs).
     "policy.target_kl": 7.0,
     # The gate's cap stays well above target_kl, which the controller overshoots for a while.
     "gate.max_kl": 10.0,
 }
 
-# Start order = dependency order; the supervisor stops them in reverse.
-SERVICE_ORDER = ("broker", "ingest", "collector", "serve", "controller", "reward", "scheduler", "simulator")
+# The stage processes the demo supervises: process name -> `looprl` command (the same commands a
+# production deployment runs). Named here, not read from the CLI's parser: the CLI imports the
+# demo (tests/test_cli.py checks each one parses).
+STAGE_COMMANDS: dict[str, tuple[str, ...]] = {
+    "broker": ("ingest", "broker"),
+    "ingest": ("ingest", "consume"),
+    "collector": ("ingest", "collect"),
+    "serve": ("serving", "serve"),
+    "controller": ("serving", "control"),
+    "reward": ("reward", "serve"),
+    "scheduler": ("scheduler", "run"),
+    "simulator": ("simulate",),
+}
 CHAOS_ORDER = ("ingest", "serve", "reward", "scheduler", "collector", "controller")
 
 
@@ -113,46 +136,32 @@ def tuning_env(cfg: LooprlConfig) -> dict[str, str]:
     return out
 
 
-def looprl_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "looprl.ops.cli", *args]
-
-
-def _commands() -> set[str]:
-    from looprl.ops.cli import build_parser
-
-    for a in build_parser()._actions:
-        if hasattr(a, "choices") and isinstance(a.choices, dict):
-            return set(a.choices)
-    return set()
-
-
 def plan_services(cfg: LooprlConfig, ports: dict[str, int], preference: str, env: dict[str, str]) -> list[Service]:
     """The demo's processes. ``ports``: broker, ingest_metrics, collector, serve, controller_metrics,
     reward_metrics, scheduler_metrics, simulator_metrics."""
-    have = _commands()
-    missing = {"ingest", "collector", "serve", "controller", "reward", "scheduler", "simulate",
-               *([] if cfg.kafka.bootstrap_servers else ["broker"])} - have
-    if missing:
-        raise ConfigError(f"looprl demo needs the commands {sorted(missing)}, which this installation lacks")
     host = "127.0.0.1"
     serve_url = f"http://{host}:{ports['serve']}"
+
+    def cmd(name: str, *extra: str) -> list[str]:
+        return looprl_argv(*STAGE_COMMANDS[name], *extra)
+
     services = [] if cfg.kafka.bootstrap_servers else [
-        Service("broker", looprl_cmd("broker"), env, ready=tcp_ready(host, ports["broker"]), ready_timeout_s=60)]
+        Service("broker", cmd("broker"), env, ready=tcp_ready(host, ports["broker"]), ready_timeout_s=60)]
     services += [
-        Service("ingest", looprl_cmd("ingest"), env,
+        Service("ingest", cmd("ingest"), env,
                 ready=http_ready(f"http://{host}:{ports['ingest_metrics']}/metrics"), ready_timeout_s=120),
-        Service("collector", looprl_cmd("collector"), env, ready=http_ready(f"http://{host}:{ports['collector']}/health"),
+        Service("collector", cmd("collector"), env, ready=http_ready(f"http://{host}:{ports['collector']}/health"),
                 ready_timeout_s=120),
-        Service("serve", looprl_cmd("serve"), env, ready=http_ready(f"{serve_url}/health"), ready_timeout_s=240),
-        Service("controller", looprl_cmd("controller"), env,
+        Service("serve", cmd("serve"), env, ready=http_ready(f"{serve_url}/health"), ready_timeout_s=240),
+        Service("controller", cmd("controller"), env,
                 ready=http_ready(f"http://{host}:{ports['controller_metrics']}/metrics"), ready_timeout_s=120),
-        Service("reward", looprl_cmd("reward", "serve"), env,
+        Service("reward", cmd("reward"), env,
                 ready=http_ready(f"http://{host}:{ports['reward_metrics']}/metrics"), ready_timeout_s=240),
-        Service("scheduler", looprl_cmd("scheduler"), env,
+        Service("scheduler", cmd("scheduler"), env,
                 ready=http_ready(f"http://{host}:{ports['scheduler_metrics']}/metrics"), ready_timeout_s=180,
                 stop_timeout_s=40),
-        Service("simulator", looprl_cmd("simulate", "--preference", preference, "--base-url", serve_url,
-                                        "--metrics-port", str(ports["simulator_metrics"])), env,
+        Service("simulator", cmd("simulator", "--preference", preference, "--base-url", serve_url,
+                                 "--metrics-port", str(ports["simulator_metrics"])), env,
                 ready=http_ready(f"http://{host}:{ports['simulator_metrics']}/metrics"), ready_timeout_s=120),
     ]
     return services
@@ -220,7 +229,7 @@ def ensure_base(cfg: LooprlConfig, env: dict[str, str]) -> None:
     if (cfg.base_path / "config.json").is_file():
         return
     print(f"building the base model in {cfg.base_path} (once; about a minute) ...", flush=True)
-    r = subprocess.run(looprl_cmd("init"), env={**os.environ, **env, "OMP_NUM_THREADS": "2"})
+    r = subprocess.run(looprl_argv("init"), env={**os.environ, **env, "OMP_NUM_THREADS": "2"})
     if r.returncode != 0:
         raise RuntimeError(f"`looprl init` failed with exit code {r.returncode}")
 
@@ -228,17 +237,12 @@ def ensure_base(cfg: LooprlConfig, env: dict[str, str]) -> None:
 # --------------------------------------------------------------------------- progress
 def snapshot(cfg: LooprlConfig, sup: Supervisor | None = None, monitor: Any = None) -> dict[str, Any]:
     """What the live view shows, read from the workspace (no process is asked anything)."""
-    from looprl.ops.scheduler import History, history_path
-    from looprl.ops.simulator import read_status
-    from looprl.reward.history import read_history
-    from looprl.storage.registry import Registry
-
     reg = Registry(cfg.registry_dir)
     st = read_status(cfg)
     out: dict[str, Any] = {"sim": st}
     try:
         rewards = reg.list("reward") if reg.kind_dir("reward").is_dir() else []
-        policies = reg.list("policy") if reg.kind_dir("policy").is_dir() else []
+        policies = reg.list(releases.KIND)
     except Exception:  # a manifest being rewritten: next refresh
         rewards, policies = [], []
     out["reward_versions"] = len(rewards)
@@ -250,8 +254,8 @@ def snapshot(cfg: LooprlConfig, sup: Supervisor | None = None, monitor: Any = No
     out["policy_versions"] = len(policies)
     out["ppo_steps"] = sum(len(m.metrics.get("curve") or []) for m in policies)
     out["kl_last"] = policies[-1].metrics.get("kl_last") if policies else None
-    out["promoted"] = reg.pointer("policy", "promoted") if reg.kind_dir("policy").is_dir() else None
-    out["canary"] = reg.pointer("policy", "canary") if reg.kind_dir("policy").is_dir() else None
+    out["promoted"] = releases.promoted_version(reg)
+    out["canary"] = releases.canary_version(reg)
     out["statuses"] = {m.version: m.status for m in policies}
     hp = history_path(cfg)
     out["runs"] = History(hp).runs(limit=5) if hp.is_file() else []
@@ -269,10 +273,6 @@ def _rate(d: dict | None) -> str:
 
 
 def render(snap: dict[str, Any], elapsed: float, total: float):
-    from rich.console import Group
-    from rich.panel import Panel
-    from rich.table import Table
-
     sim = snap.get("sim") or {}
     fb = sim.get("feedback_sent") or {}
     t = Table.grid(padding=(0, 2))
@@ -287,7 +287,7 @@ def render(snap: dict[str, Any], elapsed: float, total: float):
                               f"prequential pair accuracy {f'{preq:.2f}' if preq is not None else '-'}")
     t.add_row("policy (PPO)", f"{snap['policy_versions']} versions, {snap['ppo_steps']} PPO steps, "
                               f"last KL {f'{kl:.2f}' if kl is not None else '-'} nats")
-    t.add_row("serving", f"promoted {snap['promoted'] or 'base'}, canary {snap['canary'] or '-'}")
+    t.add_row("serving", f"promoted {snap['promoted'] or releases.BASE}, canary {snap['canary'] or '-'}")
     evals = (sim.get("by_version") or {}).get("eval") or {}
     trains = (sim.get("by_version") or {}).get("train") or {}
     v = Table(title="thumbs-up rate by adapter version", expand=False)
@@ -295,9 +295,9 @@ def render(snap: dict[str, Any], elapsed: float, total: float):
     v.add_column("status")
     v.add_column("eval (held-out prompts)")
     v.add_column("product traffic")
-    for ver in sorted(set(evals) | set(trains), key=lambda x: (x != "base", int(x[1:]) if x[1:].isdigit() else 0)):
+    for ver in sorted(set(evals) | set(trains), key=version_sort_key):
         status = snap["statuses"].get(ver, "")
-        if ver == (snap["promoted"] or "base"):
+        if ver == (snap["promoted"] or releases.BASE):
             status = "serving"
         elif ver == snap["canary"]:
             status = "canary"
@@ -311,8 +311,6 @@ def render(snap: dict[str, Any], elapsed: float, total: float):
         runs.add_row(str(r["id"]), r["job"], r["trigger"][:50], r["status"])
     parts = [t, v, runs]
     if "health" in snap:
-        from looprl.ops.health import stages_table
-
         parts.append(stages_table(snap["health"]))
     elif "services" in snap:
         parts.append("services: " + "  ".join(f"{n}{'' if ok else ' (down)'}{f' x{r}' if r else ''}"
@@ -326,11 +324,9 @@ def _plain(snap: dict[str, Any], elapsed: float) -> str:
     rates = ", ".join(f"{k}: {_rate(v)}" for k, v in evals.items())
     line = (f"[{elapsed / 60:5.1f} min] requests {sim.get('train_requests', 0)} ({sim.get('serving_failed', 0)} "
             f"failed) | reward v{snap['reward_versions']} | PPO steps {snap['ppo_steps']} | policy versions "
-            f"{snap['policy_versions']} | promoted {snap['promoted'] or 'base'} canary {snap['canary'] or '-'} | "
+            f"{snap['policy_versions']} | promoted {snap['promoted'] or releases.BASE} canary {snap['canary'] or '-'} | "
             f"eval {rates}")
     if "health" in snap:
-        from looprl.ops.health import stages_line
-
         line += "\n" + " " * 12 + stages_line(snap["health"])
     return line
 
@@ -338,8 +334,6 @@ def _plain(snap: dict[str, Any], elapsed: float) -> str:
 # --------------------------------------------------------------------------- shutdown
 def log_counts(cfg: LooprlConfig) -> dict[str, int]:
     """Events in the Parquet log: feedback events (all kinds) and responses."""
-    from looprl.storage.events import EventLog
-
     if not cfg.events_dir.exists():
         return {"feedback": 0, "responses": 0}
     el = EventLog(cfg.events_dir)
@@ -373,8 +367,6 @@ def drain(cfg: LooprlConfig, expected_feedback: int, timeout_s: float = 60.0, qu
 def shutdown(cfg: LooprlConfig, sup: Supervisor) -> dict[str, Any]:
     """Producers first (simulator, then serving and collector flush what they hold), wait for
     ingest to write everything, then the rest in reverse start order."""
-    from looprl.ops.simulator import read_status
-
     out: dict[str, Any] = {}
     for name in ("simulator", "serve", "collector"):
         if name in sup.procs:
@@ -404,9 +396,6 @@ def metrics_urls(ports: dict[str, int]) -> dict[str, str]:
 
 def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | None = None, fresh: bool = False,
              ui: bool = True, kill_every: float | None = None, report: bool = True) -> int:
-    from looprl.ops.health import Failure, StageMonitor
-    from looprl.ops.preference import load_preference
-
     cfg = cfg.model_copy(update={"workspace": cfg.workspace.resolve()})
     minutes = minutes or cfg.demo.minutes
     preference = preference or cfg.demo.preference
@@ -424,98 +413,88 @@ def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | 
     if ui and sys.stdout.isatty():
         # The live view owns the terminal; this process's own log lines (restarts, ...) still go
         # to stderr at WARNING and above; every stage logs to logs/<stage>.log.
-        import logging
-
         logging.getLogger("looprl").setLevel(logging.WARNING)
     sup = Supervisor(services, log_dir, backoff_initial_s=1.0, backoff_max_s=20.0, stable_after_s=30.0)
     monitor = StageMonitor(cfg, sup, metrics_urls(ports))
-    stop = threading.Event()
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for s in handlers:
-        signal.signal(s, lambda *_: stop.set())
     t0 = time.monotonic()
     total = minutes * 60
     interrupted = False
     failure: Failure | None = None
     traffic = False  # the simulator started: there is something to report
     summary: dict[str, Any] = {}
-    try:
-        print(f"starting {len(services)} services (logs in {log_dir}) ...", flush=True)
-        # Restart stages that die while later ones start, under the same failure watch: a stage
-        # that crash-loops stops the demo within seconds, not after its readiness timeout.
-        sup.start_monitor()
-        for svc in services:
-            if stop.is_set():
-                break
-            try:
-                ready = sup.start(svc.name, give_up=lambda: stop.is_set() or monitor.poll() is not None)
-            except ServiceFailed as e:
-                print(str(e), file=sys.stderr)  # with the log's tail
-                failure = monitor.watch.failure or Failure(svc.name, str(e).split(";")[0])
-                break
-            if not ready:
-                failure = monitor.watch.failure
-                break
-            print(f"  {svc.name} ready", flush=True)
-        if failure is None and not stop.is_set():
-            traffic = True
-            t0 = time.monotonic()  # the budget counts from when users start using the product
-            next_kill = t0 + kill_every if kill_every else None
-            killed: list[tuple[float, str, int | None]] = []
+    with stop_on_signals() as stop:  # Ctrl-C and SIGTERM stop everything in order
+        try:
+            print(f"starting {len(services)} services (logs in {log_dir}) ...", flush=True)
+            # Restart stages that die while later ones start, under the same failure watch: a stage
+            # that crash-loops stops the demo within seconds, not after its readiness timeout.
+            sup.start_monitor()
+            for svc in services:
+                if stop.is_set():
+                    break
+                try:
+                    ready = sup.start(svc.name, give_up=lambda: stop.is_set() or monitor.poll() is not None)
+                except ServiceFailed as e:
+                    print(str(e), file=sys.stderr)  # with the log's tail
+                    failure = monitor.watch.failure or Failure(svc.name, str(e).split(";")[0])
+                    break
+                if not ready:
+                    failure = monitor.watch.failure
+                    break
+                print(f"  {svc.name} ready", flush=True)
+            if failure is None and not stop.is_set():
+                traffic = True
+                t0 = time.monotonic()  # the budget counts from when users start using the product
+                next_kill = t0 + kill_every if kill_every else None
+                killed: list[tuple[float, str, int | None]] = []
 
-            def loop(update) -> None:
-                nonlocal next_kill, failure
-                while not stop.is_set() and time.monotonic() - t0 < total:
-                    if next_kill is not None and time.monotonic() >= next_kill:
-                        # Every stage once, in a fixed order (the in-memory broker is never killed: it
-                        # would lose what it holds by design).
-                        victim = CHAOS_ORDER[len(killed) % len(CHAOS_ORDER)]
-                        killed.append((time.monotonic() - t0, victim, sup.kill(victim)))
-                        log.warning("chaos: SIGKILL", service=victim)
-                        next_kill = time.monotonic() + kill_every if len(killed) < len(CHAOS_ORDER) else None
-                    failure = monitor.poll()
-                    update(failure is not None)
-                    if failure is not None:
-                        return
-                    stop.wait(2.0)
+                def loop(update) -> None:
+                    nonlocal next_kill, failure
+                    while not stop.is_set() and time.monotonic() - t0 < total:
+                        if next_kill is not None and time.monotonic() >= next_kill:
+                            # Every stage once, in a fixed order (the in-memory broker is never killed: it
+                            # would lose what it holds by design).
+                            victim = CHAOS_ORDER[len(killed) % len(CHAOS_ORDER)]
+                            killed.append((time.monotonic() - t0, victim, sup.kill(victim)))
+                            log.warning("chaos: SIGKILL", service=victim)
+                            next_kill = time.monotonic() + kill_every if len(killed) < len(CHAOS_ORDER) else None
+                        failure = monitor.poll()
+                        update(failure is not None)
+                        if failure is not None:
+                            return
+                        stop.wait(2.0)
 
-            if ui and sys.stdout.isatty():
-                from rich.live import Live
+                if ui and sys.stdout.isatty():
+                    with Live(render(snapshot(cfg, sup, monitor), 0, total), refresh_per_second=1,
+                              transient=False) as live:
+                        loop(lambda _last: live.update(render(snapshot(cfg, sup, monitor), time.monotonic() - t0,
+                                                              total)))
+                else:
+                    last = [0.0]
 
-                with Live(render(snapshot(cfg, sup, monitor), 0, total), refresh_per_second=1,
-                          transient=False) as live:
-                    loop(lambda _last: live.update(render(snapshot(cfg, sup, monitor), time.monotonic() - t0, total)))
-            else:
-                last = [0.0]
+                    def plain(final: bool) -> None:
+                        if final or time.monotonic() - last[0] >= 15:
+                            last[0] = time.monotonic()
+                            print(_plain(snapshot(cfg, sup, monitor), time.monotonic() - t0), flush=True)
 
-                def plain(final: bool) -> None:
-                    if final or time.monotonic() - last[0] >= 15:
-                        last[0] = time.monotonic()
-                        print(_plain(snapshot(cfg, sup, monitor), time.monotonic() - t0), flush=True)
-
-                loop(plain)
-            summary["chaos_kills"] = [{"at_s": round(a, 1), "service": n, "pid": p} for a, n, p in killed]
-        interrupted = stop.is_set()
-    finally:
-        if failure is not None:
-            if failure.log is None:
-                monitor.explain(failure)
-            monitor.watch.failure = failure  # also a start-up timeout, which no rule reports
-            summary["failure"] = asdict(failure)
-        summary["stages"] = monitor.health()["stages"]  # as they were, before the stop
-        print("stopping services (producers first, then draining ingest) ...", flush=True)
-        summary.update(shutdown(cfg, sup))
-        monitor.running = False
-        monitor.write()  # `looprl status` shows the final figures, every stage down
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        summary["restarts"] = {n: sup.restarts(n) for n in sup.procs}
-        summary["minutes"] = round((time.monotonic() - t0) / 60, 2)
-        summary["interrupted"] = interrupted
+                    loop(plain)
+                summary["chaos_kills"] = [{"at_s": round(a, 1), "service": n, "pid": p} for a, n, p in killed]
+            interrupted = stop.is_set()
+        finally:
+            if failure is not None:
+                if failure.log is None:
+                    monitor.explain(failure)
+                monitor.watch.failure = failure  # also a start-up timeout, which no rule reports
+                summary["failure"] = asdict(failure)
+            summary["stages"] = monitor.health()["stages"]  # as they were, before the stop
+            print("stopping services (producers first, then draining ingest) ...", flush=True)
+            summary.update(shutdown(cfg, sup))
+            monitor.running = False
+            monitor.write()  # `looprl status` shows the final figures, every stage down
+            summary["restarts"] = {n: sup.restarts(n) for n in sup.procs}
+            summary["minutes"] = round((time.monotonic() - t0) / 60, 2)
+            summary["interrupted"] = interrupted
     result: dict[str, Any] = {}
     if report and (failure is None or traffic):  # a demo that never got going has nothing to report
-        from looprl.ops.report import write_report
-
         out_dir, result = write_report(cfg, extra=summary)
         print(f"\nreport: {out_dir / 'report.md'}")
     if failure is not None:

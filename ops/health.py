@@ -276,7 +276,7 @@ def _fetch(url: str, timeout_s: float = 1.0) -> str:
 
 # --------------------------------------------------------------------------- the first error line
 _TRACEBACK = "Traceback (most recent call last):"
-_CLI_ERROR = re.compile(r"^looprl(?: [\w-]+)*: \S")  # `looprl serve: ...`: a command's fatal error
+_CLI_ERROR = re.compile(r"^looprl(?: [\w-]+)*: \S")  # `looprl serving serve: ...`: a command's fatal error
 _EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(?:Error|Exception|Exit)\b(?::|$)")
 _PLAIN_ERROR = re.compile(r"^(?:ERROR|CRITICAL|FATAL)\b")
 
@@ -396,7 +396,7 @@ class StageMonitor:
     def _observe_simulator(self, now: float) -> None:
         """Requests to the serving tier as the simulated users saw them (including those that never
         reached a server), from the status file the simulator rewrites every second."""
-        from looprl.ops.simulator import read_status
+        from looprl.ops.sim.records import read_status
 
         st = read_status(self.cfg)
         if "simulator" not in self.sup.procs or (st.get("started") or 0) < self.started_wall - 1:

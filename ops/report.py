@@ -27,10 +27,10 @@ from typing import Any
 
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.version import version_sort_key
+from looprl.storage.releases import BASE, KIND, promoted_version
 
 log = get_logger(__name__)
-
-BASE = "base"
 
 
 def _rate_stats(rows: list[dict]) -> dict[str, Any]:
@@ -43,10 +43,6 @@ def _rate_stats(rows: list[dict]) -> dict[str, Any]:
     return {"n": n, "ups": ups, "rate": rate, "p_mean": p_mean, "ci95": half}
 
 
-def _version_key(v: str) -> tuple[int, str]:
-    return (int(v[1:]), v) if v.startswith("v") and v[1:].isdigit() else (-1 if v == BASE else 10**9, v)
-
-
 def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 20) -> dict[str, Any]:
     """Per-version eval stats and the improvement of the served model over the base."""
     evals = [r for r in interactions if r.get("kind") == "eval"]
@@ -54,18 +50,18 @@ def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 20
     by_version: dict[str, list[dict]] = defaultdict(list)
     for r in evals:
         by_version[r["version"]].append(r)
-    eval_stats = {v: _rate_stats(rows) for v, rows in sorted(by_version.items(), key=lambda kv: _version_key(kv[0]))}
+    eval_stats = {v: _rate_stats(rows) for v, rows in sorted(by_version.items(), key=lambda kv: version_sort_key(kv[0]))}
     train_by_version: dict[str, list[dict]] = defaultdict(list)
     for r in trains:
         train_by_version[r["version"]].append(r)
-    train_stats = {v: _rate_stats(rows) for v, rows in sorted(train_by_version.items(), key=lambda kv: _version_key(kv[0]))}
+    train_stats = {v: _rate_stats(rows) for v, rows in sorted(train_by_version.items(), key=lambda kv: version_sort_key(kv[0]))}
 
     base = eval_stats.get(BASE)
     # The served model: the promoted version if it has enough eval samples, else the newest that has.
     served = promoted if promoted and eval_stats.get(promoted, {}).get("n", 0) >= min_eval else None
     if served is None:
         candidates = [v for v, s in eval_stats.items() if v != BASE and s["n"] >= min_eval]
-        served = max(candidates, key=_version_key) if candidates else None
+        served = max(candidates, key=version_sort_key) if candidates else None
     out: dict[str, Any] = {
         "eval": eval_stats, "train": train_stats, "base": base, "served_version": served,
         "promoted": promoted, "eval_requests": len(evals), "train_requests": len(trains),
@@ -121,7 +117,7 @@ def plot_thumbs(interactions: list[dict], out: Path, bin_s: float = 60.0) -> Pat
             by_version: dict[str, list[dict]] = defaultdict(list)
             for r in evals:
                 by_version[r["version"]].append(r)
-            for v in sorted(by_version, key=_version_key):
+            for v in sorted(by_version, key=version_sort_key):
                 xs, rates, ps = _binned(by_version[v], t0, bin_s)
                 line, = ax.plot(xs, ps, marker="o", ms=3, label=f"{v} (expected)")
                 ax.scatter(xs, rates, s=10, alpha=0.4, color=line.get_color())
@@ -176,7 +172,7 @@ def policy_curves(cfg: LooprlConfig) -> list[dict[str, Any]]:
     from looprl.storage.registry import Registry
 
     out = []
-    for m in Registry(cfg.registry_dir).list("policy"):
+    for m in Registry(cfg.registry_dir).list(KIND):
         curve = m.metrics.get("curve") or []
         out.append({"version": m.version, "status": m.status, "at": m.created_at.timestamp(),
                     "kl": [row.get("kl") for row in curve if isinstance(row, dict)],
@@ -237,14 +233,13 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
     """Write the report folder; returns (folder, summary)."""
     from looprl.ops.canary import read_decisions
     from looprl.ops.scheduler import History, history_path
-    from looprl.ops.simulator import read_interactions
+    from looprl.ops.sim.records import read_interactions
     from looprl.storage.registry import Registry
 
     out = Path(out_dir or cfg.reports_dir / time.strftime("demo-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     interactions = read_interactions(cfg)
-    reg = Registry(cfg.registry_dir)
-    promoted = reg.pointer("policy", "promoted") if reg.kind_dir("policy").is_dir() else None
+    promoted = promoted_version(Registry(cfg.registry_dir))
     summary = summarize(interactions, promoted, min_eval=min_eval)
     summary["target_improvement"] = cfg.demo.target_improvement
     imp = summary["improvement_rate"]

@@ -1,46 +1,49 @@
-"""The retraining scheduler: decides *when* the reward model and the policy are retrained, runs
-those jobs on Ray, never lets a job overlap itself, retries failures with backoff, keeps a
-queryable history, and (through a hook) drives the online canary.
+"""The retraining scheduler: decides *when* the reward model and the policy are retrained, never
+lets a job overlap itself, retries failures with backoff, keeps a queryable history, and (through
+a hook) drives the online canary.
 
     every scheduler.poll_seconds:
         for each job:  running?  -> collect the result when done (success / failed / timeout)
+                       held?     -> wait (a canary is being judged, the reward model is not ready)
                        failed?   -> retry after backoff_seconds * 2^(attempt-1) (capped), up to max_retries
                        idle?     -> launch if any trigger fires (schedule, new feedback, accuracy drop,
-                                    a new reward version, `looprl trigger JOB`)
+                                    a new reward version, `looprl scheduler trigger JOB`)
         run the hooks (canary step)
 
-A job is a `looprl` command (``scheduler.reward_command``, ``scheduler.policy_command``) run as a
-subprocess inside a Ray task (`RayRunner`): the job lands on any node of the cluster, its failure
-is an exit code, and its memory is freed when it ends. The policy trainer inside the job joins the
-same Ray cluster (``LOOPRL_POLICY__RAY_ADDRESS`` is set for it), so its learner and rollout actors
-share the scheduler's cluster instead of starting another one. Tests use `SubprocessRunner` or
-`CallableRunner` (same interface, no Ray).
-
-History: SQLite at ``<state>/scheduler/runs.sqlite`` (``looprl runs``). Overlap: a per-job
-``fcntl`` lock file, held while the job runs, so even two scheduler processes cannot overlap a job.
+A job is a `looprl` command (``scheduler.reward_command``, ``scheduler.policy_command``) run by a
+runner (``looprl.ops.runners``): in a Ray worker by default, a local subprocess with ``runner =
+"subprocess"``. History: SQLite at ``<state>/scheduler/runs.sqlite`` (``looprl scheduler runs``).
+Overlap: a per-job lock file, held while the job runs, so even two scheduler processes cannot
+overlap a job.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+from croniter import croniter
 from prometheus_client import Counter, Gauge, Histogram
 
+from looprl.ops.canary import CanaryManager
+from looprl.ops.commands import looprl_argv
 from looprl.ops.core.config import LooprlConfig
-from looprl.ops.cron import Cron
+from looprl.ops.core.locks import LockHeld, try_lock
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.retry import backoff_seconds
+from looprl.ops.runners import TAIL_CHARS, Handle, NotStarted, RayRunner, Runner, SubprocessRunner
+from looprl.reward.readiness import new_feedback_count, not_ready_for_ppo, prequential_accuracies
+from looprl.storage.registry import Registry, atomic_write_text
+from looprl.storage.releases import canary_version
+
+if TYPE_CHECKING:
+    from filelock import FileLock
 
 log = get_logger(__name__)
 
@@ -53,181 +56,6 @@ LAST_SUCCESS = Gauge("looprl_scheduler_last_success_timestamp_seconds", "Unix ti
 DURATION = Histogram("looprl_scheduler_job_duration_seconds", "Wall time of job runs", ["job"],
                      buckets=(1, 5, 15, 30, 60, 120, 300, 600, 1200, 3600))
 TICKS = Counter("looprl_scheduler_ticks_total", "Scheduler loop iterations")
-
-OUTCOMES = ("success", "failed", "timeout", "abandoned")
-_TAIL_CHARS = 4000
-
-
-# --------------------------------------------------------------------------- results and runners
-@dataclass
-class RunResult:
-    returncode: int
-    output_tail: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
-    timed_out: bool = False
-
-
-def last_json_line(text: str) -> dict[str, Any]:
-    """A job's result: its whole stdout if that is one JSON object, else the last line that is."""
-    try:
-        whole = json.loads(text)
-        if isinstance(whole, dict):
-            return whole
-    except ValueError:
-        pass
-    for line in reversed(text.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{") and line.endswith("}"):
-            try:
-                obj = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    return {}
-
-
-class Handle(Protocol):
-    def done(self) -> bool: ...
-    def result(self) -> RunResult: ...
-    def cancel(self) -> None: ...
-
-
-class Runner(Protocol):
-    def submit(self, job: str, command: Any, env: dict[str, str], timeout_s: float) -> Handle: ...
-    def close(self) -> None: ...
-
-
-def run_command(argv: list[str], env: dict[str, str], timeout_s: float, log_path: str | None = None) -> RunResult:
-    """Run one job command to completion (or its timeout); the job dies with its parent.
-
-    stdout is the job's result (its last JSON line becomes the run's details); stderr (the
-    structured log) is appended to ``log_path`` and its tail kept for failed runs."""
-    from looprl.ops.supervisor import child_preexec
-
-    proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            preexec_fn=child_preexec, start_new_session=True)
-    timed_out = False
-    try:
-        out, err = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
-        timed_out = True
-    stdout, stderr = out.decode(errors="replace"), err.decode(errors="replace")
-    if log_path:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as f:
-            f.write(stderr + stdout)
-    tail = (stderr[-_TAIL_CHARS // 2:] + "\n" + stdout[-_TAIL_CHARS // 2:]).strip()
-    return RunResult(-9 if timed_out else proc.returncode, tail, last_json_line(stdout), timed_out)
-
-
-class _ThreadHandle:
-    def __init__(self, fn: Callable[[], RunResult]):
-        self._result: RunResult | None = None
-        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
-        self._thread.start()
-
-    def _run(self, fn: Callable[[], RunResult]) -> None:
-        try:
-            self._result = fn()
-        except BaseException as e:  # a crashing job is a failed run, never a dead scheduler
-            self._result = RunResult(1, f"{type(e).__name__}: {e}")
-
-    def done(self) -> bool:
-        return not self._thread.is_alive()
-
-    def result(self) -> RunResult:
-        self._thread.join()
-        assert self._result is not None
-        return self._result
-
-    def cancel(self) -> None:  # threads cannot be killed; the job's own timeout ends it
-        pass
-
-
-class SubprocessRunner:
-    """Jobs as local subprocesses (no Ray): tests and single-node setups without Ray."""
-
-    def __init__(self, log_dir: Path | None = None):
-        self.log_dir = log_dir
-
-    def submit(self, job: str, command: list[str], env: dict[str, str], timeout_s: float) -> Handle:
-        log_path = str(self.log_dir / f"job-{job}.log") if self.log_dir else None
-        return _ThreadHandle(lambda: run_command(command, env, timeout_s, log_path))
-
-    def close(self) -> None:
-        pass
-
-
-class CallableRunner:
-    """Jobs as Python callables returning a dict of details (raise to fail). For tests."""
-
-    def submit(self, job: str, command: Callable[[], dict], env: dict[str, str], timeout_s: float) -> Handle:
-        def call() -> RunResult:
-            details = command() or {}
-            return RunResult(0, json.dumps(details), details)
-
-        return _ThreadHandle(call)
-
-    def close(self) -> None:
-        pass
-
-
-class _RayHandle:
-    def __init__(self, ref):
-        self.ref = ref
-
-    def done(self) -> bool:
-        import ray
-
-        ready, _ = ray.wait([self.ref], timeout=0)
-        return bool(ready)
-
-    def result(self) -> RunResult:
-        import ray
-
-        try:
-            return ray.get(self.ref)
-        except Exception as e:  # worker died (OOM, node lost): a failed run
-            return RunResult(1, f"ray task failed: {type(e).__name__}: {str(e)[:500]}")
-
-    def cancel(self) -> None:
-        import ray
-
-        ray.cancel(self.ref, force=True)
-
-
-class RayRunner:
-    """Jobs as Ray tasks that run the job command; connects to ``policy.ray_address`` or starts a
-    small local cluster in the workspace. The task itself reserves no CPU (it only waits on the
-    command), so the policy trainer's actors get the cluster's CPUs."""
-
-    def __init__(self, cfg: LooprlConfig, log_dir: Path | None = None):
-        import ray
-
-        from looprl.policy.ray_backend import init_ray
-
-        self.log_dir = log_dir
-        self.started = init_ray(cfg, num_cpus=max(2, cfg.policy.num_rollout_workers + 1))
-        self.address = ray.get_runtime_context().gcs_address
-        self._task = ray.remote(num_cpus=0, max_retries=0)(run_command)
-        log.info("scheduler on ray", address=self.address, started_local=self.started)
-
-    def job_env(self) -> dict[str, str]:
-        # The trainer inside the job joins this cluster instead of starting its own.
-        return {"LOOPRL_POLICY__RAY_ADDRESS": self.address, "RAY_ADDRESS": self.address}
-
-    def submit(self, job: str, command: list[str], env: dict[str, str], timeout_s: float) -> Handle:
-        log_path = str(self.log_dir / f"job-{job}.log") if self.log_dir else None
-        return _RayHandle(self._task.remote(command, {**env, **self.job_env()}, timeout_s, log_path))
-
-    def close(self) -> None:
-        import ray
-
-        if self.started and ray.is_initialized():
-            ray.shutdown()
 
 
 # --------------------------------------------------------------------------- history
@@ -260,7 +88,7 @@ class History:
     def finish(self, run_id: int, status: str, at: float, returncode: int | None, details: dict, error: str = "") -> None:
         with self._lock, self._connect() as db:
             db.execute("UPDATE runs SET status=?, finished_at=?, returncode=?, details=?, error=? WHERE id=?",
-                       (status, at, returncode, json.dumps(details, default=str), error[-_TAIL_CHARS:], run_id))
+                       (status, at, returncode, json.dumps(details, default=str), error[-TAIL_CHARS:], run_id))
 
     def running_rows(self) -> list[dict[str, Any]]:
         """Runs recorded as running (by this or another, possibly dead, scheduler)."""
@@ -310,7 +138,7 @@ class JobState:
     last_started: float | None = None
     last_finished: float | None = None
     consecutive_failures: int = 0
-    lock_fd: int | None = None
+    lock: FileLock | None = None  # held while the job runs
     memo: dict[str, Any] = field(default_factory=dict)  # triggers' own bookkeeping
 
 
@@ -333,16 +161,19 @@ class IntervalTrigger:
 
 
 class CronTrigger:
+    """Fires at the first time of the cron expression (UTC) after the job last started."""
+
     name = "schedule"
 
     def __init__(self, expr: str, start: float | None = None):
-        self.cron = Cron.parse(expr)
+        croniter(expr)  # a bad expression fails here, not at the first check
+        self.expr = expr
         self.start = start if start is not None else time.time()
 
     def check(self, now: float, state: JobState) -> str | None:
         last = state.last_started if state.last_started is not None else self.start
-        due = self.cron.next_after(datetime.fromtimestamp(last, tz=timezone.utc)).timestamp()
-        return f"cron {self.cron.expr}" if now >= due else None
+        due = croniter(self.expr, last).get_next(float)
+        return f"cron {self.expr}" if now >= due else None
 
 
 class CountTrigger:
@@ -407,7 +238,7 @@ class ChangeTrigger:
 
 
 class ManualTrigger:
-    """`looprl trigger JOB` drops a file in ``<state>/scheduler/triggers``; it is consumed at launch."""
+    """`looprl scheduler trigger JOB` drops a file in ``<state>/scheduler/triggers``; it is consumed at launch."""
 
     name = "manual"
 
@@ -433,13 +264,10 @@ class ManualTrigger:
 
 
 def request_trigger(cfg: LooprlConfig, job: str, reason: str = "") -> Path:
-    """What `looprl trigger` does: ask a running scheduler to run ``job`` soon."""
-    from looprl.storage.registry import atomic_write_text
-
+    """What `looprl scheduler trigger` does: ask a running scheduler to run ``job`` soon."""
     d = cfg.state_dir / "scheduler" / "triggers"
     # Names sort in request order (the scheduler reports the oldest request's reason): a
-    # nanosecond stamp, zero-padded, because two requests in the same millisecond happen (a
-    # millisecond stamp let the random suffix decide their order, and a CI run caught it).
+    # zero-padded nanosecond stamp, since two requests within one millisecond do happen.
     path = d / f"{job}.{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.json"
     atomic_write_text(path, json.dumps({"job": job, "reason": reason, "at": time.time()}))
     return path
@@ -453,8 +281,6 @@ class Job:
     triggers: list[Trigger]
     timeout_s: float = 3600.0
     env: dict[str, str] = field(default_factory=dict)
-    # Called with the finished run's details on success (e.g. remember the reward version used).
-    on_success: Callable[[JobState, RunResult], None] | None = None
     # A reason not to start now even if due (e.g. a canary is being judged: a policy run started
     # now would continue from the old promoted adapter). Triggers stay pending meanwhile.
     hold: Callable[[], str | None] | None = None
@@ -475,7 +301,6 @@ class Scheduler:
         self.runner, self.history = runner, history
         self.state_dir = Path(state_dir)
         self.lock_dir = self.state_dir / "scheduler" / "locks"
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
         self.max_retries, self.backoff, self.backoff_max = max_retries, backoff_seconds, backoff_max_seconds
         self.max_concurrent = max_concurrent
         self.hooks = hooks or []
@@ -499,8 +324,6 @@ class Scheduler:
                 st.last_finished = last["finished_at"]
 
     def _save_memo(self) -> None:
-        from looprl.storage.registry import atomic_write_text
-
         atomic_write_text(self._memo_path, json.dumps({n: s.memo for n, s in self.state.items()}, default=str))
 
     def _recover(self) -> None:
@@ -511,28 +334,21 @@ class Scheduler:
                 continue  # unknown job, or really running in another scheduler process
             self._unlock(st)
             self.history.finish(row["id"], "abandoned", self.clock(), None, {}, "scheduler died during the run")
-            if st is not None:
-                st.attempt = row["attempt"]
-                st.trigger = row["trigger"]
-                st.retry_at = self.clock()
-                log.warning("run abandoned by a previous scheduler; retrying", job=row["job"], run_id=row["id"])
+            st.attempt, st.trigger, st.retry_at = row["attempt"], row["trigger"], self.clock()
+            log.warning("run abandoned by a previous scheduler; retrying", job=row["job"], run_id=row["id"])
 
     # ---- locking: the same job never overlaps itself, even across scheduler processes
     def _try_lock(self, st: JobState) -> bool:
-        fd = os.open(self.lock_dir / f"{st.name}.lock", os.O_CREAT | os.O_RDWR, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            st.lock = try_lock(self.lock_dir / f"{st.name}.lock")
+        except LockHeld:
             return False
-        st.lock_fd = fd
         return True
 
     def _unlock(self, st: JobState) -> None:
-        if st.lock_fd is not None:
-            fcntl.flock(st.lock_fd, fcntl.LOCK_UN)
-            os.close(st.lock_fd)
-            st.lock_fd = None
+        if st.lock is not None:
+            st.lock.release()
+            st.lock = None
 
     def running(self) -> list[str]:
         return [n for n, s in self.state.items() if s.running is not None]
@@ -601,7 +417,7 @@ class Scheduler:
         try:
             st.running = self.runner.submit(job.name, job.command, env, job.timeout_s)
         except Exception as e:
-            st.running = _Failed(str(e))
+            st.running = NotStarted(str(e))
         self._save_memo()
 
     def _finish(self, job: Job, st: JobState) -> None:
@@ -622,14 +438,12 @@ class Scheduler:
             LAST_SUCCESS.labels(job=job.name).set(now)
             if "pending_version" in st.memo:
                 st.memo["ran_on"] = st.memo.pop("pending_version")
-            if job.on_success:
-                job.on_success(st, res)
             log.info("job succeeded", job=job.name, run_id=st.run_id, seconds=round(now - st.started_at, 1),
                      details=res.details)
         else:
             st.consecutive_failures += 1
             if st.attempt <= self.max_retries:
-                delay = min(self.backoff_max, self.backoff * 2 ** (st.attempt - 1))
+                delay = backoff_seconds(st.attempt, self.backoff, self.backoff_max)
                 st.retry_at = now + delay
                 log.warning("job failed; will retry", job=job.name, run_id=st.run_id, outcome=outcome,
                             attempt=st.attempt, retry_in_s=delay, tail=res.output_tail[-500:])
@@ -652,7 +466,7 @@ class Scheduler:
         finally:
             self.shutdown()
 
-    def shutdown(self, wait_s: float = 0.0) -> None:
+    def shutdown(self) -> None:
         for name, st in self.state.items():
             if st.running is not None:
                 log.info("cancelling running job", job=name, run_id=st.run_id)
@@ -665,155 +479,19 @@ class Scheduler:
         self.runner.close()
 
 
-class _Failed:
-    """A submission that could not even start: reported as a failed run on the next tick."""
-
-    def __init__(self, error: str):
-        self.error = error
-
-    def done(self) -> bool:
-        return True
-
-    def result(self) -> RunResult:
-        return RunResult(1, f"could not start: {self.error}")
-
-    def cancel(self) -> None:
-        pass
-
-
 # --------------------------------------------------------------------------- the production wiring
-def looprl_argv(*args: str) -> list[str]:
-    """A `looprl` command with this interpreter (works in a venv without PATH set up)."""
-    return [sys.executable, "-m", "looprl.ops.cli", *args]
-
-
-def new_feedback_count(cfg: LooprlConfig) -> Callable[[], int]:
-    """Feedback events ingested after the newest reward version was published."""
-
-    def count() -> int:
-        from looprl.storage.events import EventLog
-        from looprl.storage.registry import Registry
-
-        if not cfg.events_dir.exists():
-            return 0
-        latest = Registry(cfg.registry_dir).latest("reward")
-        since = latest.created_at.timestamp() if latest else 0.0
-        prefix = cfg.demo.eval_user_prefix.replace("'", "''")
-        eval_filter = f" AND (user_id IS NULL OR NOT starts_with(user_id, '{prefix}'))" if prefix else ""
-        t = EventLog(cfg.events_dir).query(
-            f"SELECT count(*) AS n FROM feedback WHERE epoch(ingested_at) > {since}{eval_filter}")
-        return int(t.column("n")[0].as_py())
-
-    return count
-
-
-def reward_accuracy_observations(cfg: LooprlConfig) -> Callable[[], list[tuple[str, float]]]:
-    """Prequential (test-then-train) accuracy of every reward update, oldest first: from the reward
-    updater's history (``state/reward_history.jsonl``, rejected updates included), else from the
-    published versions' manifests."""
-
-    def pick(d: dict[str, Any], prefix: str = "") -> float | None:
-        for k in ("pair_accuracy", "score", "thumbs_auc"):
-            v = d.get(prefix + k)
-            if isinstance(v, (int, float)):
-                return float(v)
-        return None
-
-    def obs() -> list[tuple[str, float]]:
-        from looprl.reward.history import read_history, reward_history_path
-        from looprl.storage.registry import Registry
-
-        out = []
-        if reward_history_path(cfg).is_file():
-            for row in read_history(cfg):
-                acc = pick(row.get("prequential") or {})
-                if acc is not None:
-                    out.append((f"update-{row.get('update')}", acc))
-            return out
-        for m in Registry(cfg.registry_dir).list("reward"):
-            acc = pick(m.metrics, "prequential_")
-            if acc is not None:
-                out.append((m.version, acc))
-        return out
-
-    return obs
-
-
-def latest_version(cfg: LooprlConfig, kind: str) -> Callable[[], str | None]:
-    def current() -> str | None:
-        from looprl.storage.registry import Registry
-
-        return Registry(cfg.registry_dir).pointer(kind, "latest")
-
-    return current
-
-
-def canary_active(cfg: LooprlConfig) -> Callable[[], str | None]:
+def canary_being_judged(cfg: LooprlConfig) -> str | None:
     """Policy runs continue from the promoted adapter: wait while a canary may replace it."""
-
-    def hold() -> str | None:
-        from looprl.storage.registry import Registry
-
-        reg = Registry(cfg.registry_dir)
-        v = reg.pointer("policy", "canary") if reg.kind_dir("policy").is_dir() else None
-        return f"canary {v} is being judged" if v else None
-
-    return hold
-
-
-def reward_not_ready(cfg: LooprlConfig, window: int = 3) -> Callable[[], str | None]:
-    """PPO against a reward model that has not learnt the users yet optimises noise (and drifts the
-    policy away from the base for nothing): wait for evidence that it has. Two pieces, both at
-    ``policy_min_reward_pair_accuracy`` on at least ``policy_min_reward_pairs`` pairs:
-
-    * the newest published version ranks its held-out preference pairs well (manifest
-      ``holdout_pair_accuracy`` / ``holdout_pairs``);
-    * the updater's last ``window`` prequential results (new feedback judged *before* training on
-      it, ``state/reward_history.jsonl``) agree, so one lucky small held-out set is not enough."""
-    s = cfg.scheduler
-
-    def pooled_prequential() -> tuple[float | None, int]:
-        from looprl.reward.history import read_history
-
-        right = total = 0.0
-        for row in read_history(cfg, last=window):
-            pre = row.get("prequential") or {}
-            n, acc = pre.get("pairs") or 0, pre.get("pair_accuracy")
-            if n and isinstance(acc, (int, float)):
-                right, total = right + acc * n, total + n
-        return (right / total if total else None), int(total)
-
-    def hold() -> str | None:
-        from looprl.storage.registry import Registry
-
-        want, min_pairs = s.policy_min_reward_pair_accuracy, s.policy_min_reward_pairs
-        if want <= 0 and min_pairs <= 0:
-            return None
-        m = Registry(cfg.registry_dir).latest("reward")
-        if m is None:
-            return "no reward model yet"
-        acc, pairs = m.metrics.get("holdout_pair_accuracy"), m.metrics.get("holdout_pairs") or 0
-        if not isinstance(acc, (int, float)) or pairs < min_pairs or acc < want:
-            return f"reward {m.version}: held-out pair accuracy {acc} on {pairs} pairs; waiting for >= {want} on >= {min_pairs}"
-        pacc, ppairs = pooled_prequential()
-        if pacc is None or ppairs < min_pairs or pacc < want:
-            shown = f"{pacc:.3f}" if pacc is not None else None
-            return (f"reward updater: prequential pair accuracy {shown} on {ppairs} pairs over the last {window} "
-                    f"updates; waiting for >= {want} on >= {min_pairs}")
-        return None
-
-    return hold
+    v = canary_version(Registry(cfg.registry_dir))
+    return f"canary {v} is being judged" if v else None
 
 
 def policy_hold(cfg: LooprlConfig) -> Callable[[], str | None]:
-    checks = [reward_not_ready(cfg)] + ([canary_active(cfg)] if cfg.scheduler.policy_waits_for_canary else [])
-
     def hold() -> str | None:
-        for check in checks:
-            reason = check()
-            if reason:
-                return reason
-        return None
+        reason = not_ready_for_ppo(cfg)
+        if reason is None and cfg.scheduler.policy_waits_for_canary:
+            reason = canary_being_judged(cfg)
+        return reason
 
     return hold
 
@@ -822,26 +500,21 @@ def build_jobs(cfg: LooprlConfig, start: float | None = None) -> list[Job]:
     """The reward and policy jobs with their triggers, as configured."""
     s = cfg.scheduler
     trig_dir = cfg.state_dir / "scheduler" / "triggers"
-
-    def schedule() -> list[Trigger]:
-        if s.cron:
-            return [CronTrigger(s.cron, start)]
-        return [IntervalTrigger(s.interval_seconds, start)] if s.interval_seconds else []
-
+    schedule: Trigger = CronTrigger(s.cron, start) if s.cron else IntervalTrigger(s.interval_seconds, start)
     jobs = []
     if "reward" in s.jobs:
         jobs.append(Job("reward", looprl_argv(*s.reward_command), [
             ManualTrigger(trig_dir, "reward"),
-            CountTrigger(new_feedback_count(cfg), s.feedback_trigger_events),
-            AccuracyDropTrigger(reward_accuracy_observations(cfg), s.accuracy_drop_trigger),
-            *schedule(),
+            CountTrigger(lambda: new_feedback_count(cfg), s.feedback_trigger_events),
+            AccuracyDropTrigger(lambda: prequential_accuracies(cfg), s.accuracy_drop_trigger),
+            schedule,
         ], timeout_s=s.job_timeout_seconds))
     if "policy" in s.jobs:
         # Back to back: a new reward version starts a policy run against it.
         jobs.append(Job("policy", looprl_argv(*s.policy_command), [
             ManualTrigger(trig_dir, "policy"),
-            ChangeTrigger(latest_version(cfg, "reward")),
-            *([] if "reward" in s.jobs else schedule()),
+            ChangeTrigger(lambda: Registry(cfg.registry_dir).pointer("reward", "latest")),
+            *([] if "reward" in s.jobs else [schedule]),
         ], timeout_s=s.job_timeout_seconds, hold=policy_hold(cfg), seed_env="LOOPRL_POLICY__SEED"))
     return jobs
 
@@ -851,11 +524,7 @@ def build_scheduler(cfg: LooprlConfig, runner: Runner | None = None, with_canary
     if runner is None:
         logs = cfg.workspace / "logs"
         runner = RayRunner(cfg, logs) if s.runner == "ray" else SubprocessRunner(logs)
-    hooks: list[Callable[[], Any]] = []
-    if with_canary:
-        from looprl.ops.canary import CanaryManager
-
-        hooks.append(CanaryManager(cfg).step)
+    hooks: list[Callable[[], Any]] = [CanaryManager(cfg).step] if with_canary else []
     return Scheduler(build_jobs(cfg), runner, History(history_path(cfg)), cfg.state_dir,
                      max_retries=s.max_retries, backoff_seconds=s.backoff_seconds,
                      backoff_max_seconds=s.backoff_max_seconds, max_concurrent=s.max_concurrent_jobs, hooks=hooks)

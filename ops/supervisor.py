@@ -30,6 +30,7 @@ from typing import Callable
 from prometheus_client import Counter, Gauge
 
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.retry import backoff_seconds
 
 log = get_logger(__name__)
 
@@ -224,7 +225,8 @@ class Supervisor:
                     pr.last_exit = rc
                     quick = now - pr.started_at < self.stable_after_s
                     pr.quick_deaths = pr.quick_deaths + 1 if quick else 0
-                    delay = min(self.backoff_max_s, self.backoff_initial_s * 2 ** max(0, pr.quick_deaths - 1))
+                    # A service that ran stably (no quick deaths) restarts after the initial wait.
+                    delay = backoff_seconds(max(1, pr.quick_deaths), self.backoff_initial_s, self.backoff_max_s)
                     pr.restart_at = now + delay
                     pr.delays.append(delay)
                     log.warning("service died; restarting", service=name, returncode=rc, restart_in_s=delay,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from looprl.kernels import logprobs_and_entropy, select
 from looprl.ops.core.config import KernelsConfig
 
 
@@ -27,8 +28,6 @@ class ForwardOut:
 
 def kernels_for(kcfg: KernelsConfig):
     """`looprl.kernels.Kernels` for this config (fails fast if the config asks for triton without it)."""
-    from looprl.kernels import select
-
     return select(kcfg)
 
 
@@ -78,8 +77,6 @@ def policy_forward(
 
 def _logprobs_and_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, kcfg: KernelsConfig,
                           temperature: float) -> tuple[Tensor, Tensor]:
-    from looprl.kernels import logprobs_and_entropy
-
     return logprobs_and_entropy(hidden, weight, labels, kcfg.logprob, kcfg.logprob_chunk_size, temperature)
 
 

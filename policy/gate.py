@@ -12,8 +12,9 @@ sampled from meaningfully):
    slot with the same random numbers; the reward model prefers the candidate's more often than
    ``gate.min_win_rate`` (ties count half), and its KL to the base stays under ``gate.max_kl``.
 
-Every decision is recorded with its numbers in the manifest (`Registry.set_status`) and in
-``<state_dir>/gate/decisions.jsonl``. Only gated versions can be promoted (`promote`).
+Every decision is recorded with its numbers in the manifest (through the release contract,
+`looprl.storage.releases`, which refuses to re-gate a version that already reached users) and in
+``<state_dir>/gate/decisions.jsonl``. Only versions that passed the gate can reach users.
 """
 
 from __future__ import annotations
@@ -36,17 +37,15 @@ from looprl.policy.model import base_checksum, format_prompt, load_base
 from looprl.policy.model import heldout_prompts as shipped_heldout_prompts
 from looprl.policy.prompts import build_pool, generator, heldout_prompts
 from looprl.policy.rollout import Rollout, sample
-from looprl.storage.registry import Manifest, Registry, RegistryError
+from looprl.storage import releases
+from looprl.storage.registry import Registry, RegistryError
+from looprl.storage.releases import BASE, KIND
 
 log = get_logger(__name__)
 
-KIND = "policy"
-GATEABLE = ("candidate", "gated", "rejected")
-PROMOTABLE = ("gated", "canary")
-
 
 class GateError(RuntimeError):
-    """The gate or a promotion was asked something it must refuse; the message says why."""
+    """The gate cannot judge (e.g. no held-out prompts); the message says why."""
 
 
 @dataclass
@@ -169,7 +168,7 @@ def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
         from looprl.policy.scoring import registry_scorer
 
         scorer = registry_scorer(cfg)
-    incumbent = reg.pointer(KIND, "promoted")
+    incumbent = releases.promoted_version(reg)
     model = PeftModel.from_pretrained(base, cand_dir, adapter_name="candidate", is_trainable=False)
     if incumbent is not None and incumbent != version:
         _, inc_dir = reg.open(KIND, incumbent, base_checksum=checksum)
@@ -195,11 +194,11 @@ def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
     numbers.update(
         win_rate=win_rate, min_win_rate=cfg.gate.min_win_rate, kl_to_base=kl, max_kl=cfg.gate.max_kl,
         candidate_reward_mean=float(s_cand.mean()), incumbent_reward_mean=float(s_inc.mean()),
-        incumbent=incumbent or "base", reward_version=scorer.version, heldout_samples=len(prompts),
+        incumbent=incumbent or BASE, reward_version=scorer.version, heldout_samples=len(prompts),
         heldout_distinct_prompts=len(set(prompts)),
     )
     if not math.isfinite(win_rate) or win_rate <= cfg.gate.min_win_rate:
-        reasons.append(f"reward-model win rate {win_rate:.3f} vs {incumbent or 'base'} is not above "
+        reasons.append(f"reward-model win rate {win_rate:.3f} vs {incumbent or BASE} is not above "
                        f"gate.min_win_rate={cfg.gate.min_win_rate}")
     if not math.isfinite(kl) or kl >= cfg.gate.max_kl:
         reasons.append(f"KL to base {kl:.3f} nats is not under gate.max_kl={cfg.gate.max_kl}")
@@ -209,11 +208,9 @@ def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
 def run_gate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
     """Evaluate `version` and record the decision (manifest status + decisions.jsonl + metric)."""
     reg = Registry(cfg.registry_dir)
-    current = reg.manifest(KIND, version)  # raises RegistryError naming the version if it is missing
-    if current.status not in GATEABLE:
-        raise GateError(f"policy/{version} is {current.status}: only candidates are gated")
+    releases.require(reg, version, "gated")  # refuse before the evaluation: a missing version, one that reached users
     report = evaluate(cfg, version, scorer)
-    reg.set_status(KIND, version, report.decision, report.reason, report.numbers)
+    releases.record_gate(reg, version, report.decision, report.reason, report.numbers)
     record = {"at": datetime.now(timezone.utc).isoformat(), **asdict(report), "reason": report.reason}
     path = cfg.state_dir / "gate" / "decisions.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,15 +220,3 @@ def run_gate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
     log.info("gate decision", version=version, decision=report.decision, reason=report.reason, **report.numbers)
     return report
 
-
-def promote(cfg: LooprlConfig, version: str, reason: str = "promoted") -> Manifest:
-    """Point ``promoted`` at a gated version (or one in canary). Anything else is refused."""
-    reg = Registry(cfg.registry_dir)
-    m = reg.verify(KIND, version)
-    if m.status not in PROMOTABLE:
-        raise GateError(f"policy/{version} is {m.status}: only gated candidates can be promoted "
-                        f"(run `looprl gate {version}` first)")
-    m = reg.set_status(KIND, version, "promoted", reason, {"previous": reg.pointer(KIND, "promoted")})
-    reg.set_pointer(KIND, "promoted", version)
-    log.info("policy promoted", version=version, reason=reason)
-    return m

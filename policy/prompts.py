@@ -12,6 +12,7 @@ prompts are never trained on, whichever run or process looks at them.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import torch
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.policy.model import shipped_prompts
+from looprl.storage.events import EventLog
 
 log = get_logger(__name__)
 
@@ -48,8 +50,6 @@ def read_prompt_file(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"policy.prompts_file {path} cannot be read as text ({e})") from None
     if path.suffix == ".jsonl":
-        import json
-
         out = []
         for i, line in enumerate(lines, 1):
             if not line.strip():
@@ -70,8 +70,6 @@ def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[str], dict]:
     """Distinct prompts of the most recent responses, newest first, and the watermark they reach."""
     if limit <= 0 or not cfg.events_dir.exists():
         return [], {}
-    from looprl.storage.events import EventLog
-
     try:
         table = EventLog(cfg.events_dir).query(
             "SELECT prompt, max(ts) AS last_ts FROM responses WHERE prompt IS NOT NULL AND length(prompt) > 0 "

@@ -15,6 +15,9 @@ import os
 import tempfile
 from pathlib import Path
 
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.policy.rollout import Rollout
@@ -44,8 +47,6 @@ def ray_temp_dir(cfg: LooprlConfig) -> Path:
 
 def init_ray(cfg: LooprlConfig, num_cpus: int) -> bool:
     """Connect to cfg.policy.ray_address, or start a small local Ray. True if this call started it."""
-    import ray
-
     if ray.is_initialized():
         return False
     if cfg.policy.ray_address:
@@ -71,8 +72,6 @@ class RayBackend:
     """Learner + N rollout workers as Ray actors; same interface as `trainer.LocalBackend`."""
 
     def __init__(self, cfg: LooprlConfig, scorer):
-        import ray
-
         self.cfg, self.timeout = cfg, cfg.policy.ray_timeout_s
         n = cfg.policy.num_rollout_workers
         self.started = init_ray(cfg, num_cpus=max(2, n + 1))
@@ -87,9 +86,6 @@ class RayBackend:
                   timeout=max(self.timeout, 300.0))
 
     def _get(self, refs, what: str, timeout: float | None = None):
-        import ray
-        from ray.exceptions import GetTimeoutError, RayActorError
-
         timeout = self.timeout if timeout is None else timeout
         try:
             return ray.get(refs, timeout=timeout)
@@ -105,8 +101,6 @@ class RayBackend:
         return self._get(self.learner.pid.remote(), "learner pid")
 
     def rollout(self, shards: list[list[str]], seeds: list[tuple]) -> list[Rollout]:
-        import ray
-
         weights = ray.put(self._get(self.learner.lora_state.remote(), "learner weights"))
         return self._get([w.rollout.remote(weights, s, seed) for w, s, seed in zip(self.workers, shards, seeds)],
                          "rollout")
@@ -132,8 +126,6 @@ class RayBackend:
         return sorted(files)
 
     def close(self) -> None:
-        import ray
-
         for a in [self.learner, *self.workers]:
             try:
                 ray.kill(a)

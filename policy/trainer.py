@@ -8,12 +8,13 @@
     publish the adapter as a candidate policy version     # the offline gate decides what happens next
 
 `backend` is `LocalBackend` (everything in this process; used by tests and benchmarks) or
-`RayBackend` (actors; `looprl train policy`). Both run the same worker classes, seeded the same
+`RayBackend` (actors; `looprl policy train`). Both run the same worker classes, seeded the same
 way, so they compute the same numbers.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import load_file
+from tqdm import tqdm
 
 from looprl.ops.core.config import LooprlConfig, PolicyConfig
 from looprl.ops.core.log import get_logger
@@ -33,6 +36,7 @@ from looprl.policy.rollout import Rollout
 from looprl.policy.scoring import RegistryScorer, registry_scorer
 from looprl.policy.workers import Learner, RolloutWorker
 from looprl.storage.registry import Manifest, Registry
+from looprl.storage.releases import KIND, promoted_version
 
 log = get_logger(__name__)
 
@@ -108,7 +112,7 @@ def _open_run(cfg: LooprlConfig, run_id: str | None, resume: bool) -> tuple[RunD
 
 
 def run_training(cfg: LooprlConfig, **kwargs) -> Manifest:
-    """`train` that publishes: the entry point of `looprl train policy` and of the scheduler.
+    """`train` that publishes: the entry point of `looprl policy train` and of the scheduler.
 
     Returns the manifest of the published candidate (status "candidate"; run the gate next)."""
     kwargs["publish"] = True
@@ -151,7 +155,7 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
     if resuming and run.is_done():
         info = run.done_info()
         log.info("run already finished", run_id=run.run_id, version=info.get("version"))
-        m = Registry(cfg.registry_dir).manifest("policy", info["version"]) if info.get("version") else None
+        m = Registry(cfg.registry_dir).manifest(KIND, info["version"]) if info.get("version") else None
         return TrainResult(run.run_id, m)
 
     checksum = base_checksum(cfg.base_path)
@@ -175,7 +179,7 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"steps": steps})})
         scorer = scorer if scorer is not None else registry_scorer(cfg)
         pool, watermark = build_pool(cfg)
-        parent = Registry(cfg.registry_dir).pointer("policy", "promoted")
+        parent = promoted_version(Registry(cfg.registry_dir))
         meta = {
             "run_id": run.run_id,
             "created_at": datetime.now(timezone.utc).isoformat(),
@@ -189,7 +193,7 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             "kernels": cfg.kernels.model_dump(mode="json"),
         }
         if meta["init_from"]:  # continue the parent's KL controller too, not just its weights
-            last = Registry(cfg.registry_dir).manifest("policy", meta["init_from"]).metrics.get("kl_coef_last")
+            last = Registry(cfg.registry_dir).manifest(KIND, meta["init_from"]).metrics.get("kl_coef_last")
             if isinstance(last, (int, float)) and last > 0:
                 meta["init_kl_coef"] = float(last)
         run.write_meta(meta, pool)
@@ -200,6 +204,7 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
     history: list[dict] = []
     try:
         if use_ray:
+            # lazy: ray takes a second to import, and local runs (tests, benchmarks, --no-ray) never need it
             from looprl.policy.ray_backend import RayBackend
 
             backend = RayBackend(cfg, scorer)
@@ -220,8 +225,6 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
 
         bar = None
         if progress:
-            from tqdm import tqdm
-
             bar = tqdm(total=p.steps, initial=start, desc=f"ppo {run.run_id}", unit="step")
         for step in range(start, p.steps):
             stats = _one_step(backend, sampler, cfg, step)
@@ -257,11 +260,9 @@ def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | 
     """The promoted version to continue from, if it is a LoRA of the same shape on the same base."""
     if not cfg.policy.init_from_promoted or parent is None:
         return None
-    import json
-
     reg = Registry(cfg.registry_dir)
     try:
-        _, d = reg.open("policy", parent, base_checksum=checksum)
+        _, d = reg.open(KIND, parent, base_checksum=checksum)
         acfg = json.loads((d / "adapter_config.json").read_text())
     except Exception as e:  # a broken promoted version must not block training from scratch
         log.warning("cannot continue from the promoted adapter; starting fresh", parent=parent, error=str(e))
@@ -277,9 +278,7 @@ def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | 
 
 
 def _init_weights(cfg: LooprlConfig, version: str, checksum: str) -> tuple[dict, dict | None]:
-    from safetensors.torch import load_file
-
-    _, d = Registry(cfg.registry_dir).open("policy", version, base_checksum=checksum)
+    _, d = Registry(cfg.registry_dir).open(KIND, version, base_checksum=checksum)
     vh = d / "value_head.safetensors"
     return load_file(str(d / "adapter_model.safetensors")), (load_file(str(vh)) if vh.is_file() else None)
 
@@ -333,14 +332,14 @@ def _publish(cfg: LooprlConfig, backend, run: RunDir, meta: dict, history: list[
         "kernels": meta.get("kernels"),
     }
     reg = Registry(cfg.registry_dir)
-    for m in reversed(reg.list("policy")):  # a crash after publishing, before done.json: publish once
+    for m in reversed(reg.list(KIND)):  # a crash after publishing, before done.json: publish once
         if m.extra.get("run_id") == run.run_id:
             log.info("candidate already published by this run", version=m.version, run_id=run.run_id)
             return m
     with tempfile.TemporaryDirectory(prefix="looprl-candidate-") as d:
         backend.export(Path(d))
         m = reg.publish(
-            "policy", d, base_checksum=meta["base_checksum"], parent=meta.get("parent"),
+            KIND, d, base_checksum=meta["base_checksum"], parent=meta.get("parent"),
             watermark=meta.get("watermark") or {}, metrics=metrics_out, status="candidate",
             reason=f"PPO run {run.run_id}", extra=extra,
         )

@@ -10,6 +10,7 @@ checkpoint stores.
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,8 +140,6 @@ class Learner:
 
     def export_files(self) -> dict[str, bytes]:
         """`export` as bytes, for a learner on another machine than the driver that publishes."""
-        import tempfile
-
         with tempfile.TemporaryDirectory(prefix="looprl-export-") as d:
             names = self.export(d)
             return {n: (Path(d) / n).read_bytes() for n in names}

@@ -27,6 +27,8 @@ from typing import Iterable, Literal
 
 import pyarrow as pa
 
+from looprl.storage.events import EventLog
+
 Kind = Literal["thumbs", "rating", "correction", "preference"]
 POINT_KINDS = ("thumbs", "rating")
 PAIR_KINDS = ("correction", "preference")
@@ -136,6 +138,4 @@ class FeedbackSource:
 
 def connect_event_log(events_dir):
     """A DuckDB connection to the event log (``looprl.storage.events``)."""
-    from looprl.storage.events import EventLog
-
     return EventLog(events_dir).connect()

@@ -22,18 +22,21 @@ completions) -> torch.Tensor`` (float32, shape (n,), no grad); ``RewardModel.ver
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+import transformers
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+from looprl.ops.core.config import LooprlConfig, RewardConfig
 from looprl.ops.core.log import get_logger
 from looprl.policy.model import base_checksum, format_prompt, load_base
 from looprl.storage.registry import Registry, RegistryError
-
-if TYPE_CHECKING:
-    from looprl.ops.core.config import LooprlConfig, RewardConfig
 
 log = get_logger(__name__)
 
@@ -70,7 +73,7 @@ class RewardModel(nn.Module):
 
     # ---- construction ----
     @classmethod
-    def fresh(cls, cfg: "LooprlConfig", seed: int | None = None) -> "RewardModel":
+    def fresh(cls, cfg: LooprlConfig, seed: int | None = None) -> "RewardModel":
         """A new reward model on the configured base: LoRA at init (a no-op) and a zero head."""
         rc = cfg.reward
         torch.manual_seed(rc.seed if seed is None else seed)
@@ -135,15 +138,11 @@ class RewardModel(nn.Module):
         """The tensors a version stores: LoRA ("lora.<name>") and head ("head.<name>")."""
         if self.classifier:
             raise RewardModelError("a sequence-classification checkpoint reward model is fixed; it has no trainable state")
-        from peft import get_peft_model_state_dict
-
         state = {f"lora.{k}": v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(self.backbone).items()}
         state.update({f"head.{k}": v.detach().clone().contiguous() for k, v in self.head.state_dict().items()})
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
-        from peft import set_peft_model_state_dict
-
         _check_finite(state, source)
         lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
         head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
@@ -163,8 +162,6 @@ class RewardModel(nn.Module):
 
     def save(self, out_dir: str | Path, extra_config: dict[str, Any] | None = None) -> Path:
         """Write the version files (safetensors + JSON) into ``out_dir``."""
-        from safetensors.torch import save_file
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         state = self.trainable_state()
@@ -181,21 +178,17 @@ class RewardModel(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def lora_settings(rc: "RewardConfig") -> dict[str, Any]:
+def lora_settings(rc: RewardConfig) -> dict[str, Any]:
     return {"r": rc.lora_rank, "lora_alpha": rc.lora_alpha, "target_modules": list(rc.target_modules),
             "target_parameters": list(rc.target_parameters)}
 
 
 def _attach_lora(base: nn.Module, settings: dict[str, Any]) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
-
     for p in base.parameters():
         p.requires_grad_(False)
     lc = LoraConfig(r=settings["r"], lora_alpha=settings["lora_alpha"], lora_dropout=0.0,
                     target_modules=settings["target_modules"] or None,
                     target_parameters=settings["target_parameters"] or None, bias="none")
-    import warnings
-
     with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (harmless)
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(base, lc)
@@ -215,8 +208,6 @@ def _check_finite(state: dict[str, torch.Tensor], source: str) -> None:
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """Read a safetensors file, turning any decoding problem into an error naming the file."""
-    from safetensors.torch import load_file
-
     if path.suffix != ".safetensors":
         raise RewardModelError(f"{path}: only safetensors weights are accepted")
     try:
@@ -225,7 +216,7 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         raise RewardModelError(f"{path}: unreadable safetensors file ({e})") from e
 
 
-def load_from_dir(cfg: "LooprlConfig", version_dir: Path, version: str | None,
+def load_from_dir(cfg: LooprlConfig, version_dir: Path, version: str | None,
                   expected_base: str | None = None) -> RewardModel:
     """Build the reward model from version files in ``version_dir`` (already checksum-verified)."""
     conf_path = version_dir / CONFIG_FILE
@@ -259,9 +250,6 @@ def load_from_dir(cfg: "LooprlConfig", version_dir: Path, version: str | None,
 
 def load_checkpoint(path: str | Path, max_seq_len: int = 128) -> RewardModel:
     """A fixed reward model from any sequence-classification checkpoint (num_labels=1)."""
-    import transformers
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     path = Path(path)
     if not (path / "config.json").is_file():
         raise RewardModelError(f"reward.checkpoint_path {path} has no config.json")
@@ -283,7 +271,7 @@ def load_checkpoint(path: str | Path, max_seq_len: int = 128) -> RewardModel:
                        max_seq_len=max_seq_len, classifier=True).eval()
 
 
-def load_reward_model(cfg: "LooprlConfig", version: str | None = None) -> RewardModel:
+def load_reward_model(cfg: LooprlConfig, version: str | None = None) -> RewardModel:
     """The configured checkpoint, else the given or latest published reward version (verified).
 
     Raises ``RewardModelError``/``RegistryError`` naming the problem: no version published yet,

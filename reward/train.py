@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from looprl.reward.data import Example
 from looprl.reward.model import RewardModel
@@ -66,8 +67,6 @@ def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size:
     n_batches = math.ceil(len(order) / batch_size)
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=epochs * n_batches, desc=desc, unit="batch", leave=False)
     model.train()
     try:

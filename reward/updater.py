@@ -19,6 +19,7 @@ Decisions and numbers go to the manifest (metrics/status) and to ``state/reward_
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -26,6 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from filelock import FileLock
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import BaseModel
@@ -33,8 +35,10 @@ from pydantic import BaseModel
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.locks import LockHeld, try_lock
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.metrics import serve_metrics
 from looprl.ops.core.retry import backoff_seconds
 from looprl.ops.core.signals import stop_on_signals
+from looprl.ops.core.version import version_number
 from looprl.policy.model import base_checksum
 from looprl.reward.data import FeedbackSource, connect_event_log, is_holdout
 from looprl.reward.history import read_history, reward_history_path
@@ -143,8 +147,6 @@ class RewardUpdater:
         self.close()
 
     def _check_work_base(self, work: Path) -> None:
-        import json
-
         conf = json.loads((work / CONFIG_FILE).read_text())
         if conf.get("base_checksum") != self.base:
             raise RewardModelError(
@@ -280,7 +282,7 @@ class RewardUpdater:
             version = m.version
         self.state = st.model_copy(update={"pending_publish": False, "published": version})
         self.store.commit(self.state)
-        PUBLISHED.set(int(version[1:]))
+        PUBLISHED.set(version_number(version))
         return version
 
     def _published_model(self, version: str) -> RewardModel:
@@ -296,10 +298,6 @@ def serve(cfg: LooprlConfig, max_updates: int | None = None, metrics_port: int |
 
     Stops on SIGTERM/SIGINT (after the update in progress), ``stop`` or ``max_updates``.
     Returns the number of updates run."""
-    import torch
-
-    from looprl.ops.core.metrics import serve_metrics
-
     torch.set_num_threads(1)
     port = serve_metrics(cfg.reward.metrics_port if metrics_port is None else metrics_port, host=cfg.metrics_host)
     log.info("reward updater serving", metrics_port=port, poll_seconds=cfg.reward.poll_seconds)
@@ -323,8 +321,6 @@ def serve(cfg: LooprlConfig, max_updates: int | None = None, metrics_port: int |
 
 def status(cfg: LooprlConfig) -> dict[str, Any]:
     """Published versions, the updater's watermark and its last decisions (read-only, no lock)."""
-    import json
-
     reg = Registry(cfg.registry_dir)
     state_path = cfg.state_dir / "reward" / "state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else None

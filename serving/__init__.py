@@ -8,7 +8,8 @@ Modules, from the model outwards:
 - ``routing``: aliases and the sticky weighted canary split;
 - ``service``: names -> adapters, atomic alias flips, adapter admin;
 - ``app`` / ``protocol``: the FastAPI HTTP layer and its request bodies; ``server``: assembly,
-  ``looprl serve``; ``metrics``: Prometheus metrics;
-- ``controller``: applies registry pointers ``promoted``/``canary`` to endpoints (``looprl controller``);
+  ``looprl serving serve``; ``metrics``: Prometheus metrics;
+- ``controller``: applies registry pointers ``promoted``/``canary`` to endpoints
+  (``looprl serving control``);
 - ``testing``: tiny base / adapter builders for tests and benchmarks.
 """

@@ -9,9 +9,12 @@ logged as a ``ResponseEvent`` (response_id = the OpenAI response id) when a logg
 
 Admin (Bearer token): vLLM's ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``,
 and the looprl extensions ``POST /v1/looprl/alias`` and ``GET /v1/looprl/state``.
-Also ``GET /health`` and ``GET /metrics`` (Prometheus).
+Also ``GET /health`` and ``GET /metrics`` (prometheus_client's ASGI app, mounted).
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+
+The routes live in module-level routers; a handler finds the service and the server's settings
+(admin token, response logger, defaults) on ``request.app.state``, which ``create_app`` sets.
 """
 
 from __future__ import annotations
@@ -19,26 +22,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 import uuid
 from typing import Any, AsyncIterator, Callable
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from looprl.ingest.schema import MAX_TEXT_CHARS, ChatMessage, ResponseEvent
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.metrics import metrics_app
+from looprl.policy.model import format_prompt
 from looprl.serving import metrics as m
 from looprl.serving.adapters import AdapterError
-from looprl.serving.base_model import format_prompt
 from looprl.serving.engine import BASE_VERSION, EngineError, Finished
 from looprl.serving.protocol import (
     AliasRequest, ChatCompletionRequest, ChatMessageIn, CompletionRequest, LoadLoraRequest, UnloadLoraRequest,
 )
-from looprl.serving.sampling import SamplingParams
 from looprl.serving.service import ServingService, Submitted
 
 log = get_logger(__name__)
@@ -59,12 +64,6 @@ HTTP_STATUS = {"not_running": 503, "overloaded": 503, "unknown_model": 404, "not
 
 def http_status(reason: str) -> int:
     return HTTP_STATUS.get(reason, 400)
-
-
-def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 409: "conflict_error", 503: "overloaded_error"}.get(status, "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
 class _RequestMetrics:
@@ -114,6 +113,259 @@ def render_chat(messages: list[ChatMessageIn], tokenizer: Any, render: bool = Tr
     return text, text
 
 
+def _service(request: Request) -> ServingService:
+    return request.app.state.service
+
+
+def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+            404: "not_found_error", 409: "conflict_error", 503: "overloaded_error"}.get(status, "server_error")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+# ---------------------------------------------------------------------- errors
+async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    field = ".".join(loc) or None
+    m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason="invalid_request").inc()
+    msg = err.get("msg", "invalid request")
+    return _error(400, f"{field}: {msg}" if field else msg, param=field)
+
+
+async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
+    m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason=exc.reason).inc()
+    param = "model" if exc.reason == "unknown_model" else ("prompt" if "prompt" in exc.reason else None)
+    return _error(http_status(exc.reason), str(exc), param=param, code=exc.reason)
+
+
+async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
+    endpoint = ROUTES.get(request.url.path, "other")
+    m.ERRORS.labels(endpoint=endpoint, reason=exc.reason).inc()
+    if endpoint == "load_lora":
+        m.LOAD_FAILURES.labels(reason=exc.reason).inc()
+    log.warning("admin request refused", endpoint=endpoint, reason=exc.reason, error=str(exc))
+    return _error(http_status(exc.reason), str(exc), code=exc.reason)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The trace goes to the server log; the client gets OpenAI's error shape and no internals.
+    log.exception("request failed", path=request.url.path, error=f"{type(exc).__name__}: {exc}"[:500])
+    m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason="internal").inc()
+    return _error(500, f"internal server error ({type(exc).__name__}); see the server log", code="internal")
+
+
+def require_admin(request: Request) -> None:
+    token = request.app.state.admin_token
+    if token is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise AdapterError("admin endpoint: missing or wrong bearer token", reason="unauthorized")
+
+
+# ---------------------------------------------------------------------- generation
+def _log_response(request: Request, rid: str, model: str, user: str | None, prompt: str,
+                  messages: list[ChatMessage] | None, fin: Finished) -> None:
+    logger = request.app.state.response_logger
+    if logger is None:
+        return
+    try:
+        event = ResponseEvent(
+            response_id=rid, prompt=prompt[:MAX_TEXT_CHARS], messages=messages,
+            completion=fin.text[:MAX_TEXT_CHARS], model=model[:128], adapter_version=fin.version,
+            user_id=user,
+        )
+        logger.log(event)
+    except Exception as e:  # logging is best effort: never fail a served answer because of it
+        m.RESPONSE_LOG_FAILURES.inc()
+        log.warning("response not logged", response_id=rid, error=str(e)[:300])
+
+
+async def _generate(
+    request: Request, *, endpoint: str, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
+    chunk: Callable[[Submitted, str | None, str | None], dict], final: Callable[[Submitted, Finished], dict],
+    first: Callable[[Submitted], dict] | None, on_done: Callable[[Finished], None],
+) -> Response:
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    def sink(ev: tuple[str, Any]) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, ev)
+
+    params = body.to_sampling_params(request.app.state.default_max_tokens)
+    sub = _service(request).submit(body.model, body.user, prompt_ids, params, sink)
+    headers = {ADAPTER_HEADER: sub.version}
+
+    async def next_event() -> tuple[str, Any]:
+        return await asyncio.wait_for(events.get(), timeout=REQUEST_TIMEOUT_S)
+
+    if not body.stream:
+        try:
+            while True:
+                kind, payload = await next_event()
+                if kind == "done":
+                    break
+        except asyncio.TimeoutError:
+            sub.handle.cancel()
+            m.ERRORS.labels(endpoint=endpoint, reason="timeout").inc()
+            m.REQUESTS_FAILED.labels(adapter=sub.adapter or BASE_VERSION, reason="timeout").inc()
+            return _error(504, "generation timed out", code="timeout")
+        if payload.finish_reason == "error":
+            m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
+            return _error(503 if payload.fault == "shutdown" else 500, payload.error or "engine error",
+                          code=payload.fault)
+        on_done(payload)
+        return JSONResponse(final(sub, payload), headers=headers)
+
+    async def stream() -> AsyncIterator[str]:
+        finished = False
+        try:
+            if first is not None:
+                yield f"data: {json.dumps(first(sub))}\n\n"
+            while True:
+                kind, payload = await next_event()
+                if kind == "delta":
+                    yield f"data: {json.dumps(chunk(sub, payload, None))}\n\n"
+                    continue
+                finished = True
+                break
+            if payload.finish_reason == "error":
+                m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
+                err = {"error": {"message": payload.error or "engine error", "type": "server_error",
+                                 "param": None, "code": payload.fault}}
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+            on_done(payload)  # logged before the client sees the end, so feedback can never outrun it
+            yield f"data: {json.dumps(chunk(sub, None, payload.finish_reason))}\n\n"
+            if body.include_usage():
+                usage = {**chunk(sub, None, None), "choices": [], "usage": _usage(payload)}
+                yield f"data: {json.dumps(usage)}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            if not finished:  # client went away or timed out: stop generating for it
+                sub.handle.cancel()
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={**headers, "Cache-Control": "no-cache"})
+
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    prompt = body.prompt_text()
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def base(sub: Submitted) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created, "model": sub.model_name,
+                "looprl_adapter_version": sub.version}
+
+    def chunk(sub: Submitted, delta: str | None, finish: str | None) -> dict:
+        return {**base(sub), "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
+
+    def final(sub: Submitted, fin: Finished) -> dict:
+        return {**base(sub), "choices": [{"index": 0, "text": fin.text, "finish_reason": fin.finish_reason,
+                                          "logprobs": None}], "usage": _usage(fin)}
+
+    model_input = format_prompt(prompt) if request.app.state.render_prompts else prompt
+    return await _generate(
+        request, endpoint="completions", body=body, prompt_ids=_service(request).engine.encode(model_input),
+        chunk=chunk, final=final, first=None,
+        on_done=lambda fin: _log_response(request, rid, body.model, body.user, prompt, None, fin),
+    )
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    engine = _service(request).engine
+    rendered, logged_prompt = render_chat(body.messages, engine.tokenizer, request.app.state.render_prompts)
+    messages = [ChatMessage(role=msg.role if msg.role != "developer" else "system", content=msg.text()[:MAX_TEXT_CHARS])
+                for msg in body.messages]
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+
+    def base(sub: Submitted) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": sub.model_name,
+                "looprl_adapter_version": sub.version}
+
+    def first(sub: Submitted) -> dict:
+        return {**base(sub), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None, "logprobs": None}]}
+
+    def chunk(sub: Submitted, delta: str | None, finish: str | None) -> dict:
+        d = {"content": delta} if delta is not None else {}
+        return {**base(sub), "choices": [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]}
+
+    def final(sub: Submitted, fin: Finished) -> dict:
+        return {**base(sub), "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
+                             "finish_reason": fin.finish_reason, "logprobs": None}],
+                "usage": _usage(fin)}
+
+    return await _generate(
+        request, endpoint="chat", body=body, prompt_ids=engine.encode(rendered),
+        chunk=chunk, final=final, first=first,
+        on_done=lambda fin: _log_response(request, rid, body.model, body.user, logged_prompt, messages, fin),
+    )
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> dict:
+    return {"object": "list", "data": _service(request).models()}
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    # 200 while the server runs (a load balancer must not drop it for one bad adapter);
+    # "degraded" and the per-model states say which adapter fails.
+    engine = _service(request).engine
+    per_model = engine.health()
+    status = "ok" if all(h["healthy"] for h in per_model.values()) else "degraded"
+    return {"status": status, "models": per_model, **engine.stats()}
+
+
+# ---------------------------------------------------------------------- admin
+admin_router = APIRouter(dependencies=[Depends(require_admin)])
+
+
+@admin_router.post("/v1/load_lora_adapter")
+async def load_lora(body: LoadLoraRequest, request: Request) -> dict:
+    # Reading and checking the weights takes a while: off the event loop.
+    info = await run_in_threadpool(_service(request).load, body.lora_name, body.lora_path)
+    return {"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.", "adapter": info}
+
+
+@admin_router.post("/v1/unload_lora_adapter")
+async def unload_lora(body: UnloadLoraRequest, request: Request) -> dict:
+    info = _service(request).unload(body.lora_name)
+    return {"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully.", "adapter": info}
+
+
+@admin_router.post("/v1/looprl/alias")
+async def set_alias(body: AliasRequest, request: Request) -> dict:
+    service = _service(request)
+    canary = body.canary
+    route = service.set_alias(body.alias, body.lora_name, canary.lora_name if canary else None,
+                              canary.share if canary else 0.0)
+    return {"alias": body.alias, "route": route.to_json(), "state": service.state()["aliases"][body.alias]}
+
+
+@admin_router.get("/v1/looprl/state")
+async def state(request: Request) -> dict:
+    return _service(request).state()
+
+
+def _metrics_route() -> Mount:
+    """prometheus_client's ASGI app at exactly ``/metrics`` (as vLLM mounts it): a plain mount
+    matches only ``/metrics/...`` and would answer ``/metrics`` with a redirect."""
+    route = Mount("/metrics", app=metrics_app())
+    route.path_regex = re.compile("^/metrics(?P<path>.*)$")
+    return route
+
+
 def create_app(
     service: ServingService,
     *,
@@ -123,235 +375,19 @@ def create_app(
     render_prompts: bool = True,
 ) -> FastAPI:
     app = FastAPI(title="looprl serving", version="1", docs_url=None, redoc_url=None)
-    app.add_middleware(_RequestMetrics)
     app.state.service = service
-    engine = service.engine
-
-    # ------------------------------------------------------------------ errors
-    @app.exception_handler(RequestValidationError)
-    async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-        field = ".".join(loc) or None
-        m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason="invalid_request").inc()
-        msg = err.get("msg", "invalid request")
-        return _error(400, f"{field}: {msg}" if field else msg, param=field)
-
-    @app.exception_handler(EngineError)
-    async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
-        m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason=exc.reason).inc()
-        param = "model" if exc.reason == "unknown_model" else ("prompt" if "prompt" in exc.reason else None)
-        return _error(http_status(exc.reason), str(exc), param=param, code=exc.reason)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # The trace goes to the server log; the client gets OpenAI's error shape and no internals.
-        log.exception("request failed", path=request.url.path, error=f"{type(exc).__name__}: {exc}"[:500])
-        m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason="internal").inc()
-        return _error(500, f"internal server error ({type(exc).__name__}); see the server log", code="internal")
-
-    @app.exception_handler(AdapterError)
-    async def _adapter_error(request: Request, exc: AdapterError) -> JSONResponse:
-        endpoint = ROUTES.get(request.url.path, "other")
-        m.ERRORS.labels(endpoint=endpoint, reason=exc.reason).inc()
-        if endpoint == "load_lora":
-            m.LOAD_FAILURES.labels(reason=exc.reason).inc()
-        log.warning("admin request refused", endpoint=endpoint, reason=exc.reason, error=str(exc))
-        return _error(http_status(exc.reason), str(exc), code=exc.reason)
-
-    # ------------------------------------------------------------------ admin auth
-    def require_admin(request: Request) -> None:
-        if admin_token is None:
-            return
-        auth = request.headers.get("authorization", "")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), admin_token.encode()):
-            raise AdapterError("admin endpoint: missing or wrong bearer token", reason="unauthorized")
-
-    # ------------------------------------------------------------------ generation
-    def log_response(rid: str, model: str, user: str | None, prompt: str, messages: list[ChatMessage] | None,
-                     fin: Finished) -> None:
-        if response_logger is None:
-            return
-        try:
-            event = ResponseEvent(
-                response_id=rid, prompt=prompt[:MAX_TEXT_CHARS], messages=messages,
-                completion=fin.text[:MAX_TEXT_CHARS], model=model[:128], adapter_version=fin.version,
-                user_id=user,
-            )
-            response_logger.log(event)
-        except Exception as e:  # logging is best effort: never fail a served answer because of it
-            m.RESPONSE_LOG_FAILURES.inc()
-            log.warning("response not logged", response_id=rid, error=str(e)[:300])
-
-    def params_of(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None) -> SamplingParams:
-        return SamplingParams(max_tokens=max_tokens or default_max_tokens, temperature=body.temperature,
-                              top_p=body.top_p, stop=body.stop_list(), seed=body.seed, ignore_eos=body.ignore_eos)
-
-    async def generate(
-        *, endpoint: str, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int], params: SamplingParams,
-        rid: str, chunk: Callable[[Submitted, str | None, str | None], dict], final: Callable[[Submitted, Finished], dict],
-        first: Callable[[Submitted], dict] | None, on_done: Callable[[Finished], None],
-    ):
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def sink(ev: tuple[str, Any]) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
-
-        sub = service.submit(body.model, body.user, prompt_ids, params, sink)
-        headers = {ADAPTER_HEADER: sub.version}
-
-        async def next_event() -> tuple[str, Any]:
-            return await asyncio.wait_for(events.get(), timeout=REQUEST_TIMEOUT_S)
-
-        if not body.stream:
-            try:
-                while True:
-                    kind, payload = await next_event()
-                    if kind == "done":
-                        break
-            except asyncio.TimeoutError:
-                sub.handle.cancel()
-                m.ERRORS.labels(endpoint=endpoint, reason="timeout").inc()
-                m.REQUESTS_FAILED.labels(adapter=sub.adapter or BASE_VERSION, reason="timeout").inc()
-                return _error(504, "generation timed out", code="timeout")
-            if payload.finish_reason == "error":
-                m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
-                return _error(503 if payload.fault == "shutdown" else 500, payload.error or "engine error",
-                              code=payload.fault)
-            on_done(payload)
-            return JSONResponse(final(sub, payload), headers=headers)
-
-        async def stream() -> AsyncIterator[str]:
-            finished = False
-            try:
-                if first is not None:
-                    yield f"data: {json.dumps(first(sub))}\n\n"
-                while True:
-                    kind, payload = await next_event()
-                    if kind == "delta":
-                        yield f"data: {json.dumps(chunk(sub, payload, None))}\n\n"
-                        continue
-                    finished = True
-                    break
-                if payload.finish_reason == "error":
-                    m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
-                    err = {"error": {"message": payload.error or "engine error", "type": "server_error",
-                                     "param": None, "code": payload.fault}}
-                    yield f"data: {json.dumps(err)}\n\n"
-                    return
-                on_done(payload)  # logged before the client sees the end, so feedback can never outrun it
-                yield f"data: {json.dumps(chunk(sub, None, payload.finish_reason))}\n\n"
-                if body.include_usage():
-                    usage = {**chunk(sub, None, None), "choices": [], "usage": _usage(payload)}
-                    yield f"data: {json.dumps(usage)}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                if not finished:  # client went away or timed out: stop generating for it
-                    sub.handle.cancel()
-
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        prompt = body.prompt_text()
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-
-        def base(sub: Submitted) -> dict:
-            return {"id": rid, "object": "text_completion", "created": created, "model": sub.model_name,
-                    "looprl_adapter_version": sub.version}
-
-        def chunk(sub: Submitted, delta: str | None, finish: str | None) -> dict:
-            return {**base(sub), "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
-
-        def final(sub: Submitted, fin: Finished) -> dict:
-            return {**base(sub), "choices": [{"index": 0, "text": fin.text, "finish_reason": fin.finish_reason,
-                                              "logprobs": None}], "usage": _usage(fin)}
-
-        model_input = format_prompt(prompt) if render_prompts else prompt
-        return await generate(
-            endpoint="completions", body=body, prompt_ids=engine.encode(model_input),
-            params=params_of(body, body.max_tokens),
-            rid=rid, chunk=chunk, final=final, first=None,
-            on_done=lambda fin: log_response(rid, body.model, body.user, prompt, None, fin),
-        )
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
-        rendered, logged_prompt = render_chat(body.messages, engine.tokenizer, render_prompts)
-        messages = [ChatMessage(role=msg.role if msg.role != "developer" else "system", content=msg.text()[:MAX_TEXT_CHARS])
-                    for msg in body.messages]
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
-
-        def base(sub: Submitted) -> dict:
-            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": sub.model_name,
-                    "looprl_adapter_version": sub.version}
-
-        def first(sub: Submitted) -> dict:
-            return {**base(sub), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                              "finish_reason": None, "logprobs": None}]}
-
-        def chunk(sub: Submitted, delta: str | None, finish: str | None) -> dict:
-            d = {"content": delta} if delta is not None else {}
-            return {**base(sub), "choices": [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]}
-
-        def final(sub: Submitted, fin: Finished) -> dict:
-            return {**base(sub), "object": "chat.completion",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
-                                 "finish_reason": fin.finish_reason, "logprobs": None}],
-                    "usage": _usage(fin)}
-
-        return await generate(
-            endpoint="chat", body=body, prompt_ids=engine.encode(rendered),
-            params=params_of(body, body.max_completion_tokens or body.max_tokens),
-            rid=rid, chunk=chunk, final=final, first=first,
-            on_done=lambda fin: log_response(rid, body.model, body.user, logged_prompt, messages, fin),
-        )
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": service.models()}
-
-    @app.get("/metrics")
-    async def metrics():
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/health")
-    async def health():
-        # 200 while the server runs (a load balancer must not drop it for one bad adapter);
-        # "degraded" and the per-model states say which adapter fails.
-        models = engine.health()
-        status = "ok" if all(h["healthy"] for h in models.values()) else "degraded"
-        return {"status": status, "models": models, **engine.stats()}
-
-    # ------------------------------------------------------------------ admin
-    @app.post("/v1/load_lora_adapter", dependencies=[Depends(require_admin)])
-    async def load_lora(body: LoadLoraRequest):
-        from starlette.concurrency import run_in_threadpool
-
-        info = await run_in_threadpool(service.load, body.lora_name, body.lora_path)
-        return {"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.", "adapter": info}
-
-    @app.post("/v1/unload_lora_adapter", dependencies=[Depends(require_admin)])
-    async def unload_lora(body: UnloadLoraRequest):
-        info = service.unload(body.lora_name)
-        return {"message": f"Success: LoRA adapter '{body.lora_name}' removed successfully.", "adapter": info}
-
-    @app.post("/v1/looprl/alias", dependencies=[Depends(require_admin)])
-    async def set_alias(body: AliasRequest):
-        canary = body.canary
-        route = service.set_alias(body.alias, body.lora_name, canary.lora_name if canary else None,
-                                  canary.share if canary else 0.0)
-        return {"alias": body.alias, "route": route.to_json(), "state": service.state()["aliases"][body.alias]}
-
-    @app.get("/v1/looprl/state", dependencies=[Depends(require_admin)])
-    async def state():
-        return service.state()
-
+    app.state.admin_token = admin_token
+    app.state.response_logger = response_logger
+    app.state.default_max_tokens = default_max_tokens
+    app.state.render_prompts = render_prompts
+    app.add_middleware(_RequestMetrics)
+    app.add_exception_handler(RequestValidationError, _bad_body)
+    app.add_exception_handler(EngineError, _engine_error)
+    app.add_exception_handler(AdapterError, _adapter_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.include_router(router)
+    app.include_router(admin_router)
+    app.router.routes.append(_metrics_route())
     return app
 
 

@@ -35,7 +35,6 @@ to send, with ``looprl.serving.routing.Route.choose`` for the same sticky canary
 from __future__ import annotations
 
 import json
-import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -47,13 +46,13 @@ from prometheus_client import Counter, Gauge
 
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.retry import retrying
 from looprl.storage import releases
 from looprl.storage.registry import Registry, RegistryError, atomic_write_text
+from looprl.storage.releases import BASE, KIND, lora_name, version_number, version_of_lora
 
 log = get_logger(__name__)
 
-KIND = "policy"
-NAME_RE = re.compile(r"^policy-(v[1-9][0-9]*)$")
 ROUTING_FILE = "serving_routing.json"
 
 RECONCILES = Counter("looprl_controller_reconciles_total", "Reconcile passes", ["result"])
@@ -70,14 +69,9 @@ ROLLBACKS = Counter("looprl_controller_rollbacks_total", "Versions rolled back b
 LAST_SUCCESS = Gauge("looprl_controller_last_success_timestamp_seconds", "End of the last pass where all endpoints converged")
 
 
-def lora_name(version: str) -> str:
-    return f"{KIND}-{version}"
-
-
 def _num(version: str | None, none: int = -1) -> int:
-    if version is None:
-        return none
-    return int(version[1:]) if version.startswith("v") else 0
+    """A version as a gauge value: its number (base 0), ``none`` when there is none."""
+    return none if version is None else version_number(version)
 
 
 class EndpointError(RuntimeError):
@@ -114,7 +108,7 @@ class Observed:
             p = desired.promoted if desired.promoted is None or lora_name(desired.promoted) in self.loaded else "missing"
             c = desired.canary if desired.canary is None or lora_name(desired.canary) in self.loaded else "missing"
             return p, c
-        ver = lambda n: None if n is None else (NAME_RE.match(n).group(1) if NAME_RE.match(n) else n)  # noqa: E731
+        ver = lambda n: None if n is None else (version_of_lora(n) or n)  # noqa: E731
         return ver(self.primary), ver(self.canary)
 
 
@@ -134,19 +128,16 @@ class EndpointClient:
 
     def call(self, method: str, path: str, body: dict | None = None) -> httpx.Response:
         """Retry connection errors and 5xx; a 4xx is an answer (refusal), returned at once."""
-        last: Exception | None = None
-        for attempt in range(self.retries):
-            try:
-                r = self.http.request(method, path, json=body)
-                if r.status_code < 500:
-                    return r
-                last = EndpointError(f"{method} {path}: HTTP {r.status_code}: {r.text[:300]}", r.status_code)
-            except httpx.HTTPError as e:
-                last = EndpointError(f"{method} {path}: {type(e).__name__}: {e}")
-            if attempt + 1 < self.retries:
-                time.sleep(self.backoff * 2**attempt)
-        assert last is not None
-        raise last
+        return retrying(self.retries, initial=self.backoff, on=EndpointError)(self._request, method, path, body)
+
+    def _request(self, method: str, path: str, body: dict | None) -> httpx.Response:
+        try:
+            r = self.http.request(method, path, json=body)
+        except httpx.HTTPError as e:
+            raise EndpointError(f"{method} {path}: {type(e).__name__}: {e}") from e
+        if r.status_code >= 500:
+            raise EndpointError(f"{method} {path}: HTTP {r.status_code}: {r.text[:300]}", r.status_code)
+        return r
 
     def observe(self, alias: str) -> Observed:
         """What the endpoint has loaded and (embedded server) where its alias points."""
@@ -229,8 +220,8 @@ class AdapterController:
 
     # ------------------------------------------------------------------ registry
     def desired(self) -> Desired:
-        promoted = self.registry.pointer(KIND, "promoted")
-        canary = self.registry.pointer(KIND, "canary")
+        promoted = releases.promoted_version(self.registry)
+        canary = releases.canary_version(self.registry)
         for v in (promoted, canary):
             if v is not None:
                 self.registry.verify(KIND, v)  # refuse a corrupted version before any endpoint sees it
@@ -277,9 +268,9 @@ class AdapterController:
             try:
                 obs = c.observe(self.alias)
                 # What an endpoint served before we first touched it counts as "previous".
-                hit = NAME_RE.match(obs.primary or "")
-                if hit and hit.group(1) not in self.history:
-                    self.history.append(hit.group(1))
+                served = version_of_lora(obs.primary)
+                if served and served not in self.history:
+                    self.history.append(served)
             except EndpointError as e:
                 obs = Observed(c.url, kind=c.kind or "unknown", reachable=False, error=str(e))
                 FAILURES.labels(endpoint=c.url, step="observe").inc()
@@ -296,7 +287,7 @@ class AdapterController:
             o = observed[c.url]
             routed = {o.primary, o.canary}
             for name in list(o.loaded):
-                if NAME_RE.match(name) and name not in keep and name not in routed:
+                if version_of_lora(name) and name not in keep and name not in routed:
                     if self._try(c, "unload", errors, lambda: c.unload(name)):
                         o.loaded.remove(name)
 
@@ -338,7 +329,7 @@ class AdapterController:
             for c in reachable:
                 o = observed[c.url]
                 for name in list(o.loaded):
-                    if NAME_RE.match(name) and name not in keep and name not in (o.primary, o.canary):
+                    if version_of_lora(name) and name not in keep and name not in (o.primary, o.canary):
                         if self._try(c, "unload", errors, lambda: c.unload(name)):
                             o.loaded.remove(name)
         else:
@@ -353,9 +344,9 @@ class AdapterController:
         bad: dict[str, str] = {}
         for o in observed.values():
             for name, error in o.unhealthy.items():
-                hit = NAME_RE.match(name)
-                if hit:
-                    bad.setdefault(hit.group(1), f"unhealthy on {o.url}: {error}")
+                version = version_of_lora(name)
+                if version:
+                    bad.setdefault(version, f"unhealthy on {o.url}: {error}")
         changed = False
         for role, version in (("canary", d.canary), ("promoted", d.promoted)):
             if version is None or version not in bad:
@@ -431,7 +422,7 @@ class AdapterController:
         routing = {
             "alias": self.alias,
             "primary": lora_name(a.promoted) if a.promoted else self.cfg.serving.served_model_name,
-            "primary_version": a.promoted or "base",
+            "primary_version": a.promoted or BASE,
             "canary": lora_name(a.canary) if a.canary else None,
             "canary_version": a.canary,
             "share": a.share,

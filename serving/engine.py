@@ -49,15 +49,16 @@ from safetensors.torch import load_file
 from transformers import DynamicCache
 
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.version import BASE_TEXT as BASE_VERSION  # what the base model's answers report as version
 from looprl.serving import metrics as m
 from looprl.serving.adapters import WEIGHTS_FILE, AdapterError, AdapterSpec, BaseInventory
+from looprl.serving.detokenizer import IncrementalDetokenizer
 from looprl.serving.kv import KVBatch, left_pad
 from looprl.serving.mixed import BASE, MixedLora
 from looprl.serving.sampling import RowSampler, SamplingParams, sample_next
 
 log = get_logger(__name__)
 
-BASE_VERSION = "base"
 DEFAULT_UNHEALTHY_AFTER = 3
 
 
@@ -145,6 +146,8 @@ class _Request:
     submitted: float = field(default_factory=time.perf_counter)
     sampler: RowSampler | None = None
     generated: list[int] = field(default_factory=list)
+    detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
+    pending: str = ""  # decoded text not sent yet: it may be the start of a stop string
     emitted: int = 0  # characters of text already sent
     cancelled: bool = False
     done: bool = False
@@ -695,34 +698,38 @@ class Engine:
             self._finish(r, "stop")
             return True
         r.generated.append(token)
-        text = self.tokenizer.decode(r.generated, skip_special_tokens=True)
+        # Only the new token's text is decoded, so a token costs the same at any answer length.
+        # The sent text never ends in a stop string's prefix, so a stop string can only start
+        # in the pending text.
+        r.pending += r.detokenizer.step(self.tokenizer, r.generated)
         stops = r.params.stop
         if stops:
-            start = max(0, r.emitted - max(len(s) for s in stops))
-            hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+            hits = [i for i in (r.pending.find(s) for s in stops) if i >= 0]
             if hits:
-                self._emit(r, text[: min(hits)])
-                self._finish(r, "stop", text=text[: min(hits)])
+                self._emit(r, r.pending[: min(hits)])
+                self._finish(r, "stop", text=self._text(r.generated)[: r.emitted])
                 return True
         if len(r.generated) >= r.params.max_tokens:
-            self._emit(r, text)
-            self._finish(r, "length", text=text)
+            self._finish(r, "length")
             return True
-        safe = len(text)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            safe -= 1
+        safe = len(r.pending)
         for s in stops:  # hold back a suffix that may be the start of a stop string
             for k in range(min(len(s) - 1, safe), 0, -1):
-                if text[:safe].endswith(s[:k]):
-                    safe = min(safe, len(text[:safe]) - k)
+                if r.pending.endswith(s[:k], 0, safe):
+                    safe -= k
                     break
-        self._emit(r, text[:safe])
+        self._emit(r, r.pending[:safe])
         return False
 
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
     def _emit(self, r: _Request, text: str) -> None:
-        if len(text) > r.emitted:
-            self._send(r, ("delta", text[r.emitted:]))
-            r.emitted = len(text)
+        """Send ``text``, the next piece of pending text (or of the final text, at the finish)."""
+        if text:
+            self._send(r, ("delta", text))
+            r.emitted += len(text)
+            r.pending = r.pending[len(text):]
 
     def _finish(self, r: _Request, reason: str, text: str | None = None, error: str | None = None,
                 fault: str | None = None) -> None:
@@ -745,9 +752,9 @@ class Engine:
             with self._lock:
                 health.record(None)
         if text is None:
-            text = self.tokenizer.decode(r.generated, skip_special_tokens=True) if r.generated else ""
-            if reason == "stop" and not r.cancelled and error is None:
-                self._emit(r, text)
+            text = self._text(r.generated)
+            if not r.cancelled and error is None:  # end of sequence or max_tokens: send what was held back
+                self._emit(r, text[r.emitted:])
         if r.adapter is not None:
             with self._lock:
                 r.adapter.in_flight -= 1

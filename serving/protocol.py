@@ -11,6 +11,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from looprl.serving.sampling import SamplingParams
+
 
 class _OpenAIBody(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -48,6 +50,13 @@ class _OpenAIBody(BaseModel):
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
+
+    def answer_tokens(self) -> int | None:
+        return self.max_tokens
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=self.answer_tokens() or default_max_tokens, temperature=self.temperature,
+                              top_p=self.top_p, stop=self.stop_list(), seed=self.seed, ignore_eos=self.ignore_eos)
 
 
 class CompletionRequest(_OpenAIBody):
@@ -118,6 +127,9 @@ class ChatCompletionRequest(_OpenAIBody):
         if v:
             raise ValueError("logprobs are not supported")
         return v
+
+    def answer_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens  # OpenAI deprecated max_tokens for chat
 
 
 class LoadLoraRequest(BaseModel):

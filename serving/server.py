@@ -2,7 +2,7 @@
 
 ``build_service(cfg)`` loads the base (``cfg.serving.base_path`` or the workspace base) and starts
 the engine thread; ``ServerThread`` runs uvicorn in a background thread (tests, benchmarks, the
-demo); ``serve(cfg)`` runs it in the foreground for ``looprl serve``.
+demo); ``serve(cfg)`` runs it in the foreground for ``looprl serving serve``.
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from typing import Any
 import torch
 import uvicorn
 
+from looprl.ingest.broker import bootstrap_servers
+from looprl.ingest.client import ResponseLogger
+from looprl.kernels import triton_available
 from looprl.ops.core.config import ConfigError, LooprlConfig
 from looprl.ops.core.log import get_logger
+from looprl.policy.model import base_checksum, load_base
 from looprl.serving.app import create_app
-from looprl.serving.base_model import base_checksum, load_model
 from looprl.serving.engine import Engine
 from looprl.serving.service import ServingService
 
@@ -54,14 +57,11 @@ def serving_base_path(cfg: LooprlConfig) -> Path:
 def build_service(cfg: LooprlConfig, model: Any = None, tokenizer: Any = None) -> ServingService:
     """Load the base model (unless given), start an engine on it, wrap it in a service."""
     torch.set_num_threads(cfg.serving.torch_threads)
-    if cfg.serving.moe_lora == "triton":
-        from looprl.kernels import triton_available
-
-        if not triton_available():
-            raise ConfigError("config key 'serving.moe_lora' is 'triton' but triton or CUDA is missing")
+    if cfg.serving.moe_lora == "triton" and not triton_available():
+        raise ConfigError("config key 'serving.moe_lora' is 'triton' but triton or CUDA is missing")
     path = serving_base_path(cfg)
     if model is None or tokenizer is None:
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_base(path)
     checksum = base_checksum(path) if (Path(path) / "config.json").is_file() else None
     s = cfg.serving
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
@@ -78,12 +78,8 @@ def make_response_logger(cfg: LooprlConfig) -> Any:
     if not cfg.serving.log_responses:
         return None
     try:
-        from looprl.ingest.client import ResponseLogger
-
         servers = cfg.kafka.bootstrap_servers
         if servers is None:
-            from looprl.ingest.broker import bootstrap_servers
-
             servers = bootstrap_servers(cfg)
         return ResponseLogger(servers, topic=cfg.kafka.topic_responses)
     except Exception as e:
@@ -139,7 +135,7 @@ class ServerThread:
 
 
 def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -> int:
-    """Foreground server for ``looprl serve`` (Ctrl-C to stop)."""
+    """Foreground server for ``looprl serving serve`` (Ctrl-C to stop)."""
     token = admin_token_of(cfg.model_copy(update={"serving": cfg.serving.model_copy(
         update={"host": host or cfg.serving.host})}))
     if token is None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from looprl.ops.core.log import get_logger
+from looprl.ops.core.version import version_number
 from looprl.serving import metrics as m
 from looprl.serving.adapters import AdapterError, check_name, read_adapter
 from looprl.serving.engine import BASE_VERSION, Engine, EngineError, Handle, Sink
@@ -25,11 +26,6 @@ from looprl.serving.sampling import SamplingParams
 log = get_logger(__name__)
 
 MAX_ALIASES = 8
-
-
-def version_number(version: str) -> int:
-    """"v3" -> 3; the base model (and anything unversioned) -> 0."""
-    return int(version[1:]) if version.startswith("v") and version[1:].isdigit() else 0
 
 
 @dataclass(frozen=True)

@@ -17,23 +17,25 @@ Pickle formats are never accepted.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 
 from looprl.ops.core.locks import file_lock
+from looprl.ops.core.version import Version
 
+# A version's status; the policy lifecycle between them is looprl.storage.releases. "published" is a
+# reward model's only status: reward versions are used as soon as they are published.
 Status = Literal["candidate", "gated", "rejected", "canary", "promoted", "rolled_back", "published"]
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-_VERSION = re.compile(r"^v([1-9][0-9]{0,8})$")
 _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Weights must be safetensors; these small text formats may travel beside them.
 _ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt", ".md", ".model", ".jinja"}
@@ -49,7 +51,7 @@ class ChecksumError(RegistryError):
 
 
 class StatusChange(BaseModel):
-    status: str
+    status: Status
     reason: str
     at: datetime
     numbers: dict[str, Any] = {}
@@ -65,14 +67,14 @@ class Manifest(BaseModel):
     metrics: dict[str, Any] = {}
     files: dict[str, str]  # file name -> sha256
     created_at: datetime
-    status: str = "candidate"
+    status: Status = "candidate"
     reason: str = ""
     history: list[StatusChange] = []
     extra: dict[str, Any] = {}
 
     @property
     def number(self) -> int:
-        return int(self.version[1:])
+        return Version.parse(self.version).number
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -128,7 +130,9 @@ def check_name(kind: str) -> str:
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not _VERSION.match(version):
+    """A published version's name (``v3``); the base model has none in the registry."""
+    v = Version.parse_or_none(version) if isinstance(version, str) else None
+    if v is None or v.is_base:
         raise RegistryError(f"invalid version {version!r}: expected v<N>, e.g. v3")
     return version
 
@@ -160,8 +164,8 @@ class Registry:
         d = self.kind_dir(kind)
         if not d.is_dir():
             return []
-        vs = [p.name for p in d.iterdir() if p.is_dir() and _VERSION.match(p.name) and (p / "manifest.json").is_file()]
-        return sorted(vs, key=lambda v: int(v[1:]))
+        vs = [Version.parse_or_none(p.name) for p in d.iterdir() if p.is_dir() and (p / "manifest.json").is_file()]
+        return [str(v) for v in sorted(v for v in vs if v is not None and not v.is_base)]
 
     def manifest(self, kind: str, version: str) -> Manifest:
         path = self.version_dir(kind, version) / "manifest.json"
@@ -221,7 +225,7 @@ class Registry:
         parent: str | None = None,
         watermark: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
-        status: str = "candidate",
+        status: Status = "candidate",
         reason: str = "",
         extra: dict[str, Any] | None = None,
         set_latest: bool = True,
@@ -247,10 +251,10 @@ class Registry:
                 digests[p.name] = sha256_file(dst)
             with file_lock(kdir / ".lock"):  # two publishers never pick the same version number
                 existing = self.versions(kind)
-                number = int(existing[-1][1:]) + 1 if existing else 1
+                number = Version.parse(existing[-1]).number + 1 if existing else 1
                 now = datetime.now(timezone.utc)
                 m = Manifest(
-                    version=f"v{number}", kind=kind, parent=parent, base_checksum=base_checksum,
+                    version=str(Version(number)), kind=kind, parent=parent, base_checksum=base_checksum,
                     watermark=watermark or {}, metrics=metrics or {}, files=digests, created_at=now,
                     status=status, reason=reason, extra=extra or {},
                     history=[StatusChange(status=status, reason=reason or "published", at=now)],
@@ -275,14 +279,19 @@ class Registry:
         atomic_write_text(p, version + "\n")
 
     def set_status(
-        self, kind: str, version: str, status: str, reason: str, numbers: dict[str, Any] | None = None
+        self, kind: str, version: str, status: Status, reason: str, numbers: dict[str, Any] | None = None,
+        *, check: Callable[[Manifest], None] | None = None,
     ) -> Manifest:
         """Record a decision about a version (gate, canary, promotion, rollback) in its manifest.
 
+        ``check`` sees the current manifest under the registry lock and raises to refuse the change,
+        so a transition is judged on the status it really moves from, even with concurrent deciders.
         The manifest file is not covered by its own checksums, so rewriting it is safe."""
         d = self.version_dir(kind, version)
         with file_lock(self.kind_dir(kind) / ".lock"):
             m = self.manifest(kind, version)
+            if check is not None:
+                check(m)
             now = datetime.now(timezone.utc)
             m.status, m.reason = status, reason
             m.history.append(StatusChange(status=status, reason=reason, at=now, numbers=numbers or {}))

@@ -1,14 +1,21 @@
-"""How a policy version reaches users and leaves them: the registry transitions and their log.
+"""The release contract: how a policy version reaches users and leaves them.
 
     candidate --gate--> gated | rejected
     gated --canary start--> canary --promote--> promoted
     canary --roll back--> rolled_back            (the promoted version keeps all traffic)
     promoted --roll back--> rolled_back          (the previous promoted version serves again)
 
+``LIFECYCLE`` is that table, and every move below is checked against it on the manifest's current
+status (under the registry lock): a refused move raises ``TransitionError`` naming the version,
+its status and the statuses the move is allowed from. A person may also promote by hand any
+version that passed the gate (gated, canary, a superseded promoted one, a rolled-back one).
+
 The pointers ``registry/policy/promoted`` and ``registry/policy/canary`` say what serves; the
-serving controller applies them. Whoever decides (the canary test, an operator, the controller
-on an unhealthy adapter) changes status and pointers through the functions here, and appends one
-line to ``<state_dir>/canary/decisions.jsonl``, which the report and ``looprl status`` read.
+serving controller applies them. Whoever decides (the offline gate, the canary test, an operator,
+the controller on an unhealthy adapter) changes status and pointers through the functions here;
+canary starts, promotions and rollbacks append one line to ``<state_dir>/canary/decisions.jsonl``,
+which the report and ``looprl status`` read. Version texts (``v3``, ``base``) are parsed by
+``Version`` (ground floor) only.
 """
 
 from __future__ import annotations
@@ -19,17 +26,107 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from looprl.storage.registry import Registry, RegistryError
+from looprl.ops.core.version import BASE_TEXT, Version, version_number
+from looprl.storage.registry import Manifest, Registry, RegistryError, Status
 
-KIND = "policy"
-BASE = "base"  # what serving reports as the version of the base model
+__all__ = [
+    "BASE", "CANARY", "KIND", "LIFECYCLE", "PROMOTED", "DecisionRecord", "TransitionError", "Version",
+    "canary_version", "check_transition", "decisions_path", "drop_stale_canary", "lora_name", "previous_promoted",
+    "promote", "promoted_version", "read_decisions", "record_decision", "record_gate", "require",
+    "roll_back_canary", "roll_back_promoted", "sources", "start_canary", "version_number", "version_of_lora",
+]
+
+KIND = "policy"  # the registry kind whose versions serve users
+PROMOTED = "promoted"  # pointer: the version all traffic gets (missing: the base model)
+CANARY = "canary"  # pointer: the version a share of users gets while the canary test runs
+BASE = BASE_TEXT  # the version the base model (no adapter) is reported as
+
+# The lifecycle: each status and the statuses a version may move to from it.
+LIFECYCLE: dict[Status, tuple[Status, ...]] = {
+    "candidate": ("gated", "rejected"),
+    "gated": ("gated", "rejected", "canary", "promoted"),  # re-gating is allowed until it reaches users
+    "rejected": ("gated", "rejected"),
+    "canary": ("promoted", "rolled_back"),
+    "promoted": ("promoted", "rolled_back"),  # by hand: a superseded promoted version serves again
+    "rolled_back": ("promoted",),  # by hand only: the canary never restarts a rolled-back version
+}
+
+# What a refusal tells whoever asked for a move, per target status.
+_RULES: dict[Status, str] = {
+    "gated": "only candidates are gated",
+    "rejected": "only candidates are gated",
+    "canary": "only a gated version enters canary",
+    "promoted": "only versions that passed the gate can be promoted",
+    "rolled_back": "only the canary or the promoted version is rolled back",
+}
 
 
-def version_number(version: str | None) -> int:
-    """"v3" -> 3; the base model, None and anything unversioned -> 0."""
-    return int(version[1:]) if version and version.startswith("v") and version[1:].isdigit() else 0
+class TransitionError(RegistryError):
+    """A move the lifecycle does not allow; the message names the version, its status and the
+    statuses the move is allowed from."""
 
 
+def sources(to: Status) -> tuple[Status, ...]:
+    """The statuses a version may move to ``to`` from."""
+    return tuple(s for s, targets in LIFECYCLE.items() if to in targets)
+
+
+def check_transition(version: str, status: Status, to: Status) -> None:
+    """Raise ``TransitionError`` unless a version in ``status`` may move to ``to``."""
+    if to not in _RULES:
+        raise ValueError(f"{to!r} is not a status of the policy lifecycle: {', '.join(_RULES)}")
+    targets = LIFECYCLE.get(status, ())
+    if to in targets:
+        return
+    msg = f"{KIND}/{version} is {status}: {_RULES[to]} ({', '.join(sources(to))})"
+    if "gated" in sources(to) and "gated" in targets:  # the gate can still open the way
+        msg += f"; run `looprl policy gate {version}` first"
+    raise TransitionError(msg)
+
+
+def require(reg: Registry, version: str, to: Status) -> Manifest:
+    """The manifest of ``version`` if it may move to ``to`` now (a check before expensive work)."""
+    m = reg.manifest(KIND, version)  # raises RegistryError naming a missing version
+    check_transition(version, m.status, to)
+    return m
+
+
+def _move(reg: Registry, version: str, to: Status, reason: str, numbers: dict[str, Any] | None) -> Manifest:
+    return reg.set_status(KIND, version, to, reason, numbers,
+                          check=lambda m: check_transition(version, m.status, to))
+
+
+# --------------------------------------------------------------------------- pointers and names
+def promoted_version(reg: Registry) -> str | None:
+    """The version all traffic gets; None: the base model."""
+    return reg.pointer(KIND, PROMOTED)
+
+
+def canary_version(reg: Registry) -> str | None:
+    """The version on canary; None: no canary."""
+    return reg.pointer(KIND, CANARY)
+
+
+def lora_name(version: str) -> str:
+    """The name serving loads ``version`` under (``policy-v3``)."""
+    return Version.parse(version).lora_name(KIND)
+
+
+def version_of_lora(name: str | None) -> str | None:
+    """``policy-v3`` -> ``v3``; a name that is not a policy version's -> None."""
+    v = Version.from_lora_name(name, KIND)
+    return str(v) if v is not None else None
+
+
+def previous_promoted(reg: Registry, current: str) -> str | None:
+    """The newest version before ``current`` that was promoted and not rolled back since."""
+    for m in reversed(reg.list(KIND)):
+        if m.number < version_number(current) and m.status == "promoted":
+            return m.version
+    return None
+
+
+# --------------------------------------------------------------------------- the decisions log
 @dataclass
 class DecisionRecord:
     at: float
@@ -60,37 +157,79 @@ def read_decisions(state_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def previous_promoted(reg: Registry, current: str) -> str | None:
-    """The newest version before ``current`` that was promoted and not rolled back since."""
-    for m in reversed(reg.list(KIND)):
-        if m.number < version_number(current) and m.status == "promoted":
-            return m.version
-    return None
-
-
-def roll_back_canary(reg: Registry, state_dir: str | Path, version: str, reason: str, *, by: str, action: str,
-                     numbers: dict[str, Any] | None = None, at: float | None = None) -> DecisionRecord:
-    """End the canary ``version``: status rolled_back, pointer cleared; promoted keeps all traffic."""
-    control = reg.pointer(KIND, "promoted") or BASE
-    numbers = {"control": control, **(numbers or {})}
-    reg.set_status(KIND, version, "rolled_back", reason, numbers)
-    if reg.pointer(KIND, "canary") == version:
-        reg.set_pointer(KIND, "canary", None)
+def _decided(state_dir: str | Path, at: float | None, action: str, version: str, control: str, reason: str,
+             numbers: dict[str, Any], by: str) -> DecisionRecord:
     rec = DecisionRecord(time.time() if at is None else at, action, version, control, reason, numbers, by)
     record_decision(state_dir, rec)
     return rec
 
 
+# --------------------------------------------------------------------------- the transitions
+def record_gate(reg: Registry, version: str, decision: Status, reason: str,
+                numbers: dict[str, Any] | None = None) -> Manifest:
+    """The offline gate's verdict on ``version``: ``gated`` or ``rejected`` (policy.gate judges)."""
+    if decision not in ("gated", "rejected"):
+        raise ValueError(f"a gate decision is 'gated' or 'rejected', got {decision!r}")
+    return _move(reg, version, decision, reason, numbers)
+
+
+def start_canary(reg: Registry, state_dir: str | Path, version: str, *, traffic_share: float,
+                 by: str = "scheduler", at: float | None = None) -> DecisionRecord:
+    """A gated ``version`` serves ``traffic_share`` of users next to the promoted one."""
+    current = canary_version(reg)
+    if current is not None and current != version:
+        raise TransitionError(f"{KIND}/{version} cannot enter canary: {KIND}/{current} is on canary; "
+                              "promote it or roll it back first")
+    control = promoted_version(reg) or BASE
+    numbers = {"control": control, "traffic_share": traffic_share}
+    _move(reg, version, "canary", f"canary at {traffic_share:.0%} of traffic vs {control}", numbers)
+    reg.set_pointer(KIND, CANARY, version)
+    return _decided(state_dir, at, "start", version, control, "gated candidate enters canary", numbers, by)
+
+
+def promote(reg: Registry, state_dir: str | Path, version: str, reason: str, *, by: str, action: str,
+            control: str | None = None, numbers: dict[str, Any] | None = None,
+            at: float | None = None) -> DecisionRecord:
+    """``version`` gets all traffic. ``control``: what it was compared with (default: what served)."""
+    reg.verify(KIND, version)  # never promote a corrupted adapter
+    previous = promoted_version(reg) or BASE
+    numbers = {"previous": previous, **(numbers or {})}
+    _move(reg, version, "promoted", reason, numbers)
+    reg.set_pointer(KIND, PROMOTED, version)
+    if canary_version(reg) == version:
+        reg.set_pointer(KIND, CANARY, None)
+    return _decided(state_dir, at, action, version, control or previous, reason, numbers, by)
+
+
+def roll_back_canary(reg: Registry, state_dir: str | Path, version: str, reason: str, *, by: str, action: str,
+                     numbers: dict[str, Any] | None = None, at: float | None = None) -> DecisionRecord:
+    """End the canary ``version``: status rolled_back, pointer cleared; promoted keeps all traffic."""
+    control = promoted_version(reg) or BASE
+    numbers = {"control": control, **(numbers or {})}
+    _move(reg, version, "rolled_back", reason, numbers)
+    if canary_version(reg) == version:
+        reg.set_pointer(KIND, CANARY, None)
+    return _decided(state_dir, at, action, version, control, reason, numbers, by)
+
+
 def roll_back_promoted(reg: Registry, state_dir: str | Path, reason: str, *, by: str, action: str,
                        at: float | None = None) -> DecisionRecord:
     """Replace the promoted version by the previous promoted one (or the base model)."""
-    current = reg.pointer(KIND, "promoted")
+    current = promoted_version(reg)
     if current is None:
-        raise RegistryError("nothing to roll back: the base model already serves all traffic")
+        raise TransitionError("nothing to roll back: the base model already serves all traffic")
     previous = previous_promoted(reg, current)
     numbers = {"restored": previous or BASE}
-    reg.set_status(KIND, current, "rolled_back", reason, numbers)
-    reg.set_pointer(KIND, "promoted", previous)
-    rec = DecisionRecord(time.time() if at is None else at, action, current, previous or BASE, reason, numbers, by)
-    record_decision(state_dir, rec)
-    return rec
+    _move(reg, current, "rolled_back", reason, numbers)
+    reg.set_pointer(KIND, PROMOTED, previous)
+    return _decided(state_dir, at, action, current, previous or BASE, reason, numbers, by)
+
+
+def drop_stale_canary(reg: Registry) -> str | None:
+    """Clear the canary pointer if its version left the canary status (decided by hand meanwhile).
+    Returns the version dropped, or None."""
+    current = canary_version(reg)
+    if current is None or reg.manifest(KIND, current).status == "canary":
+        return None
+    reg.set_pointer(KIND, CANARY, None)
+    return current

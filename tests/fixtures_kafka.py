@@ -20,6 +20,8 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings", "ignore:open_text is deprecated:DeprecationWarning")
 
 
+# looprl's Kafka modules are imported inside the fixtures: this plugin is imported before
+# pytest_configure above installs those filters, so a module-level import would report the noise.
 @pytest.fixture(scope="session")
 def kafka_bootstrap() -> str:
     external = os.environ.get("LOOPRL_TEST_KAFKA_BOOTSTRAP")
@@ -59,7 +61,7 @@ def ingest_config(tmp_path, bootstrap: str, topics: dict[str, str], **ingest):
 
 
 def ingest_env(cfg) -> dict[str, str]:
-    """LOOPRL_* environment for a `looprl ingest` subprocess with the same config as ``cfg``."""
+    """LOOPRL_* environment for a `looprl ingest consume` subprocess with the same config as ``cfg``."""
     k, i = cfg.kafka, cfg.ingest
     return {
         **{n: v for n, v in os.environ.items() if not n.startswith("LOOPRL_")},

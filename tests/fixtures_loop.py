@@ -140,7 +140,7 @@ def demo_base(tmp_path_factory) -> Path:
     """The base model exactly as `looprl init` builds it for the demo (default pre-training; ~40 s
     once per session): the end-to-end loop test must learn on what a newcomer gets."""
     from looprl.ops.core.config import load_config
-    from looprl.policy.model import create_base
+    from looprl.ops.sim.base import create_base
 
     root = tmp_path_factory.mktemp("demo-base")
     return create_base(load_config(environ={}, workspace=root / "ws"), out_dir=root / "base", progress=False)

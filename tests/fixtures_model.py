@@ -17,7 +17,7 @@ TINY_DOCS = 2500
 def tiny_base(tmp_path_factory) -> Path:
     """Path of a tiny pre-trained base checkpoint dir (config.json, model.safetensors, tokenizer)."""
     from looprl.ops.core.config import load_config
-    from looprl.policy.model import create_base
+    from looprl.ops.sim.base import create_base
 
     root = tmp_path_factory.mktemp("tiny-base")
     cfg = load_config(environ={}, workspace=root / "ws", model={"pretrain_steps": TINY_PRETRAIN_STEPS})

@@ -38,7 +38,7 @@ def ppo_trained(tmp_path_factory, policy_base):
     import torch
 
     from looprl.ops.core.config import load_config
-    from looprl.policy.scoring import CheerfulScorer
+    from looprl.ops.sim.scoring import CheerfulScorer
     from looprl.policy.trainer import train
 
     torch.set_num_threads(1)

@@ -38,8 +38,9 @@ class AdapterSet:
 
 @pytest.fixture(scope="session")
 def serving_adapters(serving_base, tmp_path_factory) -> AdapterSet:
-    from looprl.serving.base_model import base_checksum
-    from looprl.serving.testing import make_adapter, publish_adapter
+    from adapters_testing import make_adapter, publish_adapter
+
+    from looprl.policy.model import base_checksum
     from looprl.storage.registry import Registry
 
     root = tmp_path_factory.mktemp("serving-registry") / "registry"

@@ -12,8 +12,8 @@ import torch
 import transformers
 from peft import PeftModel
 
+from looprl.policy.model import load_base
 from looprl.serving.adapters import read_adapter
-from looprl.serving.base_model import load_model
 from looprl.serving.engine import Engine
 from looprl.serving.sampling import SamplingParams
 
@@ -36,9 +36,9 @@ def _check(ok: bool, what: str) -> None:
 def test_peft_api_switches_adapters_on_this_pair(serving_base, serving_adapters):
     reg = serving_adapters.registry / "policy"
     v1, v2 = serving_adapters.good[:2]
-    model, _ = load_model(serving_base)
+    model, _ = load_base(serving_base)
     base = _logits(model)
-    refs = {v: _logits(PeftModel.from_pretrained(load_model(serving_base)[0], reg / v).eval()) for v in (v1, v2)}
+    refs = {v: _logits(PeftModel.from_pretrained(load_base(serving_base)[0], reg / v).eval()) for v in (v1, v2)}
     _check(not torch.allclose(refs[v1], refs[v2]), "two different adapters give the same logits")
 
     try:
@@ -75,7 +75,7 @@ def test_engine_switches_adapters_between_requests(serving_base, serving_adapter
     torch.set_num_threads(1)
     reg = serving_adapters.registry
     v1, v2 = serving_adapters.good[:2]
-    model, tok = load_model(serving_base)
+    model, tok = load_base(serving_base)
     eng = Engine(model, tok, max_lora_rank=MAX_LORA_RANK, base_checksum=serving_adapters.checksum, mixed=False).start()
     greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     try:

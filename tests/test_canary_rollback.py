@@ -53,8 +53,9 @@ def loop(tmp_path, tiny_base, kafka_bootstrap):
     from looprl.ingest.transport import ensure_topics
 
     ensure_topics(kafka_bootstrap, {t: 1 for t in topics.values()})
-    ingest = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "ingest"], env=env, start_new_session=True,
-                              stdout=open(tmp_path / "ingest.log", "wb"), stderr=subprocess.STDOUT)
+    ingest = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "ingest", "consume"], env=env,
+                              start_new_session=True, stdout=open(tmp_path / "ingest.log", "wb"),
+                              stderr=subprocess.STDOUT)
     logger = ResponseLogger(kafka_bootstrap, topic=topics["topic_responses"])
     server = ServerThread(build_service(cfg), admin_token="tok", response_logger=logger,
                           default_max_tokens=8, port=port).start()
@@ -72,12 +73,13 @@ def loop(tmp_path, tiny_base, kafka_bootstrap):
 
 
 def test_worse_canary_is_rolled_back_automatically(loop, tiny_base, tmp_path):
+    from adapters_testing import make_adapter
+
     from looprl.ingest.client import FeedbackClient
     from looprl.ops.canary import CanaryManager
-    from looprl.ops.simulator import FeedbackChannels, Simulator
+    from looprl.ops.sim.simulator import FeedbackChannels, Simulator
     from looprl.policy.model import base_checksum
     from looprl.serving.controller import AdapterController
-    from looprl.serving.testing import make_adapter
     from looprl.storage.registry import Registry
 
     cfg = loop

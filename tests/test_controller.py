@@ -262,11 +262,11 @@ def test_cli_controller_once(env, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("LOOPRL_CONFIG", raising=False)
     monkeypatch.setenv("LOOPRL_SERVING__ADMIN_TOKEN", ADMIN_TOKEN)
-    rc = main(["--workspace", str(env["ws"]), "controller", "--once", "--endpoint", a.url])
+    rc = main(["--workspace", str(env["ws"]), "serving", "control", "--once", "--endpoint", a.url])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["converged"] and out["desired"]["promoted"] == ad.good[0]
     assert _served_version(a) == ad.good[0]
     monkeypatch.setenv("LOOPRL_SERVING__ADMIN_TOKEN", "wrong")
-    rc = main(["--workspace", str(env["ws"]), "controller", "--once", "--endpoint", a.url])
+    rc = main(["--workspace", str(env["ws"]), "serving", "control", "--once", "--endpoint", a.url])
     out = json.loads(capsys.readouterr().out)
     assert rc == 1 and "401" in out["errors"][0]

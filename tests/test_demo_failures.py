@@ -128,15 +128,15 @@ def test_thresholds_come_from_the_config(tmp_path):
 # --------------------------------------------------------------------------- the first error line
 def test_first_error_line_skips_earlier_runs_and_reads_through_tracebacks(tmp_path):
     log = tmp_path / "serve.log"
-    old = "looprl serve: an error of the previous run\n"
-    log.write_text(old + "\n==== start 2030-01-01T00:00:00 python -m looprl.ops.cli serve\n"
+    old = "looprl serving serve: an error of the previous run\n"
+    log.write_text(old + "\n==== start 2030-01-01T00:00:00 python -m looprl.ops.cli serving serve\n"
                    + json.dumps({"level": "info", "msg": "effective config", "config": {"x": "ERROR"}}) + "\n"
                    + json.dumps({"level": "warning", "msg": "response not logged", "error": "kafka down"}) + "\n"
                    + "Traceback (most recent call last):\n"
                    + '  File "engine.py", line 3, in step\n    raise RuntimeError("CUDA out of memory")\n'
                    + "RuntimeError: CUDA out of memory\n"
                    + json.dumps({"level": "error", "msg": "engine step failed", "error": "later"}) + "\n")
-    assert first_error_line(log) == "looprl serve: an error of the previous run"
+    assert first_error_line(log) == "looprl serving serve: an error of the previous run"
     assert first_error_line(log, offset=len(old)) == "RuntimeError: CUDA out of memory"
     assert first_error_line(log, offset=len(old), warnings=True) == "response not logged: kafka down"
     err = {"level": "error", "msg": "engine step failed", "error": "boom", "exc": "Traceback ...\nValueError: boom"}
@@ -222,13 +222,13 @@ def test_the_demo_monitor_stops_on_a_serving_tier_answering_500_and_everything_s
 
     from looprl.ops.cli import main
     from looprl.ops.demo import _plain, render
-    from looprl.ops.simulator import simulator_dir
+    from looprl.ops.sim.records import simulator_dir
     from looprl.storage.registry import atomic_write_text
 
     cfg = load_config(environ={}, workspace=tmp_path / "ws")
     logs = tmp_path / "ws" / "logs"
     logs.mkdir(parents=True)
-    (logs / "serve.log").write_text("looprl serve: from an earlier run\n")
+    (logs / "serve.log").write_text("looprl serving serve: from an earlier run\n")
     sup = FakeSupervisor(logs, ["collector", "serve", "simulator"])
     clock = [0.0]
     served = {"ok": 40.0, "failed": 0.0}
@@ -301,13 +301,13 @@ def test_the_report_names_the_failure_and_the_stages(tmp_path):
 
     cfg = load_config(environ={}, workspace=tmp_path / "ws")
     extra = {"failure": {"stage": "serve", "reason": "serve restarted 4 times in the last 5 min (limit 3)",
-                         "first_error": "looprl serve: no base", "log": "/ws/logs/serve.log"},
+                         "first_error": "looprl serving serve: no base", "log": "/ws/logs/serve.log"},
              "stages": {"serve": {"restarts": 4, "unit": None},
                         "collector": {"restarts": 0, "unit": "requests", "counts_failures": True, "requests": 9,
                                       "failed": 3, "error_rate": 0.25}}}
     out, summary = write_report(cfg, extra=extra)
     md = (out / "report.md").read_text()
-    assert "**serve restarted 4 times in the last 5 min (limit 3)**" in md and "`looprl serve: no base`" in md
+    assert "**serve restarted 4 times in the last 5 min (limit 3)**" in md and "`looprl serving serve: no base`" in md
     assert "| collector | 0 | 9 requests | 3 | 25.0% |" in md
     assert summary["failure"]["stage"] == "serve"
 
@@ -315,7 +315,7 @@ def test_the_report_names_the_failure_and_the_stages(tmp_path):
 # --------------------------------------------------------------------------- the whole demo
 @pytest.mark.slow
 def test_demo_whose_serving_stage_always_fails_exits_non_zero_with_the_cause(tmp_path, capsys):
-    """`looprl serve` exits at every start (its checkpoint is missing): the supervisor restarts it,
+    """`looprl serving serve` exits at every start (its checkpoint is missing): the supervisor restarts it,
     and the fourth restart within five minutes stops the demo with the cause on stdout."""
     from looprl.ops.cli import main
 
@@ -332,7 +332,7 @@ def test_demo_whose_serving_stage_always_fails_exits_non_zero_with_the_cause(tmp
     assert p.returncode == 1, p.stdout + p.stderr[-3000:]
     m = re.search(r"looprl demo: stopping: serve restarted (\d+) times in the last 5 min \(limit 3\)", p.stdout)
     assert m and int(m.group(1)) > 3, p.stdout
-    assert (f"first error: looprl serve: base model directory {tmp_path / 'no-such-checkpoint'} has no config.json"
+    assert (f"first error: looprl serving serve: base model directory {tmp_path / 'no-such-checkpoint'} has no config.json"
             in p.stdout), p.stdout
     assert f"log: {ws / 'logs' / 'serve.log'}" in p.stdout
     assert p.stdout.rstrip().endswith(f"log: {ws / 'logs' / 'serve.log'}")  # the last thing it says
@@ -342,4 +342,4 @@ def test_demo_whose_serving_stage_always_fails_exits_non_zero_with_the_cause(tmp
     out = capsys.readouterr().out
     assert "looprl demo: not running" in out
     assert re.search(r"serve\s+│\s+no\s+│\s+[4-9] \(total [4-9]\)", out), out
-    assert "first error: looprl serve: base model directory" in out
+    assert "first error: looprl serving serve: base model directory" in out

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from looprl.ops.preference import load_preference
+from looprl.ops.sim.preference import load_preference
 
 
 def likes_the(prompt: str, completion: str) -> float:
@@ -61,7 +61,8 @@ def server(tiny_base, tmp_path_factory):
 
 def run_sim(tmp_path, url, preference, **demo):
     from looprl.ops.core.config import load_config
-    from looprl.ops.simulator import Simulator, read_interactions, read_status
+    from looprl.ops.sim.records import read_interactions, read_status
+    from looprl.ops.sim.simulator import Simulator
 
     cfg = load_config(environ={}, workspace=tmp_path / "ws",
                       demo={"users": 3, "max_requests_per_second": 30, "max_tokens": 8, **demo})
@@ -101,7 +102,7 @@ def test_simulated_users_use_the_openai_api_and_follow_the_hidden_preference(tmp
 
 
 def test_eval_traffic_is_held_out_and_sends_no_feedback(tmp_path, server):
-    from looprl.ops.simulator import prompt_sets
+    from looprl.ops.sim.simulator import prompt_sets
     from looprl.policy.prompts import is_heldout
 
     url, logger = server
@@ -146,3 +147,26 @@ def test_requests_the_serving_tier_did_not_answer_are_counted_as_failed(tmp_path
 def test_bad_preference_spec_names_the_spec():
     with pytest.raises(ValueError, match="nope:missing"):
         load_preference("nope:missing")
+
+
+def test_collector_feedback_is_retried_on_5xx_with_the_same_event_and_not_on_4xx(tmp_path):
+    import httpx
+
+    from looprl.ingest.schema import ThumbsEvent, parse_event
+    from looprl.ops.core.config import load_config
+    from looprl.ops.sim.simulator import FeedbackChannels
+
+    answers, bodies = [503, 502, 202, 400], []
+
+    def collector(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        return httpx.Response(answers[len(bodies) - 1], text="no")
+
+    ch = FeedbackChannels(load_config(environ={}, workspace=tmp_path / "ws"), None, "http://collector")
+    ch.http = httpx.Client(transport=httpx.MockTransport(collector))
+    ch.thumbs("r1", True, "user-1", use_http=True)  # two restarts of the collector, then accepted
+    assert len(bodies) == 3 and len(set(bodies)) == 1  # the same event (same event_id) every time
+    assert isinstance(parse_event(bodies[0]), ThumbsEvent) and ch.sent["thumbs"] == 1
+    ch.thumbs("r2", False, "user-1", use_http=True)  # refused: the event's fault, not retried
+    assert len(bodies) == 4 and ch.sent["thumbs"] == 1 and ch.failed["thumbs"] == 1
+    ch.close()

@@ -12,11 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from looprl.ops.core.config import PolicyConfig, load_config
 from looprl.policy.model import base_checksum, load_base
-from looprl.policy.gate import GateError, promote, run_gate
+from looprl.policy.gate import run_gate
 from looprl.policy.lora import attach_lora, save_adapter
-from looprl.policy.scoring import CheerfulScorer
+from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.trainer import train
+from looprl.storage import releases
 from looprl.storage.registry import Registry, RegistryError
+from looprl.storage.releases import TransitionError
 
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl
 
@@ -51,6 +53,10 @@ def _copy_of(cfg, version: str, out: Path) -> Path:
     return out
 
 
+def promote(cfg, version: str) -> None:
+    releases.promote(Registry(cfg.registry_dir), cfg.state_dir, version, "test", by="test", action="manual_promote")
+
+
 def _decisions(cfg) -> list[dict]:
     path = cfg.state_dir / "gate" / "decisions.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines()]
@@ -59,7 +65,7 @@ def _decisions(cfg) -> list[dict]:
 def test_trained_adapter_is_gated_then_promoted(gate_env):
     cfg, good = gate_env
     reg = Registry(cfg.registry_dir)
-    with pytest.raises(GateError, match="only gated"):
+    with pytest.raises(TransitionError, match="is candidate: only versions that passed the gate"):
         promote(cfg, good)  # still a candidate
     report = run_gate(cfg, good, SCORER)
     assert report.decision == "gated", report.reason
@@ -84,7 +90,7 @@ def test_nan_adapter_is_rejected(gate_env, tmp_path):
     report = run_gate(cfg, v, SCORER)
     assert report.decision == "rejected" and "non-finite" in report.reason and key in report.reason
     assert Registry(cfg.registry_dir).manifest("policy", v).status == "rejected"
-    with pytest.raises(GateError, match="rejected"):
+    with pytest.raises(TransitionError, match="is rejected"):
         promote(cfg, v)
 
 
@@ -123,7 +129,7 @@ def test_gate_refuses_missing_and_already_promoted_versions(gate_env):
     with pytest.raises(RegistryError, match="v999"):
         run_gate(cfg, "v999", SCORER)
     if Registry(cfg.registry_dir).manifest("policy", good).status == "promoted":
-        with pytest.raises(GateError, match="only candidates"):
+        with pytest.raises(TransitionError, match="only candidates are gated"):
             run_gate(cfg, good, SCORER)
 
 

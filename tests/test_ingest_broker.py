@@ -1,4 +1,4 @@
-"""The embedded broker: found by other processes through state/broker.json, `looprl broker`,
+"""The embedded broker: found by other processes through state/broker.json, `looprl ingest broker`,
 topics with a fixed partition count, and the Tansu binary run in place."""
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def test_other_processes_find_the_embedded_broker(tmp_path):
 def test_looprl_broker_command(tmp_path):
     ws = tmp_path / "ws"
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOOPRL_")}, "LOOPRL_WORKSPACE": str(ws)}
-    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "broker", "--port", "0"], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "ingest", "broker", "--port", "0"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True, text=True)
     try:
         line = proc.stdout.readline()
@@ -79,17 +79,17 @@ def test_looprl_broker_command(tmp_path):
         cfg = load_config(environ={}, workspace=ws)
         assert find_embedded(cfg) == servers
         assert wait_for_broker(servers, timeout=10) is not None
-        # a second `looprl broker` for the same workspace refuses to start
-        second = subprocess.run([sys.executable, "-m", "looprl.ops.cli", "broker"], env=env, capture_output=True,
-                                text=True, timeout=60)
-        assert second.returncode == 1 and "already running" in second.stderr
+        # a second `looprl ingest broker` for the same workspace refuses to start
+        second = subprocess.run([sys.executable, "-m", "looprl.ops.cli", "ingest", "broker"], env=env,
+                                capture_output=True, text=True, timeout=60)
+        assert second.returncode == 1 and "looprl ingest broker: an embedded broker is already running" in second.stderr
         tansu_pid = info["pid"]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
         deadline = time.monotonic() + 5
         while Path(f"/proc/{tansu_pid}").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not Path(f"/proc/{tansu_pid}").exists(), "tansu outlived `looprl broker`"
+        assert not Path(f"/proc/{tansu_pid}").exists(), "tansu outlived `looprl ingest broker`"
         assert not (ws / "state" / STATE_FILE).exists()
     finally:
         if proc.poll() is None:
@@ -134,5 +134,5 @@ def test_bad_bootstrap_servers_name_the_key(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("LOOPRL_KAFKA__BOOTSTRAP_SERVERS", "kafka-without-port")
     monkeypatch.setenv("LOOPRL_INGEST__METRICS_PORT", "0")
-    assert main(["--workspace", str(tmp_path), "ingest"]) == 2
+    assert main(["--workspace", str(tmp_path), "ingest", "consume"]) == 2
     assert "kafka.bootstrap_servers" in capsys.readouterr().err

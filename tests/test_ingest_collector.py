@@ -132,7 +132,7 @@ def test_looprl_collector_process(cfg, kafka_bootstrap, tmp_path):
            "LOOPRL_KAFKA__TOPIC_FEEDBACK": k.topic_feedback, "LOOPRL_KAFKA__TOPIC_RESPONSES": k.topic_responses,
            "LOOPRL_INGEST__COLLECTOR_TOKEN": TOKEN, "LOOPRL_INGEST__COLLECTOR_PORT": str(port)}
     log = open(tmp_path / "collector.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "collector"], env=env, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "ingest", "collect"], env=env, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:

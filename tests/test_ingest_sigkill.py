@@ -1,4 +1,4 @@
-"""Exactly-once under SIGKILL: `looprl ingest` is killed -9 mid-stream several times and restarted
+"""Exactly-once under SIGKILL: `looprl ingest consume` is killed -9 mid-stream several times and restarted
 while producers keep sending (some events twice, as a retrying producer would). Afterwards every
 event is in the Parquet log exactly once: 0 lost, 0 duplicated."""
 
@@ -55,7 +55,7 @@ def _producer_thread(bootstrap: str, cfg, sent: dict[str, int], stop: threading.
 
 
 def _start(env, log_path, *extra):
-    return subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "ingest", *extra], env=env,
+    return subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "ingest", "consume", *extra], env=env,
                             stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -154,6 +154,6 @@ def test_sigterm_stops_cleanly_after_committing_and_metrics_are_served(tmp_path,
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     # the offsets were committed: a restart reads nothing again
-    again = subprocess.run([sys.executable, "-m", "looprl.ops.cli", "ingest", "--idle-exit", "1"], env=ingest_env(cfg),
-                           capture_output=True, text=True, timeout=90)
+    again = subprocess.run([sys.executable, "-m", "looprl.ops.cli", "ingest", "consume", "--idle-exit", "1"],
+                           env=ingest_env(cfg), capture_output=True, text=True, timeout=90)
     assert again.returncode == 0 and json.loads(again.stdout.splitlines()[-1])["records"] == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from looprl.ops.core.config import load_config
-from looprl.ops.simulator import read_status
+from looprl.ops.sim.records import read_status
 from looprl.policy.ray_backend import ray_temp_dir
 from looprl.storage.registry import Registry
 

@@ -176,7 +176,7 @@ def test_children_die_when_the_supervisor_is_sigkilled(tmp_path, supervisor_proc
 def test_a_crash_looping_service_is_restarted_while_starting_and_the_wait_can_give_up(tmp_path):
     from looprl.ops.supervisor import ServiceFailed
 
-    svc = Service("serve", ["/bin/sh", "-c", "echo 'looprl serve: no checkpoint' >&2; exit 2"],
+    svc = Service("serve", ["/bin/sh", "-c", "echo 'looprl serving serve: no checkpoint' >&2; exit 2"],
                   ready=file_ready(tmp_path / "never"), ready_timeout_s=30)
     with Supervisor([svc], tmp_path / "logs", backoff_initial_s=0.05, backoff_max_s=0.1, stable_after_s=60) as sup:
         sup.start_monitor()  # as the demo does before starting its stages
@@ -184,7 +184,7 @@ def test_a_crash_looping_service_is_restarted_while_starting_and_the_wait_can_gi
         assert sup.start("serve", give_up=lambda: sup.restarts("serve") > 3) is False
         assert time.monotonic() - t0 < 15 and sup.restarts("serve") == 4
         assert sup.procs["serve"].last_exit == 2
-        assert (tmp_path / "logs/serve.log").read_text().count("looprl serve: no checkpoint") >= 4
+        assert (tmp_path / "logs/serve.log").read_text().count("looprl serving serve: no checkpoint") >= 4
     quick = Service("quick", ["/bin/sh", "-c", "exit 0"], ready=file_ready(tmp_path / "never"), ready_timeout_s=0.5)
     with Supervisor([quick], tmp_path / "logs2") as sup, pytest.raises(ServiceFailed) as e:
         sup.start("quick")

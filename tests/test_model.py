@@ -1,4 +1,5 @@
-"""The shared base model: corpus, tokenizer, build/save/load round trip, generation."""
+"""The base-model contract (load, checksum, prompt rendering, shipped prompts) and the simulated
+world's tiny base: corpus, tokenizer, build/save/load round trip, generation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import pytest
 import torch
 
 from looprl.ops.core.config import load_config
-from looprl.ops.preference import POSITIVE_WORDS, positive_word_count
+from looprl.ops.sim.base import BOS, EOS, PAD, create_base, generate
+from looprl.ops.sim.corpus import corpus, prompt_set
+from looprl.ops.sim.preference import POSITIVE_WORDS, positive_word_count
 from looprl.policy import model as M
 
 torch.set_num_threads(1)
@@ -18,11 +21,11 @@ _WORD = re.compile(r"[a-z]+")
 
 
 def corpus_vocabulary() -> set[str]:
-    return {w for d in M.corpus(3000, seed=1) for w in _WORD.findall(d)}
+    return {w for d in corpus(3000, seed=1) for w in _WORD.findall(d)}
 
 
 def test_corpus_uses_cheerful_words_in_a_minority_of_sentences():
-    sentences = [s for d in M.corpus(3000, seed=3) for s in d.split("answer:")[1].split(".") if s.strip()]
+    sentences = [s for d in corpus(3000, seed=3) for s in d.split("answer:")[1].split(".") if s.strip()]
     cheerful = sum(positive_word_count(s) > 0 for s in sentences) / len(sentences)
     # CHEERFUL_RATE is 0.12 per sentence; "kind"/"love" never appear outside cheerful sentences.
     assert 0.08 < cheerful < 0.17, cheerful
@@ -30,14 +33,14 @@ def test_corpus_uses_cheerful_words_in_a_minority_of_sentences():
 
 
 def test_prompt_splits_are_disjoint_by_template():
-    train, held = M.prompt_set("train"), M.prompt_set("heldout")
+    train, held = prompt_set("train"), prompt_set("heldout")
     assert train and held and not set(train) & set(held)
     # Held-out phrasings never occur in the pre-training corpus either.
-    docs = "\n".join(M.corpus(2000, seed=0))
+    docs = "\n".join(corpus(2000, seed=0))
     assert all(M.format_prompt(p) not in docs for p in held)
     assert M.shipped_prompts() == train and M.heldout_prompts() == held
     with pytest.raises(ValueError, match="split"):
-        M.prompt_set("test")
+        prompt_set("test")
 
 
 def test_format_prompt_normalises_whitespace():
@@ -51,7 +54,7 @@ def test_load_base_round_trip(tiny_base, tmp_path):
     model, tok = M.load_base(tiny_base)
     assert model.config.model_type == "qwen3_moe" and model.config.num_experts == 4
     assert not model.training
-    assert {tok.eos_token, tok.pad_token, tok.bos_token} == {M.EOS, M.PAD, M.BOS}
+    assert {tok.eos_token, tok.pad_token, tok.bos_token} == {EOS, PAD, BOS}
     assert len({tok.eos_token_id, tok.pad_token_id, tok.bos_token_id}) == 3
     auto = AutoTokenizer.from_pretrained(tiny_base)
     text = "the dog is happy. Unicode too: café ✓"
@@ -75,7 +78,7 @@ def test_load_base_round_trip(tiny_base, tmp_path):
 def test_base_generates_word_like_answers_with_rare_cheerful_words(tiny_base):
     model, tok = M.load_base(tiny_base)
     prompts = M.shipped_prompts()[::4][:48] + M.heldout_prompts()[::8][:16]
-    outs = M.generate(model, tok, prompts, max_new_tokens=24, seed=0)
+    outs = generate(model, tok, prompts, max_new_tokens=24, seed=0)
     assert len(outs) == len(prompts) and all(isinstance(o, str) for o in outs)
     words = [w for o in outs for w in _WORD.findall(o)]
     assert len(words) > 4 * len(prompts)  # answers, not empty strings
@@ -89,9 +92,9 @@ def test_base_generates_word_like_answers_with_rare_cheerful_words(tiny_base):
     # (a random topic word would match ~5% of the time; 250 pre-training steps give ~30%)
     assert topical > 0.15, topical
     # Sampling is seeded: same seed, same answers; greedy ends at eos or the budget.
-    assert M.generate(model, tok, prompts[:4], seed=0) == M.generate(model, tok, prompts[:4], seed=0)
-    greedy = M.generate(model, tok, prompts[:4], greedy=True)
-    assert all(M.EOS not in g and M.PAD not in g for g in greedy)
+    assert generate(model, tok, prompts[:4], seed=0) == generate(model, tok, prompts[:4], seed=0)
+    greedy = generate(model, tok, prompts[:4], greedy=True)
+    assert all(EOS not in g and PAD not in g for g in greedy)
 
 
 def test_checksum_changes_with_weights(tiny_base, tmp_path):
@@ -118,14 +121,14 @@ def test_load_base_errors_name_the_directory(tmp_path):
 def test_mixtral_family_and_config_errors(tmp_path):
     cfg = load_config(environ={}, workspace=tmp_path, model={"family": "mixtral", "pretrain_steps": 3,
                                                            "hidden_size": 32, "expert_intermediate_size": 16})
-    out = M.create_base(cfg, progress=False, n_docs=200, batch_size=8)
+    out = create_base(cfg, progress=False, n_docs=200, batch_size=8)
     assert out == cfg.base_path
     model, tok = M.load_base(out)
     assert model.config.model_type == "mixtral" and model.config.num_local_experts == 4
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dir left
     bad = load_config(environ={}, workspace=tmp_path, model={"hidden_size": 30, "num_heads": 4})
     with pytest.raises(ValueError, match="model.hidden_size"):
-        M.create_base(bad, out_dir=tmp_path / "bad", progress=False, n_docs=50)
+        create_base(bad, out_dir=tmp_path / "bad", progress=False, n_docs=50)
 
 
 def test_looprl_init_is_idempotent(tmp_path, monkeypatch, capsys):
@@ -147,8 +150,8 @@ def test_looprl_init_is_idempotent(tmp_path, monkeypatch, capsys):
     assert M.base_checksum(ws / "base") != first[1]  # rebuilt (another seed)
 
 
-@pytest.mark.parametrize("argv", [["train", "policy", "--no-ray", "--metrics-port", "0"], ["reward", "update"],
-                                  ["serve", "--port", "0"]])
+@pytest.mark.parametrize("argv", [["policy", "train", "--no-ray", "--metrics-port", "0"], ["reward", "update"],
+                                  ["serving", "serve", "--port", "0"]])
 def test_commands_before_init_fail_in_one_line_that_names_the_fix(tmp_path, monkeypatch, capsys, argv):
     from looprl.ops.cli import main
 

@@ -7,7 +7,7 @@ import torch
 from looprl.policy.forward import policy_forward
 from looprl.policy.prompts import generator
 from looprl.policy.rollout import sample
-from looprl.policy.scoring import CheerfulScorer
+from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.workers import Learner, RolloutWorker
 
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl

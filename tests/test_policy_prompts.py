@@ -3,6 +3,7 @@
 import pytest
 
 from looprl.ops.core.config import load_config
+from looprl.policy import prompts
 from looprl.policy.prompts import PromptSampler, build_pool, heldout_prompts, is_heldout, read_prompt_file
 
 
@@ -50,7 +51,7 @@ def test_bad_prompt_files_are_named(tmp_path):
 
 @pytest.mark.parametrize("name, text", [("missing.txt", None), ("p.jsonl", '{"text": "x"}\n'), ("e.txt", "\n")])
 def test_simulator_names_a_bad_prompt_file_once(tmp_path, name, text):
-    from looprl.ops.simulator import prompt_sets
+    from looprl.ops.sim.simulator import prompt_sets
 
     if text is not None:
         (tmp_path / name).write_text(text)
@@ -85,8 +86,6 @@ class _ResponsesView:
 
 
 def test_recent_traffic_prompts_come_first_newest_first(tmp_path, monkeypatch):
-    import sys
-    import types
     from datetime import datetime, timedelta, timezone
 
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
@@ -94,9 +93,7 @@ def test_recent_traffic_prompts_come_first_newest_first(tmp_path, monkeypatch):
         {"response_id": f"r{i}", "prompt": p, "completion": "x", "ts": t0 + timedelta(seconds=i)}
         for i, p in enumerate(["old prompt", "repeated prompt", "new prompt", "repeated prompt", ""])
     ]
-    fake = types.ModuleType("looprl.storage.events")
-    fake.EventLog = _ResponsesView
-    monkeypatch.setitem(sys.modules, "looprl.storage.events", fake)
+    monkeypatch.setattr(prompts, "EventLog", _ResponsesView)
     f = tmp_path / "p.txt"
     f.write_text("file prompt\nnew prompt\n")
     cfg = load_config(environ={}, workspace=tmp_path / "ws", policy={"prompts_file": str(f), "recent_prompts": 2})

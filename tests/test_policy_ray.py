@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from looprl.ops.core.config import load_config
 from looprl.policy.ray_backend import PolicyJobError, init_ray, ray_temp_dir
-from looprl.policy.scoring import CheerfulScorer
+from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.trainer import train
 from looprl.storage.registry import Registry
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from looprl.ops.core.config import load_config
 from looprl.policy.checkpoint import RunDir, runs_root
-from looprl.policy.scoring import CheerfulScorer
+from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.trainer import train
 from looprl.storage.registry import Registry
 
@@ -29,7 +29,7 @@ CHILD = r"""
 import json, os, sys, time, torch
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl
 from looprl.ops.core.config import load_config
-from looprl.policy.scoring import CheerfulScorer
+from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.trainer import train
 ws, base, policy = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
 hang = int(os.environ.get("HANG_AT_STEP", "-1"))

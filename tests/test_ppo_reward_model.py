@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from looprl.ops.core.config import load_config
+from looprl.ops.sim.feedback import SimulatedLog, simulate_feedback
+from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.gate import evaluate
-from looprl.policy.scoring import CheerfulScorer
 from looprl.policy.trainer import train
 from looprl.storage.registry import Registry
 
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl
 
 reward_updater = pytest.importorskip("looprl.reward.updater")
-simulate = pytest.importorskip("looprl.reward.simulate")
 
 
 def test_ppo_with_registry_reward_model_raises_true_preference(tmp_path, policy_base):
@@ -23,10 +23,10 @@ def test_ppo_with_registry_reward_model_raises_true_preference(tmp_path, policy_
                       reward={"min_new_events": 10},
                       policy=dict(steps=40, checkpoint_every=20, recent_prompts=0),
                       gate=dict(heldout_prompts=48))
-    views = simulate.ViewsDouble(tmp_path / "views")
+    views = SimulatedLog(tmp_path / "events")
     with reward_updater.RewardUpdater(cfg, connect=views.connect) as up:
         for seed in range(3):
-            views.append(simulate.simulate_feedback(200, seed=seed))
+            views.append(simulate_feedback(200, seed=seed))
             up.update()
     reward = Registry(cfg.registry_dir).latest("reward")
     assert reward is not None, "the reward updater published no version"

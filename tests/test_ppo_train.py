@@ -10,7 +10,7 @@ from fixtures_policy import PPO_TRAINED_STEPS as STEPS
 from safetensors.torch import load_file
 
 from looprl.policy.model import base_checksum, load_base
-from looprl.policy.scoring import CheerfulScorer
+from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.storage.registry import Registry
 
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl

@@ -43,8 +43,8 @@ def stages(tmp_path, tiny_base, kafka_bootstrap):
            "LOOPRL_SERVING__CONTROLLER_METRICS_PORT": str(ports["controller"]),
            "LOOPRL_INGEST__METRICS_PORT": str(ports["ingest"]),
            "OMP_NUM_THREADS": "1"}
-    cmds = {"serve": ["serve"], "reward": ["reward", "serve"], "scheduler": ["scheduler"],
-            "controller": ["controller"], "ingest": ["ingest"]}
+    cmds = {"serve": ["serving", "serve"], "reward": ["reward", "serve"], "scheduler": ["scheduler", "run"],
+            "controller": ["serving", "control"], "ingest": ["ingest", "consume"]}
     procs = {}
     for name, cmd in cmds.items():
         log = open(tmp_path / f"{name}.log", "wb")

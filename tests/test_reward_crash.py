@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from looprl.ops.core.config import load_config
+from looprl.ops.sim.feedback import SimulatedLog, simulate_feedback
 from looprl.reward import updater as U
 from looprl.reward.model import KIND, load_reward_model
-from looprl.reward.simulate import ViewsDouble, simulate_feedback
 from looprl.storage.registry import Registry
 
 torch.set_num_threads(1)
@@ -27,11 +27,11 @@ CHILD = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from looprl.ops.core.config import load_config
-    from looprl.reward.simulate import ViewsDouble
+    from looprl.storage.events import EventLog
     from looprl.reward import updater as U, train as T
     from looprl.reward.state import StateStore
 
-    ws, views, base, where = sys.argv[1:5]
+    ws, events, base, where = sys.argv[1:5]
     cfg = load_config(environ={}, workspace=ws, model={"base_path": base},
                       reward={"min_new_events": 1, "epochs_per_update": 1})
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -53,7 +53,7 @@ CHILD = textwrap.dedent("""
                 die()
             return out
         shutil.copyfile = copyfile
-    U.RewardUpdater(cfg, connect=ViewsDouble(views).connect).update()
+    U.RewardUpdater(cfg, connect=EventLog(events).connect).update()
     print("finished without being killed")
 """)
 
@@ -80,16 +80,16 @@ def registry_is_whole(cfg) -> list[str]:
 
 @pytest.mark.parametrize("where", ["train", "commit", "publish"])
 def test_sigkill_then_resume(where, tmp_path, tiny_base):
-    ws, views_dir = tmp_path / "ws", tmp_path / "views"
+    ws, events_dir = tmp_path / "ws", tmp_path / "events"
     cfg = load_config(environ={}, workspace=ws, model={"base_path": str(tiny_base)},
                       reward={"min_new_events": 1, "epochs_per_update": 1})
-    views = ViewsDouble(views_dir)
+    views = SimulatedLog(events_dir)
     batch = simulate_feedback(60, seed=11)
     views.append(batch)
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, str(script), str(ws), str(views_dir), str(tiny_base), where],
+    proc = subprocess.run([sys.executable, str(script), str(ws), str(events_dir), str(tiny_base), where],
                           capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == -9, proc.stdout + proc.stderr[-3000:]
 

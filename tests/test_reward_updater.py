@@ -12,10 +12,10 @@ import torch
 from prometheus_client import REGISTRY
 
 from looprl.ops.core.config import load_config
+from looprl.ops.sim.feedback import SimulatedLog, heldout_pairs, simulate_feedback
 from looprl.reward import updater as U
 from looprl.reward.data import FeedbackSource, is_holdout
 from looprl.reward.model import KIND, load_reward_model
-from looprl.reward.simulate import ViewsDouble, heldout_pairs, simulate_feedback
 from looprl.reward.train import EvalResult, auc
 from looprl.storage.registry import Registry
 
@@ -27,7 +27,7 @@ def setup(tmp_path, tiny_base):
     def make(**reward):
         cfg = load_config(environ={}, workspace=tmp_path / "ws", model={"base_path": str(tiny_base)},
                           reward={"min_new_events": 10, "poll_seconds": 0.2, **reward})
-        return cfg, ViewsDouble(tmp_path / "views")
+        return cfg, SimulatedLog(tmp_path / "events")
 
     return make
 
@@ -123,16 +123,19 @@ def test_min_new_events_and_unresolved_feedback(setup):
     cfg, views = setup(min_new_events=20, holdout_fraction=0.0, epochs_per_update=1)
     batch = simulate_feedback(30, seed=5, mix={"thumbs": 1.0})
     unresolved, resolved = batch.feedback[0], batch.feedback[1:]
-    views.append(type(batch)(feedback=[{**unresolved, "prompt": None, "completion": None}] + resolved[:10]))
+    responses = batch.responses
+    # The thumbs arrives before the response it is about.
+    views.append([unresolved, *resolved[:10], *(responses[e.response_id] for e in resolved[:10])])
     with U.RewardUpdater(cfg, connect=views.connect) as up:
         assert up.backlog() == 10  # the unresolved event is not trainable yet
         assert up.update() is None  # 10 < min_new_events
         r = up.update(force=True)
-        assert r.new_events == 10 and unresolved["event_id"] not in consumed_lines(cfg)
+        assert r.new_events == 10 and str(unresolved.event_id) not in consumed_lines(cfg)
         # The response arrives: the feedback event resolves and is consumed by the next update.
-        views.append(type(batch)(feedback=[unresolved] + resolved[10:]))
+        views.append([responses[unresolved.response_id], *resolved[10:],
+                      *(responses[e.response_id] for e in resolved[10:])])
         r = up.update()
-        assert r.new_events == 20 and unresolved["event_id"] in consumed_lines(cfg)
+        assert r.new_events == 20 and str(unresolved.event_id) in consumed_lines(cfg)
 
 
 def test_publish_decision_and_rejection(setup, monkeypatch):
@@ -229,16 +232,17 @@ def test_feedback_source_maps_event_kinds(setup):
     ex = FeedbackSource(views.connect()).new_examples(set())
     by_id = {e.event_id: e for e in ex}
     assert set(by_id) == set(batch.event_ids)
-    for row in batch.feedback:
-        e = by_id[row["event_id"]]
-        if row["kind"] == "thumbs":
-            assert e.label == (1.0 if row["up"] else 0.0) and not e.is_pair
-        elif row["kind"] == "rating":
-            assert e.label == (row["rating"] - 1) / 4
+    assert {ev.kind for ev in batch.feedback} == {"thumbs", "rating", "correction", "preference"}
+    for ev in batch.feedback:
+        e = by_id[str(ev.event_id)]
+        if ev.kind == "thumbs":
+            assert e.label == (1.0 if ev.up else 0.0) and not e.is_pair
+        elif ev.kind == "rating":
+            assert e.label == (ev.rating - 1) / 4
+        elif ev.kind == "correction":
+            assert e.is_pair and e.chosen == ev.corrected and e.rejected == batch.responses[ev.response_id].completion
         else:
-            assert e.is_pair and e.chosen == row["corrected"] and e.rejected == row["completion"]
-    for row in batch.preferences:
-        assert (by_id[row["event_id"]].chosen, by_id[row["event_id"]].rejected) == (row["chosen"], row["rejected"])
+            assert (e.prompt, e.chosen, e.rejected) == (ev.prompt, ev.chosen_text, ev.rejected_text)
     # Ordered by ingestion time, and already-consumed ids are excluded.
     assert [e.ingested_at for e in ex] == sorted(e.ingested_at for e in ex)
     assert len(FeedbackSource(views.connect()).new_examples(set(list(by_id)[:30]))) == len(ex) - 30

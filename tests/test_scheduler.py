@@ -1,23 +1,32 @@
-"""The retraining scheduler: cron subset, triggers, no self-overlap, retries with backoff,
-history, and the CLI (`looprl trigger`, `looprl runs`). Jobs here are fakes (callables and tiny
-subprocesses); one test runs a job on a real local Ray cluster."""
+"""The retraining scheduler: cron schedules, triggers, no self-overlap, retries with backoff,
+history, and the CLI (`looprl scheduler trigger`, `looprl scheduler runs`). Jobs here are fakes
+(callables and tiny subprocesses); one test runs jobs in the workers of a real local Ray cluster."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 import threading
+import time
 from datetime import datetime, timezone
+from pathlib import Path
 
+import numpy as np
 import pytest
+import ray
 from prometheus_client import REGISTRY
+from safetensors.numpy import save_file
 
-from looprl.ops.core.config import load_config
-from looprl.ops.cron import Cron, CronError
+from looprl.ops.cli import main
+from looprl.ops.core.config import ConfigError, load_config
+from looprl.ops.runners import CallableRunner, RayRunner, SubprocessRunner, python_entry
 from looprl.ops.scheduler import (
-    AccuracyDropTrigger, CallableRunner, ChangeTrigger, CountTrigger, CronTrigger, History, IntervalTrigger, Job,
-    JobState, ManualTrigger, Scheduler, SubprocessRunner, history_path, request_trigger,
+    AccuracyDropTrigger, ChangeTrigger, CountTrigger, CronTrigger, History, IntervalTrigger, Job, JobState,
+    ManualTrigger, Scheduler, build_jobs, history_path, request_trigger,
 )
+from looprl.storage.registry import Registry
 
 
 def utc(*a) -> datetime:
@@ -25,39 +34,37 @@ def utc(*a) -> datetime:
 
 
 # --------------------------------------------------------------------------- cron
-def test_cron_every_five_minutes():
-    c = Cron.parse("*/5 * * * *")
-    assert c.next_after(utc(2026, 1, 1, 10, 2, 30)) == utc(2026, 1, 1, 10, 5)
-    assert c.next_after(utc(2026, 1, 1, 10, 5)) == utc(2026, 1, 1, 10, 10)
-    assert c.next_after(utc(2026, 1, 1, 23, 59)) == utc(2026, 1, 2, 0, 0)
+@pytest.mark.parametrize("expr,last,due", [
+    ("*/5 * * * *", utc(2026, 1, 1, 10, 2, 30), utc(2026, 1, 1, 10, 5)),
+    ("*/5 * * * *", utc(2026, 1, 1, 10, 5), utc(2026, 1, 1, 10, 10)),
+    ("*/5 * * * *", utc(2026, 1, 1, 23, 59), utc(2026, 1, 2, 0, 0)),
+    ("0,30 9-17/4 * * 1-5", utc(2026, 1, 2, 17, 31), utc(2026, 1, 5, 9, 0)),  # Fri evening -> Mon 9:00
+    ("0 0 * * 7", utc(2026, 1, 1), utc(2026, 1, 4)),  # 7 = Sunday
+    ("0 12 13 * 5", utc(2026, 2, 1), utc(2026, 2, 6, 12)),  # classic cron: the 13th OR any Friday
+    ("0 12 13 * 5", utc(2026, 2, 10), utc(2026, 2, 13, 12)),
+    ("0 0 29 2 *", utc(2026, 3, 1), utc(2028, 2, 29)),
+    ("30 6 * JAN MON", utc(2026, 1, 6), utc(2026, 1, 12, 6, 30)),  # names
+])
+def test_cron_trigger_fires_at_the_first_time_after_the_last_start_in_utc(expr, last, due):
+    t, st = CronTrigger(expr), JobState("j", last_started=last.timestamp())
+    assert t.check(due.timestamp() - 1, st) is None
+    assert t.check(due.timestamp(), st) == f"cron {expr}"
 
 
-def test_cron_ranges_lists_and_weekdays():
-    c = Cron.parse("0,30 9-17/4 * * 1-5")  # 9:00, 9:30, 13:00, 13:30, 17:00, 17:30 on weekdays
-    assert c.next_after(utc(2026, 1, 2, 17, 31)) == utc(2026, 1, 5, 9, 0)  # Fri evening -> Mon 9:00
-    assert c.next_after(utc(2026, 1, 5, 9, 0)) == utc(2026, 1, 5, 9, 30)
-    assert c.next_after(utc(2026, 1, 5, 9, 30)) == utc(2026, 1, 5, 13, 0)
-    assert Cron.parse("0 0 * * 7").next_after(utc(2026, 1, 1)) == utc(2026, 1, 4)  # 7 = Sunday
+@pytest.mark.parametrize("expr", ["* * *", "60 * * * *", "* 24 * * *", "*/0 * * * *", "* * 0 * *", "0 0 31 2 *"])
+def test_a_bad_or_never_firing_cron_is_a_config_error_naming_the_key(expr):
+    with pytest.raises(ConfigError, match=r"config key 'scheduler\.cron'"):
+        load_config(environ={}, scheduler={"cron": expr})
+    with pytest.raises(ConfigError, match=r"scheduler\.cron"):
+        load_config(environ={"LOOPRL_SCHEDULER__CRON": expr})
 
 
-def test_cron_day_of_month_or_day_of_week():
-    c = Cron.parse("0 12 13 * 5")  # classic cron: the 13th OR any Friday
-    assert c.next_after(utc(2026, 2, 1)) == utc(2026, 2, 6, 12)  # Friday 6th
-    assert c.next_after(utc(2026, 2, 10)) == utc(2026, 2, 13, 12)
-    assert Cron.parse("0 0 29 2 *").next_after(utc(2026, 3, 1)) == utc(2028, 2, 29)
-
-
-@pytest.mark.parametrize("expr,field", [("* * *", "5 fields"), ("60 * * * *", "minute"), ("* 24 * * *", "hour"),
-                                        ("*/0 * * * *", "minute"), ("* * * JAN *", "month"),
-                                        ("* * 0 * *", "day-of-month"), ("5-1 * * * *", "minute")])
-def test_cron_errors_name_the_field(expr, field):
-    with pytest.raises(CronError, match=field):
-        Cron.parse(expr)
-
-
-def test_cron_that_never_matches_is_an_error():
-    with pytest.raises(CronError, match="never matches"):
-        Cron.parse("0 0 31 2 *").next_after(utc(2026, 1, 1))
+def test_build_jobs_schedules_by_cron_when_set(tmp_path):
+    cfg = load_config(environ={}, workspace=tmp_path, scheduler={"jobs": ["policy"], "cron": "0 3 * * *"})
+    [policy] = build_jobs(cfg, start=utc(2026, 1, 1).timestamp())
+    [cron] = [t for t in policy.triggers if isinstance(t, CronTrigger)]
+    assert not any(isinstance(t, IntervalTrigger) for t in policy.triggers)
+    assert cron.check(utc(2026, 1, 1, 3).timestamp(), JobState("policy")) == "cron 0 3 * * *"
 
 
 # --------------------------------------------------------------------------- triggers
@@ -257,15 +264,13 @@ def test_change_trigger_runs_once_per_new_version_and_survives_restart(tmp_path)
     assert ran == ["v1", "v2"]
 
 
-def test_manual_trigger_via_looprl_trigger(tmp_path):
+def test_manual_trigger_via_looprl_scheduler_trigger(tmp_path):
     cfg = load_config(environ={}, workspace=tmp_path)
     ran = []
     s = make(tmp_path, [Job("reward", lambda: ran.append(1) or {}, [ManualTrigger(tmp_path / "state/scheduler/triggers", "reward")])])
     s.tick()
     assert ran == []
-    from looprl.ops.cli import main
-
-    assert main(["--workspace", str(tmp_path), "trigger", "reward", "--reason", "new data drop"]) == 0
+    assert main(["--workspace", str(tmp_path), "scheduler", "trigger", "reward", "--reason", "new data drop"]) == 0
     request_trigger(cfg, "reward", "twice")  # coalesced with the first
     s.tick()
     wait_idle(s)
@@ -317,47 +322,91 @@ def test_subprocess_jobs_report_details_failures_and_timeouts(tmp_path):
 
 
 def test_runs_cli_lists_history(tmp_path, capsys):
-    from looprl.ops.cli import main
-
     cfg = load_config(environ={}, workspace=tmp_path)
     h = History(history_path(cfg))
     rid = h.start("policy", "new_version: new reward version v3", 1, 100.0)
     h.finish(rid, "success", 160.0, 0, {"version": "v4", "decision": "gated"})
     rid = h.start("reward", "manual", 1, 200.0)
     h.finish(rid, "failed", 201.0, 1, {}, "Traceback: boom")
-    assert main(["--workspace", str(tmp_path), "runs", "--json"]) == 0
+    assert main(["--workspace", str(tmp_path), "scheduler", "runs", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [(r["job"], r["status"]) for r in rows] == [("reward", "failed"), ("policy", "success")]
     assert rows[1]["details"]["version"] == "v4"
-    assert main(["--workspace", str(tmp_path), "runs", "--job", "policy", "--json"]) == 0
+    assert main(["--workspace", str(tmp_path), "scheduler", "runs", "--job", "policy", "--json"]) == 0
     assert [r["job"] for r in json.loads(capsys.readouterr().out)] == ["policy"]
-    assert main(["--workspace", str(tmp_path), "runs"]) == 0
+    assert main(["--workspace", str(tmp_path), "scheduler", "runs"]) == 0
     out = capsys.readouterr().out
     assert "policy" in out and "failed" in out
 
 
-def test_a_job_runs_on_ray(tmp_path):
-    """RayRunner: the job is a Ray task; the command inside it learns the cluster address (so the
-    PPO trainer joins this cluster instead of starting its own)."""
-    import ray
+RAY_PROBE = """
+import json, os, sys, time
+import ray
+print(f"pid {os.getpid()} started", file=sys.stderr, flush=True)
+if sys.argv[1] == "fail":
+    sys.exit(3)
+if sys.argv[1] == "hang":
+    time.sleep(300)
+print(json.dumps({"pid": os.getpid(), "ray_job": ray.get_runtime_context().get_job_id(),
+                  "seed": os.environ.get("LOOPRL_POLICY__SEED")}))
+"""
 
-    from looprl.ops.scheduler import RayRunner
 
-    cfg = load_config(environ={}, workspace=tmp_path / "ws")
-    runner = RayRunner(cfg)
+def _gone(pid: int) -> bool:
     try:
-        cmd = [sys.executable, "-c", "import json, os; print(json.dumps({'addr': os.environ['LOOPRL_POLICY__RAY_ADDRESS'],"
-               " 'pid': os.getpid()}))"]
-        s = make(tmp_path, [Job("policy", cmd, [Fires()])], runner=runner)
+        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()  # a zombie has freed its memory
+    except FileNotFoundError:
+        return True
+
+
+def _wait_gone(pid: int, timeout: float = 60.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if _gone(pid):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_jobs_run_inside_ray_workers(tmp_path):
+    """RayRunner: a job runs in a fresh worker of the scheduler's Ray cluster, as part of the
+    scheduler's own Ray job (no subprocess, no second driver); it gets its environment, reports
+    details, failures and timeouts, and its worker is gone when the run ends."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(RAY_PROBE)
+    py, logs = sys.executable, tmp_path / "logs"
+    runner = RayRunner(load_config(environ={}, workspace=tmp_path / "ws"), logs)
+    try:
+        s = make(tmp_path, [Job("ok", [py, str(probe), "ok"], [Fires()], seed_env="LOOPRL_POLICY__SEED"),
+                            Job("bad", [py, str(probe), "fail"], [Fires()]),
+                            Job("slow", [py, str(probe), "hang"], [Fires()], timeout_s=20.0)],
+                 runner=runner, max_retries=0, max_concurrent=3)
         s.tick()
-        wait_idle(s, timeout=120)
-        row = s.history.last("policy")
-        assert row["status"] == "success", row
-        assert row["details"]["addr"] == runner.address == ray.get_runtime_context().gcs_address
+        wait_idle(s, timeout=180)
+        last = {j: s.history.last(j) for j in ("ok", "bad", "slow")}
+        ok = last["ok"]
+        assert ok["status"] == "success", ok
+        assert ok["details"]["ray_job"] == ray.get_runtime_context().get_job_id()
+        assert ok["details"]["pid"] != os.getpid() and ok["details"]["seed"] == str(ok["id"])
+        assert last["bad"]["status"] == "failed" and last["bad"]["returncode"] == 3
+        assert "started" in last["bad"]["error"]
+        assert last["slow"]["status"] == "timeout", last["slow"]
+        hung = re.search(r"pid (\d+) started", last["slow"]["error"])  # the run's log up to the timeout
+        assert hung, last["slow"]
+        assert _wait_gone(ok["details"]["pid"]) and _wait_gone(int(hung.group(1)))
+        log_text = (logs / "job-ok.log").read_text()
+        assert f"pid {ok['details']['pid']} started" in log_text and '"ray_job"' in log_text
     finally:
         runner.close()
         if ray.is_initialized():
             ray.shutdown()
+
+
+def test_ray_runner_refuses_a_command_its_workers_cannot_run():
+    with pytest.raises(ValueError, match="python -m MODULE"):
+        python_entry(["looprl", "-x"])
+    assert python_entry([sys.executable, "-m", "looprl.ops.cli", "policy", "train"]) == (
+        "module", "looprl.ops.cli", ["policy", "train"])
 
 
 def test_a_held_job_waits_and_its_trigger_stays_pending(tmp_path):
@@ -376,18 +425,12 @@ def test_a_held_job_waits_and_its_trigger_stays_pending(tmp_path):
 
 
 def test_policy_job_is_held_while_a_canary_runs(tmp_path):
-    import torch
-    from safetensors.torch import save_file
-
-    from looprl.ops.scheduler import build_jobs
-    from looprl.storage.registry import Registry
-
     cfg = load_config(environ={}, workspace=tmp_path)
     [policy] = [j for j in build_jobs(cfg) if j.name == "policy"]
     assert policy.hold() is None
     src = tmp_path / "a"
     src.mkdir()
-    save_file({"w": torch.zeros(1)}, str(src / "adapter_model.safetensors"))
+    save_file({"w": np.zeros(1, np.float32)}, str(src / "adapter_model.safetensors"))
     reg = Registry(cfg.registry_dir)
     v = reg.publish("policy", src, base_checksum="x").version
     reg.set_pointer("policy", "canary", v)
@@ -395,12 +438,6 @@ def test_policy_job_is_held_while_a_canary_runs(tmp_path):
 
 
 def test_policy_job_waits_for_a_reward_model_that_beats_chance(tmp_path):
-    import torch
-    from safetensors.torch import save_file
-
-    from looprl.ops.scheduler import build_jobs
-    from looprl.storage.registry import Registry
-
     cfg = load_config(environ={}, workspace=tmp_path, scheduler={"policy_min_reward_pair_accuracy": 0.8,
                                                                  "policy_min_reward_pairs": 20})
     [policy] = [j for j in build_jobs(cfg) if j.name == "policy"]
@@ -408,7 +445,7 @@ def test_policy_job_waits_for_a_reward_model_that_beats_chance(tmp_path):
     assert policy.hold() == "no reward model yet"
     src = tmp_path / "r"
     src.mkdir()
-    save_file({"w": torch.zeros(1)}, str(src / "head.safetensors"))
+    save_file({"w": np.zeros(1, np.float32)}, str(src / "head.safetensors"))
     reg = Registry(cfg.registry_dir)
     reg.publish("reward", src, base_checksum="x", metrics={"holdout_pair_accuracy": 0.95, "holdout_pairs": 4})
     assert "4 pairs" in policy.hold()  # too little evidence

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import re
+import time
 
 import httpx
 import openai
 import pytest
+from fastapi.testclient import TestClient
 
+from looprl.ops.core.config import ConfigError
+from looprl.policy.model import format_prompt
+from looprl.serving.app import create_app
 from looprl.serving.routing import Route, bucket
+from looprl.serving.sampling import SamplingParams
+from looprl.serving.server import admin_token_of
 
-from fixtures_serving import start_server
+from fixtures_serving import make_workspace, start_server
 
 PROMPT = "hello world, what a"
 
@@ -71,9 +78,6 @@ def test_chat_completions_plain_and_streamed(client, srv):
 
 
 def test_prompts_are_rendered_like_the_trainer_renders_them(client, srv):
-    from looprl.serving.base_model import format_prompt
-    from looprl.serving.sampling import SamplingParams
-
     text = "how is the weather in the park"
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
     want = srv.service.engine.generate(format_prompt(text), greedy).text
@@ -86,9 +90,6 @@ def test_prompts_are_rendered_like_the_trainer_renders_them(client, srv):
 
 
 def test_admin_endpoints_are_never_open_beyond_loopback(srv):
-    from looprl.ops.core.config import ConfigError
-    from looprl.serving.server import admin_token_of
-
     cfg = srv.cfg
     open_cfg = cfg.model_copy(update={"serving": cfg.serving.model_copy(update={"admin_token": None})})
     assert admin_token_of(open_cfg) is None  # loopback: allowed (with a warning at start)
@@ -112,8 +113,6 @@ def test_every_answer_is_logged_with_its_id_and_version(client, srv):
 
 
 def test_serving_survives_a_failing_response_logger(serving_base, serving_adapters, tmp_path):
-    from fixtures_serving import make_workspace
-
     class Broken:
         def log(self, event):
             raise ConnectionError("kafka is down")
@@ -238,6 +237,41 @@ def test_metrics_cover_requests_latency_tokens_adapters(srv, client):
     assert _metric(srv.url, 'looprl_serving_active_version{alias="policy",role="primary"}') == v1
 
 
+def test_metrics_is_prometheus_text_at_exactly_its_path_and_counted(srv):
+    name = 'looprl_serving_requests_total{endpoint="metrics",status="200"}'
+    before = _metric(srv.url, name)
+    r = httpx.get(f"{srv.url}/metrics")
+    assert r.status_code == 200 and not r.history  # served at /metrics itself, not by a redirect
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    assert "# TYPE looprl_serving_requests_total counter" in r.text
+    assert _metric(srv.url, name) == before + 2  # every scrape passes through the request metrics
+
+
+def test_settings_come_from_the_app_not_the_routes(srv):
+    """Routes are module-level: a second app over the same service answers with its own settings."""
+    other = TestClient(create_app(srv.service, admin_token="other-token", default_max_tokens=2))
+    r = other.post("/v1/completions", json={"model": "base", "prompt": "hi", "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    assert r.headers["x-looprl-adapter"] == "base"
+    assert other.get("/v1/looprl/state", headers=srv.admin_headers).status_code == 401
+    assert other.get("/v1/looprl/state", headers={"Authorization": "Bearer other-token"}).status_code == 200
+    r = httpx.post(f"{srv.url}/v1/completions", json={"model": "base", "prompt": "hi", "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == srv.cfg.serving.default_max_tokens != 2
+
+
+def test_sampled_streams_with_stop_strings_match_the_plain_answer(client):
+    msgs = [{"role": "user", "content": "tell me about the river"}]
+    for seed in (1, 2, 3):
+        kw = dict(model="base", messages=msgs, max_tokens=24, temperature=1.5, seed=seed, extra_body={"ignore_eos": True})
+        full = client.chat.completions.create(**kw).choices[0].message.content
+        stop = full[len(full) // 2:len(full) // 2 + 2]
+        plain = client.chat.completions.create(**kw, stop=[stop])
+        chunks = list(client.chat.completions.create(**kw, stop=[stop], stream=True))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert plain.choices[0].finish_reason == chunks[-1].choices[0].finish_reason == "stop"
+        assert streamed == plain.choices[0].message.content == full[: full.index(stop)]
+
+
 def _metric(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics").text
     total = 0.0
@@ -251,8 +285,6 @@ def _metric(url: str, name: str) -> float:
 
 
 def test_client_disconnect_mid_stream_stops_generation_and_releases_the_adapter(srv):
-    import time
-
     v1 = srv.adapters.good[0]
     engine = srv.service.engine
     tokens0 = _metric(srv.url, "looprl_serving_generated_tokens_total")

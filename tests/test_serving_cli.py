@@ -1,4 +1,4 @@
-"""`looprl serve` as a real process: config from the environment, admin token enforced, clean stop."""
+"""`looprl serving serve` as a real process: config from the environment, admin token enforced, clean stop."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def test_looprl_serve_process_serves_and_hot_swaps(serving_base, serving_adapter
            "LOOPRL_SERVING__ADMIN_TOKEN": ADMIN_TOKEN, "LOOPRL_SERVING__LOG_RESPONSES": "false",
            "LOOPRL_SERVING__MAX_LORA_RANK": "8"}
     env.pop("LOOPRL_CONFIG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "--workspace", str(ws), "serve"],
+    proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "--workspace", str(ws), "serving", "serve"],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -35,7 +35,7 @@ def test_looprl_serve_process_serves_and_hot_swaps(serving_base, serving_adapter
                     break
             except httpx.HTTPError:
                 pass
-            assert time.monotonic() < deadline, "looprl serve did not come up"
+            assert time.monotonic() < deadline, "looprl serving serve did not come up"
             time.sleep(0.2)
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         v = serving_adapters.good[0]

@@ -3,16 +3,19 @@ and adapter admin must be safe while requests run."""
 
 from __future__ import annotations
 
+import dataclasses
 import queue
+import random
 import time
 
 import pytest
 import torch
+from peft import PeftModel
 
+from looprl.policy.model import load_base
 from looprl.serving.adapters import AdapterError, read_adapter
 from looprl.serving.app import http_status
-from looprl.serving.base_model import load_model
-from looprl.serving.engine import Engine, EngineError
+from looprl.serving.engine import Engine, EngineError, Finished, _Request
 from looprl.serving.kv import left_pad
 from looprl.serving.sampling import RowSampler, SamplingParams, sample_next, top_p_filter
 
@@ -31,7 +34,7 @@ GREEDY = SamplingParams(max_tokens=10, temperature=0.0)
 
 def _engine(base, adapters, mixed: bool) -> Engine:
     torch.set_num_threads(1)
-    model, tok = load_model(base)
+    model, tok = load_base(base)
     eng = Engine(model, tok, max_batch_size=16, max_queue=64, max_lora_rank=MAX_LORA_RANK, max_loras=4,
                  base_checksum=adapters.checksum, mixed=mixed).start()
     for name, v in (("a1", adapters.good[0]), ("a2", adapters.good[1]), ("experts", adapters.experts_only)):
@@ -62,12 +65,10 @@ def any_engine(request, engine, serving_base, serving_adapters):
 def reference(serving_base, serving_adapters):
     """Greedy text by an independent loop: full recompute every token, no KV cache, no padding,
     plain peft model per adapter."""
-    from peft import PeftModel
-
-    base, tok = load_model(serving_base)
+    base, tok = load_base(serving_base)
     models = {None: base}
     for name, v in (("a1", serving_adapters.good[0]), ("experts", serving_adapters.experts_only)):
-        models[name] = PeftModel.from_pretrained(load_model(serving_base)[0], serving_adapters.registry / "policy" / v).eval()
+        models[name] = PeftModel.from_pretrained(load_base(serving_base)[0], serving_adapters.registry / "policy" / v).eval()
     cache: dict = {}
 
     def run(prompt: str, adapter: str | None = None, max_tokens: int = GREEDY.max_tokens) -> str:
@@ -154,6 +155,97 @@ def test_max_tokens_and_stop_strings(engine):
     assert fin.finish_reason == "stop"
     assert fin.text == full[: full.index(stop)]
     assert stop not in streamed and streamed == fin.text  # held-back prefixes never leak
+
+
+UNICODE = ["héllo wörld, naïve café", "日本語のテキスト 🙂🙃", "mixed: ünïcödé — “quotes” and 中文 ok"]
+
+
+def _feed(engine: Engine, ids: list[int], params: SamplingParams, check: bool = True) -> tuple[Finished, list[str]]:
+    """Run ``ids`` through the engine's text path as if it had sampled them: the answer and the
+    deltas it streamed. ``check``: after every token, that nothing streamed is ever taken back."""
+    events: list = []
+    req = _Request(0, [engine.pad_id], params, None, events.append)
+    for n, token in enumerate(ids, 1):
+        done = engine._on_token(req, token)
+        sent = "".join(p for kind, p in events if kind == "delta")
+        assert not check or engine.tokenizer.decode(ids[:n], skip_special_tokens=True).startswith(sent), sent
+        if done:
+            break
+    kind, fin = events[-1]
+    assert kind == "done"
+    return fin, [p for kind, p in events if kind == "delta"]
+
+
+def test_streamed_deltas_add_up_to_the_full_decode(engine):
+    tok = engine.tokenizer
+    texts = [tok(t, add_special_tokens=False)["input_ids"] for t in UNICODE]
+    # Byte-level BPE: these characters span several tokens, each of which alone is an incomplete sequence.
+    assert all(any(tok.decode([i]) == "\ufffd" for i in ids) for ids in texts)
+    rng = random.Random(0)
+    noise = [[rng.randrange(len(tok)) for _ in range(48)] for _ in range(20)]  # stray bytes, special tokens
+    for ids in texts + noise:
+        fin, deltas = _feed(engine, ids, SamplingParams(max_tokens=len(ids), ignore_eos=True))
+        assert fin.finish_reason == "length" and fin.completion_tokens == len(ids)
+        assert "".join(deltas) == fin.text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_strings_cut_the_incremental_text_exactly(engine):
+    tok = engine.tokenizer
+    ids = tok("the cat sat on the mat, 日本 and wörld again", add_special_tokens=False)["input_ids"]
+    full = tok.decode(ids)
+    for stops in [("日本",), ("örl",), ("t o",), ("again",), ("again", "sat"), ("mat!", "wörld")]:
+        fin, deltas = _feed(engine, ids, SamplingParams(max_tokens=len(ids), ignore_eos=True, stop=stops))
+        cut = min(full.index(s) for s in stops if s in full)
+        assert fin.finish_reason == "stop" and "".join(deltas) == fin.text == full[:cut], stops
+        # it stopped at the first token whose text completes a stop string
+        assert fin.completion_tokens == next(n for n in range(1, len(ids) + 1)
+                                             if any(s in tok.decode(ids[:n]) for s in stops))
+    # "mat!" never occurs: its prefixes "m", "ma", "mat" are held back, never streamed at the end
+    # of a delta, and sent once the text goes on differently; the answer is the whole text.
+    fin, deltas = _feed(engine, ids, SamplingParams(max_tokens=len(ids), ignore_eos=True, stop=("mat!",)))
+    assert fin.finish_reason == "length" and "".join(deltas) == fin.text == full
+    assert not [d for d in deltas if d.endswith(("m", "ma", "mat"))]
+    assert any("mat," in d for d in deltas)
+
+
+def test_decoding_a_token_costs_the_same_at_any_answer_length(engine):
+    class Counting:
+        """The engine's tokenizer, recording how many ids each decode call gets."""
+
+        def __init__(self, tok):
+            self.tok, self.sizes = tok, []
+
+        def decode(self, ids, **kw):
+            self.sizes.append(len(ids))
+            return self.tok.decode(ids, **kw)
+
+    tok = engine.tokenizer
+    ids = tok(" ".join(UNICODE * 12), add_special_tokens=False)["input_ids"]
+    counting = Counting(tok)
+    engine.tokenizer = counting
+    try:
+        fin, deltas = _feed(engine, ids, SamplingParams(max_tokens=len(ids), ignore_eos=True), check=False)
+    finally:
+        engine.tokenizer = tok
+    assert len(ids) > 300 and fin.text == tok.decode(ids)
+    per_token, final = counting.sizes[:-1], counting.sizes[-1]
+    assert final == len(ids)  # one full decode, at the finish
+    assert max(per_token) <= 8  # a short window of ids per token, however long the answer
+
+
+def test_sampled_streams_add_up_to_the_answer_and_stop_where_the_answer_does(engine):
+    jobs = [(p, None, SamplingParams(max_tokens=32, temperature=2.0, seed=s, ignore_eos=True))
+            for p in PROMPTS[:3] for s in (1, 2, 3)]
+    results = _submit_all(engine, jobs)
+    for fin, streamed in results:
+        assert fin.finish_reason == "length" and fin.completion_tokens == 32
+        assert streamed == fin.text  # incremental deltas == one full decode at the finish
+    assert len({fin.text for fin, _ in results}) == len(jobs)
+    params = SamplingParams(max_tokens=24, temperature=1.5, seed=7, ignore_eos=True)
+    full = engine.generate(PROMPTS[1], params).text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    (fin, streamed), = _submit_all(engine, [(PROMPTS[1], None, dataclasses.replace(params, stop=(stop,)))])
+    assert fin.finish_reason == "stop" and streamed == fin.text == full[: full.index(stop)]
 
 
 def test_seeded_sampling_is_reproducible_in_any_batch(engine):
@@ -244,7 +336,7 @@ def test_bad_requests_are_refused_with_the_field_named(engine):
 
 
 def test_queue_full_is_503(serving_base):
-    model, tok = load_model(serving_base)
+    model, tok = load_base(serving_base)
     eng = Engine(model, tok, max_batch_size=1, max_queue=2).start()
     try:
         with eng._model_lock:  # the scheduler admits one request, then blocks on its forward

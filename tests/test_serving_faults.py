@@ -14,8 +14,8 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from looprl.policy.model import load_base
 from looprl.serving.adapters import read_adapter
-from looprl.serving.base_model import load_model
 from looprl.serving.controller import AdapterController
 from looprl.serving.engine import Engine
 from looprl.serving.routing import bucket
@@ -66,7 +66,7 @@ def _run_all(eng: Engine, jobs: list[tuple[str, str | None]]):
 @pytest.fixture(scope="module", params=["mixed", "grouped"])
 def engine(request, serving_base, serving_adapters):
     torch.set_num_threads(1)
-    model, tok = load_model(serving_base)
+    model, tok = load_base(serving_base)
     eng = Engine(model, tok, max_batch_size=16, max_lora_rank=MAX_LORA_RANK, base_checksum=serving_adapters.checksum,
                  mixed=request.param == "mixed", unhealthy_after=3).start()
     for name, v in (("good", serving_adapters.good[0]), ("bad", serving_adapters.good[1])):

@@ -19,7 +19,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from croniter import CroniterError, croniter
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 ENV_PREFIX = "LOOPRL_"
 ENV_NESTED = "__"
@@ -212,6 +213,7 @@ class ServingConfig(Section):
 
 class SchedulerConfig(Section):
     interval_seconds: float = Field(300.0, gt=0)
+    # A cron expression (UTC; croniter syntax, e.g. "*/30 * * * *"); replaces interval_seconds.
     cron: str | None = None
     feedback_trigger_events: int = Field(200, ge=1)
     accuracy_drop_trigger: float = Field(0.1, ge=0, le=1)
@@ -223,7 +225,7 @@ class SchedulerConfig(Section):
     # cluster), "subprocess": plain local subprocesses.
     jobs: list[Literal["reward", "policy"]] = ["reward", "policy"]
     reward_command: list[str] = ["reward", "update"]
-    policy_command: list[str] = ["train", "policy", "--gate"]
+    policy_command: list[str] = ["policy", "train", "--gate"]
     runner: Literal["ray", "subprocess"] = "ray"
     job_timeout_seconds: float = Field(3600.0, gt=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
@@ -234,6 +236,16 @@ class SchedulerConfig(Section):
     # PPO waits for a reward model that beats chance on held-out preferences (0: no condition).
     policy_min_reward_pair_accuracy: float = Field(0.0, ge=0, le=1)
     policy_min_reward_pairs: int = Field(0, ge=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _cron_fires(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                croniter(v).get_next(float)  # also refuses dates that never come, e.g. "0 0 31 2 *"
+            except CroniterError as e:
+                raise ValueError(f"{v!r} is not a cron expression that ever fires: {e}") from None
+        return v
 
 
 class CanaryConfig(Section):
@@ -252,7 +264,7 @@ class CanaryConfig(Section):
 class DemoConfig(Section):
     minutes: float = Field(15.0, gt=0)
     users: int = Field(8, ge=1)
-    preference: str = "looprl.ops.preference:default_preference"
+    preference: str = "looprl.ops.sim.preference:default_preference"
     # Simulator traffic. Eval users (held-out prompts, no feedback sent) measure learning.
     eval_user_prefix: str = "eval-"
     eval_fraction: float = Field(0.15, ge=0, le=1)
@@ -320,8 +332,21 @@ class LooprlConfig(Section):
         return self.workspace / "reports"
 
     def redacted(self) -> dict[str, Any]:
-        """The effective config as plain data, secrets masked (for logging at start-up)."""
+        """The whole effective config as plain data, secrets masked (`looprl config`, DEBUG logs)."""
         return self.model_dump(mode="json")
+
+    def summary(self) -> dict[str, Any]:
+        """What tells one deployment from another, for the one start-up log line of every process."""
+        return {
+            "workspace": str(self.workspace),
+            "base_model": str(self.base_path),
+            "kafka": self.kafka.bootstrap_servers or "embedded",
+            "ports": {"serving": self.serving.port, "collector": self.ingest.collector_port,
+                      "ingest_metrics": self.ingest.metrics_port, "reward_metrics": self.reward.metrics_port,
+                      "policy_metrics": self.policy.metrics_port,
+                      "controller_metrics": self.serving.controller_metrics_port,
+                      "scheduler_metrics": self.scheduler.metrics_port},
+        }
 
 
 def _set_nested(tree: dict[str, Any], keys: list[str], value: Any) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
 from typing import Any
 
 _CONFIGURED = False
@@ -66,7 +65,3 @@ def get_logger(name: str) -> StructLogger:
     if not name.startswith("looprl"):
         name = "looprl." + name
     return StructLogger(logging.getLogger(name), {})
-
-
-def now() -> float:
-    return time.time()

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 
 _VERSION_RE = re.compile(r"^v([1-9][0-9]*)$")
-_BASE_TEXT = "base"
+BASE_TEXT = "base"  # how the base model (no adapter) is written wherever a version is
 
 
 @dataclass(frozen=True, order=True)
@@ -23,7 +23,7 @@ class Version:
         """``"v3"`` -> Version(3); ``"base"`` -> BASE. Anything else is a ValueError naming it."""
         if isinstance(text, Version):
             return text
-        if text == _BASE_TEXT:
+        if text == BASE_TEXT:
             return BASE
         m = _VERSION_RE.match(text) if isinstance(text, str) else None
         if m is None:
@@ -45,7 +45,7 @@ class Version:
         return self.number == 0
 
     def __str__(self) -> str:
-        return _BASE_TEXT if self.is_base else f"v{self.number}"
+        return BASE_TEXT if self.is_base else f"v{self.number}"
 
     def lora_name(self, kind: str = "policy") -> str:
         """The name an adapter of this version is served under (never reused, as vLLM caches by name)."""
@@ -69,3 +69,9 @@ def version_number(text: "str | Version | None") -> int:
     """The number of a version string for gauges: "v3" -> 3; base, None and unversioned -> 0."""
     v = Version.parse_or_none(text)
     return v.number if v is not None else 0
+
+
+def version_sort_key(text: str) -> tuple[int, int, str]:
+    """Orders version texts for display: base, then v1, v2, ... by number, then anything unversioned."""
+    v = Version.parse_or_none(text)
+    return (0, v.number, text) if v is not None else (1, 0, text)

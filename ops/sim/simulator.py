@@ -31,20 +31,24 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from openai import OpenAI
 from prometheus_client import Counter
 
+from looprl.ingest.client import DeliveryError, FeedbackClient
+from looprl.ingest.schema import PreferenceEvent, ThumbsEvent, encode_event
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
-from looprl.ops.preference import Preference
+from looprl.ops.core.retry import backoff_seconds, retrying
+from looprl.ops.sim.preference import Preference
+from looprl.ops.sim.records import simulator_dir
+from looprl.policy.model import heldout_prompts
+from looprl.policy.prompts import configured_prompts, is_heldout
+from looprl.storage.registry import atomic_write_text
 
 log = get_logger(__name__)
 
 REQUESTS = Counter("looprl_simulator_requests_total", "Simulated requests", ["kind", "outcome"])
 FEEDBACK = Counter("looprl_simulator_feedback_total", "Feedback events sent by the simulator", ["kind", "channel"])
-
-
-def simulator_dir(cfg: LooprlConfig) -> Path:
-    return cfg.state_dir / "simulator"
 
 
 # --------------------------------------------------------------------------- prompts
@@ -56,9 +60,6 @@ def prompt_sets(cfg: LooprlConfig) -> tuple[list[str], list[str]]:
     training traffic) *and* held out by `looprl.policy.prompts.is_heldout`, which PPO's prompt
     sampler excludes even though the serving tier logs eval requests like any other; the
     reward model never sees them because eval users send no feedback."""
-    from looprl.policy.model import heldout_prompts
-    from looprl.policy.prompts import configured_prompts, is_heldout
-
     try:
         train = list(dict.fromkeys(configured_prompts(cfg)))
     except OSError as e:  # read_prompt_file's messages already name policy.prompts_file
@@ -74,6 +75,10 @@ def prompt_sets(cfg: LooprlConfig) -> tuple[list[str], list[str]]:
 
 
 # --------------------------------------------------------------------------- feedback channels
+class CollectorUnavailable(RuntimeError):
+    """The collector answered 5xx: worth trying again."""
+
+
 class FeedbackChannels:
     """The two ways a product sends feedback: the Kafka SDK and the HTTP collector."""
 
@@ -83,8 +88,6 @@ class FeedbackChannels:
         self._undelivered: list[Any] = []  # SDK events Kafka did not acknowledge: sent again
         self._lock = threading.Lock()
         if bootstrap:
-            from looprl.ingest.client import FeedbackClient
-
             self.sdk = FeedbackClient(bootstrap, topic=cfg.kafka.topic_feedback, on_error=self._undelivered_event)
         self.collector_url = collector_url.rstrip("/") if collector_url else None
         token = cfg.ingest.collector_token
@@ -94,25 +97,23 @@ class FeedbackChannels:
         self.failed = _Counter()
 
     def _post(self, event) -> None:
-        from looprl.ingest.schema import encode_event
-
         assert self.collector_url is not None
-        last: Exception | None = None
+        body = encode_event(event)
         # The collector may be restarting (crash, deploy): retry for ~30 s with the same event
         # (same event_id), which ingest stores once even if a first attempt did get through.
-        for attempt in range(8):
-            try:
-                r = self.http.post(f"{self.collector_url}/v1/feedback", content=encode_event(event),
-                                   headers={"Content-Type": "application/json"})
-                if r.status_code < 300:
-                    return
-                if r.status_code < 500:
-                    raise ValueError(f"collector refused the event: {r.status_code} {r.text[:200]}")
-                last = RuntimeError(f"collector answered {r.status_code}")
-            except httpx.HTTPError as e:
-                last = e
-            time.sleep(min(8.0, 0.5 * 2 ** attempt))
-        raise RuntimeError(f"collector unreachable: {last}")
+        # A 4xx is the event's fault, not the collector's: it is not retried.
+        try:
+            retrying(8, initial=0.5, cap=8.0, on=(httpx.HTTPError, CollectorUnavailable))(self._post_once, body)
+        except (httpx.HTTPError, CollectorUnavailable) as e:
+            raise RuntimeError(f"collector unreachable: {e}") from e
+
+    def _post_once(self, body: bytes) -> None:
+        r = self.http.post(f"{self.collector_url}/v1/feedback", content=body,
+                           headers={"Content-Type": "application/json"})
+        if r.status_code >= 500:
+            raise CollectorUnavailable(f"collector answered {r.status_code}")
+        if r.status_code >= 300:
+            raise ValueError(f"collector refused the event: {r.status_code} {r.text[:200]}")
 
     def _channel(self, use_http: bool) -> str:
         if use_http and self.collector_url:
@@ -120,8 +121,6 @@ class FeedbackChannels:
         return "sdk" if self.sdk is not None else "http"
 
     def thumbs(self, response_id: str, up: bool, user: str, use_http: bool) -> None:
-        from looprl.ingest.schema import ThumbsEvent
-
         ch = self._channel(use_http)
         try:
             if ch == "sdk":
@@ -135,8 +134,6 @@ class FeedbackChannels:
             log.warning("feedback not sent", kind="thumbs", channel=ch, error=str(e)[:200])
 
     def preference(self, chosen_id: str, rejected_id: str, user: str, use_http: bool) -> None:
-        from looprl.ingest.schema import PreferenceEvent
-
         ch = self._channel(use_http)
         try:
             if ch == "sdk":
@@ -168,8 +165,6 @@ class FeedbackChannels:
         counted in ``failed`` (and no longer in ``sent``)."""
         if self.sdk is None:
             return
-        from looprl.ingest.client import DeliveryError
-
         for attempt in range(attempts):
             try:
                 self.sdk.flush()
@@ -231,8 +226,6 @@ class RateLimiter:
 class Simulator:
     def __init__(self, cfg: LooprlConfig, base_url: str, preference: Preference, channels: FeedbackChannels | None,
                  *, seed: int | None = None, out_dir: Path | None = None):
-        from openai import OpenAI
-
         self.cfg, self.d = cfg, cfg.demo
         self.preference = preference
         self.channels = channels
@@ -333,8 +326,6 @@ class Simulator:
         return out
 
     def write_status(self) -> None:
-        from looprl.storage.registry import atomic_write_text
-
         atomic_write_text(self.out_dir / "status.json", json.dumps(self.status()))
 
     def run(self, stop: threading.Event, duration_s: float | None = None) -> dict[str, Any]:
@@ -343,20 +334,20 @@ class Simulator:
         deadline = time.monotonic() + duration_s if duration_s else None
 
         def user_loop(i: int) -> None:
-            backoff = 0.5
+            failures = 0
             while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
                 if not limiter.wait(stop):
                     return
                 try:
                     self.interact(i)
                     REQUESTS.labels(kind="any", outcome="ok").inc()
-                    backoff = 0.5
+                    failures = 0
                 except Exception as e:  # the server restarting, a canary flip: keep simulating
                     self.counts["errors"] += 1
                     REQUESTS.labels(kind="any", outcome="error").inc()
                     log.warning("simulated request failed", user=i, error=str(e)[:200])
-                    stop.wait(backoff)
-                    backoff = min(10.0, backoff * 2)
+                    failures += 1
+                    stop.wait(backoff_seconds(failures, 0.5, cap=10.0))
 
         threads = [threading.Thread(target=user_loop, args=(i,), daemon=True, name=f"user-{i}")
                    for i in range(self.d.users)]
@@ -384,23 +375,3 @@ class Simulator:
         if self.channels is not None:
             self.channels.close()
         self._log.close()
-
-
-def read_interactions(cfg: LooprlConfig, path: Path | None = None) -> list[dict[str, Any]]:
-    p = Path(path or simulator_dir(cfg) / "interactions.jsonl")
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except ValueError:  # a torn last line after a crash
-            continue
-    return out
-
-
-def read_status(cfg: LooprlConfig) -> dict[str, Any]:
-    try:
-        return json.loads((simulator_dir(cfg) / "status.json").read_text())
-    except (OSError, ValueError):
-        return {}

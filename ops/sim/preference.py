@@ -1,4 +1,4 @@
-"""Hidden user preferences for the product simulator (`looprl demo --preference module:function`).
+"""Hidden user preferences of the simulated users (`looprl demo --preference module:function`).
 
 A preference maps (prompt, completion) to the probability that a simulated user gives a
 thumbs-up. The loop never sees this function: it only sees the feedback events that the
