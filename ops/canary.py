@@ -33,6 +33,7 @@ from prometheus_client import Counter, Gauge
 from looprl.ops.core.config import CanaryConfig, LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.storage import releases
+from looprl.storage.events import EventLog
 from looprl.storage.registry import Manifest, Registry, RegistryError
 from looprl.storage.releases import BASE, KIND, DecisionRecord, version_number
 
@@ -132,8 +133,6 @@ def event_log_counts(cfg: LooprlConfig) -> CountsFn:
     """Thumbs votes per adapter version since a time, from the event log's ``feedback_joined`` view."""
 
     def counts(versions: list[str], since: float) -> dict[str, Arm]:
-        from looprl.storage.events import EventLog
-
         if not cfg.events_dir.exists():
             return {}
         quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in versions)

@@ -24,8 +24,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from prometheus_client.parser import text_string_to_metric_families
+from rich.table import Table
+
 from looprl.ops.core.config import DemoConfig, LooprlConfig
 from looprl.ops.core.log import get_logger
+from looprl.ops.sim.records import read_status
+from looprl.storage.registry import atomic_write_text
 
 log = get_logger(__name__)
 
@@ -177,8 +182,6 @@ class Samples:
     """One /metrics scrape: sample name -> [(labels, value)]."""
 
     def __init__(self, text: str):
-        from prometheus_client.parser import text_string_to_metric_families
-
         self.families: set[str] = set()
         self.samples: dict[str, list[tuple[dict[str, str], float]]] = {}
         for fam in text_string_to_metric_families(text):
@@ -396,8 +399,6 @@ class StageMonitor:
     def _observe_simulator(self, now: float) -> None:
         """Requests to the serving tier as the simulated users saw them (including those that never
         reached a server), from the status file the simulator rewrites every second."""
-        from looprl.ops.sim.records import read_status
-
         st = read_status(self.cfg)
         if "simulator" not in self.sup.procs or (st.get("started") or 0) < self.started_wall - 1:
             return  # the previous run's file
@@ -445,8 +446,6 @@ class StageMonitor:
                 "stages": stages, "failure": asdict(w.failure) if w.failure else None}
 
     def write(self) -> None:
-        from looprl.storage.registry import atomic_write_text
-
         try:
             atomic_write_text(health_path(self.cfg), json.dumps(self.health(), default=str))
         except OSError as e:  # a full disk must not stop the watch itself
@@ -488,8 +487,6 @@ def stages_line(health: dict[str, Any]) -> str:
 
 def stages_table(health: dict[str, Any]):
     """The live view's (and `looprl status`'s) table of the stages."""
-    from rich.table import Table
-
     rules = health.get("rules") or {}
     t = Table(title="stages (failures, error rate over the last minute, restarts)", expand=False)
     for c in ("stage", "up", f"restarts ({_duration(rules.get('restart_window_seconds', 300))})", "handled",

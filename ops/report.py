@@ -25,9 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from looprl.ops.canary import read_decisions
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.version import version_sort_key
+from looprl.ops.scheduler import History, history_path
+from looprl.ops.sim.records import read_interactions
+from looprl.reward.history import read_history, reward_history_path
+from looprl.storage.registry import Registry
 from looprl.storage.releases import BASE, KIND, promoted_version
 
 log = get_logger(__name__)
@@ -92,7 +97,7 @@ def _binned(rows: list[dict], t0: float, bin_s: float) -> tuple[list[float], lis
 def _axes(out: Path, height: float = 4.0, legend_loc: str = "best") -> Iterator[Any]:
     """Axes of a figure that is written to `out` (PNG, headless) when the block ends, with a grid
     and, when anything drawn has a label, a legend."""
-    import matplotlib
+    import matplotlib  # lazy: only a report draws, and the headless backend must be chosen before pyplot loads
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -133,9 +138,6 @@ def reward_accuracy_points(cfg: LooprlConfig) -> list[dict[str, Any]]:
     feedback *before* training on it), the candidate's held-out score and the published version's
     score on the same held-out set (what the publish decision compared), from
     ``state/reward_history.jsonl`` (falls back to the published manifests)."""
-    from looprl.reward.history import read_history, reward_history_path
-    from looprl.storage.registry import Registry
-
     pts: list[dict[str, Any]] = []
     if reward_history_path(cfg).is_file():
         for row in read_history(cfg):
@@ -169,8 +171,6 @@ def plot_reward_accuracy(points: list[dict], out: Path) -> Path:
 
 
 def policy_curves(cfg: LooprlConfig) -> list[dict[str, Any]]:
-    from looprl.storage.registry import Registry
-
     out = []
     for m in Registry(cfg.registry_dir).list(KIND):
         curve = m.metrics.get("curve") or []
@@ -231,11 +231,6 @@ def _failure_lines(summary: dict[str, Any]) -> list[str]:
 def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str, Any] | None = None,
                  min_eval: int = 20) -> tuple[Path, dict[str, Any]]:
     """Write the report folder; returns (folder, summary)."""
-    from looprl.ops.canary import read_decisions
-    from looprl.ops.scheduler import History, history_path
-    from looprl.ops.sim.records import read_interactions
-    from looprl.storage.registry import Registry
-
     out = Path(out_dir or cfg.reports_dir / time.strftime("demo-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     interactions = read_interactions(cfg)

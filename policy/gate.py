@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 from safetensors import safe_open
 
 from looprl.ops.core.config import LooprlConfig
@@ -37,6 +39,7 @@ from looprl.policy.model import base_checksum, format_prompt, load_base
 from looprl.policy.model import heldout_prompts as shipped_heldout_prompts
 from looprl.policy.prompts import build_pool, generator, heldout_prompts
 from looprl.policy.rollout import Rollout, sample
+from looprl.policy.scoring import registry_scorer
 from looprl.storage import releases
 from looprl.storage.registry import Registry, RegistryError
 from looprl.storage.releases import BASE, KIND
@@ -85,8 +88,6 @@ def check_adapter_config(cfg: LooprlConfig, adapter_dir: Path, base_model: torch
         reasons.append(f"adapter_config.json: invalid rank r={acfg.get('r')}")
     modules = acfg.get("target_modules") or []
     if isinstance(modules, str):  # a regex in peft's format: must match something
-        import re
-
         missing_m = [] if any(re.fullmatch(modules, n) for n, _ in base_model.named_modules()) else [modules]
     else:
         names = {n.rsplit(".", 1)[-1] for n, _ in base_model.named_modules()}
@@ -146,8 +147,6 @@ def _sample_and_kl(cfg: LooprlConfig, model, tok, prompts: list[str], seed_tag: 
 
 def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
     """Run every check on `version` without recording anything."""
-    from peft import PeftModel
-
     reg = Registry(cfg.registry_dir)
     checksum = base_checksum(cfg.base_path)
     try:
@@ -165,8 +164,6 @@ def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
         return GateReport(version, "rejected", reasons, numbers)
 
     if scorer is None:
-        from looprl.policy.scoring import registry_scorer
-
         scorer = registry_scorer(cfg)
     incumbent = releases.promoted_version(reg)
     model = PeftModel.from_pretrained(base, cand_dir, adapter_name="candidate", is_trainable=False)

@@ -27,7 +27,10 @@ import types
 from typing import Any
 
 import torch
+from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from torch import nn
+
+from looprl.kernels import fused_layout_problem, moe_lora_experts, peft_experts_chain, peft_lora_factors
 
 BASE = "__base__"
 
@@ -44,8 +47,6 @@ class MixedLora:
     def refresh(self) -> None:
         """(Re)install hooks after adapters were injected: peft may have created new LoRA layers
         or wrapped the experts in one more ``ParamWrapper``."""
-        from peft.tuners.lora.layer import LoraLayer, ParamWrapper
-
         mods = dict(self.model.named_modules())
         for name, mod in mods.items():
             if isinstance(mod, ParamWrapper):
@@ -78,10 +79,6 @@ class MixedLora:
 
 
 def _make_experts_forward(mixer: MixedLora):
-    from peft.tuners.lora.layer import ParamWrapper
-
-    from looprl.kernels import fused_layout_problem, moe_lora_experts, peft_experts_chain, peft_lora_factors
-
     peft_forward = ParamWrapper.forward
 
     def run(self: nn.Module, chain: dict, experts: nn.Module, fused: bool, key: str,

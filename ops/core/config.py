@@ -14,6 +14,7 @@ enough that the whole loop runs on a 2-core laptop, and document production valu
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
@@ -367,8 +368,6 @@ def _env_overrides(environ: os._Environ[str] | dict[str, str]) -> dict[str, Any]
         value: Any = raw
         # Lists are given as JSON in the environment (e.g. '["http://a:8000"]').
         if raw.startswith("["):
-            import json
-
             try:
                 value = json.loads(raw)
             except json.JSONDecodeError as e:
