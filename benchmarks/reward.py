@@ -64,7 +64,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
         base = create_base(load_config(environ={}, workspace=tmp / "ws0"), out_dir=tmp / "base", progress=False)
         print(f"built base in {time.perf_counter() - t:.1f}s")
     cfg = load_config(environ={}, workspace=tmp / "ws", model={"base_path": str(base)},
-                      reward={"min_new_events": 1, "seed": args.seed})
+                      # 8 simulated users: uncapped, so both runs train on every event
+                      reward={"min_new_events": 1, "seed": args.seed, "max_user_share": 1.0})
     rc = cfg.reward
     views = SimulatedLog(tmp / "events")
     pairs = heldout_pairs(args.heldout_pairs, seed=10_000 + args.seed)

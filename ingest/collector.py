@@ -8,10 +8,19 @@
 - 400 ``{"error": "invalid_event", "errors": [{"index", "reason", "detail"}]}``: nothing of the
   request is accepted (the ``detail`` names the bad field);
 - 401 missing/wrong token; 413 body over ``ingest.collector_max_body_bytes``;
-- 503 ``{"error": "not_delivered", "event_ids": [...]}``: Kafka did not acknowledge; retry.
+- 503 ``{"error": "not_delivered", "event_ids": [...]}``: Kafka did not acknowledge; retry;
+- 503 ``{"error": "busy"}``: ``ingest.collector_max_concurrent`` requests already wait on Kafka
+  (e.g. during an outage, each waits up to the delivery timeout); retry.
+  Both 503s carry ``Retry-After`` (seconds).
 
-Response events go to the responses topic, feedback to the feedback topic. ``/metrics`` serves
-Prometheus metrics, ``/health`` liveness.
+Feedback only, to the feedback topic: answers are logged by the serving tier or a gateway
+(``ResponseLogger``, on the responses topic, which the collector never writes), so an event of kind
+``response`` is refused (reason ``kind_not_accepted``), and so is a preference carrying its own
+texts (``texts_not_accepted``): a preference sent here names two served responses, whose texts
+the event log joins in. ``/metrics`` serves Prometheus metrics, ``/health`` liveness.
+
+Without ``ingest.collector_token`` the collector starts on a loopback address only; on any other
+it refuses to start, naming the key.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import asyncio
 import hmac
 import json
 import threading
+import time
 from typing import Any
 
 import uvicorn
@@ -27,20 +37,28 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from looprl.ingest import metrics as m
-from looprl.ingest.schema import InvalidEvent, ResponseEvent, encode_event, validate_event
+from looprl.ingest.schema import (
+    FEEDBACK_KINDS, InvalidEvent, PreferenceEvent, TsWindow, encode_event, validate_event,
+)
 from looprl.ingest.transport import Producer, ensure_topics, make_producer, wait_for_broker
-from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.config import LooprlConfig, require_token_off_loopback
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import metrics_app
 
 log = get_logger(__name__)
 
 MAX_EVENTS_PER_REQUEST = 10_000
+# Retry-After of a 503: over the concurrency cap acknowledgements usually come within
+# milliseconds; events Kafka did not acknowledge wait for the broker to come back.
+RETRY_BUSY_S = 1
+RETRY_NOT_DELIVERED_S = 5
+_PAIR_TEXTS = ("prompt", "chosen_text", "rejected_text")
 
 
-def _reply(code: int, body: dict[str, Any]) -> JSONResponse:
+def _reply(code: int, body: dict[str, Any], retry_after_s: int | None = None) -> JSONResponse:
     m.COLLECTOR_REQUESTS.labels(code=str(code)).inc()
-    return JSONResponse(body, status_code=code)
+    headers = None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
+    return JSONResponse(body, status_code=code, headers=headers)
 
 
 def _events_of(body: Any) -> list[Any]:
@@ -53,9 +71,27 @@ def _events_of(body: Any) -> list[Any]:
     return [body]
 
 
+def _check_feedback_kind(obj: Any) -> None:
+    if isinstance(obj, dict) and obj.get("kind") == "response":
+        raise InvalidEvent("kind_not_accepted", "kind: 'response' is not accepted here: answers are logged by the "
+                                                "serving tier or gateway (ResponseLogger, kafka.topic_responses); "
+                                                f"send feedback: {', '.join(FEEDBACK_KINDS)}")
+
+
+def _check_served_pair(event: Any) -> None:
+    if isinstance(event, PreferenceEvent):
+        given = [f for f in _PAIR_TEXTS if getattr(event, f) is not None]
+        if given:
+            raise InvalidEvent("texts_not_accepted", f"{', '.join(given)}: a preference sent here names the two "
+                                                     "served responses (chosen_response_id, rejected_response_id) "
+                                                     "and takes its texts from them")
+
+
 def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float = 30.0) -> FastAPI:
     ing, k = cfg.ingest, cfg.kafka
     token = ing.collector_token.get_secret_value().encode() if ing.collector_token else None
+    ts_window = TsWindow(ing.ts_max_past_s, ing.ts_max_future_s)
+    waiting = 0  # requests waiting on Kafka; the event loop is one thread, so a plain counter
     app = FastAPI(title="looprl feedback collector", docs_url=None, redoc_url=None)
     app.mount("/metrics", metrics_app())
 
@@ -65,6 +101,7 @@ def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float 
 
     @app.post("/v1/feedback")
     async def feedback(request: Request) -> JSONResponse:
+        nonlocal waiting
         if token is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
@@ -98,7 +135,9 @@ def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float 
         events, errors = [], []
         for i, obj in enumerate(items):
             try:
-                ev = validate_event(obj, max_text_chars=ing.max_text_chars)
+                _check_feedback_kind(obj)
+                ev = validate_event(obj, max_text_chars=ing.max_text_chars, ts_window=ts_window)
+                _check_served_pair(ev)
                 size = len(encode_event(ev))
                 if size > ing.max_event_bytes:  # the consumer would dead-letter it: refuse it now
                     raise InvalidEvent("too_large", f"event of {size} bytes > {ing.max_event_bytes}")
@@ -108,11 +147,18 @@ def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float 
                 m.COLLECTOR_REJECTED.labels(reason=e.reason).inc()
         if errors:
             return _reply(400, {"error": "invalid_event", "errors": errors[:100]})
-        failed = await _deliver(producer, events, k.topic_responses, k.topic_feedback, delivery_timeout_s)
+        if waiting >= ing.collector_max_concurrent:
+            return _reply(503, {"error": "busy", "detail": f"{waiting} requests wait on Kafka "
+                                                           f"(ingest.collector_max_concurrent)"}, RETRY_BUSY_S)
+        waiting += 1
+        try:
+            failed = await _deliver(producer, events, k.topic_feedback, delivery_timeout_s)
+        finally:
+            waiting -= 1
         if failed:
             log.warning("collector: events not delivered", count=len(failed), error=failed[0][1])
             return _reply(503, {"error": "not_delivered", "event_ids": [str(e.event_id) for e, _ in failed],
-                                "detail": failed[0][1]})
+                                "detail": failed[0][1]}, RETRY_NOT_DELIVERED_S)
         for e in events:
             m.COLLECTOR_EVENTS.labels(kind=e.kind).inc()
         return _reply(202, {"accepted": len(events), "event_ids": [str(e.event_id) for e in events]})
@@ -120,11 +166,11 @@ def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float 
     return app
 
 
-async def _deliver(producer: Producer, events: list[Any], responses_topic: str, feedback_topic: str,
-                   timeout: float) -> list[tuple[Any, str]]:
-    """Send ``events`` and wait (without blocking the event loop) for Kafka's acknowledgements.
-    Returns the (event, error) pairs that failed or timed out."""
+async def _deliver(producer: Producer, events: list[Any], topic: str, timeout: float) -> list[tuple[Any, str]]:
+    """Send ``events`` and wait (without blocking the event loop) for Kafka's acknowledgements
+    within ``timeout`` in all. Returns the (event, error) pairs that failed or timed out."""
     loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     done = asyncio.Event()
     lock = threading.Lock()
     outcome: dict[int, str | None] = {}  # index -> error text (None: acknowledged)
@@ -136,12 +182,18 @@ async def _deliver(producer: Producer, events: list[Any], responses_topic: str, 
         if last:
             loop.call_soon_threadsafe(done.set)
 
-    for i, e in enumerate(events):
-        topic = responses_topic if isinstance(e, ResponseEvent) else feedback_topic
-        producer.send(topic, encode_event(e), key=str(e.event_id).encode(),
-                      on_delivery=lambda err, i=i: on_delivery(i, err))
+    def send_all() -> None:
+        give_up = time.monotonic() + timeout
+        for i, e in enumerate(events):
+            if time.monotonic() > give_up:  # Kafka takes nothing: the rest count as not acknowledged
+                return
+            producer.send(topic, encode_event(e), key=str(e.event_id).encode(),
+                          on_delivery=lambda err, i=i: on_delivery(i, err))
+
+    # A send may wait for room in a full local queue (Kafka down): never on the event loop.
+    await asyncio.to_thread(send_all)
     try:
-        await asyncio.wait_for(done.wait(), timeout)
+        await asyncio.wait_for(done.wait(), max(0.0, deadline - loop.time()))
     except asyncio.TimeoutError:
         pass
     with lock:
@@ -152,6 +204,8 @@ async def _deliver(producer: Producer, events: list[Any], responses_topic: str, 
 
 def run_collector(cfg: LooprlConfig, bootstrap: str, host: str | None = None, port: int | None = None) -> int:
     k = cfg.kafka
+    h = host or cfg.ingest.collector_host
+    require_token_off_loopback(h, cfg.ingest.collector_token, "ingest.collector_host", "ingest.collector_token")
     try:
         wait_for_broker(bootstrap, timeout=60)
         ensure_topics(bootstrap, {k.topic_feedback: k.topic_partitions, k.topic_responses: k.topic_partitions})
@@ -159,8 +213,7 @@ def run_collector(cfg: LooprlConfig, bootstrap: str, host: str | None = None, po
         log.warning("Kafka not ready at collector start", error=str(e)[:300])
     producer = make_producer(bootstrap, k.client, client_id="looprl-collector", linger_ms=2)
     if cfg.ingest.collector_token is None:
-        log.warning("ingest.collector_token is not set: POST /v1/feedback accepts unauthenticated requests")
-    h = host or cfg.ingest.collector_host
+        log.warning("ingest.collector_token is not set: POST /v1/feedback is open on loopback only")
     p = cfg.ingest.collector_port if port is None else port
     log.info("collector listening", url=f"http://{h}:{p}/v1/feedback", bootstrap=bootstrap)
     try:

@@ -3,40 +3,59 @@
 Delivery is at-least-once and writes are idempotent:
 
 1. poll a batch (``ingest.batch_max_events`` records or ``ingest.batch_max_seconds``);
-2. validate each record; invalid ones go to the dead-letter topic with the original bytes and
+2. validate each record (``ts`` within ``ingest.ts_max_past_s``/``ts_max_future_s`` of now); invalid
+   ones go to the dead-letter topic with the original bytes (cut to ``ingest.dlq_max_bytes``) and
    headers ``looprl-reason``/``looprl-detail``/``looprl-source-*`` (input never crashes the loop);
 3. drop events whose ``event_id`` is already stored (producer resends, replays after a crash);
 4. write one Parquet part per kind: temp file, fsync, atomic rename, directory fsync;
-5. wait until the dead-letter records are acknowledged;
+5. wait until the dead-letter records are acknowledged; one the DLQ refuses for what it is (over
+   the broker's size limit) is sent again without its value, and one refused even so is skipped
+   (``looprl_ingest_dlq_skipped_total``): a bad record never holds back the others' commit;
 6. only then commit the offsets.
 
 A crash (SIGKILL) anywhere before 6 replays the batch after restart: events already in Parquet
 are found in the dedupe index, which is reloaded from the newest part files at start (and on
 every partition assignment, for scaled-out consumers), so each event is stored exactly once.
 Dead-lettered records may be re-sent to the DLQ after such a crash (at-least-once there).
+
+Each topic carries its own kinds: responses only from ``kafka.topic_responses`` (the serving tier or
+gateway), feedback only from ``kafka.topic_feedback``; anything else is dead-lettered (``wrong_topic``).
+Feedback about a response the log does not hold is stored and waits for it; once
+``ingest.orphan_timeout_seconds`` have passed without it, a periodic sweep sends a copy to the DLQ
+(``orphan_feedback``, naming the missing id). The event stays in the log, where the views leave it
+unresolved (it trains nothing and counts in no canary) unless its response does turn up.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from looprl.ingest import metrics as m
 from looprl.ingest.decode import Columns, decode
-from looprl.ingest.schema import InvalidEvent
+from looprl.ingest.schema import InvalidEvent, TsWindow, check_ts
 from looprl.ingest.transport import Consumer, Producer, Record, ensure_topics, make_consumer, make_producer, wait_for_broker
 from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.locks import LockHeld, try_lock
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.signals import stop_on_signals
+from looprl.storage.events import EventLog
 from looprl.storage.parts import PartWriter, clean_temp, recent_event_ids
+from looprl.storage.registry import atomic_write_text
 
 log = get_logger(__name__)
 
 _POLL_CHUNK = 10_000
 _DETAIL_MAX = 500
+# Producers key records by event id; a longer key is junk, and its prefix is enough to find it.
+_DLQ_KEY_MAX = 1024
+# Columns the log adds to an event (not part of it): left out of an orphan's DLQ copy.
+_STORAGE_COLUMNS = frozenset({"ingested_at", "kafka_topic", "kafka_partition", "kafka_offset", "missing"})
 
 
 class IngestError(RuntimeError):
@@ -86,6 +105,8 @@ class BatchResult:
     stored: dict[str, int] = field(default_factory=dict)
     duplicates: int = 0
     dead: dict[str, int] = field(default_factory=dict)
+    # invalid records the DLQ refused even without their value: counted, logged, committed past
+    skipped: dict[str, int] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)
     committed: bool = False
 
@@ -96,6 +117,7 @@ class Totals:
     stored: int = 0
     duplicates: int = 0
     dead: int = 0
+    skipped: int = 0
     batches: int = 0
 
     def add(self, r: BatchResult) -> None:
@@ -103,6 +125,7 @@ class Totals:
         self.stored += sum(r.stored.values())
         self.duplicates += r.duplicates
         self.dead += sum(r.dead.values())
+        self.skipped += sum(r.skipped.values())
         self.batches += 1
 
 
@@ -120,6 +143,10 @@ class IngestConsumer:
         self._dlq = dlq
         self.writer = PartWriter(cfg.events_dir)
         self.dedupe = DedupeIndex(cfg.events_dir, max(cfg.ingest.dedupe_max_ids, 2 * cfg.ingest.batch_max_events))
+        self.ts_window = TsWindow(cfg.ingest.ts_max_past_s, cfg.ingest.ts_max_future_s)
+        self._sweep_state = cfg.state_dir / "ingest" / "orphan_sweep.json"
+        self._sweep_every = max(1.0, min(60.0, cfg.ingest.orphan_timeout_seconds / 4))
+        self._next_sweep = 0.0
         self.totals = Totals()
         self._pending: list[Record] = []
         self._last_lag = 0.0
@@ -195,9 +222,10 @@ class IngestConsumer:
 
     def process(self, records: list[Record]) -> BatchResult:
         """Validate, dedupe, write durably, dead-letter, then commit ``records``."""
-        ing, k = self.cfg.ingest, self.cfg.kafka
+        ing = self.cfg.ingest
         assert self._dlq is not None and self._consumer is not None
         res = BatchResult(records=len(records))
+        now = datetime.now(timezone.utc)
         cols: dict[str, Columns] = {}
         offsets: dict[tuple[str, int], int] = {}
         batch_ids: set[str] = set()
@@ -209,6 +237,8 @@ class IngestConsumer:
                 offsets[tp] = r.offset + 1
             try:
                 ev = decode(r.value, ing.max_event_bytes, ing.max_text_chars)
+                check_ts(ev.ts, self.ts_window, now)
+                self._check_topic(ev.kind, r.topic)
             except InvalidEvent as e:
                 dead.append((r, e.reason, e.detail))
                 continue
@@ -225,14 +255,7 @@ class IngestConsumer:
                 c = cols[ev.kind] = Columns(ev.kind)
             c.append(ev, eid, r.topic, r.partition, r.offset)
 
-        failures: list[Exception] = []
-        for r, reason, detail in dead:
-            headers = [("looprl-reason", reason.encode()), ("looprl-detail", detail[:_DETAIL_MAX].encode("utf-8", "replace")),
-                       ("looprl-source-topic", r.topic.encode()), ("looprl-source-partition", str(r.partition).encode()),
-                       ("looprl-source-offset", str(r.offset).encode())]
-            self._dlq.send(k.topic_dlq, r.value, key=r.key, headers=headers,
-                           on_delivery=lambda err: err is not None and failures.append(err))
-            res.dead[reason] = res.dead.get(reason, 0) + 1
+        refusals = self._send_dead(dead)  # before the write: the acknowledgements come meanwhile
 
         if cols:
             t0 = time.perf_counter()
@@ -244,10 +267,10 @@ class IngestConsumer:
             m.LAST_BATCH.set(time.time())
 
         if dead:
-            remaining = self._dlq.flush(30.0)
-            if remaining or failures:
-                raise IngestError(f"dead-letter topic {k.topic_dlq} did not acknowledge {remaining + len(failures)} "
-                                  f"record(s) ({failures[:1]}); not committing")
+            skipped = self._finish_dead(dead, refusals)
+            for i, (_r, reason, _detail) in enumerate(dead):
+                counts = res.skipped if i in skipped else res.dead
+                counts[reason] = counts.get(reason, 0) + 1
 
         try:
             self._consumer.commit(offsets)
@@ -262,6 +285,8 @@ class IngestConsumer:
             m.EVENTS.labels(kind=kind).inc(n)
         for reason, n in res.dead.items():
             m.DEAD_LETTERS.labels(reason=reason).inc(n)
+        for reason, n in res.skipped.items():
+            m.DLQ_SKIPPED.labels(reason=reason).inc(n)
         if res.duplicates:
             m.DUPLICATES.inc(res.duplicates)
         m.BATCH_EVENTS.observe(len(records))
@@ -269,6 +294,122 @@ class IngestConsumer:
         if dead:
             log.info("dead-lettered", **{f"reason_{r}": n for r, n in res.dead.items()})
         return res
+
+    def _send_dead(self, dead: list[tuple[Record, str, str]],
+                   stubs: dict[int, Exception] | None = None) -> dict[int, Exception]:
+        """Send ``dead`` (record, reason, detail) to the DLQ, or only the indexes in ``stubs`` (each
+        with the DLQ's refusal of its full copy) as stubs without the value. Returns the failures
+        by index, filled in as the acknowledgements arrive."""
+        failures: dict[int, Exception] = {}
+        limit = self.cfg.ingest.dlq_max_bytes
+        for i in (range(len(dead)) if stubs is None else stubs):
+            r, reason, detail = dead[i]
+            refusal = None if stubs is None else stubs[i]
+            value, key = r.value, r.key
+            headers = [("looprl-reason", reason.encode()), ("looprl-detail", detail[:_DETAIL_MAX].encode("utf-8", "replace")),
+                       ("looprl-source-topic", r.topic.encode()), ("looprl-source-partition", str(r.partition).encode()),
+                       ("looprl-source-offset", str(r.offset).encode())]
+            if value is not None and (refusal is not None or len(value) > limit):
+                headers += [("looprl-original-bytes", str(len(value)).encode()),
+                            ("looprl-original-sha256", hashlib.sha256(value).hexdigest().encode())]
+                value = None if refusal is not None else value[:limit]
+            if refusal is not None:
+                headers.append(("looprl-dlq-error", str(refusal)[:_DETAIL_MAX].encode("utf-8", "replace")))
+            if key is not None and len(key) > _DLQ_KEY_MAX:
+                key = key[:_DLQ_KEY_MAX]
+            self._dlq.send(self.cfg.kafka.topic_dlq, value, key=key, headers=headers,
+                           on_delivery=lambda err, i=i: err is not None and failures.__setitem__(i, err))
+        return failures
+
+    def _finish_dead(self, dead: list[tuple[Record, str, str]], failures: dict[int, Exception]) -> set[int]:
+        """Wait for the DLQ's acknowledgements of ``dead``. A record refused for what it is (over
+        the broker's size limit) is sent again as a stub; one refused even so is logged and
+        skipped. Returns the indexes skipped. Anything else unacknowledged (timeout, broker down)
+        raises ``IngestError``: the batch is not committed and will be replayed."""
+        refused = self._await_dead(len(dead), failures)
+        if not refused:
+            return set()
+        stub_failures = self._send_dead(dead, {i: failures[i] for i in refused})
+        skipped = self._await_dead(len(refused), stub_failures)
+        for i in sorted(skipped):
+            r, reason, _detail = dead[i]
+            log.error("the dead-letter topic refused a record even without its value; skipped", reason=reason,
+                      source_topic=r.topic, source_partition=r.partition, source_offset=r.offset,
+                      error=str(stub_failures[i])[:300])
+        return skipped
+
+    def _await_dead(self, sent: int, failures: dict[int, Exception]) -> set[int]:
+        """Flush the DLQ; returns the indexes refused for what the record is, raises ``IngestError``
+        for any other failure."""
+        remaining = self._dlq.flush(30.0)
+        transient = [e for e in failures.values() if not getattr(e, "permanent", False)]
+        if remaining or transient:
+            raise IngestError(f"dead-letter topic {self.cfg.kafka.topic_dlq} did not acknowledge "
+                              f"{remaining + len(transient)} of {sent} record(s) ({transient[:1]}); not committing")
+        return set(failures)
+
+    def _check_topic(self, kind: str, topic: str) -> None:
+        k = self.cfg.kafka
+        if (kind == "response") != (topic == k.topic_responses):
+            raise InvalidEvent("wrong_topic", f"kind={kind!r} on topic {topic}: responses are accepted only "
+                                              f"from {k.topic_responses} (the serving tier), feedback only from "
+                                              f"{k.topic_feedback}")
+
+    # ------------------------------------------------------------------ orphan feedback
+    def sweep_orphans(self, now: datetime | None = None) -> int:
+        """Dead-letter (reason ``orphan_feedback``), once, the feedback stored more than
+        ``ingest.orphan_timeout_seconds`` before ``now`` whose response is still not in the log.
+        A watermark in ``<state>/ingest/orphan_sweep.json`` (advanced once the DLQ acknowledged)
+        says how far the sweeps got; a lock lets one consumer of a scaled-out group sweep at a time.
+        Returns how many were dead-lettered."""
+        assert self._dlq is not None
+        timeout = self.cfg.ingest.orphan_timeout_seconds
+        until = (now or datetime.now(timezone.utc)) - timedelta(seconds=timeout)
+        try:
+            lock = try_lock(self._sweep_state.with_suffix(".lock"))
+        except LockHeld:
+            return 0
+        try:
+            after = self._swept_until()
+            if after is not None and until <= after:
+                return 0
+            dead = [self._orphan_record(row, timeout) for row in EventLog(self.cfg.events_dir).orphans(after, until)]
+            skipped = self._finish_dead(dead, self._send_dead(dead)) if dead else set()
+            atomic_write_text(self._sweep_state, json.dumps({"swept_until": until.isoformat()}))
+        finally:
+            lock.release()
+        sent = len(dead) - len(skipped)
+        if dead:
+            m.DEAD_LETTERS.labels(reason="orphan_feedback").inc(sent)
+            if skipped:
+                m.DLQ_SKIPPED.labels(reason="orphan_feedback").inc(len(skipped))
+            log.info("orphan feedback dead-lettered", events=sent, timeout_seconds=timeout)
+        return sent
+
+    def _swept_until(self) -> datetime | None:
+        if not self._sweep_state.is_file():
+            return None
+        return datetime.fromisoformat(json.loads(self._sweep_state.read_text())["swept_until"])
+
+    def _orphan_record(self, row: dict, timeout: float) -> tuple[Record, str, str]:
+        """A stored orphan as the DLQ's (record, reason, detail): the event as stored (JSON, keyed
+        by its id) with the Kafka coordinates it was read from."""
+        event = {k: v for k, v in row.items() if v is not None and k not in _STORAGE_COLUMNS}
+        value = json.dumps(event, separators=(",", ":"), default=datetime.isoformat).encode()
+        topic, partition, offset = row["kafka_topic"], row["kafka_partition"], row["kafka_offset"]
+        rec = Record(topic or self.cfg.kafka.topic_feedback, -1 if partition is None else partition,
+                     -1 if offset is None else offset, value, row["event_id"].encode())
+        return rec, "orphan_feedback", (f"{row['missing']} not in the log {timeout:g} s after this feedback was "
+                                        "stored (ingest.orphan_timeout_seconds)")
+
+    def _maybe_sweep(self) -> None:
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + self._sweep_every
+        try:
+            self.sweep_orphans()
+        except Exception as e:  # e.g. the DLQ unreachable: the watermark stays, the next sweep retries
+            log.warning("orphan feedback sweep failed", error=str(e)[:300])
 
     def _update_lag(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -299,6 +440,7 @@ class IngestConsumer:
                 limit = idle_exit_s if self._assigned_at else max(idle_exit_s or 0.0, 60.0)
                 if idle_exit_s is not None and time.monotonic() - since >= limit:
                     break
+            self._maybe_sweep()
             if max_records is not None and self.totals.records >= max_records:
                 break
         if self._pending:  # stopped while holding records: make them durable and commit

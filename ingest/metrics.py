@@ -8,6 +8,8 @@ from prometheus_client import Counter, Gauge, Histogram
 # ---- consumer (looprl ingest consume)
 EVENTS = Counter("looprl_ingest_events_total", "Events made durable in the Parquet log", ["kind"])
 DEAD_LETTERS = Counter("looprl_ingest_dead_letters_total", "Invalid events sent to the dead-letter topic", ["reason"])
+DLQ_SKIPPED = Counter("looprl_ingest_dlq_skipped_total",
+                      "Invalid events the dead-letter topic refused even without their value (skipped)", ["reason"])
 DUPLICATES = Counter("looprl_ingest_duplicates_total", "Events skipped because their event_id was already stored")
 BATCH_WRITE = Histogram("looprl_ingest_batch_write_seconds", "Time to make one batch durable (Parquet + fsync)",
                         buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0))

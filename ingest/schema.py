@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
@@ -151,6 +152,34 @@ class InvalidEvent(ValueError):
         self.detail = detail
 
 
+@dataclass(frozen=True)
+class TsWindow:
+    """How far (seconds) an event's ``ts`` may lie before and after ingest time."""
+
+    max_past_s: float
+    max_future_s: float
+
+
+def check_ts(ts: datetime, window: TsWindow | None = None, now: datetime | None = None) -> None:
+    """Raise ``InvalidEvent("ts_out_of_range")`` for a ``ts`` with no UTC equivalent in Python's
+    datetime range (``9999-12-31T23:59:59-23:59`` is year 10000 in UTC: every later read of it
+    would overflow) or, given ``window``, outside that window around ``now`` (default: now)."""
+    try:
+        utc = ts.astimezone(timezone.utc)
+    except OverflowError:
+        raise InvalidEvent("ts_out_of_range", f"ts {ts.isoformat()} is outside the representable range in UTC") from None
+    if window is None:
+        return
+    now = now or utcnow()
+    ahead = (utc - now).total_seconds()
+    if ahead > window.max_future_s:
+        raise InvalidEvent("ts_out_of_range", f"ts {utc.isoformat()} is {ahead:.0f} s after ingest time "
+                                              f"{now.isoformat()} (limit ingest.ts_max_future_s={window.max_future_s:g})")
+    if -ahead > window.max_past_s:
+        raise InvalidEvent("ts_out_of_range", f"ts {utc.isoformat()} is {-ahead:.0f} s before ingest time "
+                                              f"{now.isoformat()} (limit ingest.ts_max_past_s={window.max_past_s:g})")
+
+
 def _describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors()[:5]:
@@ -159,11 +188,11 @@ def _describe(e: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def validate_event(obj: Any, max_text_chars: int | None = None) -> _Event:
+def validate_event(obj: Any, max_text_chars: int | None = None, ts_window: TsWindow | None = None) -> _Event:
     """Validate a decoded JSON object into a typed event, or raise ``InvalidEvent``.
 
     Reasons: ``not_an_object``, ``unknown_kind``, ``unsupported_schema_version``,
-    ``text_too_long``, ``invalid_fields``.
+    ``text_too_long``, ``invalid_fields``, ``ts_out_of_range`` (see ``check_ts``).
     """
     if not isinstance(obj, dict):
         raise InvalidEvent("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
@@ -185,10 +214,12 @@ def validate_event(obj: Any, max_text_chars: int | None = None) -> _Event:
         for name, value in event:
             if isinstance(value, str) and len(value) > max_text_chars:
                 raise InvalidEvent("text_too_long", f"{name} has {len(value)} chars > {max_text_chars}")
+    check_ts(event.ts, ts_window)
     return event
 
 
-def parse_event(raw: bytes, max_bytes: int | None = None, max_text_chars: int | None = None) -> _Event:
+def parse_event(raw: bytes, max_bytes: int | None = None, max_text_chars: int | None = None,
+                ts_window: TsWindow | None = None) -> _Event:
     """Decode bytes from Kafka or HTTP into a typed event, or raise ``InvalidEvent``
     (reasons above plus ``too_large`` and ``bad_json``)."""
     if max_bytes is not None and len(raw) > max_bytes:
@@ -197,7 +228,7 @@ def parse_event(raw: bytes, max_bytes: int | None = None, max_text_chars: int | 
         obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise InvalidEvent("bad_json", str(e)[:200]) from None
-    return validate_event(obj, max_text_chars=max_text_chars)
+    return validate_event(obj, max_text_chars=max_text_chars, ts_window=ts_window)
 
 
 def encode_event(event: _Event) -> bytes:
@@ -207,5 +238,5 @@ def encode_event(event: _Event) -> bytes:
 
 DLQ_REASONS = (
     "not_an_object", "unknown_kind", "unsupported_schema_version", "text_too_long",
-    "invalid_fields", "too_large", "bad_json",
+    "invalid_fields", "too_large", "bad_json", "ts_out_of_range", "wrong_topic", "orphan_feedback",
 )

@@ -27,7 +27,9 @@ from typing import Callable, Iterable, Literal, NamedTuple, Protocol
 import confluent_kafka
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
-from kafka.errors import KafkaError, TopicAlreadyExistsError
+from kafka.errors import (
+    InvalidRecordError, KafkaError, MessageSizeTooLargeError, RecordListTooLargeError, TopicAlreadyExistsError,
+)
 from kafka.structs import OffsetAndMetadata
 
 from looprl.ops.core.log import get_logger
@@ -44,11 +46,30 @@ class KafkaUnavailable(RuntimeError):
 
 
 class DeliveryFailed(RuntimeError):
-    """One message was not acknowledged by the broker. ``reason`` is the client's error text."""
+    """One message was not acknowledged by the broker. ``reason`` is the client's error text;
+    ``permanent``: the message itself is refused (too large, invalid record), so sending the same
+    bytes again can never succeed, unlike a timeout or an unreachable broker."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, permanent: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.permanent = permanent
+
+
+# Refusals of one message for what it is, by the client's own check or by the broker.
+_PERMANENT_CODES = frozenset({
+    confluent_kafka.KafkaError.MSG_SIZE_TOO_LARGE, confluent_kafka.KafkaError.INVALID_MSG_SIZE,
+    confluent_kafka.KafkaError.RECORD_LIST_TOO_LARGE, confluent_kafka.KafkaError.INVALID_RECORD,
+})
+_PERMANENT_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError, InvalidRecordError)
+
+
+def _confluent_failure(err: confluent_kafka.KafkaError) -> DeliveryFailed:
+    return DeliveryFailed(str(err), permanent=err.code() in _PERMANENT_CODES)
+
+
+def _kafka_python_failure(e: Exception) -> DeliveryFailed:
+    return DeliveryFailed(f"{type(e).__name__}: {e}", permanent=isinstance(e, _PERMANENT_ERRORS))
 
 
 class Record(NamedTuple):
@@ -196,7 +217,7 @@ class _ConfluentProducer:
         cb = None
         if on_delivery is not None:
             def cb(err, _msg, _f=on_delivery):
-                _f(DeliveryFailed(str(err)) if err is not None else None)
+                _f(_confluent_failure(err) if err is not None else None)
         deadline = time.monotonic() + 10.0
         while True:
             try:
@@ -210,7 +231,14 @@ class _ConfluentProducer:
                         return
                     raise
                 self._p.poll(0.05)
-            except Exception as e:  # e.g. message too large: a per-message failure
+            except confluent_kafka.KafkaException as e:  # e.g. message too large: a per-message failure
+                if on_delivery is None:
+                    raise
+                err = e.args[0] if e.args else None
+                on_delivery(_confluent_failure(err) if isinstance(err, confluent_kafka.KafkaError)
+                            else DeliveryFailed(str(e)))
+                return
+            except Exception as e:
                 if on_delivery is None:
                     raise
                 on_delivery(DeliveryFailed(f"{type(e).__name__}: {e}"))
@@ -274,7 +302,7 @@ class _KafkaPythonProducer:
             try:
                 fut = self._producer().send(topic, value=value, key=key, headers=headers)
             except Exception as e:  # no broker, metadata timeout, message too large, ...
-                err = DeliveryFailed(f"{type(e).__name__}: {e}")
+                err = _kafka_python_failure(e)
                 self._done(on_delivery, err)
                 if self._p is None:  # could not even connect: fail what is queued now, not one by one
                     while True:
@@ -287,7 +315,7 @@ class _KafkaPythonProducer:
                         self._done(nxt[4], err)
                 continue
             fut.add_callback(lambda _md, cb=on_delivery: self._done(cb, None))
-            fut.add_errback(lambda e, cb=on_delivery: self._done(cb, DeliveryFailed(f"{type(e).__name__}: {e}")))
+            fut.add_errback(lambda e, cb=on_delivery: self._done(cb, _kafka_python_failure(e)))
 
     def send(self, topic, value, key=None, headers=None, on_delivery=None) -> None:
         with self._cv:

@@ -11,14 +11,22 @@ after every poll we compute P(candidate rate > control rate) exactly (no samplin
                                                  (canary.promote_on_no_regression; else P(better) >= 0.5)
 
 Feedback is attributed by the adapter version that produced the answer (storage view
-``feedback_joined.adapter_version``), so the two arms never mix even while the controller is
-still flipping routes. Repeated looks at a posterior inflate the error rate a little; the
-minimum sample and the high thresholds keep that small, and the rollback threshold is the one
-that matters for users (a regression is caught, not proven twice).
+``feedback_votes.adapter_version``), so the two arms never mix even while the controller is
+still flipping routes. A user counts once per answer (their latest thumb), and no user counts for
+more than ``canary.max_user_share`` of an arm, so a few accounts cannot decide a canary.
+Repeated looks at a posterior inflate the error rate a little; the minimum sample and the high
+thresholds keep that small, and the rollback threshold is the one that matters for users (a
+regression is caught, not proven twice).
 
 The pointers and statuses move through the release contract (``looprl.storage.releases``),
 which checks each transition and records every decision with its numbers in the manifest and
 the JSONL decisions log; the serving controller applies the pointers to the endpoints.
+
+Counting takes a while, and meanwhile an operator may roll the canary back or promote a version
+by hand (which ends the canary). Each decision is therefore committed as a compare-and-set on
+what the step read before counting (the version still on canary, the control still promoted): if
+anything changed, the release contract refuses it (``StaleDecision``), nothing is written, and the
+step reports ``refused``; the person's decision stands.
 """
 
 from __future__ import annotations
@@ -33,9 +41,9 @@ from prometheus_client import Counter, Gauge
 from looprl.ops.core.config import CanaryConfig, LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.storage import releases
-from looprl.storage.events import EventLog
+from looprl.storage.events import EventLog, cap_by_voter
 from looprl.storage.registry import Manifest, Registry, RegistryError
-from looprl.storage.releases import BASE, KIND, DecisionRecord, version_number
+from looprl.storage.releases import BASE, KIND, DecisionRecord, Expected, version_number
 
 log = get_logger(__name__)
 
@@ -90,7 +98,8 @@ def prob_better(candidate: Arm, control: Arm, prior: tuple[int, int] = (1, 1)) -
     return min(1.0, max(0.0, total))
 
 
-Action = Literal["wait", "promote", "rollback"]
+# "refused": the step decided, but someone else decided first (see the module docstring).
+Action = Literal["wait", "promote", "rollback", "refused"]
 
 
 @dataclass(frozen=True)
@@ -130,23 +139,33 @@ CountsFn = Callable[[list[str], float], dict[str, Arm]]
 
 
 def event_log_counts(cfg: LooprlConfig) -> CountsFn:
-    """Thumbs votes per adapter version since a time, from the event log's ``feedback_joined`` view."""
+    """Thumbs votes per adapter version since a time, from the event log's ``feedback_votes`` view
+    (a user's latest thumb per answer). In each arm every voter keeps its earliest votes up to
+    ``canary.max_user_share`` of the arm (``looprl.storage.events.cap_by_voter``); votes with no
+    user on them or on their answer count as one anonymous voter."""
 
     def counts(versions: list[str], since: float) -> dict[str, Arm]:
         if not cfg.events_dir.exists():
             return {}
         quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in versions)
+        # The window is on ingest time (our clock), not the producer's ts, which may run ahead.
         try:
             table = EventLog(cfg.events_dir).query(
-                "SELECT adapter_version, count(*) AS n, sum(CASE WHEN up THEN 1 ELSE 0 END) AS ups "
-                f"FROM feedback_joined WHERE kind = 'thumbs' AND up IS NOT NULL AND epoch(ts) >= {float(since)} "
-                f"AND adapter_version IN ({quoted}) GROUP BY adapter_version"
+                "SELECT adapter_version, voter, up "
+                f"FROM feedback_votes WHERE kind = 'thumbs' AND up IS NOT NULL AND epoch(ingested_at) >= {float(since)} "
+                f"AND adapter_version IN ({quoted}) ORDER BY ts, ingested_at, event_id"
             )
         except Exception as e:  # an empty or still-initialising log: nothing to count yet
             log.warning("canary: cannot count feedback yet", error=str(e)[:200])
             return {}
-        rows = table.to_pylist()
-        return {r["adapter_version"]: Arm(int(r["ups"] or 0), int(r["n"])) for r in rows}
+        votes: dict[str, list[tuple[str | None, bool]]] = {}
+        for r in table.to_pylist():
+            votes.setdefault(r["adapter_version"], []).append((r["voter"], r["up"]))
+        out = {}
+        for version, arm in votes.items():
+            kept = cap_by_voter(arm, lambda vote: vote[0], cfg.canary.max_user_share)
+            out[version] = Arm(sum(up for _, up in kept), len(kept))
+        return out
 
     return counts
 
@@ -176,6 +195,8 @@ class CanaryManager:
     def _record(self, rec: DecisionRecord) -> None:
         """Count and log a decision the release contract has made and written down."""
         DECISIONS.labels(decision=rec.action).inc()
+        if "ended_canary" in rec.numbers:
+            DECISIONS.labels(decision="end").inc()
         log.info("canary decision", action=rec.action, version=rec.version, control=rec.control,
                  reason=rec.reason, numbers=rec.numbers, by=rec.by)
 
@@ -204,13 +225,25 @@ class CanaryManager:
             ACTIVE.set(0)
             cand = self.next_candidate()
             if cand is not None:
-                self.start(cand.version)
+                seen = Expected("gated", {releases.CANARY: None, releases.PROMOTED: promoted})
+                try:
+                    self.start(cand.version, expected=seen)
+                except releases.StaleDecision as e:  # promoted or started by hand meanwhile
+                    log.warning("canary start refused", version=cand.version, error=str(e))
             return None
         ACTIVE.set(version_number(canary))
         if releases.drop_stale_canary(self.registry):  # someone decided by hand meanwhile
             return None
         m = self.registry.manifest(KIND, canary)
         since, control = self._canary_started(m)
+        # A decision is valid only for what was read here; the contract compares it at commit.
+        seen = Expected("canary", {releases.CANARY: canary, releases.PROMOTED: promoted})
+        if (promoted or BASE) != control:
+            # The control was replaced without ending this canary (a registry written by hand or by an
+            # older looprl): the test would judge against a version that no longer serves.
+            reason = f"canary ended: its control {control} no longer serves all traffic ({promoted or BASE} does)"
+            return self._commit(Decision("rollback", reason, {"control": control}), canary, control, seen,
+                                action="end")
         counts = self.counts([canary, control], since)
         cand_arm, ctrl_arm = counts.get(canary, Arm(0, 0)), counts.get(control, Arm(0, 0))
         votes = cand_arm.n + ctrl_arm.n
@@ -224,48 +257,66 @@ class CanaryManager:
         RATE.labels(arm="control").set(ctrl_arm.rate if ctrl_arm.n else 0.0)
         PROB_BETTER.set(d.numbers["prob_better"])
         numbers = {**d.numbers, "control": control, "canary_seconds": round(self.clock() - since, 1)}
-        if d.action == "promote":
-            self._promote(canary, control, d.reason, numbers, by="canary", action="promote")
-        elif d.action == "rollback":
-            self._rollback_canary(canary, control, d.reason, numbers, by="canary", action="rollback")
-        return Decision(d.action, d.reason, numbers)
+        return self._commit(Decision(d.action, d.reason, numbers), canary, control, seen, action=d.action)
 
-    def start(self, version: str) -> None:
+    def _commit(self, d: Decision, canary: str, control: str, seen: Expected, action: str) -> Decision:
+        """Write the step's decision if the registry still shows ``seen``; else report it refused."""
+        try:
+            if d.action == "promote":
+                self._promote(canary, control, d.reason, d.numbers, by="canary", action=action, expected=seen)
+            elif d.action == "rollback":
+                self._rollback_canary(canary, control, d.reason, d.numbers, by="canary", action=action,
+                                      expected=seen)
+        except releases.StaleDecision as e:
+            log.warning("canary decision refused: decided elsewhere meanwhile", action=d.action, version=canary,
+                        error=str(e))
+            return Decision("refused", str(e), d.numbers)
+        return d
+
+    def start(self, version: str, expected: Expected | None = None) -> None:
         rec = releases.start_canary(self.registry, self.cfg.state_dir, version,
-                                    traffic_share=self.cfg.canary.traffic_share, at=self.clock())
+                                    traffic_share=self.cfg.canary.traffic_share, at=self.clock(), expected=expected)
         self._record(rec)
 
-    def _promote(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str) -> None:
+    def _promote(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str,
+                 expected: Expected | None = None) -> DecisionRecord:
         rec = releases.promote(self.registry, self.cfg.state_dir, version, reason, by=by, action=action,
-                               control=control, numbers=numbers, at=self.clock())
+                               control=control, numbers=numbers, at=self.clock(), expected=expected)
         PROMOTED.set(version_number(version))
+        ACTIVE.set(0)
         self._record(rec)
+        return rec
 
-    def _rollback_canary(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str) -> None:
+    def _rollback_canary(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str,
+                         expected: Expected | None = None) -> None:
         rec = releases.roll_back_canary(self.registry, self.cfg.state_dir, version, reason, by=by, action=action,
-                                        numbers={**numbers, "control": control}, at=self.clock())
+                                        numbers={**numbers, "control": control}, at=self.clock(), expected=expected)
         ACTIVE.set(0)
         self._record(rec)
 
-    # ---- people (token checked by the CLI)
-    def manual_promote(self, version: str, by: str = "operator") -> None:
-        """Promote any version that passed the gate (the release lifecycle refuses the others)."""
-        self._promote(version, self.promoted() or BASE, f"manual promotion by {by}", {}, by, "manual_promote")
+    # ---- people: whoever can write the registry (ops/README.md, "Online canary and rollback")
+    def manual_promote(self, version: str, by: str = "operator") -> str:
+        """Promote any version that passed the gate (the release lifecycle refuses the others); a
+        canary of another version ends. Returns a sentence saying what happened."""
+        rec = self._promote(version, self.promoted() or BASE, f"manual promotion by {by}", {}, by, "manual_promote")
+        ended = rec.numbers.get("ended_canary")
+        return f"{version} serves all traffic" + (f"; canary {ended} ended" if ended else "")
 
     def manual_rollback(self, by: str = "operator") -> str:
         """Roll back the canary if there is one, else the promoted version to the one before it.
-        Returns a sentence saying what happened."""
-        canary = self.canary()
+        Each is refused (``StaleDecision``) if the canary or the promoted version changed while
+        deciding. Returns a sentence saying what happened."""
+        canary, current = self.canary(), self.promoted()
         if canary is not None:
-            control = self.promoted() or BASE
+            control = current or BASE
             self._rollback_canary(canary, control, f"manual rollback by {by}", {"control": control}, by,
-                                  "manual_rollback")
+                                  "manual_rollback", expected=Expected("canary", {releases.CANARY: canary}))
             return f"canary {canary} rolled back; {control} serves all traffic"
-        current = self.promoted()
         if current is None:
             raise RegistryError("nothing to roll back: no canary and the base model already serves all traffic")
+        seen = Expected("promoted", {releases.PROMOTED: current, releases.CANARY: None})
         rec = releases.roll_back_promoted(self.registry, self.cfg.state_dir, f"manual rollback by {by}", by=by,
-                                          action="manual_rollback", at=self.clock())
+                                          action="manual_rollback", at=self.clock(), expected=seen)
         PROMOTED.set(version_number(self.promoted()))
         self._record(rec)
         return f"{current} rolled back; {rec.control if rec.control != BASE else 'the base model'} serves all traffic"

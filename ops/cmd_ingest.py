@@ -34,30 +34,30 @@ def _broker(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
 
 def _bootstrap(cfg: LooprlConfig) -> str:
-    from looprl.ingest.broker import bootstrap_servers
+    from looprl.ingest.broker import NoBroker, bootstrap_servers
     from looprl.ingest.transport import parse_servers
 
     try:
         servers = bootstrap_servers(cfg)
         parse_servers(servers)
-    except ValueError as e:
+    except (ValueError, NoBroker) as e:
         raise ConfigError(str(e)) from None
     return servers
 
 
 def _consume(args: argparse.Namespace, cfg: LooprlConfig) -> int:
-    from looprl.ingest.consumer import run_ingest
+    from looprl.ingest.consumer import IngestError, run_ingest
     from looprl.ingest.transport import KafkaUnavailable
 
     port = serve_metrics(cfg.ingest.metrics_port, host=cfg.metrics_host)
     log.info("ingest metrics", url=f"http://127.0.0.1:{port}/metrics")
     try:
         totals = run_ingest(cfg, _bootstrap(cfg), idle_exit_s=args.idle_exit, max_records=args.max_records)
-    except KafkaUnavailable as e:
+    except (KafkaUnavailable, IngestError) as e:
         print(f"looprl ingest consume: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"records": totals.records, "stored": totals.stored, "duplicates": totals.duplicates,
-                      "dead_lettered": totals.dead, "batches": totals.batches}))
+                      "dead_lettered": totals.dead, "dlq_skipped": totals.skipped, "batches": totals.batches}))
     return 0
 
 
@@ -152,7 +152,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_stats)
     p = evsub.add_parser("query", help="run SQL over the views responses, feedback, feedback_joined, "
-                                       "preferences_joined")
+                                       "preferences_joined, feedback_votes, preference_votes")
     p.add_argument("sql")
     p.add_argument("--format", choices=("table", "json", "csv"), default="table")
     p.add_argument("--limit", type=int, default=50, help="rows shown (0: all)")

@@ -4,7 +4,7 @@
     looprl scheduler trigger reward|policy [--reason TEXT]                 ask the scheduler for a run
     looprl scheduler runs [--job J] [--status S] [--limit N] [--json]      run history
     looprl canary status                                                   current canary and its test
-    looprl canary promote VERSION --token T  /  looprl canary rollback --token T   people's decisions
+    looprl canary promote VERSION  /  looprl canary rollback               people's decisions (registry writers)
     looprl demo [--minutes M] [--preference module:function] [--fresh]     the whole loop, supervised
     looprl simulate [--minutes M] [--preference module:function]           the product simulator alone
     looprl status [--json]                                                 failures, error rate, restarts per stage
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import getpass
-import hmac
 import json
 import os
 import sys
@@ -31,27 +30,6 @@ from looprl.ops.core.metrics import serve_metrics
 from looprl.ops.core.signals import stop_on_signals
 
 log = get_logger(__name__)
-
-
-# --------------------------------------------------------------------------- helpers
-def check_admin_token(cfg: LooprlConfig, given: str | None) -> None:
-    """People's promote/rollback need the admin token from config/env (serving.admin_token)."""
-    expected = cfg.serving.admin_token
-    if expected is None:
-        raise PermissionError("serving.admin_token is not configured (set LOOPRL_SERVING__ADMIN_TOKEN); "
-                              "promote/rollback by hand are disabled without it")
-    if given is None and sys.stdin.isatty():
-        given = getpass.getpass("admin token: ")
-    if not given:
-        raise PermissionError("admin token required: pass --token or --token-file")
-    if not hmac.compare_digest(given.strip().encode(), expected.get_secret_value().encode()):
-        raise PermissionError("wrong admin token")
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        return Path(args.token_file).read_text().strip()
-    return args.token
 
 
 # --------------------------------------------------------------------------- handlers
@@ -115,17 +93,19 @@ def _canary_status(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     return 0
 
 
+# People's promote/rollback write the registry directly, like the scheduler and the controller: the
+# filesystem's permissions on the workspace decide who may release (ops/README.md). PermissionError
+# is the operating system refusing a write.
 def _promote(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ops.canary import CanaryManager
     from looprl.storage.registry import RegistryError
 
     try:
-        check_admin_token(cfg, _token(args))
-        CanaryManager(cfg).manual_promote(args.version, by=args.by or getpass.getuser())
+        msg = CanaryManager(cfg).manual_promote(args.version, by=args.by or getpass.getuser())
     except (PermissionError, RegistryError) as e:
         print(f"looprl canary promote: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({"promoted": args.version}))
+    print(json.dumps({"promoted": args.version, "result": msg}))
     return 0
 
 
@@ -134,7 +114,6 @@ def _rollback(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.storage.registry import RegistryError
 
     try:
-        check_admin_token(cfg, _token(args))
         msg = CanaryManager(cfg).manual_rollback(by=args.by or getpass.getuser())
     except (PermissionError, RegistryError) as e:
         print(f"looprl canary rollback: {e}", file=sys.stderr)
@@ -156,9 +135,12 @@ def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     base_url = args.base_url or f"http://{cfg.serving.host}:{cfg.serving.port}"
     bootstrap = args.bootstrap
     if bootstrap is None and not args.no_sdk:
-        from looprl.ingest.broker import bootstrap_servers
+        from looprl.ingest.broker import NoBroker, bootstrap_servers
 
-        bootstrap = bootstrap_servers(cfg)
+        try:
+            bootstrap = bootstrap_servers(cfg)
+        except NoBroker as e:
+            raise ConfigError(f"{e} (or pass --bootstrap, or --no-sdk)") from None
     collector = args.collector_url
     if collector is None and cfg.demo.collector_fraction > 0:
         collector = f"http://{cfg.ingest.collector_host}:{cfg.ingest.collector_port}"
@@ -252,13 +234,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = acts.add_parser("status", help="the current canary and its sequential test")
     c.set_defaults(func=_canary_status)
 
-    for name, fn, help_ in (("promote", _promote, "promote a policy version to all traffic (admin token)"),
-                            ("rollback", _rollback, "roll back the canary, or the promoted version (admin token)")):
+    for name, fn, help_ in (("promote", _promote, "promote a policy version to all traffic; ends a running canary "
+                                                  "(needs write access to the workspace)"),
+                            ("rollback", _rollback, "roll back the canary, or the promoted version (needs write "
+                                                    "access to the workspace)")):
         p = acts.add_parser(name, help=help_)
         if name == "promote":
             p.add_argument("version", help="policy version, e.g. v3")
-        p.add_argument("--token", help="admin token (serving.admin_token)")
-        p.add_argument("--token-file", help="file holding the admin token")
         p.add_argument("--by", help="who decides (recorded; default: the OS user)")
         p.set_defaults(func=fn)
 

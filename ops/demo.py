@@ -87,6 +87,10 @@ DEMO_TUNING: dict[str, Any] = {
     "canary.traffic_share": 0.5,
     "canary.min_samples": 25,
     "canary.max_samples": 80,
+    # The per-user caps must leave room for the simulated users: 8 users (~1/8 of an update's
+    # feedback each), 4 of them on each canary arm (~1/4 of an arm's thumbs each).
+    "reward.max_user_share": 0.3,
+    "canary.max_user_share": 0.4,
     # The adaptive KL controller steers each run towards target_kl; a run continuing from a
     # promoted adapter above it would spend its steps pulling the policy back to the base. The
     # leash is what caps learning here: 7 nats per 16-token answer learns more than 5 while the

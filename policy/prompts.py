@@ -67,20 +67,23 @@ def read_prompt_file(path: Path) -> list[str]:
 
 
 def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[str], dict]:
-    """Distinct prompts of the most recent responses, newest first, and the watermark they reach."""
+    """Distinct prompts of the most recently ingested responses, newest first, and the watermark
+    they reach. Recency is ``ingested_at`` (set by ingest, increasing), never the producer's ``ts``:
+    a far-future ``ts`` would pin its prompt first forever, and one past year 9999 overflows."""
     if limit <= 0 or not cfg.events_dir.exists():
         return [], {}
     try:
         table = EventLog(cfg.events_dir).query(
-            "SELECT prompt, max(ts) AS last_ts FROM responses WHERE prompt IS NOT NULL AND length(prompt) > 0 "
-            f"GROUP BY prompt ORDER BY last_ts DESC, prompt LIMIT {int(limit)}"
+            "SELECT prompt, max(ingested_at) AS last_ingested_at FROM responses "
+            "WHERE prompt IS NOT NULL AND length(prompt) > 0 "
+            f"GROUP BY prompt ORDER BY last_ingested_at DESC, prompt LIMIT {int(limit)}"
         )
     except Exception as e:  # an empty or still-initialising log must not stop training
         log.warning("could not read recent prompts from the event log", error=str(e))
         return [], {}
     prompts = [str(p) for p in table.column("prompt").to_pylist()]
-    last = table.column("last_ts").to_pylist()
-    watermark = {"responses_max_ts": str(max(last))} if last else {}
+    last = table.column("last_ingested_at").to_pylist()
+    watermark = {"responses_max_ingested_at": str(max(last))} if last else {}
     return prompts, watermark
 
 

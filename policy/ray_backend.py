@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
 import ray
+from ray._private import ray_constants
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from looprl.ops.core.config import LooprlConfig
@@ -28,6 +30,7 @@ log = get_logger(__name__)
 # AF_UNIX paths are limited to 107 bytes; Ray puts "session_<date>_<pid>/sockets/plasma_store"
 # (~70 bytes) under its temp dir.
 _MAX_TEMP_DIR_CHARS = 36
+LOOPBACK = "127.0.0.1"
 
 
 class PolicyJobError(RuntimeError):
@@ -53,10 +56,10 @@ def init_ray(cfg: LooprlConfig, num_cpus: int) -> bool:
         ray.init(address=cfg.policy.ray_address, log_to_driver=False)
         log.info("connected to ray cluster", address=cfg.policy.ray_address)
         return True
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local, loopback-only cluster
+    _local_ray_token()
     temp = ray_temp_dir(cfg)
     temp.mkdir(parents=True, exist_ok=True)
-    ray.init(
+    _start_loopback_ray(
         num_cpus=num_cpus,
         include_dashboard=False,
         _temp_dir=str(temp),
@@ -64,8 +67,46 @@ def init_ray(cfg: LooprlConfig, num_cpus: int) -> bool:
         log_to_driver=False,
         configure_logging=False,
     )
-    log.info("started local ray", temp_dir=str(temp), num_cpus=num_cpus)
+    log.info("started local ray", temp_dir=str(temp), num_cpus=num_cpus, address=ray.get_runtime_context().gcs_address)
     return True
+
+
+def _local_ray_token() -> None:
+    """Token auth for the local cluster too: every user of this machine reaches 127.0.0.1.
+
+    Ray >= 2.59 turns token auth on for a new local cluster unless RAY_AUTH_MODE says otherwise,
+    reading the token from RAY_AUTH_TOKEN before ~/.ray/auth_token; a fresh one in the environment,
+    which the cluster's processes inherit, keeps Ray from writing a long-lived token to the home
+    directory.
+    """
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None and not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    elif mode is not None and mode.lower() != "token":
+        log.warning("RAY_AUTH_MODE is not 'token': the local Ray accepts connections from every user of this machine",
+                    ray_auth_mode=mode)
+
+
+def _start_loopback_ray(**init_kwargs) -> None:
+    """Start a one-machine Ray whose servers (GCS, raylet, object manager, workers, agents) all
+    listen on 127.0.0.1 only.
+
+    Ray binds them to loopback only when the node IP is exactly 127.0.0.1, and on Linux ray.init
+    swaps a loopback ``_node_ip_address`` for the machine's routable IP: it keeps loopback only
+    where its multi-node switch ``ENABLE_RAY_CLUSTER`` is off (macOS, Windows). The switch is off
+    while the head starts; the address the cluster came up on is checked, never assumed.
+    """
+    enabled = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(_node_ip_address=LOOPBACK, **init_kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = enabled
+    address = ray.get_runtime_context().gcs_address
+    if address.rpartition(":")[0] != LOOPBACK:
+        ray.shutdown()
+        raise PolicyJobError(f"local Ray came up on {address}, not on {LOOPBACK}: refusing to run jobs on a "
+                             "cluster other machines can reach (set policy.ray_address for a real cluster)")
 
 
 class RayBackend:

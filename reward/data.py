@@ -2,9 +2,11 @@
 
 Views used (built by ``looprl.storage.events.EventLog.connect()``):
 
-- ``feedback_joined``: thumbs, ratings and corrections with the prompt and completion of the
-  response they are about;
-- ``preferences_joined``: pairwise preferences with the chosen/rejected texts resolved.
+- ``feedback_votes``: thumbs, ratings and corrections with the prompt and completion of the
+  response they are about, one per (kind, response, voter): a user's latest vote replaces the
+  earlier ones;
+- ``preference_votes``: pairwise preferences with the chosen/rejected texts resolved, one per
+  (pair of responses, voter).
 
 Every event becomes one ``Example``:
 
@@ -16,6 +18,14 @@ Every event becomes one ``Example``:
 Feedback whose response has not been ingested yet (prompt/completion still NULL) is skipped, not
 consumed: it becomes trainable once the response arrives. A fixed fraction of events, chosen by a
 hash of the event id, is held out for the publish decision and is never trained on.
+
+One user's influence is capped: at most ``max_user_share`` of a new slice's examples come from
+one voter (``looprl.storage.events.cap_by_voter``); a voter's newest examples beyond the cap stay
+unconsumed and fill later slices when other users' feedback makes room for them (within
+``reward.consumed_window_seconds``; then the updater's consumed floor passes them). Feedback
+whose voter is unknown (no user_id on it or on its response) counts as one anonymous voter; a
+text-only pair, which names no served response and only trusted Kafka producers may send (the
+HTTP collector refuses it), counts as its own voter.
 """
 
 from __future__ import annotations
@@ -27,28 +37,36 @@ from typing import Iterable, Literal
 
 import pyarrow as pa
 
-from looprl.storage.events import EventLog
+from looprl.ops.core.log import get_logger
+from looprl.storage.events import EventLog, cap_by_voter
+
+log = get_logger(__name__)
 
 Kind = Literal["thumbs", "rating", "correction", "preference"]
 POINT_KINDS = ("thumbs", "rating")
 PAIR_KINDS = ("correction", "preference")
 
-# Both views projected to one schema; rows with unresolved texts are filtered out.
+# Both views projected to one schema; rows with unresolved texts are filtered out. ``voter_key``
+# is whose share an example counts towards (see the module docstring).
 _EXAMPLES_SQL = """
 SELECT CAST(event_id AS VARCHAR) AS event_id, CAST(kind AS VARCHAR) AS kind, ingested_at,
        prompt, completion AS text_a, CAST(NULL AS VARCHAR) AS text_b,
        CASE WHEN kind = 'thumbs' THEN (CASE WHEN up THEN 1.0 ELSE 0.0 END)
-            ELSE (CAST(rating AS DOUBLE) - 1.0) / 4.0 END AS label
-FROM feedback_joined
+            ELSE (CAST(rating AS DOUBLE) - 1.0) / 4.0 END AS label,
+       coalesce('user:' || voter, 'anonymous') AS voter_key
+FROM feedback_votes
 WHERE kind IN ('thumbs', 'rating') AND prompt IS NOT NULL AND completion IS NOT NULL
   AND ((kind = 'thumbs' AND up IS NOT NULL) OR (kind = 'rating' AND rating IS NOT NULL))
 UNION ALL
-SELECT CAST(event_id AS VARCHAR), 'correction', ingested_at, prompt, corrected, completion, CAST(NULL AS DOUBLE)
-FROM feedback_joined
+SELECT CAST(event_id AS VARCHAR), 'correction', ingested_at, prompt, corrected, completion, CAST(NULL AS DOUBLE),
+       coalesce('user:' || voter, 'anonymous')
+FROM feedback_votes
 WHERE kind = 'correction' AND prompt IS NOT NULL AND completion IS NOT NULL AND corrected IS NOT NULL
 UNION ALL
-SELECT CAST(event_id AS VARCHAR), 'preference', ingested_at, prompt, chosen, rejected, CAST(NULL AS DOUBLE)
-FROM preferences_joined
+SELECT CAST(event_id AS VARCHAR), 'preference', ingested_at, prompt, chosen, rejected, CAST(NULL AS DOUBLE),
+       coalesce('user:' || voter, CASE WHEN chosen_response_id IS NULL OR rejected_response_id IS NULL
+                                       THEN 'event:' || CAST(event_id AS VARCHAR) ELSE 'anonymous' END)
+FROM preference_votes
 WHERE prompt IS NOT NULL AND chosen IS NOT NULL AND rejected IS NOT NULL
 """
 
@@ -80,7 +98,8 @@ def is_holdout(event_id: str, fraction: float) -> bool:
     return h / 2**64 < fraction
 
 
-def _rows_to_examples(table: pa.Table) -> list[Example]:
+def _rows_to_examples(table: pa.Table) -> list[tuple[Example, str]]:
+    """(example, voter key) of each usable row."""
     out, seen = [], set()
     for r in table.to_pylist():
         eid = r["event_id"]
@@ -91,49 +110,80 @@ def _rows_to_examples(table: pa.Table) -> list[Example]:
         if kind in PAIR_KINDS:
             if r["text_a"] == r["text_b"]:
                 continue  # a "correction" identical to the answer carries no preference
-            out.append(Example(eid, kind, r["prompt"], r["ingested_at"], chosen=r["text_a"], rejected=r["text_b"]))
+            ex = Example(eid, kind, r["prompt"], r["ingested_at"], chosen=r["text_a"], rejected=r["text_b"])
         else:
             label = float(r["label"])
             if not 0.0 <= label <= 1.0:
                 continue  # out-of-range rating: the schema forbids it; never let it poison training
-            out.append(Example(eid, kind, r["prompt"], r["ingested_at"], completion=r["text_a"], label=label))
+            ex = Example(eid, kind, r["prompt"], r["ingested_at"], completion=r["text_a"], label=label)
+        out.append((ex, r["voter_key"]))
     return out
 
 
 class FeedbackSource:
-    """Queries over a DuckDB connection holding the ``feedback_joined`` and ``preferences_joined``
-    views. ``trained`` is the set of event ids already consumed (trained or held out)."""
+    """Queries over a DuckDB connection holding the ``feedback_votes`` and ``preference_votes``
+    views. ``consumed`` is the set of event ids already consumed (trained or held out); with
+    ``since`` (the updater's consumed floor) only events ingested from then on are read as new.
+    ``max_user_share`` caps one voter's share of a new slice (1.0: no cap)."""
 
-    def __init__(self, con):
+    def __init__(self, con, max_user_share: float = 1.0):
+        if not 0 < max_user_share <= 1:
+            raise ValueError(f"max_user_share must be in (0, 1], got {max_user_share}")
         self.con = con
+        self.max_user_share = max_user_share
 
     def _with_ids(self, ids: Iterable[str]) -> None:
         ids = sorted(set(ids))
         self.con.register("looprl_reward_consumed", pa.table({"event_id": pa.array(ids, pa.string())}))
 
-    def new_examples(self, consumed: set[str], limit: int | None = None) -> list[Example]:
-        """Resolved events not consumed yet, oldest ingested first (ties by event id)."""
+    def new_examples(self, consumed: Iterable[str], limit: int | None = None,
+                     since: datetime | None = None) -> list[Example]:
+        """Resolved events not consumed yet, oldest ingested first (ties by event id), less each
+        voter's newest ones beyond ``max_user_share`` of the slice (they wait for a later slice)."""
         self._with_ids(consumed)
         sql = (f"SELECT * FROM ({_EXAMPLES_SQL}) e WHERE e.event_id NOT IN "
-               "(SELECT event_id FROM looprl_reward_consumed) ORDER BY ingested_at, event_id")
+               f"(SELECT event_id FROM looprl_reward_consumed){_since(since)} ORDER BY ingested_at, event_id")
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return _rows_to_examples(self.con.sql(sql).to_arrow_table())
+        rows = _rows_to_examples(self.con.sql(sql, params=_params(since)).to_arrow_table())
+        kept = cap_by_voter(rows, lambda row: row[1], self.max_user_share)
+        if len(kept) < len(rows):
+            log.info("reward examples deferred by the per-user share cap", deferred=len(rows) - len(kept),
+                     slice=len(rows), voters=len({v for _, v in rows}), max_user_share=self.max_user_share)
+        return [e for e, _ in kept]
 
-    def count_new(self, consumed: set[str]) -> int:
+    def count_new(self, consumed: Iterable[str], since: datetime | None = None) -> int:
+        """Resolved events not consumed yet, those deferred by the user share cap included."""
         self._with_ids(consumed)
         # Arrow, not execute().fetchone(): DuckDB keeps a half-read result open on the connection
         # and later queries on it block behind it.
         t = self.con.sql(f"SELECT count(DISTINCT e.event_id) AS n FROM ({_EXAMPLES_SQL}) e WHERE e.event_id "
-                         "NOT IN (SELECT event_id FROM looprl_reward_consumed)").to_arrow_table()
+                         f"NOT IN (SELECT event_id FROM looprl_reward_consumed){_since(since)}",
+                         params=_params(since)).to_arrow_table()
         return int(t.column("n")[0].as_py())
 
     def examples_by_id(self, ids: Iterable[str]) -> list[Example]:
-        """Examples for the given event ids (replay, held-out evaluation)."""
+        """Examples for the given event ids (replay, held-out evaluation); a vote the same user has
+        since replaced is no longer among them."""
         self.con.register("looprl_reward_wanted", pa.table({"event_id": pa.array(sorted(set(ids)), pa.string())}))
         sql = (f"SELECT * FROM ({_EXAMPLES_SQL}) e WHERE e.event_id IN "
                "(SELECT event_id FROM looprl_reward_wanted) ORDER BY ingested_at, event_id")
-        return _rows_to_examples(self.con.sql(sql).to_arrow_table())
+        return [e for e, _ in _rows_to_examples(self.con.sql(sql).to_arrow_table())]
+
+    def ids_before(self, floor: datetime) -> list[str]:
+        """Ids of the resolved events ingested before ``floor`` (consumed, by the updater's floor)."""
+        t = self.con.sql(f"SELECT DISTINCT e.event_id FROM ({_EXAMPLES_SQL}) e WHERE e.ingested_at < ?",
+                         params=[floor]).to_arrow_table()
+        return t.column("event_id").to_pylist()
+
+
+def _since(since: datetime | None) -> str:
+    """The condition that reads only events ingested from ``since`` on (None: all)."""
+    return "" if since is None else " AND e.ingested_at >= ?"
+
+
+def _params(since: datetime | None) -> list[datetime] | None:
+    return None if since is None else [since]
 
 
 def connect_event_log(events_dir):

@@ -3,14 +3,21 @@ working model, committed together so that no event is ever trained on twice, acr
 
     state.json           the commit record: update number, working-weights dir, watermark,
                          pending publish decision (written atomically, last)
-    consumed.log         append-only "<update>\\t<event_id>" lines: every event trained on or
-                         held out. Lines tagged with an update newer than state.json belong to an
-                         update that crashed before its commit and are dropped on load.
+    consumed.log         append-only "<update>\\t<event_id>\\t<ingested_at>" lines: the events trained
+                         on or held out since the consumed floor. Lines tagged with an update newer
+                         than state.json belong to an update that crashed before its commit and
+                         are dropped on load.
     work-<update>/       the working reward model's weights (safetensors) after that update
 
 An update is committed by: writing ``work-<n>/`` (temp dir + rename), appending and fsyncing its
 ``consumed.log`` lines, then replacing ``state.json``. A crash anywhere before the last step leaves
 the previous commit intact; the restarted updater redoes update ``n`` from scratch.
+
+The consumed ids stay bounded: state.json holds a *consumed floor*, and every resolved event
+ingested before it counts as consumed without its id (the new-events query reads only events
+from the floor on). Ids of events before the floor are forgotten, in memory and in consumed.log
+(rewritten atomically, after the commit that moved the floor). The updater keeps the floor a
+window behind the newest consumed event (``reward.consumed_window_seconds``).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import json
 import os
 import shutil
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,12 @@ from looprl.storage.registry import atomic_write_text
 
 STATE_FILE = "state.json"
 CONSUMED_LOG = "consumed.log"
+_STAMP = "%Y-%m-%dT%H:%M:%S.%fZ"  # fixed width, UTC: stamps compare as strings in time order
+
+
+def stamp(at: datetime) -> str:
+    """An ingestion time as consumed.log writes it."""
+    return at.astimezone(timezone.utc).strftime(_STAMP)
 
 
 class UpdaterState(BaseModel):
@@ -37,6 +51,9 @@ class UpdaterState(BaseModel):
     pending_publish: bool = False  # the last committed update decided to publish; not done yet
     pending_metrics: dict[str, Any] = {}
     published: str | None = None  # last version this updater published
+    # Every resolved event ingested before this was consumed (None: no update yet); only later
+    # events are read as new, and only their ids are remembered.
+    consumed_floor: datetime | None = None
 
 
 class StateStore:
@@ -45,8 +62,9 @@ class StateStore:
         self.dir.mkdir(parents=True, exist_ok=True)
 
     # ---- reading ----
-    def load(self) -> tuple[UpdaterState, set[str]]:
-        """The committed state and the consumed event ids; removes leftovers of a crashed update."""
+    def load(self) -> tuple[UpdaterState, dict[str, str]]:
+        """The committed state and the consumed event ids from its floor on (id -> ingestion
+        stamp); removes leftovers of a crashed update."""
         path = self.dir / STATE_FILE
         state = UpdaterState()
         if path.is_file():
@@ -54,7 +72,7 @@ class StateStore:
                 state = UpdaterState.model_validate_json(path.read_text())
             except ValueError as e:
                 raise RuntimeError(f"{path}: unreadable reward updater state ({e}); refusing to guess") from e
-        consumed = self._load_consumed(state.update)
+        consumed = self.load_consumed(state)
         for p in self.dir.glob("work-*"):
             if p.name != state.work:
                 shutil.rmtree(p, ignore_errors=True)
@@ -62,11 +80,15 @@ class StateStore:
             shutil.rmtree(p, ignore_errors=True)
         return state, consumed
 
-    def _load_consumed(self, committed: int) -> set[str]:
+    def load_consumed(self, state: UpdaterState) -> dict[str, str]:
+        """The ids ``state`` remembers as consumed (id -> ingestion stamp). consumed.log is
+        rewritten without the lines it does not need: of an update after ``state``'s, or of an
+        event before its floor. A line without a stamp (written before stamps were) is kept."""
         path = self.dir / CONSUMED_LOG
         if not path.is_file():
-            return set()
-        ids: set[str] = set()
+            return {}
+        floor = stamp(state.consumed_floor) if state.consumed_floor is not None else ""
+        ids: dict[str, str] = {}
         keep: list[str] = []
         dirty = False
         raw = path.read_text()
@@ -77,14 +99,18 @@ class StateStore:
             dirty = True  # a torn last line (crash mid-append): drop it
             lines.pop()
         for line in lines:
-            tag, _, eid = line.partition("\t")
+            tag, _, rest = line.partition("\t")
+            eid, _, at = rest.partition("\t")
             if not tag.isdigit() or not eid:
                 dirty = True
                 continue
-            if int(tag) > committed:
+            if int(tag) > state.update:
                 dirty = True  # an update that never committed: its events were not consumed
                 continue
-            ids.add(eid)
+            if at and at < floor:
+                dirty = True  # before the floor: consumed without its id
+                continue
+            ids[eid] = at
             keep.append(line)
         if dirty:
             atomic_write_text(path, "".join(line + "\n" for line in keep))
@@ -111,11 +137,12 @@ class StateStore:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
 
-    def append_consumed(self, update: int, event_ids: list[str]) -> None:
-        if not event_ids:
+    def append_consumed(self, update: int, events: list[tuple[str, datetime]]) -> None:
+        """Log (event id, ingestion time) pairs as consumed by ``update`` (not committed yet)."""
+        if not events:
             return
         with open(self.dir / CONSUMED_LOG, "a") as f:
-            f.write("".join(f"{update}\t{eid}\n" for eid in event_ids))
+            f.write("".join(f"{update}\t{eid}\t{stamp(at)}\n" for eid, at in events))
             f.flush()
             os.fsync(f.fileno())
 

@@ -23,7 +23,7 @@ import json
 import random
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +40,7 @@ from looprl.ops.core.retry import backoff_seconds
 from looprl.ops.core.signals import stop_on_signals
 from looprl.ops.core.version import version_number
 from looprl.policy.model import base_checksum
-from looprl.reward.data import FeedbackSource, connect_event_log, is_holdout
+from looprl.reward.data import Example, FeedbackSource, connect_event_log, is_holdout
 from looprl.reward.history import read_history, reward_history_path
 from looprl.reward.model import CONFIG_FILE, KIND, WEIGHTS_FILE, RewardModel, RewardModelError, load_from_dir, load_weights_file
 from looprl.reward.state import StateStore, UpdaterState
@@ -94,7 +94,7 @@ class RewardUpdater:
         self.registry = Registry(cfg.registry_dir)
         self.history_path = reward_history_path(cfg)
         self.state: UpdaterState | None = None
-        self.consumed: set[str] = set()
+        self.consumed: dict[str, str] = {}  # ids consumed from the state's floor on -> ingestion stamp
         self.model: RewardModel | None = None
         self._published: tuple[str, RewardModel] | None = None
         self._lock: FileLock | None = None
@@ -158,7 +158,7 @@ class RewardUpdater:
         self.open()
         con = self._connect()
         try:
-            n = FeedbackSource(con).count_new(self.consumed)
+            n = FeedbackSource(con).count_new(self.consumed, since=self.state.consumed_floor)
         finally:
             con.close()
         BACKLOG.set(n)
@@ -171,8 +171,8 @@ class RewardUpdater:
         t0 = time.perf_counter()
         con = self._connect()
         try:
-            src = FeedbackSource(con)
-            new = src.new_examples(self.consumed)
+            src = FeedbackSource(con, max_user_share=rc.max_user_share)
+            new = src.new_examples(self.consumed, since=self.state.consumed_floor)
             BACKLOG.set(len(new))
             if not new or (len(new) < rc.min_new_events and not force):
                 UPDATES.labels(result="skipped").inc()
@@ -185,7 +185,8 @@ class RewardUpdater:
             # Test, then train: the slice is unseen by the working model at this point.
             preq = evaluate(self.model, new)
 
-            history = sorted(e for e in self.consumed if not is_holdout(e, rc.holdout_fraction))
+            consumed = self._consumed_ids(src)
+            history = sorted(e for e in consumed if not is_holdout(e, rc.holdout_fraction))
             k = min(len(history), round(rc.replay_ratio * len(train_new)))
             rng = random.Random(f"{rc.seed}:replay:{n}")
             replay = src.examples_by_id(rng.sample(history, k)) if k else []
@@ -196,7 +197,7 @@ class RewardUpdater:
             EXAMPLES.labels(source="new").inc(len(train_new))
             EXAMPLES.labels(source="replay").inc(len(replay))
 
-            holdout_ids = [e for e in self.consumed if is_holdout(e, rc.holdout_fraction)]
+            holdout_ids = [e for e in consumed if is_holdout(e, rc.holdout_fraction)]
             holdout = src.examples_by_id(holdout_ids) + holdout_new
         finally:
             con.close()
@@ -209,7 +210,7 @@ class RewardUpdater:
         publish, reason = self._decide(cand, current)
 
         newest = max(new, key=lambda e: (e.ingested_at or datetime.min.replace(tzinfo=timezone.utc), e.event_id))
-        watermark = {"update": n, "consumed_events": len(self.consumed) + len(new),
+        watermark = {"update": n, "consumed_events": self.state.watermark.get("consumed_events", 0) + len(new),
                      "ingested_at": newest.ingested_at.isoformat() if newest.ingested_at else None,
                      "event_id": newest.event_id}
         metrics = {**preq.as_dict("prequential_"), **cand.as_dict("holdout_"),
@@ -219,12 +220,13 @@ class RewardUpdater:
 
         # Commit the working model and the consumed ids together (see reward.state).
         work = self.store.stage_work(n, lambda d: self.model.save(d, {"update": n}))
-        self.store.append_consumed(n, [e.event_id for e in new])
+        self.store.append_consumed(n, [(e.event_id, e.ingested_at) for e in new])
         self.state = self.state.model_copy(update={
             "update": n, "work": work, "watermark": watermark, "pending_publish": publish,
-            "pending_metrics": {"metrics": metrics, "reason": reason, "parent": current_version}})
+            "pending_metrics": {"metrics": metrics, "reason": reason, "parent": current_version},
+            "consumed_floor": self._next_floor(new)})
         self.store.commit(self.state)
-        self.consumed.update(e.event_id for e in new)
+        self.consumed = self.store.load_consumed(self.state)  # forgets the ids before the new floor
 
         version = self._finish_publish() if publish else None
         seconds = time.perf_counter() - t0
@@ -252,6 +254,20 @@ class RewardUpdater:
                  version=version, reason=reason, prequential_pair_accuracy=preq.pair_accuracy,
                  prequential_thumbs_auc=preq.thumbs_auc, holdout=cand.score, seconds=round(seconds, 2))
         return result
+
+    def _consumed_ids(self, src: FeedbackSource) -> set[str]:
+        """Every consumed event id, for replay and held-out evaluation: those remembered, and
+        those of the resolved events before the floor (read from the log, for this update only)."""
+        floor = self.state.consumed_floor
+        return set(self.consumed) | (set(src.ids_before(floor)) if floor is not None else set())
+
+    def _next_floor(self, new: list[Example]) -> datetime:
+        """The floor after consuming ``new``: a window behind the newest event consumed, never
+        moving back (events before the old floor are not read again)."""
+        newest = max(e.ingested_at for e in new)
+        floor = newest - timedelta(seconds=self.cfg.reward.consumed_window_seconds)
+        old = self.state.consumed_floor
+        return floor if old is None else max(old, floor)
 
     def _decide(self, cand: EvalResult, current: EvalResult | None) -> tuple[bool, str]:
         margin = self.cfg.reward.publish_margin

@@ -4,6 +4,8 @@ An adapter is accepted only if
 - its path is a published version of the registry (``<registry>/<kind>/v<N>``), resolved with
   symlinks followed, so ``../`` or a link out of the registry is refused;
 - the version's files match its manifest checksums and it was trained on this base model;
+- its manifest status is not ``rejected`` (by the gate) or ``rolled_back`` (by the canary, an
+  operator or the controller), unless the admin request forces it;
 - it is a peft LoRA directory with safetensors weights only (never pickle);
 - it is compatible with the base: every target module / target parameter exists in the base,
   its rank is at most ``max_lora_rank``, and it uses no feature a multi-adapter server cannot
@@ -23,6 +25,8 @@ from typing import Any
 from looprl.storage.registry import Registry, RegistryError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# Versions that were judged unfit for users (looprl.storage.releases): served only when forced.
+REFUSED_STATUSES = ("rejected", "rolled_back")
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 
@@ -146,15 +150,22 @@ def check_compatible(cfg: dict[str, Any], inv: BaseInventory, max_rank: int, whe
 
 
 def read_adapter(
-    name: str, lora_path: Any, registry_root: Path, inv: BaseInventory, max_rank: int
+    name: str, lora_path: Any, registry_root: Path, inv: BaseInventory, max_rank: int, *, force: bool = False
 ) -> AdapterSpec:
-    """All the checks that need no model lock: path, registry checksums, files, config."""
+    """All the checks that need no model lock: path, registry checksums, status, files, config.
+    ``force`` lets a rejected or rolled-back version through (nothing else)."""
     kind, version, path = resolve_registry_path(lora_path, registry_root)
     reg = Registry(Path(registry_root).resolve())
     try:
-        reg.open(kind, version, base_checksum=inv.checksum)
+        manifest, _ = reg.open(kind, version, base_checksum=inv.checksum)
     except RegistryError as e:
         raise AdapterError(f"lora_path {lora_path!r}: {e}", reason="registry") from None
+    if manifest.status in REFUSED_STATUSES and not force:
+        raise AdapterError(
+            f"lora_path {lora_path!r}: {kind}/{version} is {manifest.status} ({manifest.reason or 'no reason given'}); "
+            f"serving refuses {' and '.join(REFUSED_STATUSES)} versions unless the load request says \"force\": true",
+            reason="refused_status",
+        )
     for p in path.iterdir():
         if p.is_file() and p.suffix not in (".json", ".safetensors", ".md", ".txt"):
             raise AdapterError(f"{p.name}: only safetensors weights and JSON configs are accepted", reason="bad_file")

@@ -13,6 +13,11 @@ Also ``GET /health`` and ``GET /metrics`` (prometheus_client's ASGI app, mounted
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
 
+Size limits keep one request from stalling the others: a body over ``max_body_bytes`` is refused
+with 413 before it is parsed, a prompt over ``max_prompt_chars`` characters with 400 before it
+is tokenized, and rendering and tokenizing run in a worker thread, never on the event loop
+(``/health`` and streams keep answering while a long prompt is tokenized).
+
 The routes live in module-level routers; a handler finds the service and the server's settings
 (admin token, response logger, defaults) on ``request.app.state``, which ``create_app`` sets.
 """
@@ -35,6 +40,7 @@ from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from looprl.ingest.schema import MAX_TEXT_CHARS, ChatMessage, ResponseEvent
+from looprl.ops.core.config import ServingConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import metrics_app
 from looprl.policy.model import format_prompt
@@ -55,11 +61,14 @@ ROUTES = {
     "/v1/looprl/alias": "alias", "/v1/looprl/state": "state", "/health": "health", "/metrics": "metrics",
 }
 REQUEST_TIMEOUT_S = 600.0
+# create_app's defaults are the config's (serving.max_body_bytes, serving.max_prompt_chars).
+DEFAULT_MAX_BODY_BYTES: int = ServingConfig.model_fields["max_body_bytes"].default
+DEFAULT_MAX_PROMPT_CHARS: int = ServingConfig.model_fields["max_prompt_chars"].default
 
 
 # The engine and the adapter checks raise domain errors with a reason; HTTP statuses live here.
 HTTP_STATUS = {"not_running": 503, "overloaded": 503, "unknown_model": 404, "not_found": 404,
-               "outside_registry": 403, "in_use": 409, "unauthorized": 401}
+               "outside_registry": 403, "in_use": 409, "refused_status": 409, "unauthorized": 401}
 
 
 def http_status(reason: str) -> int:
@@ -92,6 +101,52 @@ class _RequestMetrics:
         await self.app(scope, receive, wrapped)
 
 
+class _BodyLimit:
+    """ASGI middleware: read a request body only up to ``max_bytes``; a larger one gets a 413 as
+    soon as its Content-Length (or, chunked, the bytes read so far) says so, before any parsing.
+    The body read is handed on to the app as one message."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send, f"request body of {int(declared)} bytes")
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away: nobody to answer
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, "request body")
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:  # later reads wait for the disconnect, as streaming responses expect
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
+        m.ERRORS.labels(endpoint=ROUTES.get(scope["path"], "other"), reason="too_large").inc()
+        response = _error(413, f"{what} is over the limit of {self.max_bytes} bytes", code="too_large")
+        await response(scope, receive, send)
+
+
 def render_chat(messages: list[ChatMessageIn], tokenizer: Any, render: bool = True) -> tuple[str, str]:
     """(text the model sees, prompt text logged for training).
 
@@ -119,7 +174,8 @@ def _service(request: Request) -> ServingService:
 
 def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 409: "conflict_error", 503: "overloaded_error"}.get(status, "server_error")
+            404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
+            503: "overloaded_error"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
@@ -201,16 +257,20 @@ async def _generate(
         return await asyncio.wait_for(events.get(), timeout=REQUEST_TIMEOUT_S)
 
     if not body.stream:
+        answered = False
         try:
             while True:
                 kind, payload = await next_event()
                 if kind == "done":
+                    answered = True
                     break
         except asyncio.TimeoutError:
-            sub.handle.cancel()
             m.ERRORS.labels(endpoint=endpoint, reason="timeout").inc()
             m.REQUESTS_FAILED.labels(adapter=sub.adapter or BASE_VERSION, reason="timeout").inc()
             return _error(504, "generation timed out", code="timeout")
+        finally:
+            if not answered:  # timed out or cancelled: stop generating an answer nobody waits for
+                sub.handle.cancel()
         if payload.finish_reason == "error":
             m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
             return _error(503 if payload.fault == "shutdown" else 500, payload.error or "engine error",
@@ -250,12 +310,24 @@ async def _generate(
                              headers={**headers, "Cache-Control": "no-cache"})
 
 
+def _too_long(request: Request, endpoint: str, chars: int, param: str) -> JSONResponse | None:
+    """The 400 for a prompt over the character cap, checked before any tokenizing; else None."""
+    cap = request.app.state.max_prompt_chars
+    if chars <= cap:
+        return None
+    m.ERRORS.labels(endpoint=endpoint, reason="prompt_too_long").inc()
+    return _error(400, f"{param}: {chars} characters, over the limit of {cap} (serving.max_prompt_chars)",
+                  param=param, code="prompt_too_long")
+
+
 router = APIRouter()
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
     prompt = body.prompt_text()
+    if (refused := _too_long(request, "completions", len(prompt), "prompt")) is not None:
+        return refused
     rid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -270,9 +342,11 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         return {**base(sub), "choices": [{"index": 0, "text": fin.text, "finish_reason": fin.finish_reason,
                                           "logprobs": None}], "usage": _usage(fin)}
 
-    model_input = format_prompt(prompt) if request.app.state.render_prompts else prompt
+    engine = _service(request).engine
+    render = request.app.state.render_prompts
+    prompt_ids = await run_in_threadpool(lambda: engine.encode(format_prompt(prompt) if render else prompt))
     return await _generate(
-        request, endpoint="completions", body=body, prompt_ids=_service(request).engine.encode(model_input),
+        request, endpoint="completions", body=body, prompt_ids=prompt_ids,
         chunk=chunk, final=final, first=None,
         on_done=lambda fin: _log_response(request, rid, body.model, body.user, prompt, None, fin),
     )
@@ -281,7 +355,15 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     engine = _service(request).engine
-    rendered, logged_prompt = render_chat(body.messages, engine.tokenizer, request.app.state.render_prompts)
+    chars = sum(len(msg.text()) for msg in body.messages)
+    if (refused := _too_long(request, "chat", chars, "messages")) is not None:
+        return refused
+
+    def tokenize() -> tuple[list[int], str]:
+        rendered, logged = render_chat(body.messages, engine.tokenizer, request.app.state.render_prompts)
+        return engine.encode(rendered), logged
+
+    prompt_ids, logged_prompt = await run_in_threadpool(tokenize)
     messages = [ChatMessage(role=msg.role if msg.role != "developer" else "system", content=msg.text()[:MAX_TEXT_CHARS])
                 for msg in body.messages]
     rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -306,7 +388,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 "usage": _usage(fin)}
 
     return await _generate(
-        request, endpoint="chat", body=body, prompt_ids=engine.encode(rendered),
+        request, endpoint="chat", body=body, prompt_ids=prompt_ids,
         chunk=chunk, final=final, first=first,
         on_done=lambda fin: _log_response(request, rid, body.model, body.user, logged_prompt, messages, fin),
     )
@@ -334,7 +416,7 @@ admin_router = APIRouter(dependencies=[Depends(require_admin)])
 @admin_router.post("/v1/load_lora_adapter")
 async def load_lora(body: LoadLoraRequest, request: Request) -> dict:
     # Reading and checking the weights takes a while: off the event loop.
-    info = await run_in_threadpool(_service(request).load, body.lora_name, body.lora_path)
+    info = await run_in_threadpool(_service(request).load, body.lora_name, body.lora_path, body.force)
     return {"message": f"Success: LoRA adapter '{body.lora_name}' added successfully.", "adapter": info}
 
 
@@ -373,6 +455,8 @@ def create_app(
     response_logger: Any = None,
     default_max_tokens: int = 32,
     render_prompts: bool = True,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
 ) -> FastAPI:
     app = FastAPI(title="looprl serving", version="1", docs_url=None, redoc_url=None)
     app.state.service = service
@@ -380,7 +464,9 @@ def create_app(
     app.state.response_logger = response_logger
     app.state.default_max_tokens = default_max_tokens
     app.state.render_prompts = render_prompts
-    app.add_middleware(_RequestMetrics)
+    app.state.max_prompt_chars = max_prompt_chars
+    app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(_RequestMetrics)  # added last: outermost, so refused bodies are counted too
     app.add_exception_handler(RequestValidationError, _bad_body)
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(AdapterError, _adapter_error)

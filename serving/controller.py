@@ -113,14 +113,21 @@ class Observed:
 
 
 class EndpointClient:
-    """HTTP to one endpoint (embedded looprl server or vLLM), with retries on transient errors."""
+    """HTTP to one endpoint (embedded looprl server or vLLM), with retries on transient errors.
 
-    def __init__(self, url: str, *, token: str | None, timeout: float, retries: int, backoff: float = 0.2):
+    ``credentials`` are (config key, bearer token) pairs. An embedded looprl server takes
+    ``serving.admin_token`` on its admin routes, vLLM takes its one ``--api-key``
+    (``serving.vllm_api_key``) on every /v1 route, and each answers 401 to the other's. The first
+    probe of ``/v1/looprl/state`` tries them in order until one is not refused; that one stays in use.
+    """
+
+    def __init__(self, url: str, *, credentials: list[tuple[str, str]], timeout: float, retries: int,
+                 backoff: float = 0.2):
         self.url = url.rstrip("/")
         self.retries = retries
         self.backoff = backoff
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        self.credentials = list(credentials)
+        self.http = httpx.Client(base_url=self.url, timeout=timeout)
         self.kind: str | None = None
 
     def close(self) -> None:
@@ -143,7 +150,7 @@ class EndpointClient:
         """What the endpoint has loaded and (embedded server) where its alias points."""
         obs = Observed(self.url)
         if self.kind in (None, "looprl"):
-            r = self.call("GET", "/v1/looprl/state")
+            r = self._probe()
             if r.status_code == 200:
                 self.kind = "looprl"
                 s = r.json()
@@ -158,6 +165,10 @@ class EndpointClient:
                     if h.get("healthy") is False:
                         obs.unhealthy[x["name"]] = str(h.get("last_error") or "failing requests")
                 return obs
+            if r.status_code == 401:
+                tried = ", ".join(k for k, _ in self.credentials) or "no credential configured"
+                raise EndpointError(f"GET /v1/looprl/state: HTTP 401: no credential accepted (tried: {tried}; "
+                                    "a looprl server takes serving.admin_token, vLLM serving.vllm_api_key)", 401)
             if r.status_code != 404:
                 raise EndpointError(f"GET /v1/looprl/state: HTTP {r.status_code}: {r.text[:300]}", r.status_code)
             self.kind = "vllm"
@@ -168,6 +179,19 @@ class EndpointClient:
         # vLLM lists LoRA adapters as models whose "parent" is the base model.
         obs.loaded = [d["id"] for d in r.json().get("data", []) if d.get("parent")]
         return obs
+
+    def _probe(self) -> httpx.Response:
+        """``GET /v1/looprl/state`` with each credential until one is not refused (401); the
+        accepted one moves to the front, so later passes need one request."""
+        if not self.credentials:
+            return self.call("GET", "/v1/looprl/state")
+        for i, (_, token) in enumerate(self.credentials):
+            self.http.headers["Authorization"] = f"Bearer {token}"
+            r = self.call("GET", "/v1/looprl/state")
+            if r.status_code != 401:
+                self.credentials.insert(0, self.credentials.pop(i))
+                break
+        return r
 
     def load(self, name: str, path: Path) -> None:
         r = self.call("POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(path)})
@@ -206,7 +230,13 @@ class AdapterController:
         self.registry = Registry(cfg.registry_dir)
         if token is None and s.admin_token is not None:
             token = s.admin_token.get_secret_value()
-        self.clients = [EndpointClient(u, token=token, timeout=s.controller_timeout_seconds, retries=s.controller_retries)
+        # The inference key first: every client holds it anyway, while the admin token must never
+        # reach a vLLM endpoint (or its logs) that accepts its own key.
+        credentials = [(key, value) for key, value in (
+            ("serving.vllm_api_key", s.vllm_api_key.get_secret_value() if s.vllm_api_key else None),
+            ("serving.admin_token", token)) if value]
+        self.clients = [EndpointClient(u, credentials=credentials, timeout=s.controller_timeout_seconds,
+                                       retries=s.controller_retries)
                         for u in (endpoints if endpoints is not None else s.endpoints)]
         self.keep_previous = s.keep_previous
         self.state_path = cfg.state_dir / "controller.json"
@@ -351,13 +381,21 @@ class AdapterController:
         for role, version in (("canary", d.canary), ("promoted", d.promoted)):
             if version is None or version not in bad:
                 continue
+            # Refused if the pointer (named like the role) moved since this pass read it: someone
+            # decided meanwhile.
+            seen = releases.Expected(pointers={role: version})
             try:
                 if role == "canary":
                     rec = releases.roll_back_canary(self.registry, self.cfg.state_dir, version, bad[version],
-                                                    by="controller", action="unhealthy_rollback")
+                                                    by="controller", action="unhealthy_rollback", expected=seen)
                 else:
                     rec = releases.roll_back_promoted(self.registry, self.cfg.state_dir, bad[version],
-                                                      by="controller", action="unhealthy_rollback")
+                                                      by="controller", action="unhealthy_rollback", expected=seen)
+            except releases.StaleDecision as e:
+                log.warning("unhealthy version not rolled back: the registry changed meanwhile; the next pass "
+                            "judges what serves now", version=version, role=role, error=str(e))
+                changed = True
+                continue
             except (RegistryError, OSError) as e:
                 FAILURES.labels(endpoint="registry", step="rollback").inc()
                 log.error("could not roll back an unhealthy version", version=version, role=role, error=str(e))

@@ -288,8 +288,16 @@ class Engine:
                 if info is None:
                     raise EngineError(f"adapter {adapter!r} is not loaded", reason="unknown_model")
                 info.in_flight += 1
-            req = _Request(next(self._ids), list(prompt_ids), params, info, sink, sampler=RowSampler.create(params))
-            self._waiting.append(req)
+            queued = False
+            try:
+                # Creating the sampler can raise (e.g. torch refuses the seed): the count must then
+                # go back down, or an unloaded adapter stays draining forever.
+                req = _Request(next(self._ids), list(prompt_ids), params, info, sink, sampler=RowSampler.create(params))
+                self._waiting.append(req)
+                queued = True
+            finally:
+                if info is not None and not queued:
+                    info.in_flight -= 1
             m.WAITING.set(len(self._waiting))
             self._cv.notify_all()
         return Handle(req, self)

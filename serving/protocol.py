@@ -3,6 +3,11 @@
 Unknown OpenAI fields are accepted and ignored (clients send many optional knobs), but the
 ones whose non-default value would change the answer and that this server does not implement
 (``n > 1``, ``logprobs``, ``echo``, ``best_of``) are refused with a 400 naming the field.
+
+Every number a client sends is bounded here, so nothing downstream (the engine, torch) ever
+sees a value it would raise on: ``seed`` is a 64-bit signed integer, as in vLLM, and floats
+refuse NaN and infinities. Text sizes are bounded by the server's body limit and prompt cap
+(``serving.max_body_bytes``, ``serving.max_prompt_chars``), applied in ``looprl.serving.app``.
 """
 
 from __future__ import annotations
@@ -13,19 +18,26 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from looprl.serving.sampling import SamplingParams
 
+# torch seeds a generator from a 64-bit integer; vLLM accepts the signed range.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+# Far above any model's context: the engine cuts max_tokens to the room the prompt leaves.
+MAX_TOKENS_LIMIT = 1 << 20
+# A stop string is searched in the pending text at every token: keep that search short.
+MAX_STOP_CHARS = 256
+
 
 class _OpenAIBody(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     n: int = 1
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     stop: str | list[str] | None = None
     user: str | None = Field(None, max_length=128)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     ignore_eos: bool = False  # vLLM extension
 
     @field_validator("n")
@@ -41,6 +53,8 @@ class _OpenAIBody(BaseModel):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("at most 4 non-empty stop strings")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"a stop string has at most {MAX_STOP_CHARS} characters")
         return v
 
     def stop_list(self) -> tuple[str, ...]:
@@ -62,7 +76,7 @@ class _OpenAIBody(BaseModel):
 class CompletionRequest(_OpenAIBody):
     prompt: str | list[str]
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = None  # the validators below bound these to what is served
     best_of: int | None = None
 
     @field_validator("prompt")
@@ -118,7 +132,7 @@ class ChatMessageIn(BaseModel):
 
 class ChatCompletionRequest(_OpenAIBody):
     messages: list[ChatMessageIn] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
     logprobs: bool = False
 
     @field_validator("logprobs")
@@ -138,6 +152,9 @@ class LoadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     lora_name: str
     lora_path: str
+    # looprl extension: serve a version whose manifest status is rejected or rolled_back (an
+    # operator's decision; the controller never sends it).
+    force: bool = False
 
 
 class UnloadLoraRequest(BaseModel):
@@ -145,13 +162,13 @@ class UnloadLoraRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
     lora_name: str
-    lora_int_id: int | None = None
+    lora_int_id: int | None = Field(None, ge=0, le=2**31 - 1)  # vLLM's id; ignored here
 
 
 class CanarySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     lora_name: str | None
-    share: float = Field(gt=0.0, lt=1.0)
+    share: float = Field(gt=0.0, lt=1.0, allow_inf_nan=False)
 
 
 class AliasRequest(BaseModel):

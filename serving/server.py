@@ -23,7 +23,7 @@ from looprl.kernels import triton_available
 from looprl.ops.core.config import ConfigError, LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.policy.model import base_checksum, load_base
-from looprl.serving.app import create_app
+from looprl.serving.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, create_app
 from looprl.serving.engine import Engine
 from looprl.serving.service import ServingService
 
@@ -92,10 +92,12 @@ class ServerThread:
 
     def __init__(self, service: ServingService, *, host: str = "127.0.0.1", port: int = 0,
                  admin_token: str | None = None, response_logger: Any = None, default_max_tokens: int = 32,
-                 render_prompts: bool = True):
+                 render_prompts: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS):
         self.service = service
         self.app = create_app(service, admin_token=admin_token, response_logger=response_logger,
-                              default_max_tokens=default_max_tokens, render_prompts=render_prompts)
+                              default_max_tokens=default_max_tokens, render_prompts=render_prompts,
+                              max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
@@ -143,7 +145,8 @@ def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -
     service = build_service(cfg)
     logger = make_response_logger(cfg)
     app = create_app(service, admin_token=token, response_logger=logger,
-                     default_max_tokens=cfg.serving.default_max_tokens, render_prompts=cfg.serving.render_prompts)
+                     default_max_tokens=cfg.serving.default_max_tokens, render_prompts=cfg.serving.render_prompts,
+                     max_body_bytes=cfg.serving.max_body_bytes, max_prompt_chars=cfg.serving.max_prompt_chars)
     h, p = host or cfg.serving.host, cfg.serving.port if port is None else port
     log.info("serving", url=f"http://{h}:{p}", alias=cfg.serving.alias, base_name=cfg.serving.served_model_name)
     try:

@@ -72,12 +72,13 @@ class ServingService:
         return Submitted(handle, adapter, handle.version, role, adapter or self.base_name)
 
     def models(self) -> list[dict[str, Any]]:
-        root = str(self.base_path) if self.base_path else self.base_name
+        """OpenAI/vLLM's model list. ``root`` names the model, never a path: this list is public,
+        and filesystem layout is for the admin state only."""
         out = [{"id": self.base_name, "object": "model", "created": self.created, "owned_by": "looprl",
-                "root": root, "parent": None}]
+                "root": self.base_name, "parent": None}]
         for a in self.engine.adapters():
             out.append({"id": a.name, "object": "model", "created": int(a.loaded_at), "owned_by": "looprl",
-                        "root": str(a.path), "parent": self.base_name, "looprl_adapter_version": a.version})
+                        "root": a.version, "parent": self.base_name, "looprl_adapter_version": a.version})
         with self._lock:
             routes = dict(self._routes)
         for alias, r in routes.items():
@@ -86,11 +87,15 @@ class ServingService:
         return out
 
     # ------------------------------------------------------------------ admin
-    def load(self, name: str, path: str) -> dict[str, Any]:
+    def load(self, name: str, path: str, force: bool = False) -> dict[str, Any]:
+        """Load a registry version; ``force`` serves it even if it was rejected or rolled back."""
         with self._lock:
             reserved = {self.base_name, *self._routes}
         check_name(name, reserved)
-        spec = read_adapter(name, path, self.registry_root, self.engine.inventory, self.engine.max_lora_rank)
+        spec = read_adapter(name, path, self.registry_root, self.engine.inventory, self.engine.max_lora_rank,
+                            force=force)
+        if force:
+            log.warning("adapter load forced past the manifest status check", name=name, version=spec.version)
         info = self.engine.load_adapter(spec)
         return info.public()
 

@@ -9,10 +9,24 @@
   rejected_response_id, prompt (text preferences only), chosen_text, rejected_text.
 - ``feedback_joined``: ``feedback`` with the prompt/completion/adapter_version/model of the response
   it is about (NULL until that response is ingested): event_id, kind, ts, ingested_at, user_id,
-  response_id, prompt, completion, adapter_version, model, up, rating, corrected.
+  response_id, prompt, completion, adapter_version, model, up, rating, corrected, voter.
 - ``preferences_joined``: pairwise preferences with texts resolved from response ids or given
   directly: event_id, ts, ingested_at, user_id, prompt, chosen, rejected, chosen_response_id,
-  rejected_response_id, chosen_adapter_version, rejected_adapter_version.
+  rejected_response_id, chosen_adapter_version, rejected_adapter_version, voter. A pair that names
+  both responses takes its texts from them (texts sent along are ignored: only serving writes
+  answers); only a pair naming no responses uses its own prompt/chosen_text/rejected_text.
+- ``feedback_votes``: the thumbs, ratings and corrections of ``feedback_joined`` that count: one
+  per (kind, response_id, voter), the latest by ``ts`` (then ``ingested_at``, ``event_id``).
+- ``preference_votes``: the pairs of ``preferences_joined`` that count: one per (the two response
+  ids in either order, voter), the latest; a text-only pair always counts.
+
+``voter`` is who a vote counts for: the user the answer was served to (the response's ``user_id``,
+which only the serving tier writes), else the feedback's own ``user_id``, else NULL (one anonymous
+voter per response). So an answer gets one vote however many user ids a sender invents for it;
+the flip side: two people rating the same served answer count once.
+
+Read votes (the canary's thumbs, the reward model's examples) from the ``*_votes`` views, and cap
+each voter's share with ``cap_by_voter``.
 
 Each event is in the log exactly once (by event_id). A response logged twice under one
 response_id (a retried log call) is joined once. Kinds with no files yet are empty typed
@@ -23,10 +37,11 @@ it was opened; reconnect to pick up a first file of a new kind).
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Hashable, Iterable, Sequence, TypeVar
 
 import duckdb
 import pyarrow as pa
@@ -37,7 +52,13 @@ from looprl.storage.parts import part_files
 FEEDBACK_KINDS = ("thumbs", "rating", "correction", "preference")
 _FEEDBACK_COLUMNS = ("event_id", "kind", "ts", "ingested_at", "user_id", "response_id", "up", "rating", "corrected",
                      "chosen_response_id", "rejected_response_id", "prompt", "chosen_text", "rejected_text")
-VIEWS = ("responses", "feedback", "feedback_joined", "preferences_joined")
+VIEWS = ("responses", "feedback", "feedback_joined", "preferences_joined", "feedback_votes", "preference_votes")
+T = TypeVar("T")
+# Latest vote first: the user's own time, then arrival, then a fixed tie-break.
+_LATEST = "ORDER BY ts DESC, ingested_at DESC, event_id DESC"
+# Producer timestamps Python's datetime can hold. Ingest bounds ts now; a log written before it
+# did may hold one past year 9999 in UTC, which stats leaves out of first/last instead of failing.
+_TS_IN_RANGE = "ts BETWEEN TIMESTAMPTZ '0001-01-01 00:00:00+00' AND TIMESTAMPTZ '9999-12-31 23:59:59.999999+00'"
 
 
 def _sql_str(s: str) -> str:
@@ -88,19 +109,37 @@ QUALIFY row_number() OVER (PARTITION BY response_id ORDER BY ingested_at, event_
 CREATE OR REPLACE TEMP VIEW feedback_joined AS
 SELECT f.event_id, f.kind, f.ts, f.ingested_at, f.user_id, f.response_id,
        coalesce(r.prompt, f.prompt) AS prompt, r.completion, r.adapter_version, r.model,
-       f.up, f.rating, f.corrected
+       f.up, f.rating, f.corrected, coalesce(r.user_id, f.user_id) AS voter
 FROM feedback f LEFT JOIN responses_by_id r ON r.response_id = f.response_id""")
-        out.append("""
+        by_ids = "p.chosen_response_id IS NOT NULL AND p.rejected_response_id IS NOT NULL"
+        # The voter of a pair is the same whichever answer was chosen, so a changed mind replaces
+        # the first vote: the user the lower-id answer was served to, else the other's, else the sender.
+        out.append(f"""
 CREATE OR REPLACE TEMP VIEW preferences_joined AS
 SELECT p.event_id, p.ts, p.ingested_at, p.user_id,
-       coalesce(p.prompt, rc.prompt, rr.prompt) AS prompt,
-       coalesce(p.chosen_text, rc.completion) AS chosen,
-       coalesce(p.rejected_text, rr.completion) AS rejected,
+       CASE WHEN {by_ids} THEN coalesce(rc.prompt, rr.prompt) ELSE p.prompt END AS prompt,
+       CASE WHEN {by_ids} THEN rc.completion ELSE p.chosen_text END AS chosen,
+       CASE WHEN {by_ids} THEN rr.completion ELSE p.rejected_text END AS rejected,
        p.chosen_response_id, p.rejected_response_id,
-       rc.adapter_version AS chosen_adapter_version, rr.adapter_version AS rejected_adapter_version
+       rc.adapter_version AS chosen_adapter_version, rr.adapter_version AS rejected_adapter_version,
+       coalesce(CASE WHEN p.chosen_response_id < p.rejected_response_id THEN coalesce(rc.user_id, rr.user_id)
+                     ELSE coalesce(rr.user_id, rc.user_id) END, p.user_id) AS voter
 FROM events_preference p
 LEFT JOIN responses_by_id rc ON rc.response_id = p.chosen_response_id
 LEFT JOIN responses_by_id rr ON rr.response_id = p.rejected_response_id""")
+        out.append(f"""
+CREATE OR REPLACE TEMP VIEW feedback_votes AS
+SELECT * FROM feedback_joined WHERE kind <> 'preference'
+QUALIFY row_number() OVER (PARTITION BY kind, response_id, voter {_LATEST}) = 1""")
+        # A text-only pair names no response to vote on: partitioned by its own event id.
+        out.append(f"""
+CREATE OR REPLACE TEMP VIEW preference_votes AS
+SELECT * FROM preferences_joined
+QUALIFY row_number() OVER (
+    PARTITION BY CASE WHEN chosen_response_id IS NULL OR rejected_response_id IS NULL THEN event_id END,
+                 least(chosen_response_id, rejected_response_id), greatest(chosen_response_id, rejected_response_id),
+                 voter
+    {_LATEST}) = 1""")
         return out
 
     def connect(self, con: duckdb.DuckDBPyConnection | None = None) -> duckdb.DuckDBPyConnection:
@@ -119,6 +158,27 @@ LEFT JOIN responses_by_id rr ON rr.response_id = p.rejected_response_id""")
         finally:
             con.close()
 
+    def orphans(self, after: datetime | None, until: datetime) -> list[dict[str, Any]]:
+        """Feedback ingested in (``after``, ``until``] that names a response the log does not hold:
+        every stored column of the event, plus ``missing`` (which ids, e.g. ``response_id 'r1'``)."""
+        con = self.connect()
+        try:
+            rows: list[dict[str, Any]] = []
+            for kind in FEEDBACK_KINDS:
+                have = {f.name for f in SCHEMAS[kind]}
+                ids = [c for c in ("response_id", "chosen_response_id", "rejected_response_id") if c in have]
+                missing = "nullif(concat_ws(', ', " + ", ".join(
+                    f"CASE WHEN f.{c} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM events_response r "
+                    f"WHERE r.response_id = f.{c}) THEN '{c}=' || f.{c} END" for c in ids) + "), '')"
+                window = "f.ingested_at <= $until" + ("" if after is None else " AND f.ingested_at > $after")
+                params = {"until": until} if after is None else {"until": until, "after": after}
+                rows += con.sql(f"SELECT * FROM (SELECT f.*, {missing} AS missing FROM events_{kind} f WHERE {window}) "
+                                "WHERE missing IS NOT NULL ORDER BY ingested_at, event_id",
+                                params=params).to_arrow_table().to_pylist()
+            return rows
+        finally:
+            con.close()
+
     # ------------------------------------------------------------------ summary
     def stats(self) -> "LogStats":
         con = self.connect()
@@ -127,7 +187,8 @@ LEFT JOIN responses_by_id rr ON rr.response_id = p.rejected_response_id""")
             for kind in KINDS:
                 files = self.files(kind)
                 # Arrow, not fetchone(): DuckDB's own TIMESTAMPTZ -> Python conversion needs pytz.
-                row = con.sql(f"SELECT count(*) AS n, min(ts) AS first, max(ts) AS last, "
+                row = con.sql(f"SELECT count(*) AS n, min(ts) FILTER (WHERE {_TS_IN_RANGE}) AS first, "
+                              f"max(ts) FILTER (WHERE {_TS_IN_RANGE}) AS last, "
                               f"max(ingested_at) AS last_ing FROM events_{kind}").to_arrow_table().to_pylist()[0]
                 n, first, last, last_ing = row["n"], row["first"], row["last"], row["last_ing"]
                 kinds[kind] = KindStats(kind=kind, events=int(n), files=len(files),
@@ -139,6 +200,43 @@ LEFT JOIN responses_by_id rr ON rr.response_id = p.rejected_response_id""")
             return LogStats(events_dir=str(self.events_dir), kinds=kinds, feedback_unresolved=int(joined[0]))
         finally:
             con.close()
+
+
+def voter_cap(counts: Iterable[int], max_share: float) -> int:
+    """The most votes each voter may keep so that none holds more than ``max_share`` of the votes
+    kept: the largest m with m <= max_share * sum(min(c, m)). So votes count only from at least
+    1/max_share voters (when max_share < 1): a lone voter keeps nothing."""
+    cs = [c for c in counts if c > 0]
+    if not cs:
+        return 0
+    if max_share >= 1:
+        return max(cs)
+
+    def fits(m: int) -> bool:  # 1e-9: 0.29 * 100 is 28.999999999999996 in floating point
+        return m <= max_share * sum(min(c, m) for c in cs) + 1e-9
+
+    # max_share * sum(min(c, m)) - m is concave in m and 0 at m = 0: the m that fit are 0..cap.
+    lo, hi = 0, max(cs)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def cap_by_voter(items: Sequence[T], voter: Callable[[T], Hashable], max_share: float) -> list[T]:
+    """``items`` (in priority order), each voter keeping only its first ``voter_cap`` of them."""
+    m = voter_cap(Counter(voter(i) for i in items).values(), max_share)
+    seen: Counter = Counter()
+    out = []
+    for i in items:
+        k = voter(i)
+        seen[k] += 1
+        if seen[k] <= m:
+            out.append(i)
+    return out
 
 
 def _size(p: Path) -> int:

@@ -3,7 +3,9 @@
 A batch is written as one file per kind: into a hidden temp file in the target directory, fsynced,
 renamed to ``part-*.parquet`` (atomic on POSIX), then the directory is fsynced. Readers glob
 ``part-*.parquet`` only, so they never see a half-written file; a crash leaves at most hidden
-``.part-*.tmp`` files, removed by ``clean_temp``.
+``.part-*.tmp`` files, removed by ``clean_temp``. A writer holds a lock on each of its temp files
+while it exists (``looprl.storage.temps``), so ``clean_temp`` at one consumer's start never
+deletes the temp file of another consumer writing into the same log.
 
 The files of one batch are renamed one after the other, so a crash can leave a batch partly
 visible. Exactly-once therefore comes from the consumer's event-id dedupe (``recent_event_ids``
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
-import time
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
@@ -24,8 +26,10 @@ import pyarrow.parquet as pq
 
 from looprl.storage.event_schema import SCHEMAS
 from looprl.storage.registry import fsync_dir
+from looprl.storage.temps import claim, release, remove_abandoned
 
 PART_GLOB = "kind=*/hour=*/part-*.parquet"
+TEMP_GLOB = "kind=*/hour=*/.part-*.tmp"
 
 
 def hour_dir(events_dir: Path, kind: str, at: datetime) -> Path:
@@ -48,34 +52,35 @@ class PartWriter:
         stamp = int(ingested_at.timestamp() * 1000)
         staged: list[tuple[Path, Path]] = []
         dirs: set[Path] = set()
-        try:
-            for kind, table in tables.items():
-                if table.num_rows == 0:
-                    continue
-                if table.schema != SCHEMAS[kind]:
-                    table = table.cast(SCHEMAS[kind])
-                d = hour_dir(self.events_dir, kind, ingested_at)
-                new_dir = not d.exists()
-                d.mkdir(parents=True, exist_ok=True)
-                if new_dir:
-                    dirs.update({d.parent, d.parent.parent})
-                name = f"part-{stamp:013d}-{self.writer_id}-{self._seq:06d}.parquet"
-                tmp = d / f".{name}.tmp"
-                with open(tmp, "wb") as f:
-                    pq.write_table(table, f, compression=self.compression)
-                    f.flush()
-                    os.fsync(f.fileno())
-                staged.append((tmp, d / name))
-                dirs.add(d)
-            for tmp, final in staged:
-                os.replace(tmp, final)
-            for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
-                fsync_dir(d)
-        except BaseException:
-            for tmp, _final in staged:
-                if tmp.exists():
-                    tmp.unlink()
-            raise
+        with ExitStack() as owners:  # each temp's owner lock, let go of once the temp is renamed or removed
+            try:
+                for kind, table in tables.items():
+                    if table.num_rows == 0:
+                        continue
+                    if table.schema != SCHEMAS[kind]:
+                        table = table.cast(SCHEMAS[kind])
+                    d = hour_dir(self.events_dir, kind, ingested_at)
+                    new_dir = not d.exists()
+                    d.mkdir(parents=True, exist_ok=True)
+                    if new_dir:
+                        dirs.update({d.parent, d.parent.parent})
+                    name = f"part-{stamp:013d}-{self.writer_id}-{self._seq:06d}.parquet"
+                    tmp = d / f".{name}.tmp"
+                    owners.callback(release, tmp, claim(tmp))
+                    staged.append((tmp, d / name))
+                    with open(tmp, "wb") as f:
+                        pq.write_table(table, f, compression=self.compression)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    dirs.add(d)
+                for tmp, final in staged:
+                    os.replace(tmp, final)
+                for d in sorted(dirs, key=lambda p: len(p.parts), reverse=True):
+                    fsync_dir(d)
+            except BaseException:
+                for tmp, _final in staged:
+                    tmp.unlink(missing_ok=True)
+                raise
         return [final for _tmp, final in staged]
 
 
@@ -85,18 +90,10 @@ def part_files(events_dir: str | Path, kind: str | None = None) -> list[Path]:
     return sorted(root.glob(pattern))
 
 
-def clean_temp(events_dir: str | Path, older_than_s: float = 0.0) -> int:
-    """Remove temp files left by a crashed writer. Returns how many were removed."""
-    n = 0
-    now = time.time()
-    for p in Path(events_dir).glob("kind=*/hour=*/.part-*.tmp"):
-        try:
-            if now - p.stat().st_mtime >= older_than_s:
-                p.unlink()
-                n += 1
-        except FileNotFoundError:
-            pass
-    return n
+def clean_temp(events_dir: str | Path) -> int:
+    """Remove temp files whose writer is gone (crashed); a live writer's are left alone, however
+    old. Returns how many were removed."""
+    return remove_abandoned(Path(events_dir), TEMP_GLOB)
 
 
 def recent_event_ids(events_dir: str | Path, limit: int, skip: set[Path] | None = None

@@ -9,7 +9,8 @@ Layout (under ``<workspace>/registry``)::
 Publishing is atomic: files are copied into ``<kind>/.tmp-*``, fsynced, the manifest (with a
 sha256 of every file) is written last, then the directory is renamed to ``v<N>`` and the
 ``latest`` pointer is replaced with ``os.replace``. A reader therefore sees either no version or
-a whole one; a crash leaves at most a ``.tmp-*`` directory, removed on the next publish.
+a whole one; a crash leaves at most a ``.tmp-*`` directory, removed by the next publish (a temp
+whose publisher is still alive, however slow, is left alone: ``looprl.storage.temps``).
 Every read verifies checksums (``open``), so a corrupted or tampered file is refused by name.
 Pickle formats are never accepted.
 """
@@ -19,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import tempfile
-import time
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from looprl.ops.core.locks import file_lock
 from looprl.ops.core.version import Version
+from looprl.storage.temps import claim, release, remove_abandoned
 
 # A version's status; the policy lifecycle between them is looprl.storage.releases. "published" is a
 # reward model's only status: reward versions are used as soon as they are published.
@@ -40,6 +44,17 @@ _FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 # Weights must be safetensors; these small text formats may travel beside them.
 _ALLOWED_SUFFIXES = {".safetensors", ".json", ".txt", ".md", ".model", ".jinja"}
 _FORBIDDEN_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".npy", ".joblib"}
+TMP_PREFIX = ".tmp-"  # a version being published: <kind>/.tmp-<random>, renamed to v<N> when whole
+
+
+class _Held(threading.local):
+    """The kind locks this thread holds: taking one again nests instead of waiting for itself."""
+
+    def __init__(self) -> None:
+        self.paths: set[Path] = set()
+
+
+_HELD = _Held()
 
 
 class RegistryError(RuntimeError):
@@ -159,6 +174,23 @@ class Registry:
     def version_dir(self, kind: str, version: str) -> Path:
         return self.kind_dir(kind) / check_version(version)
 
+    # ---- the kind lock ----
+    @contextmanager
+    def locked(self, kind: str) -> Iterator[None]:
+        """Hold the kind's lock (between processes and threads). Every write of a manifest or a
+        pointer takes it, and it nests within one thread, so a caller can read, compare and then
+        write statuses and pointers as one compare-and-set."""
+        path = self.kind_dir(kind).absolute() / ".lock"
+        if path in _HELD.paths:
+            yield
+            return
+        with file_lock(path):
+            _HELD.paths.add(path)
+            try:
+                yield
+            finally:
+                _HELD.paths.discard(path)
+
     # ---- reading ----
     def versions(self, kind: str) -> list[str]:
         d = self.kind_dir(kind)
@@ -240,8 +272,10 @@ class Registry:
         for p in files:
             check_file_name(p.name)
         self._clean_tmp(kdir)
-        tmp = Path(tempfile.mkdtemp(dir=kdir, prefix=".tmp-"))
+        tmp = kdir / f"{TMP_PREFIX}{secrets.token_hex(8)}"
+        owner = claim(tmp)  # held while tmp exists: another publisher's _clean_tmp leaves it alone
         try:
+            tmp.mkdir(mode=0o700)
             digests = {}
             for p in files:
                 dst = tmp / p.name
@@ -249,7 +283,7 @@ class Registry:
                 with open(dst, "rb+") as f:
                     os.fsync(f.fileno())
                 digests[p.name] = sha256_file(dst)
-            with file_lock(kdir / ".lock"):  # two publishers never pick the same version number
+            with self.locked(kind):  # two publishers never pick the same version number
                 existing = self.versions(kind)
                 number = Version.parse(existing[-1]).number + 1 if existing else 1
                 now = datetime.now(timezone.utc)
@@ -269,14 +303,19 @@ class Registry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        finally:
+            release(tmp, owner)
 
     def set_pointer(self, kind: str, name: str, version: str | None) -> None:
+        """Point ``name`` at ``version`` (None: remove it), under the kind lock; readers see the old
+        or the new pointer, never a partial one."""
         p = self.kind_dir(kind) / check_name(name)
-        if version is None:
-            p.unlink(missing_ok=True)
-            return
-        self.manifest(kind, version)  # must exist
-        atomic_write_text(p, version + "\n")
+        with self.locked(kind):
+            if version is None:
+                p.unlink(missing_ok=True)
+                return
+            self.manifest(kind, version)  # must exist
+            atomic_write_text(p, version + "\n")
 
     def set_status(
         self, kind: str, version: str, status: Status, reason: str, numbers: dict[str, Any] | None = None,
@@ -288,7 +327,7 @@ class Registry:
         so a transition is judged on the status it really moves from, even with concurrent deciders.
         The manifest file is not covered by its own checksums, so rewriting it is safe."""
         d = self.version_dir(kind, version)
-        with file_lock(self.kind_dir(kind) / ".lock"):
+        with self.locked(kind):
             m = self.manifest(kind, version)
             if check is not None:
                 check(m)
@@ -299,13 +338,9 @@ class Registry:
         return m
 
     @staticmethod
-    def _clean_tmp(kdir: Path, older_than_s: float = 60.0) -> None:
-        # Leftovers of a publish that crashed; never visible as versions.
-        for p in kdir.glob(".tmp-*"):
-            try:
-                if time.time() - p.stat().st_mtime > older_than_s:
-                    shutil.rmtree(p, ignore_errors=True)
-            except FileNotFoundError:
-                pass
+    def _clean_tmp(kdir: Path) -> None:
+        # Leftovers of a publish that crashed (never visible as versions); a publisher still
+        # copying holds its temp's lock, however slow it is (looprl.storage.temps).
+        remove_abandoned(kdir, f"{TMP_PREFIX}*")
 
 

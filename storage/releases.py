@@ -16,12 +16,22 @@ the controller on an unhealthy adapter) changes status and pointers through the 
 canary starts, promotions and rollbacks append one line to ``<state_dir>/canary/decisions.jsonl``,
 which the report and ``looprl status`` read. Version texts (``v3``, ``base``) are parsed by
 ``Version`` (ground floor) only.
+
+Deciders race: the canary counts votes for minutes while an operator may roll back or promote by
+hand, and the controller may roll back an unhealthy adapter. Each move is therefore one
+compare-and-set under the registry's policy lock: it reads status and pointers, compares them
+with ``expected`` (what its caller read before deciding), then writes statuses, pointers and the
+decision line. If anything differs it raises ``StaleDecision`` naming what changed and writes
+nothing, so the later, stale decision never overwrites the earlier one. A promotion of another
+version, or a rollback of the promoted version, ends a running canary (status rolled_back, a
+decision ``end`` with the reason): the canary was judged against a control that no longer serves.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,10 +40,11 @@ from looprl.ops.core.version import BASE_TEXT, Version, version_number
 from looprl.storage.registry import Manifest, Registry, RegistryError, Status
 
 __all__ = [
-    "BASE", "CANARY", "KIND", "LIFECYCLE", "PROMOTED", "DecisionRecord", "TransitionError", "Version",
-    "canary_version", "check_transition", "decisions_path", "drop_stale_canary", "lora_name", "previous_promoted",
-    "promote", "promoted_version", "read_decisions", "record_decision", "record_gate", "require",
-    "roll_back_canary", "roll_back_promoted", "sources", "start_canary", "version_number", "version_of_lora",
+    "BASE", "CANARY", "KIND", "LIFECYCLE", "PROMOTED", "DecisionRecord", "Expected", "StaleDecision",
+    "TransitionError", "Version", "canary_version", "check_transition", "decisions_path", "drop_stale_canary",
+    "lora_name", "previous_promoted", "promote", "promoted_version", "read_decisions", "record_decision",
+    "record_gate", "require", "roll_back_canary", "roll_back_promoted", "sources", "start_canary",
+    "version_number", "version_of_lora",
 ]
 
 KIND = "policy"  # the registry kind whose versions serve users
@@ -66,6 +77,23 @@ class TransitionError(RegistryError):
     statuses the move is allowed from."""
 
 
+class StaleDecision(TransitionError):
+    """The registry changed between a decider's read and its move (someone else decided meanwhile);
+    the message names what changed, and nothing was written."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What a decider read before deciding; its move commits only if the registry still shows it.
+
+    ``status``: the status of the version the move is about (None: not compared). ``pointers``:
+    pointer name (``PROMOTED``, ``CANARY``) -> the version it named, None for no pointer (for
+    ``PROMOTED``: the base model); pointers not named are not compared."""
+
+    status: Status | None = None
+    pointers: Mapping[str, str | None] = field(default_factory=dict)
+
+
 def sources(to: Status) -> tuple[Status, ...]:
     """The statuses a version may move to ``to`` from."""
     return tuple(s for s, targets in LIFECYCLE.items() if to in targets)
@@ -94,6 +122,29 @@ def require(reg: Registry, version: str, to: Status) -> Manifest:
 def _move(reg: Registry, version: str, to: Status, reason: str, numbers: dict[str, Any] | None) -> Manifest:
     return reg.set_status(KIND, version, to, reason, numbers,
                           check=lambda m: check_transition(version, m.status, to))
+
+
+def _shown(pointer: str, version: str | None) -> str:
+    return version or (BASE if pointer == PROMOTED else "nothing")
+
+
+def _compare(reg: Registry, version: str | None, expected: Expected | None, move: str) -> None:
+    """Under the lock: raise ``StaleDecision`` unless the registry still shows ``expected``."""
+    if expected is None:
+        return
+    changes = []
+    if expected.status is not None and version is not None:
+        m = reg.manifest(KIND, version)
+        if m.status != expected.status:
+            why = f" ({m.reason})" if m.reason else ""
+            changes.append(f"{KIND}/{version} is now {m.status}{why}, was {expected.status}")
+    for name, seen in expected.pointers.items():
+        now = reg.pointer(KIND, name)
+        if now != seen:
+            changes.append(f"pointer {name} now names {_shown(name, now)}, was {_shown(name, seen)}")
+    if changes:
+        raise StaleDecision(f"{move} refused, the registry changed since it was decided: {'; '.join(changes)}. "
+                            "Nothing was written; decide again on what serves now")
 
 
 # --------------------------------------------------------------------------- pointers and names
@@ -130,7 +181,9 @@ def previous_promoted(reg: Registry, current: str) -> str | None:
 @dataclass
 class DecisionRecord:
     at: float
-    action: str  # start | promote | rollback | manual_promote | manual_rollback | unhealthy_rollback
+    # start | promote | rollback | manual_promote | manual_rollback | unhealthy_rollback | end (a canary another
+    # decision ended)
+    action: str
     version: str | None
     control: str
     reason: str
@@ -174,62 +227,99 @@ def record_gate(reg: Registry, version: str, decision: Status, reason: str,
 
 
 def start_canary(reg: Registry, state_dir: str | Path, version: str, *, traffic_share: float,
-                 by: str = "scheduler", at: float | None = None) -> DecisionRecord:
+                 by: str = "scheduler", at: float | None = None, expected: Expected | None = None) -> DecisionRecord:
     """A gated ``version`` serves ``traffic_share`` of users next to the promoted one."""
-    current = canary_version(reg)
-    if current is not None and current != version:
-        raise TransitionError(f"{KIND}/{version} cannot enter canary: {KIND}/{current} is on canary; "
-                              "promote it or roll it back first")
+    with reg.locked(KIND):
+        _compare(reg, version, expected, f"canary start of {KIND}/{version}")
+        current = canary_version(reg)
+        if current is not None and current != version:
+            raise TransitionError(f"{KIND}/{version} cannot enter canary: {KIND}/{current} is on canary; "
+                                  "promote it or roll it back first")
+        control = promoted_version(reg) or BASE
+        numbers = {"control": control, "traffic_share": traffic_share}
+        _move(reg, version, "canary", f"canary at {traffic_share:.0%} of traffic vs {control}", numbers)
+        reg.set_pointer(KIND, CANARY, version)
+        return _decided(state_dir, at, "start", version, control, "gated candidate enters canary", numbers, by)
+
+
+def _end_canary(reg: Registry, state_dir: str | Path, at: float | None, why: str, by: str) -> dict[str, str]:
+    """Under the lock: roll back the running canary because another decision replaced its control.
+    Returns ``{"ended_canary": version}`` for the deciding move's numbers, or nothing."""
+    canary = canary_version(reg)
+    if canary is None:
+        return {}
+    reg.set_pointer(KIND, CANARY, None)
+    if reg.manifest(KIND, canary).status != "canary":  # a stale pointer: nothing was running
+        return {}
     control = promoted_version(reg) or BASE
-    numbers = {"control": control, "traffic_share": traffic_share}
-    _move(reg, version, "canary", f"canary at {traffic_share:.0%} of traffic vs {control}", numbers)
-    reg.set_pointer(KIND, CANARY, version)
-    return _decided(state_dir, at, "start", version, control, "gated candidate enters canary", numbers, by)
+    reason = f"canary ended: {why}"
+    _move(reg, canary, "rolled_back", reason, {"control": control})
+    _decided(state_dir, at, "end", canary, control, reason, {}, by)
+    return {"ended_canary": canary}
 
 
 def promote(reg: Registry, state_dir: str | Path, version: str, reason: str, *, by: str, action: str,
             control: str | None = None, numbers: dict[str, Any] | None = None,
-            at: float | None = None) -> DecisionRecord:
-    """``version`` gets all traffic. ``control``: what it was compared with (default: what served)."""
+            at: float | None = None, expected: Expected | None = None) -> DecisionRecord:
+    """``version`` gets all traffic. ``control``: what it was compared with (default: what served).
+    A canary of another version ends (``numbers["ended_canary"]``)."""
     reg.verify(KIND, version)  # never promote a corrupted adapter
-    previous = promoted_version(reg) or BASE
-    numbers = {"previous": previous, **(numbers or {})}
-    _move(reg, version, "promoted", reason, numbers)
-    reg.set_pointer(KIND, PROMOTED, version)
-    if canary_version(reg) == version:
-        reg.set_pointer(KIND, CANARY, None)
-    return _decided(state_dir, at, action, version, control or previous, reason, numbers, by)
+    with reg.locked(KIND):
+        _compare(reg, version, expected, f"promotion of {KIND}/{version}")
+        require(reg, version, "promoted")  # refuse before the canary is ended
+        previous = promoted_version(reg) or BASE
+        numbers = {"previous": previous, **(numbers or {})}
+        if canary_version(reg) != version:
+            numbers.update(_end_canary(reg, state_dir, at, f"{version} promoted ({reason})", by))
+        _move(reg, version, "promoted", reason, numbers)
+        reg.set_pointer(KIND, PROMOTED, version)
+        if canary_version(reg) == version:
+            reg.set_pointer(KIND, CANARY, None)
+        return _decided(state_dir, at, action, version, control or previous, reason, numbers, by)
 
 
 def roll_back_canary(reg: Registry, state_dir: str | Path, version: str, reason: str, *, by: str, action: str,
-                     numbers: dict[str, Any] | None = None, at: float | None = None) -> DecisionRecord:
+                     numbers: dict[str, Any] | None = None, at: float | None = None,
+                     expected: Expected | None = None) -> DecisionRecord:
     """End the canary ``version``: status rolled_back, pointer cleared; promoted keeps all traffic."""
-    control = promoted_version(reg) or BASE
-    numbers = {"control": control, **(numbers or {})}
-    _move(reg, version, "rolled_back", reason, numbers)
-    if canary_version(reg) == version:
-        reg.set_pointer(KIND, CANARY, None)
-    return _decided(state_dir, at, action, version, control, reason, numbers, by)
+    with reg.locked(KIND):
+        _compare(reg, version, expected, f"rollback of the canary {KIND}/{version}")
+        status = require(reg, version, "rolled_back").status
+        if status != "canary":  # the promoted version: its pointer must move too
+            raise TransitionError(f"{KIND}/{version} is {status}, not on canary: roll back the promoted version "
+                                  "instead")
+        control = promoted_version(reg) or BASE
+        numbers = {"control": control, **(numbers or {})}
+        _move(reg, version, "rolled_back", reason, numbers)
+        if canary_version(reg) == version:
+            reg.set_pointer(KIND, CANARY, None)
+        return _decided(state_dir, at, action, version, control, reason, numbers, by)
 
 
 def roll_back_promoted(reg: Registry, state_dir: str | Path, reason: str, *, by: str, action: str,
-                       at: float | None = None) -> DecisionRecord:
-    """Replace the promoted version by the previous promoted one (or the base model)."""
-    current = promoted_version(reg)
-    if current is None:
-        raise TransitionError("nothing to roll back: the base model already serves all traffic")
-    previous = previous_promoted(reg, current)
-    numbers = {"restored": previous or BASE}
-    _move(reg, current, "rolled_back", reason, numbers)
-    reg.set_pointer(KIND, PROMOTED, previous)
-    return _decided(state_dir, at, action, current, previous or BASE, reason, numbers, by)
+                       at: float | None = None, expected: Expected | None = None) -> DecisionRecord:
+    """Replace the promoted version by the previous promoted one (or the base model). A running
+    canary ends too (``numbers["ended_canary"]``): its control no longer serves."""
+    with reg.locked(KIND):
+        current = promoted_version(reg)
+        _compare(reg, current, expected, "rollback of the promoted version")
+        if current is None:
+            raise TransitionError("nothing to roll back: the base model already serves all traffic")
+        require(reg, current, "rolled_back")  # refuse before the canary is ended
+        previous = previous_promoted(reg, current)
+        numbers = {"restored": previous or BASE,
+                   **_end_canary(reg, state_dir, at, f"its control {current} was rolled back ({reason})", by)}
+        _move(reg, current, "rolled_back", reason, numbers)
+        reg.set_pointer(KIND, PROMOTED, previous)
+        return _decided(state_dir, at, action, current, previous or BASE, reason, numbers, by)
 
 
 def drop_stale_canary(reg: Registry) -> str | None:
     """Clear the canary pointer if its version left the canary status (decided by hand meanwhile).
     Returns the version dropped, or None."""
-    current = canary_version(reg)
-    if current is None or reg.manifest(KIND, current).status == "canary":
-        return None
-    reg.set_pointer(KIND, CANARY, None)
-    return current
+    with reg.locked(KIND):
+        current = canary_version(reg)
+        if current is None or reg.manifest(KIND, current).status == "canary":
+            return None
+        reg.set_pointer(KIND, CANARY, None)
+        return current

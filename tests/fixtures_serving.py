@@ -151,7 +151,8 @@ def start_server(workspace: Path, base: Path, adapters: AdapterSet, logger: Any 
     lg = CapturingLogger() if logger == "capture" else logger
     th = ServerThread(service, admin_token=ADMIN_TOKEN, response_logger=lg,
                       default_max_tokens=cfg.serving.default_max_tokens,
-                      render_prompts=cfg.serving.render_prompts).start()
+                      render_prompts=cfg.serving.render_prompts, max_body_bytes=cfg.serving.max_body_bytes,
+                      max_prompt_chars=cfg.serving.max_prompt_chars).start()
     return RunningServer(th.url, cfg, service, th, lg if isinstance(lg, CapturingLogger) else None, adapters)
 
 

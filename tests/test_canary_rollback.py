@@ -42,8 +42,9 @@ def loop(tmp_path, tiny_base, kafka_bootstrap):
                       ingest={"metrics_port": 0, "batch_max_seconds": 0.5},
                       serving={"port": port, "endpoints": [f"http://127.0.0.1:{port}"], "torch_threads": 1,
                                "max_batch_size": 8, "admin_token": "tok"},
+                      # 4 users split 2 and 2 by the sticky hash: each holds about half its arm's votes
                       canary={"traffic_share": 0.5, "min_samples": 25, "max_samples": 400,
-                              "rollback_probability": 0.95},
+                              "rollback_probability": 0.95, "max_user_share": 0.6},
                       demo={"users": 4, "max_requests_per_second": 20, "max_tokens": 8, "eval_fraction": 0.0,
                             "preference_fraction": 0.0, "collector_fraction": 0.0, "thumbs_fraction": 1.0})
     env = {**os.environ, "LOOPRL_WORKSPACE": str(cfg.workspace), "LOOPRL_MODEL__BASE_PATH": str(tiny_base),

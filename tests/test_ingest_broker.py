@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from looprl.ingest.broker import (
-    STATE_FILE, BrokerInfo, EmbeddedBroker, _stop_owned, bootstrap_servers, find_embedded, read_broker_file,
-    tansu_binary, write_broker_file,
+    STATE_FILE, BrokerInfo, EmbeddedBroker, NoBroker, _stop_owned, bootstrap_servers, find_embedded,
+    read_broker_file, tansu_binary, write_broker_file,
 )
-from looprl.ingest.transport import KafkaUnavailable, ensure_topics, tcp_reachable, topic_partitions, wait_for_broker
+from looprl.ingest.transport import ensure_topics, tcp_reachable, topic_partitions, wait_for_broker
 from looprl.ops.core.config import load_config
 
 
@@ -45,15 +45,46 @@ def test_configured_servers_win(tmp_path):
     assert bootstrap_servers(cfg) == "kafka-a:9092,kafka-b:9092"
 
 
-def test_other_processes_find_the_embedded_broker(tmp_path):
+def test_no_kafka_is_an_error_unless_a_private_broker_is_asked_for(tmp_path):
+    """A process that finds no Kafka fails, naming the keys: a private in-memory broker started
+    quietly would acknowledge events that vanish with the process, unseen by any consumer."""
     cfg = load_config(environ={}, workspace=tmp_path / "ws")
     state = cfg.state_dir / STATE_FILE
-    with pytest.raises(KafkaUnavailable, match="no live embedded broker"):
-        bootstrap_servers(cfg, start=False)
+    with pytest.raises(NoBroker, match="kafka.bootstrap_servers is not set") as err:
+        bootstrap_servers(cfg)
+    assert "looprl ingest broker" in str(err.value) and "kafka.embedded" in str(err.value)
     # a stale file (dead pid) is ignored
     write_broker_file(state, BrokerInfo("127.0.0.1:1", pid=2**22 + 7, owner_pid=1, started_at=0.0))
     assert find_embedded(cfg) is None
-    servers = bootstrap_servers(cfg)  # starts one, owned by this process
+    with pytest.raises(NoBroker):
+        bootstrap_servers(cfg)
+    assert read_broker_file(state).pid == 2**22 + 7  # nothing was started in its place
+
+
+@pytest.mark.parametrize("command", [["ingest", "consume"], ["ingest", "collect"]])
+def test_commands_without_kafka_fail_with_a_clear_message(tmp_path, command):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("LOOPRL_")},
+           "LOOPRL_WORKSPACE": str(tmp_path / "ws"), "LOOPRL_INGEST__METRICS_PORT": "0",
+           "LOOPRL_INGEST__COLLECTOR_PORT": "0"}
+    r = subprocess.run([sys.executable, "-m", "looprl.ops.cli", *command], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "kafka.bootstrap_servers is not set" in r.stderr and "looprl ingest broker" in r.stderr
+    assert not (tmp_path / "ws" / "state" / STATE_FILE).exists()
+
+
+def test_serving_without_kafka_logs_no_responses_and_starts_no_broker(tmp_path):
+    from looprl.serving.server import make_response_logger
+
+    cfg = load_config(environ={}, workspace=tmp_path / "ws")
+    assert make_response_logger(cfg) is None
+    assert not (cfg.state_dir / STATE_FILE).exists()
+
+
+def test_other_processes_find_the_embedded_broker(tmp_path):
+    cfg = load_config(environ={}, workspace=tmp_path / "ws", kafka={"embedded": True})
+    state = cfg.state_dir / STATE_FILE
+    servers = bootstrap_servers(cfg)  # kafka.embedded: starts one, owned by this process
     try:
         info = read_broker_file(state)
         assert info.bootstrap == servers and info.owner_pid == os.getpid() and info.alive()
@@ -78,6 +109,7 @@ def test_looprl_broker_command(tmp_path):
         servers = info["bootstrap_servers"]
         cfg = load_config(environ={}, workspace=ws)
         assert find_embedded(cfg) == servers
+        assert bootstrap_servers(cfg) == servers  # found without kafka.embedded: nothing else started
         assert wait_for_broker(servers, timeout=10) is not None
         # a second `looprl ingest broker` for the same workspace refuses to start
         second = subprocess.run([sys.executable, "-m", "looprl.ops.cli", "ingest", "broker"], env=env,

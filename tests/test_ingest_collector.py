@@ -93,7 +93,7 @@ def test_auth_limits_and_field_errors(cfg):
     assert 'looprl_ingest_collector_rejected_total{reason="unknown_kind"}' in metrics
 
 
-def test_batch_forms_reach_kafka_on_the_right_topics(cfg, kafka_bootstrap):
+def test_batch_forms_reach_the_feedback_topic(cfg, kafka_bootstrap):
     producer = make_producer(kafka_bootstrap, "confluent", linger_ms=1)
     try:
         c = TestClient(create_app(cfg, producer))
@@ -101,15 +101,14 @@ def test_batch_forms_reach_kafka_on_the_right_topics(cfg, kafka_bootstrap):
         given = "6f1c1f5e-8a2e-4d0a-9a43-3f7a6f1d2b11"
         r2 = c.post("/v1/feedback", headers=auth(), json=[
             {"kind": "rating", "response_id": "r1", "rating": 3, "event_id": given},
-            {"kind": "preference", "prompt": "p", "chosen_text": "a", "rejected_text": "b"}])
+            {"kind": "preference", "chosen_response_id": "r1", "rejected_response_id": "r2"}])
         r3 = c.post("/v1/feedback", headers=auth(), json={"events": [
-            {"kind": "response", "response_id": "r9", "prompt": "p", "completion": "c", "model": "m"}]})
+            {"kind": "correction", "response_id": "r9", "corrected": "c"}]})
         assert [r.status_code for r in (r1, r2, r3)] == [202, 202, 202]
         assert r2.json()["event_ids"][0] == given and r2.json()["accepted"] == 2
-        fb = read_topic(kafka_bootstrap, cfg.kafka.topic_feedback, 3)
-        rs = read_topic(kafka_bootstrap, cfg.kafka.topic_responses, 1)
-        assert {str(parse_event(m.value()).event_id) for m in fb} == {*r1.json()["event_ids"], *r2.json()["event_ids"]}
-        assert [parse_event(m.value()).response_id for m in rs] == ["r9"]
+        fb = read_topic(kafka_bootstrap, cfg.kafka.topic_feedback, 4)
+        sent = {*r1.json()["event_ids"], *r2.json()["event_ids"], *r3.json()["event_ids"]}
+        assert {str(parse_event(m.value()).event_id) for m in fb} == sent
     finally:
         producer.close()
 

@@ -17,18 +17,22 @@ from hypothesis import strategies as st
 from fixtures_kafka import ingest_config
 from looprl.ingest.collector import create_app
 from looprl.ingest.consumer import IngestConsumer
-from looprl.ingest.schema import InvalidEvent, ThumbsEvent, encode_event, parse_event, validate_event
+from looprl.ingest.schema import InvalidEvent, ThumbsEvent, TsWindow, encode_event, parse_event, validate_event
+from looprl.ops.core.config import IngestConfig
 from looprl.ingest.transport import make_producer
 from looprl.storage.events import EventLog
 
 MAX_EVENT_BYTES = 2048
 MAX_TEXT = 300
+# the consumer's and the collector's default ts window (fuzzed ts values are mostly far outside it)
+TS_WINDOW = TsWindow(IngestConfig().ts_max_past_s, IngestConfig().ts_max_future_s)
 
 _scalars = st.none() | st.booleans() | st.integers(-10, 2**66) | st.floats(allow_nan=False) | st.text(max_size=30)
 _json = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
                                                                                            max_size=3), max_leaves=8)
 _field_values = st.one_of(_scalars, st.just("x" * (MAX_TEXT + 5)), st.just(str(uuid.uuid4())),
-                          st.just("2030-02-30T25:00:00"), st.lists(_scalars, max_size=2))
+                          st.just("2030-02-30T25:00:00"), st.just("9999-12-31T23:59:59-23:59"),
+                          st.lists(_scalars, max_size=2))
 _base = st.sampled_from([
     {"kind": "thumbs", "response_id": "r1", "up": True},
     {"kind": "rating", "response_id": "r1", "rating": 4},
@@ -65,11 +69,13 @@ payloads = st.one_of(
 
 
 def expected(raw: bytes) -> tuple[str, object]:
-    """What the reference parser says: ("ok", event) or ("dead", reason)."""
+    """What the reference parser says of a record on the feedback topic: ("ok", event) or
+    ("dead", reason); a valid response there is in the wrong place."""
     try:
-        return "ok", parse_event(raw, max_bytes=MAX_EVENT_BYTES, max_text_chars=MAX_TEXT)
+        event = parse_event(raw, max_bytes=MAX_EVENT_BYTES, max_text_chars=MAX_TEXT, ts_window=TS_WINDOW)
     except InvalidEvent as e:
         return "dead", e.reason
+    return ("dead", "wrong_topic") if event.kind == "response" else ("ok", event)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +163,12 @@ def _collector_expectation(body: bytes) -> tuple[int, list]:
     reasons = []
     for o in items:
         try:
-            e = validate_event(o, max_text_chars=MAX_TEXT)
+            if isinstance(o, dict) and o.get("kind") == "response":  # answers come from serving only
+                raise InvalidEvent("kind_not_accepted", "kind")
+            e = validate_event(o, max_text_chars=MAX_TEXT, ts_window=TS_WINDOW)
+            texts = ("prompt", "chosen_text", "rejected_text")
+            if e.kind == "preference" and any(getattr(e, f) is not None for f in texts):
+                raise InvalidEvent("texts_not_accepted", "texts")
             if len(encode_event(e)) > MAX_EVENT_BYTES:
                 reasons.append("too_large")
         except InvalidEvent as err:

@@ -89,8 +89,10 @@ def test_recent_traffic_prompts_come_first_newest_first(tmp_path, monkeypatch):
     from datetime import datetime, timedelta, timezone
 
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    # recency is when ingest stored a response, not the producer's ts (here far in the future for the oldest)
     _ResponsesView.rows = [
-        {"response_id": f"r{i}", "prompt": p, "completion": "x", "ts": t0 + timedelta(seconds=i)}
+        {"response_id": f"r{i}", "prompt": p, "completion": "x", "ingested_at": t0 + timedelta(seconds=i),
+         "ts": datetime(9999, 12, 31, tzinfo=timezone.utc) if i == 0 else t0}
         for i, p in enumerate(["old prompt", "repeated prompt", "new prompt", "repeated prompt", ""])
     ]
     monkeypatch.setattr(prompts, "EventLog", _ResponsesView)
@@ -102,4 +104,4 @@ def test_recent_traffic_prompts_come_first_newest_first(tmp_path, monkeypatch):
     # the two most recently served distinct prompts (a prompt's recency is its latest response),
     # then the configured ones not already in; empty prompts are skipped
     assert pool == ["repeated prompt", "new prompt", "file prompt"]
-    assert watermark["responses_max_ts"].startswith("2026-01-01 00:00:03")
+    assert watermark["responses_max_ingested_at"].startswith("2026-01-01 00:00:03")

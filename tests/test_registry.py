@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -169,3 +171,55 @@ def test_manifest_round_trip(tmp_path):
     m = reg.publish("reward", make_src(tmp_path / "a"), base_checksum=BASE, extra={"update": 3})
     again = Manifest.model_validate_json((reg.version_dir("reward", "v1") / "manifest.json").read_text())
     assert again == m and again.number == 1 and again.extra == {"update": 3}
+
+
+def test_a_slow_publishers_temp_survives_a_concurrent_publish(tmp_path, monkeypatch):
+    """The temp cleanup once went by age (60 s): a publisher still copying a large adapter lost
+    its directory to another publisher's cleanup. Now a live publisher's temp is never removed."""
+    reg = Registry(tmp_path / "reg")
+    copying, go_on = threading.Event(), threading.Event()
+    real_copy = shutil.copyfile
+    slow_thread = []
+
+    def copyfile(src, dst, *a, **k):
+        if threading.current_thread() in slow_thread:
+            copying.set()
+            assert go_on.wait(30)
+        return real_copy(src, dst, *a, **k)
+
+    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    result: dict = {}
+    slow = threading.Thread(target=lambda: result.update(m=reg.publish("policy", make_src(tmp_path / "slow", b"slow"),
+                                                                       base_checksum=BASE)))
+    slow_thread.append(slow)
+    slow.start()
+    assert copying.wait(30)
+    (tmp,) = [p for p in (tmp_path / "reg" / "policy").glob(".tmp-*") if p.is_dir()]
+    old = time.time() - 3600  # looks abandoned by its age
+    os.utime(tmp, (old, old))
+    fast = reg.publish("policy", make_src(tmp_path / "fast", b"fast"), base_checksum=BASE)
+    assert tmp.is_dir()  # the concurrent publish (and its cleanup) left it alone
+    go_on.set()
+    slow.join(30)
+    assert fast.version == "v1" and result["m"].version == "v2"
+    for v in ("v1", "v2"):
+        reg.verify("policy", v)
+    assert [p.name for p in (tmp_path / "reg" / "policy").iterdir() if p.name.startswith(".tmp-")] == []
+
+
+def test_a_dead_publishers_temp_is_removed_at_once(tmp_path):
+    kdir = tmp_path / "reg" / "policy"
+    kdir.mkdir(parents=True)
+    code = textwrap.dedent(f"""
+        import os, signal, pathlib
+        from looprl.storage.temps import claim
+        tmp = pathlib.Path({str(kdir / ".tmp-child")!r})
+        claim(tmp)
+        tmp.mkdir()
+        (tmp / "adapter_model.safetensors").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGKILL)  # dies mid-publish, holding its temp's lock
+    """)
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == -9
+    assert (kdir / ".tmp-child").is_dir() and (kdir / ".tmp-child.lock").is_file()
+    Registry(tmp_path / "reg").publish("policy", make_src(tmp_path / "src"), base_checksum=BASE)
+    assert sorted(p.name for p in kdir.iterdir()) == [".lock", "latest", "v1"]

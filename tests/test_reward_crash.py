@@ -33,7 +33,7 @@ CHILD = textwrap.dedent("""
 
     ws, events, base, where = sys.argv[1:5]
     cfg = load_config(environ={}, workspace=ws, model={"base_path": base},
-                      reward={"min_new_events": 1, "epochs_per_update": 1})
+                      reward={"min_new_events": 1, "epochs_per_update": 1, "max_user_share": 1.0})
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     if where == "train":  # in the middle of the training loop
         real, calls = T.batch_loss, [0]
@@ -82,7 +82,8 @@ def registry_is_whole(cfg) -> list[str]:
 def test_sigkill_then_resume(where, tmp_path, tiny_base):
     ws, events_dir = tmp_path / "ws", tmp_path / "events"
     cfg = load_config(environ={}, workspace=ws, model={"base_path": str(tiny_base)},
-                      reward={"min_new_events": 1, "epochs_per_update": 1})
+                      # all 60 events in one update: simulate_feedback's 8 users, their shares not capped
+                      reward={"min_new_events": 1, "epochs_per_update": 1, "max_user_share": 1.0})
     views = SimulatedLog(events_dir)
     batch = simulate_feedback(60, seed=11)
     views.append(batch)

@@ -6,20 +6,25 @@ import json
 import threading
 import urllib.request
 from collections import Counter
+from datetime import datetime, timedelta, timezone
 
 import pytest
 import torch
 from prometheus_client import REGISTRY
 
 from looprl.ops.core.config import load_config
-from looprl.ops.sim.feedback import SimulatedLog, heldout_pairs, simulate_feedback
+from looprl.ops.sim.feedback import INGEST_DELAY, SimulatedLog, heldout_pairs, simulate_feedback
 from looprl.reward import updater as U
 from looprl.reward.data import FeedbackSource, is_holdout
 from looprl.reward.model import KIND, load_reward_model
+from looprl.reward.state import CONSUMED_LOG, StateStore, UpdaterState, stamp
 from looprl.reward.train import EvalResult, auc
 from looprl.storage.registry import Registry
 
 torch.set_num_threads(1)
+# Tests that count a slice exactly: simulate_feedback's 8 users would each exceed the default
+# reward.max_user_share of a small slice (tests/test_forged_feedback.py tests the cap).
+NO_CAP = {"max_user_share": 1.0}
 
 
 @pytest.fixture
@@ -90,7 +95,7 @@ def test_learns_the_hidden_preference_incrementally(setup):
 
 
 def test_exactly_once_across_restarts_and_holdout_never_trained(setup, monkeypatch):
-    cfg, views = setup(holdout_fraction=0.3, epochs_per_update=1)
+    cfg, views = setup(holdout_fraction=0.3, epochs_per_update=1, **NO_CAP)
     trained: list[str] = []
     real_train = U.train
 
@@ -120,7 +125,7 @@ def test_exactly_once_across_restarts_and_holdout_never_trained(setup, monkeypat
 
 
 def test_min_new_events_and_unresolved_feedback(setup):
-    cfg, views = setup(min_new_events=20, holdout_fraction=0.0, epochs_per_update=1)
+    cfg, views = setup(min_new_events=20, holdout_fraction=0.0, epochs_per_update=1, **NO_CAP)
     batch = simulate_feedback(30, seed=5, mix={"thumbs": 1.0})
     unresolved, resolved = batch.feedback[0], batch.feedback[1:]
     responses = batch.responses
@@ -139,7 +144,7 @@ def test_min_new_events_and_unresolved_feedback(setup):
 
 
 def test_publish_decision_and_rejection(setup, monkeypatch):
-    cfg, views = setup(publish_margin=0.02, epochs_per_update=1)
+    cfg, views = setup(publish_margin=0.02, epochs_per_update=1, **NO_CAP)
     up = U.RewardUpdater(cfg, connect=views.connect)
     ev = lambda s: EvalResult(pairs=10, pair_accuracy=s)  # noqa: E731
     assert up._decide(ev(0.7), None)[0] is True
@@ -251,10 +256,11 @@ def test_feedback_source_maps_event_kinds(setup):
 def test_cli_update_and_status(setup, monkeypatch, capsys, tmp_path):
     from looprl.ops.cli import main
 
-    cfg, views = setup()
+    cfg, views = setup(**NO_CAP)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LOOPRL_MODEL__BASE_PATH", str(cfg.model.base_path))
     monkeypatch.setenv("LOOPRL_REWARD__EPOCHS_PER_UPDATE", "1")
+    monkeypatch.setenv("LOOPRL_REWARD__MAX_USER_SHARE", "1.0")
     monkeypatch.setattr(U, "connect_event_log", lambda events_dir: views.connect())
     ws = ["--workspace", str(cfg.workspace)]
     assert main(ws + ["reward", "update", "--quiet"]) == 0
@@ -292,3 +298,63 @@ def test_history_reader_skips_a_torn_line_and_takes_the_last_n(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"update": 5, "prequ')
     assert read_history(cfg) == rows
     assert [r["update"] for r in read_history(cfg, last=3)] == [3, 4]
+
+
+def test_consumed_ids_are_bounded_by_a_floor_and_every_event_is_still_consumed_once(setup, monkeypatch):
+    """Ids are remembered only for a window behind the newest consumed event; earlier events are
+    consumed by the floor. No event is read as new twice (across a restart too), replay and the
+    held-out set still draw on the forgotten history, and held-out events are never trained."""
+    cfg, views = setup(holdout_fraction=0.3, epochs_per_update=1, min_new_events=5, max_user_share=1.0,
+                       consumed_window_seconds=60.0)
+    trained: list[str] = []
+    real_train = U.train
+
+    def spy(model, examples, **kw):
+        trained.extend(e.event_id for e in examples)
+        return real_train(model, examples, **kw)
+
+    monkeypatch.setattr(U, "train", spy)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    batches = [simulate_feedback(30, seed=i, start=t0 + timedelta(hours=i)) for i in range(3)]  # hours apart
+    results = []
+    with U.RewardUpdater(cfg, connect=views.connect) as up:
+        for b in batches[:2]:
+            views.append(b)
+            results.append(up.update())
+            assert set(up.consumed) == set(b.event_ids)  # only this window's ids are remembered
+            assert set(consumed_lines(cfg)) == set(b.event_ids)  # and logged
+    views.append(batches[2])
+    with U.RewardUpdater(cfg, connect=views.connect) as up:  # a restarted process
+        assert up.state.consumed_floor == max(e.ts for e in batches[1].feedback) + INGEST_DELAY - timedelta(seconds=60)
+        results.append(up.update())
+        assert up.update() is None  # forgotten ids are not read as new
+        assert up.backlog() == 0
+    assert [r.new_events for r in results] == [30, 30, 30]
+    assert results[-1].watermark["consumed_events"] == 90
+    # Replay and the held-out set still cover the history whose ids were forgotten.
+    first = set(batches[0].event_ids)
+    assert results[-1].holdout_size == sum(is_holdout(e, 0.3) for b in batches for e in b.event_ids)
+    replayed_from_first = [e for e in trained[-(results[-1].replay):] if e in first] if results[-1].replay else []
+    assert results[-1].replay > 0 and replayed_from_first
+    assert not [e for e in trained if is_holdout(e, 0.3)]
+    # An event ingested before the floor that arrives late is consumed by the floor: never trained.
+    late = simulate_feedback(5, seed=9, start=t0)
+    views.append(late)
+    with U.RewardUpdater(cfg, connect=views.connect) as up:
+        assert up.backlog() == 0 and up.update(force=True) is None
+
+
+def test_state_store_forgets_ids_before_the_floor(tmp_path):
+    store = StateStore(tmp_path)
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    store.append_consumed(1, [("old", t0), ("edge", t0 + timedelta(seconds=10))])
+    store.append_consumed(2, [("new", t0 + timedelta(seconds=20))])
+    store.append_consumed(3, [("uncommitted", t0 + timedelta(seconds=30))])
+    path = store.dir / CONSUMED_LOG
+    with open(path, "a") as f:
+        f.write("1\tlegacy\n")  # written before lines carried a stamp: kept, its time is unknown
+    state = UpdaterState(update=2, consumed_floor=t0 + timedelta(seconds=10))
+    got = store.load_consumed(state)
+    assert got == {"edge": stamp(t0 + timedelta(seconds=10)), "new": stamp(t0 + timedelta(seconds=20)), "legacy": ""}
+    assert [line.split("\t")[1] for line in path.read_text().splitlines()] == ["edge", "new", "legacy"]
+    assert stamp(t0) < stamp(t0 + timedelta(microseconds=1)) < stamp(t0 + timedelta(seconds=1))

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures as cf
+import json
 import re
+import threading
 import time
 
 import httpx
@@ -13,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from looprl.ops.core.config import ConfigError
 from looprl.policy.model import format_prompt
-from looprl.serving.app import create_app
+from looprl.serving.app import _BodyLimit, create_app
 from looprl.serving.routing import Route, bucket
 from looprl.serving.sampling import SamplingParams
 from looprl.serving.server import admin_token_of
@@ -300,3 +303,136 @@ def test_client_disconnect_mid_stream_stops_generation_and_releases_the_adapter(
         time.sleep(0.05)
     assert engine.resolve(f"policy-{v1}").in_flight == 0 and engine.stats()["running"] == 0
     assert _metric(srv.url, "looprl_serving_generated_tokens_total") - tokens0 < 150  # stopped early, not at 200
+
+
+@pytest.mark.parametrize("path,field,value", [
+    ("/v1/completions", "seed", 2**64),  # torch raised on it after the adapter's in-flight count went up
+    ("/v1/completions", "seed", -(2**63) - 1),
+    ("/v1/completions", "max_tokens", 2**40),
+    ("/v1/completions", "temperature", float("nan")),
+    ("/v1/completions", "top_p", float("inf")),
+    ("/v1/completions", "stop", ["x" * 257]),
+    ("/v1/chat/completions", "max_completion_tokens", 2**40),
+    ("/v1/chat/completions", "seed", 2**70),
+])
+def test_every_number_a_client_sends_is_bounded(srv, path, field, value):
+    v1 = srv.adapters.good[0]
+    body = {"model": f"policy-{v1}", "max_tokens": 2, "temperature": 1.0, field: value,
+            **({"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})}
+    # json.dumps writes NaN and Infinity (httpx refuses to), and the server's JSON parser reads them.
+    r = httpx.post(f"{srv.url}{path}", content=json.dumps(body), headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    assert srv.service.engine.resolve(f"policy-{v1}").in_flight == 0
+
+
+def test_the_seed_range_ends_are_served(srv):
+    for seed in (-(2**63), 2**63 - 1):
+        r = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                       json={"model": "base", "prompt": "x", "max_tokens": 2, "temperature": 1.0, "seed": seed})
+        assert r.status_code == 200, r.text
+    r = httpx.post(f"{srv.url}/v1/unload_lora_adapter", json={"lora_name": "x", "lora_int_id": -1},
+                   headers=srv.admin_headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "lora_int_id"
+
+
+def test_models_name_versions_never_paths(srv):
+    data = httpx.get(f"{srv.url}/v1/models").json()["data"]
+    text = json.dumps(data)
+    for path in (srv.cfg.workspace, srv.cfg.registry_dir, srv.cfg.model.base_path):
+        assert str(path) not in text
+    by_id = {d["id"]: d for d in data}
+    v1 = srv.adapters.good[0]
+    assert by_id["base"]["root"] == "base" and by_id["base"]["parent"] is None
+    # What the controller reads of a vLLM-style list (adapters: "parent" set) stays as it was.
+    assert by_id[f"policy-{v1}"]["root"] == v1 and by_id[f"policy-{v1}"]["parent"] == "base"
+    assert by_id["policy"]["root"] == f"policy-{v1}"
+    # The admin state keeps the paths, for operators.
+    state = httpx.get(f"{srv.url}/v1/looprl/state", headers=srv.admin_headers).json()
+    assert any(a["path"] == str(srv.cfg.registry_dir / "policy" / v1) for a in state["adapters"])
+
+
+def test_bodies_and_prompts_over_the_limits_are_refused_before_parsing_or_tokenizing(srv, monkeypatch):
+    engine = srv.service.engine
+    encoded: list[str] = []
+    real = engine.encode
+    monkeypatch.setattr(engine, "encode", lambda text: encoded.append(text) or real(text))
+    c = TestClient(create_app(srv.service, max_body_bytes=4096, max_prompt_chars=100))
+    too_large = 'looprl_serving_request_errors_total{endpoint="completions",reason="too_large"}'
+    before = _metric(srv.url, too_large)
+
+    r = c.post("/v1/completions", content=b'{"model": "base", "prompt": "' + b"x" * 5000 + b'"}',
+               headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large", r.text
+    assert "over the limit of 4096 bytes" in r.json()["error"]["message"]
+    assert _metric(srv.url, too_large) == before + 1
+
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "x" * 101, "max_tokens": 1})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["param"] == "prompt" and "101 characters" in err["message"]
+    msgs = [{"role": "system", "content": "s" * 60}, {"role": "user", "content": "u" * 41}]
+    r = c.post("/v1/chat/completions", json={"model": "base", "messages": msgs, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert encoded == []  # refused before any tokenizing
+
+    r = c.post("/v1/completions", json={"model": "base", "prompt": "x" * 100, "max_tokens": 1})
+    assert r.status_code == 200 and len(encoded) == 1  # at the cap: served
+
+
+def _asgi_run(app, chunks: list[bytes], headers: list[tuple[bytes, bytes]] = ()) -> tuple[list[dict], int]:
+    """Run one POST through an ASGI app with its body in ``chunks``; (messages sent, chunks read)."""
+    read = [0]
+
+    async def receive():
+        if read[0] < len(chunks):
+            read[0] += 1
+            return {"type": "http.request", "body": chunks[read[0] - 1], "more_body": read[0] < len(chunks)}
+        return {"type": "http.disconnect"}
+
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": list(headers),
+             "query_string": b"", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
+             "server": ("test", 80), "client": ("test", 1), "root_path": ""}
+    asyncio.run(app(scope, receive, send))
+    return sent, read[0]
+
+
+def test_a_chunked_body_is_cut_off_at_the_limit():
+    got: list = []
+
+    async def app(scope, receive, send):
+        got.append(await receive())
+        got.append(await receive())  # later reads pass through (a streaming response waits on them)
+
+    sent, read = _asgi_run(_BodyLimit(app, 4096), [b"x" * 1000] * 10)  # no Content-Length: chunked
+    assert not got and read == 5  # stopped reading as soon as the body passed the limit
+    assert sent[0]["status"] == 413 and b"too_large" in sent[1]["body"]
+
+    sent, read = _asgi_run(_BodyLimit(app, 4096), [b"a" * 1000, b"b" * 1000])
+    assert got == [{"type": "http.request", "body": b"a" * 1000 + b"b" * 1000, "more_body": False},
+                   {"type": "http.disconnect"}] and sent == []
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_tokenizing_never_blocks_the_event_loop(srv, monkeypatch, path):
+    engine = srv.service.engine
+    real, started = engine.encode, threading.Event()
+
+    def slow(text):  # a prompt that takes long to tokenize (a 4 MB prompt took 2.4 s)
+        started.set()
+        time.sleep(1.5)
+        return real(text)
+
+    monkeypatch.setattr(engine, "encode", slow)
+    body = {"model": "base", "max_tokens": 1,
+            **({"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})}
+    with cf.ThreadPoolExecutor(1) as ex:
+        answer = ex.submit(httpx.post, f"{srv.url}{path}", json=body, timeout=60)
+        assert started.wait(10)
+        t0 = time.perf_counter()
+        assert httpx.get(f"{srv.url}/health", timeout=10).status_code == 200
+        assert time.perf_counter() - t0 < 0.5  # answered while the prompt is being tokenized
+        assert answer.result().status_code == 200

@@ -363,3 +363,19 @@ def test_a_failing_forward_fails_its_requests_and_the_engine_keeps_serving(engin
     assert engine.resolve("a1").in_flight == 0  # the adapter is not pinned by a dead request
     monkeypatch.undo()
     assert engine.generate(PROMPTS[0], GREEDY, adapter="a1").finish_reason in ("stop", "length")
+
+
+def test_a_request_refused_at_submit_leaves_no_in_flight_count(engine, serving_adapters):
+    """torch refuses a seed >= 2**64 while the request is created: before, the adapter's in-flight
+    count stayed up, and once unloaded the adapter was draining forever."""
+    engine.load_adapter(read_adapter("seed-a", f"policy/{serving_adapters.good[2]}", serving_adapters.registry,
+                                     engine.inventory, MAX_LORA_RANK))
+    bad = SamplingParams(max_tokens=4, temperature=1.0, seed=2**64)
+    with pytest.raises(ValueError, match="Overflow"):
+        engine.submit(engine.encode(PROMPTS[0]), bad, "seed-a", lambda ev: None)
+    assert engine.resolve("seed-a").in_flight == 0 and engine.stats()["waiting"] == 0
+    engine.unload_adapter("seed-a")
+    deadline = time.monotonic() + 5
+    while engine.draining() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not engine.draining()  # its weights were deleted

@@ -14,14 +14,15 @@ enough that the whole loop runs on a 2-core laptop, and document production valu
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from croniter import CroniterError, croniter
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 ENV_PREFIX = "LOOPRL_"
 ENV_NESTED = "__"
@@ -33,13 +34,47 @@ class ConfigError(ValueError):
     """A config file, key or value is wrong. The message names the key."""
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach: "localhost", 127.0.0.0/8 (also as
+    ::ffff:127.x.x.x), ::1."""
+    if host == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return (getattr(ip, "ipv4_mapped", None) or ip).is_loopback
+
+
+def require_token_off_loopback(host: str, token: SecretStr | None, host_key: str, token_key: str) -> None:
+    """Refuse to open an endpoint without a token on an address other machines can reach."""
+    if token is None and not is_loopback(host):
+        raise ConfigError(f"config key '{token_key}' must be set when {host_key}={host!r} is not loopback "
+                          "(anyone who can reach the address could call it)")
+
+
+def _not_blank(v: SecretStr | None) -> SecretStr | None:
+    # A blank token would match a request's blank "Authorization: Bearer " header.
+    if v is not None and not v.get_secret_value().strip():
+        raise ValueError("must not be empty (leave it unset instead)")
+    return v
+
+
+# A bearer token: unset, or a non-blank secret (masked by `looprl config` and in logs).
+Token = Annotated[SecretStr | None, AfterValidator(_not_blank)]
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 class KafkaConfig(Section):
-    # None: start the embedded Tansu broker on a free loopback port (memory only, dev/CI).
+    # None: the workspace's embedded Tansu broker (memory only, dev/CI), run by `looprl ingest broker`
+    # or the demo and found through <workspace>/state/broker.json; with none running, a process fails.
     bootstrap_servers: str | None = None
+    # With no bootstrap_servers and no running embedded broker, start a private one in this process
+    # (it stops, and its events vanish, when the process exits): only for one-process experiments.
+    embedded: bool = False
     topic_feedback: str = "looprl.feedback"
     topic_responses: str = "looprl.responses"
     topic_dlq: str = "looprl.dlq"
@@ -54,6 +89,16 @@ class KafkaConfig(Section):
     # Topics are created once with this many partitions (Tansu cannot add partitions later).
     topic_partitions: int = Field(3, ge=1)
 
+    @field_validator("topic_responses", "topic_dlq")
+    @classmethod
+    def _distinct_topics(cls, v: str, info) -> str:
+        # Ingest takes responses only from topic_responses and feedback only from topic_feedback,
+        # and a DLQ shared with either would feed its records back in.
+        for other in ("topic_feedback", "topic_responses"):
+            if other != info.field_name and info.data.get(other) == v:
+                raise ValueError(f"must differ from kafka.{other} (both are {v!r})")
+        return v
+
 
 class IngestConfig(Section):
     group_id: str = "looprl-ingest"
@@ -65,11 +110,24 @@ class IngestConfig(Section):
     # Event ids remembered for dedupe (producer resends, replays after a crash); ~140 bytes each.
     # Loaded from the newest Parquet files at start. Must exceed batch_max_events.
     dedupe_max_ids: int = Field(500_000, ge=1000)
+    # Accepted event timestamps (`ts`) lie within this window around ingest time; others are
+    # dead-lettered (reason ts_out_of_range) or refused by the collector.
+    ts_max_past_s: float = Field(30 * 86400, gt=0)
+    ts_max_future_s: float = Field(3600, gt=0)
+    # A dead-letter record keeps at most this many bytes of the original value (the rest is cut,
+    # headers give the original size and sha256): a record too large for the DLQ never blocks a batch.
+    dlq_max_bytes: int = Field(512 * 1024, ge=1024)
+    # Feedback about a response not in the log waits this long for it (responses come on their own
+    # topic and may arrive later); then it is dead-lettered with reason orphan_feedback.
+    orphan_timeout_seconds: float = Field(600.0, gt=0)
     # HTTP feedback collector (POST /v1/feedback)
     collector_host: str = "127.0.0.1"
     collector_port: int = Field(8090, ge=0, le=65535)
-    collector_token: SecretStr | None = None
+    collector_token: Token = None
     collector_max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    # Requests waiting on Kafka acknowledgements at once; beyond it the collector answers 503 with
+    # Retry-After (under a Kafka outage requests wait up to the delivery timeout each).
+    collector_max_concurrent: int = Field(64, ge=1)
 
 
 class ModelConfig(Section):
@@ -115,6 +173,13 @@ class RewardConfig(Section):
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
     publish_margin: float = Field(0.0, ge=0)
     min_new_events: int = Field(32, ge=1)
+    # At most this share of an update's new examples comes from one user; the rest waits for a
+    # later update. An update therefore needs at least 1/share users (see reward/README.md).
+    max_user_share: float = Field(0.1, gt=0, le=1)
+    # The updater remembers consumed event ids for this long behind the newest consumed event;
+    # earlier resolved events count as consumed. Feedback that becomes trainable later than that
+    # (its response ingested late, or deferred by max_user_share) is never trained on.
+    consumed_window_seconds: float = Field(86400.0, gt=0)
     poll_seconds: float = Field(5.0, gt=0)
     metrics_port: int = Field(9102, ge=0, le=65535)
     seed: int = 0
@@ -179,7 +244,12 @@ class GateConfig(Section):
 class ServingConfig(Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    admin_token: SecretStr | None = None
+    # Guards the admin endpoints of `looprl serving serve` (adapter load/unload, alias, state);
+    # the controller sends it to embedded looprl endpoints.
+    admin_token: Token = None
+    # vLLM's --api-key, the inference key every client of a vLLM endpoint holds. vLLM checks this
+    # one key on all /v1 routes, its adapter load/unload included, so the controller sends it there.
+    vllm_api_key: Token = None
     max_batch_size: int = Field(16, ge=1)
     max_loras: int = Field(4, ge=1)
     max_lora_rank: int = Field(64, ge=1)
@@ -210,6 +280,10 @@ class ServingConfig(Section):
     # Render prompts with looprl.policy.model.format_prompt, as the trainer does (a /v1/completions
     # prompt is then the user's text); false: raw OpenAI completion semantics.
     render_prompts: bool = True
+    # A request body over max_body_bytes is refused (413) before it is parsed; a prompt (or a chat's
+    # messages) over max_prompt_chars characters is refused (400) before it is tokenized.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    max_prompt_chars: int = Field(128_000, ge=1)
 
 
 class SchedulerConfig(Section):
@@ -260,6 +334,9 @@ class CanaryConfig(Section):
     # At max_samples without a significant regression: True promotes (a guardrail canary: the
     # offline gate already judged the candidate better), False decides by P(better) >= 0.5.
     promote_on_no_regression: bool = True
+    # At most this share of an arm's counted thumbs comes from one user, so an arm needs votes
+    # from at least 1/share users (production: 0.1 or less; the demo's 8 users need ~0.4).
+    max_user_share: float = Field(0.1, gt=0, le=1)
 
 
 class DemoConfig(Section):
