@@ -11,6 +11,10 @@ so the caller can resend them (``client.send(event)`` with the same ``event_id``
     fb.preference(chosen_response_id=a, rejected_response_id=b)
     fb.flush()       # raises DeliveryError if anything was not acknowledged
     fb.close()
+
+On a Kafka with TLS or SASL, pass ``security=KafkaSecurity(...)`` (protocol, mechanism, username,
+password, cafile), or ``cfg.kafka.security("feedback")`` / ``cfg.kafka.security("responses")``
+from a looprl config.
 """
 
 from __future__ import annotations
@@ -23,7 +27,10 @@ from looprl.ingest.schema import (
     CorrectionEvent, PreferenceEvent, RatingEvent, ResponseEvent, ThumbsEvent, encode_event,
 )
 from looprl.ingest.transport import ClientName, DeliveryFailed, make_producer
+from looprl.ops.core.config import KafkaSecurity
 from looprl.ops.core.log import get_logger
+
+__all__ = ["DeliveryError", "FeedbackClient", "KafkaSecurity", "ResponseLogger"]
 
 log = get_logger(__name__)
 
@@ -54,14 +61,15 @@ class _TrackedProducer:
     """Tracks every event from send to acknowledgement; failures are kept until ``flush``."""
 
     def __init__(self, bootstrap_servers: str, topic: str, role: str, client: ClientName,
-                 on_error: ErrorCallback | None, delivery_timeout_s: float, linger_ms: int):
+                 on_error: ErrorCallback | None, delivery_timeout_s: float, linger_ms: int,
+                 security: KafkaSecurity | None = None):
         self.topic = topic
         self.role = role
         self.on_error = on_error
         self.delivery_timeout_s = delivery_timeout_s
         self._producer = make_producer(bootstrap_servers, client, linger_ms=linger_ms,
                                        delivery_timeout_ms=int(delivery_timeout_s * 1000),
-                                       client_id=f"looprl-{role}")
+                                       client_id=f"looprl-{role}", security=security)
         self._lock = threading.Lock()
         self._pending: dict[int, Any] = {}
         self._failed: list[tuple[Any, Exception]] = []
@@ -142,8 +150,10 @@ class FeedbackClient(_TrackedProducer):
     """
 
     def __init__(self, bootstrap_servers: str, topic: str = "looprl.feedback", *, client: ClientName = "confluent",
-                 on_error: ErrorCallback | None = None, delivery_timeout_s: float = 30.0, linger_ms: int = 5):
-        super().__init__(bootstrap_servers, topic, "feedback", client, on_error, delivery_timeout_s, linger_ms)
+                 on_error: ErrorCallback | None = None, delivery_timeout_s: float = 30.0, linger_ms: int = 5,
+                 security: KafkaSecurity | None = None):
+        super().__init__(bootstrap_servers, topic, "feedback", client, on_error, delivery_timeout_s, linger_ms,
+                         security)
 
     def thumbs(self, response_id: str, up: bool, user_id: str | None = None, **fields: Any) -> str:
         return self.send(ThumbsEvent(response_id=response_id, up=up, user_id=user_id, **fields))
@@ -168,8 +178,9 @@ class ResponseLogger(_TrackedProducer):
 
     def __init__(self, bootstrap_servers: str, topic: str = "looprl.responses", *, client: ClientName = "confluent",
                  on_error: ErrorCallback | None = None, delivery_timeout_s: float = 30.0, linger_ms: int = 20,
-                 max_failed: int = 10_000):
-        super().__init__(bootstrap_servers, topic, "responses", client, on_error, delivery_timeout_s, linger_ms)
+                 max_failed: int = 10_000, security: KafkaSecurity | None = None):
+        super().__init__(bootstrap_servers, topic, "responses", client, on_error, delivery_timeout_s, linger_ms,
+                         security)
         self.max_failed = max_failed
 
     def log(self, event: ResponseEvent) -> str:

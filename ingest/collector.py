@@ -206,12 +206,14 @@ def run_collector(cfg: LooprlConfig, bootstrap: str, host: str | None = None, po
     k = cfg.kafka
     h = host or cfg.ingest.collector_host
     require_token_off_loopback(h, cfg.ingest.collector_token, "ingest.collector_host", "ingest.collector_token")
+    # The feedback principal: it writes the feedback topic only (and creates it if missing and allowed).
+    security = k.security("feedback")
     try:
-        wait_for_broker(bootstrap, timeout=60)
-        ensure_topics(bootstrap, {k.topic_feedback: k.topic_partitions, k.topic_responses: k.topic_partitions})
+        wait_for_broker(bootstrap, timeout=60, security=security)
+        ensure_topics(bootstrap, {k.topic_feedback: k.topic_partitions}, security=security)
     except Exception as e:  # the collector still starts; deliveries fail with 503 until Kafka is up
         log.warning("Kafka not ready at collector start", error=str(e)[:300])
-    producer = make_producer(bootstrap, k.client, client_id="looprl-collector", linger_ms=2)
+    producer = make_producer(bootstrap, k.client, security=security, client_id="looprl-collector", linger_ms=2)
     if cfg.ingest.collector_token is None:
         log.warning("ingest.collector_token is not set: POST /v1/feedback is open on loopback only")
     p = cfg.ingest.collector_port if port is None else port

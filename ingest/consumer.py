@@ -159,14 +159,16 @@ class IngestConsumer:
         removed = clean_temp(self.cfg.events_dir)
         loaded = self.dedupe.load()
         log.info("dedupe index loaded", ids=loaded, temp_files_removed=removed)
+        security = k.security("ingest")  # reads both topics, writes the DLQ, commits its group
         if self._consumer is None:
-            wait_for_broker(self.bootstrap, timeout=broker_timeout)
-            ensure_topics(self.bootstrap, {t: k.topic_partitions for t in (*self.topics, k.topic_dlq)})
+            wait_for_broker(self.bootstrap, timeout=broker_timeout, security=security)
+            ensure_topics(self.bootstrap, {t: k.topic_partitions for t in (*self.topics, k.topic_dlq)},
+                          security=security)
             self._consumer = make_consumer(
-                self.bootstrap, k.client, group_id=self.group_id, session_timeout_ms=k.session_timeout_ms,
-                heartbeat_interval_ms=k.heartbeat_interval_ms)
+                self.bootstrap, k.client, security=security, group_id=self.group_id,
+                session_timeout_ms=k.session_timeout_ms, heartbeat_interval_ms=k.heartbeat_interval_ms)
         if self._dlq is None:
-            self._dlq = make_producer(self.bootstrap, k.client, client_id="looprl-ingest-dlq")
+            self._dlq = make_producer(self.bootstrap, k.client, security=security, client_id="looprl-ingest-dlq")
         self._consumer.subscribe(self.topics, on_assign=self._on_assign, on_revoke=self._on_revoke)
         log.info("ingest started", bootstrap=self.bootstrap, topics=self.topics, group_id=self.group_id,
                  client=k.client, events_dir=str(self.cfg.events_dir))

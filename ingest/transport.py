@@ -12,6 +12,10 @@ from producer retries are removed by the consumer's event-id dedupe); ListOffset
 wrong, so ``auto_offset_reset`` is always ``earliest`` and the lag gauge is approximate on
 Tansu; a group join takes about half the session timeout (keep ``kafka.session_timeout_ms`` small);
 CreatePartitions fails, so topics are created once with a fixed partition count.
+
+Security (TLS, SASL) is one ``KafkaSecurity`` (``kafka.security_*``, ``KafkaConfig.security(role)``)
+that every constructor here takes as ``security=`` and ``security_options`` maps onto the client
+library: None is PLAINTEXT, what the embedded broker speaks.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal, NamedTuple, Protocol
+from typing import Any, Callable, Iterable, Literal, NamedTuple, Protocol
 
 import confluent_kafka
 from kafka import ConsumerRebalanceListener, KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
@@ -32,6 +36,7 @@ from kafka.errors import (
 )
 from kafka.structs import OffsetAndMetadata
 
+from looprl.ops.core.config import KafkaSecurity
 from looprl.ops.core.log import get_logger
 
 log = get_logger(__name__)
@@ -105,6 +110,31 @@ def tcp_reachable(bootstrap: str, timeout: float = 1.0) -> bool:
     return False
 
 
+# Each setting of a KafkaSecurity, as kafka-python's keyword argument and as librdkafka's property
+# (confluent). Kafka-python names SCRAM credentials sasl_plain_* too.
+_SECURITY_OPTION_NAMES: dict[str, dict[str, str]] = {
+    "kafka-python": {"protocol": "security_protocol", "mechanism": "sasl_mechanism",
+                     "username": "sasl_plain_username", "password": "sasl_plain_password", "cafile": "ssl_cafile"},
+    "confluent": {"protocol": "security.protocol", "mechanism": "sasl.mechanism",
+                  "username": "sasl.username", "password": "sasl.password", "cafile": "ssl.ca.location"},
+}
+
+
+def security_options(security: KafkaSecurity | None, client: ClientName) -> dict[str, Any]:
+    """``security`` (None: PLAINTEXT) as the constructor options of ``client``: kafka-python keyword
+    arguments or librdkafka properties, only the settings that are set. Every producer, consumer
+    and admin client of this module takes its security options from here. The password leaves its
+    ``SecretStr`` only into the client's own configuration."""
+    names = _SECURITY_OPTION_NAMES.get(client)
+    if names is None:
+        raise ValueError(f"kafka.client: unknown client {client!r} (expected 'confluent' or 'kafka-python')")
+    s = security if security is not None else KafkaSecurity()
+    values = {"protocol": s.protocol, "mechanism": s.mechanism, "username": s.username,
+              "password": None if s.password is None else s.password.get_secret_value(),
+              "cafile": None if s.cafile is None else str(s.cafile)}
+    return {names[k]: v for k, v in values.items() if v is not None}
+
+
 def _quiet_kafka_python() -> None:
     # kafka-python logs every refused connection at ERROR; our own logs say what matters.
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
@@ -116,23 +146,24 @@ def _rdkafka_logger() -> logging.Logger:
     return lg
 
 
-def _admin(bootstrap: str, timeout: float):
+def _admin(bootstrap: str, timeout: float, security: KafkaSecurity | None = None):
     _quiet_kafka_python()
     try:
         return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="looprl-admin",
-                                request_timeout_ms=int(max(timeout, 1.0) * 1000))
+                                request_timeout_ms=int(max(timeout, 1.0) * 1000),
+                                **security_options(security, "kafka-python"))
     except KafkaError as e:
         raise KafkaUnavailable(f"Kafka at {bootstrap} is not reachable: {e}") from None
 
 
-def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> list[str]:
+def wait_for_broker(bootstrap: str, timeout: float = 30.0, *, security: KafkaSecurity | None = None) -> list[str]:
     """Wait until the broker accepts connections *and* answers metadata; returns its topics."""
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
         if tcp_reachable(bootstrap, timeout=0.5):
             try:
-                admin = _admin(bootstrap, min(5.0, max(deadline - time.monotonic(), 1.0)))
+                admin = _admin(bootstrap, min(5.0, max(deadline - time.monotonic(), 1.0)), security)
                 try:
                     return list(admin.list_topics())
                 finally:
@@ -143,10 +174,11 @@ def wait_for_broker(bootstrap: str, timeout: float = 30.0) -> list[str]:
     raise KafkaUnavailable(f"Kafka at {bootstrap} did not answer metadata within {timeout:.0f}s ({last})")
 
 
-def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0) -> list[str]:
+def ensure_topics(bootstrap: str, topics: dict[str, int], timeout: float = 15.0, *,
+                  security: KafkaSecurity | None = None) -> list[str]:
     """Create the missing topics with a fixed partition count (replication 1 on a single broker,
     else min(3, brokers)). Existing topics are kept as they are. Returns the names created."""
-    admin = _admin(bootstrap, timeout)
+    admin = _admin(bootstrap, timeout, security)
     created = []
     try:
         existing = set(admin.list_topics())
@@ -193,7 +225,7 @@ class ProducerOptions:
 class _ConfluentProducer:
     """librdkafka producer; a daemon thread serves delivery callbacks (librdkafka needs poll)."""
 
-    def __init__(self, bootstrap: str, opts: ProducerOptions):
+    def __init__(self, bootstrap: str, opts: ProducerOptions, security: KafkaSecurity | None = None):
         self._p = confluent_kafka.Producer({
             "bootstrap.servers": bootstrap,
             "client.id": opts.client_id,
@@ -204,6 +236,7 @@ class _ConfluentProducer:
             "message.max.bytes": opts.max_request_bytes,
             "queue.buffering.max.messages": 200_000,
             "logger": _rdkafka_logger(),
+            **security_options(security, "confluent"),
         })
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="looprl-producer-poll", daemon=True)
@@ -260,9 +293,10 @@ class _KafkaPythonProducer:
     calls it: our ``send`` only enqueues, and an unreachable broker turns into per-message
     delivery failures instead of a blocked caller or an exception in the constructor."""
 
-    def __init__(self, bootstrap: str, opts: ProducerOptions):
+    def __init__(self, bootstrap: str, opts: ProducerOptions, security: KafkaSecurity | None = None):
         self._bootstrap = bootstrap
         self._opts = opts
+        self._security = security
         self._p = None
         self._q: queue.Queue = queue.Queue()
         self._inflight = 0
@@ -280,7 +314,7 @@ class _KafkaPythonProducer:
                 # kafka-python requires delivery_timeout_ms > linger_ms + request_timeout_ms
                 request_timeout_ms=max(500, min(30_000, o.delivery_timeout_ms - o.linger_ms - 1)),
                 max_block_ms=o.delivery_timeout_ms, bootstrap_timeout_ms=min(o.delivery_timeout_ms, 30_000),
-                max_request_size=o.max_request_bytes)
+                max_request_size=o.max_request_bytes, **security_options(self._security, "kafka-python"))
         return self._p
 
     def _done(self, on_delivery, err) -> None:
@@ -340,12 +374,13 @@ class _KafkaPythonProducer:
             self._p.close(timeout=timeout)
 
 
-def make_producer(bootstrap: str, client: ClientName = "confluent", **options) -> Producer:
+def make_producer(bootstrap: str, client: ClientName = "confluent", *, security: KafkaSecurity | None = None,
+                  **options) -> Producer:
     opts = ProducerOptions(**options)
     if client == "confluent":
-        return _ConfluentProducer(bootstrap, opts)
+        return _ConfluentProducer(bootstrap, opts, security)
     if client == "kafka-python":
-        return _KafkaPythonProducer(bootstrap, opts)
+        return _KafkaPythonProducer(bootstrap, opts, security)
     raise ValueError(f"kafka.client: unknown client {client!r} (expected 'confluent' or 'kafka-python')")
 
 
@@ -376,7 +411,7 @@ class ConsumerOptions:
 
 
 class _ConfluentConsumer:
-    def __init__(self, bootstrap: str, opts: ConsumerOptions):
+    def __init__(self, bootstrap: str, opts: ConsumerOptions, security: KafkaSecurity | None = None):
         self._c = confluent_kafka.Consumer({
             "bootstrap.servers": bootstrap,
             "group.id": opts.group_id,
@@ -392,6 +427,7 @@ class _ConfluentConsumer:
             "fetch.wait.max.ms": opts.fetch_wait_max_ms,
             "enable.partition.eof": False,
             "logger": _rdkafka_logger(),
+            **security_options(security, "confluent"),
         })
         self._assigned: set[tuple[str, int]] = set()
 
@@ -453,7 +489,7 @@ class _ConfluentConsumer:
 
 
 class _KafkaPythonConsumer:
-    def __init__(self, bootstrap: str, opts: ConsumerOptions):
+    def __init__(self, bootstrap: str, opts: ConsumerOptions, security: KafkaSecurity | None = None):
         _quiet_kafka_python()
         try:
             self._c = KafkaConsumer(
@@ -462,7 +498,7 @@ class _KafkaPythonConsumer:
                 session_timeout_ms=opts.session_timeout_ms, heartbeat_interval_ms=opts.heartbeat_interval_ms,
                 max_poll_interval_ms=opts.max_poll_interval_ms, fetch_max_bytes=opts.fetch_max_bytes,
                 fetch_max_wait_ms=opts.fetch_wait_max_ms,
-                max_partition_fetch_bytes=opts.fetch_max_bytes)
+                max_partition_fetch_bytes=opts.fetch_max_bytes, **security_options(security, "kafka-python"))
         except KafkaError as e:
             raise KafkaUnavailable(f"Kafka at {bootstrap} is not reachable: {e}") from None
 
@@ -507,18 +543,20 @@ class _KafkaPythonConsumer:
             self._c.close(autocommit=False)
 
 
-def make_consumer(bootstrap: str, client: ClientName = "confluent", **options) -> Consumer:
+def make_consumer(bootstrap: str, client: ClientName = "confluent", *, security: KafkaSecurity | None = None,
+                  **options) -> Consumer:
     opts = ConsumerOptions(**options)
     if client == "confluent":
-        return _ConfluentConsumer(bootstrap, opts)
+        return _ConfluentConsumer(bootstrap, opts, security)
     if client == "kafka-python":
-        return _KafkaPythonConsumer(bootstrap, opts)
+        return _KafkaPythonConsumer(bootstrap, opts, security)
     raise ValueError(f"kafka.client: unknown client {client!r} (expected 'confluent' or 'kafka-python')")
 
 
-def topic_partitions(bootstrap: str, topics: Iterable[str], timeout: float = 10.0) -> dict[str, int]:
+def topic_partitions(bootstrap: str, topics: Iterable[str], timeout: float = 10.0, *,
+                     security: KafkaSecurity | None = None) -> dict[str, int]:
     """Partition count of each existing topic (for tools and tests)."""
-    admin = _admin(bootstrap, timeout)
+    admin = _admin(bootstrap, timeout, security)
     try:
         out = {}
         for t in admin.describe_topics(list(topics)):

@@ -74,14 +74,17 @@ def build_service(cfg: LooprlConfig, model: Any = None, tokenizer: Any = None) -
 
 def make_response_logger(cfg: LooprlConfig) -> Any:
     """A ``ResponseLogger`` on the responses topic, or None (with a warning) when Kafka is not
-    configured or not reachable: serving never depends on the log being up."""
+    configured or not reachable: serving never depends on the log being up. It connects as the
+    responses principal (``kafka.responses_username``, else ``kafka.sasl_username``): the one an
+    ACL lets write the responses topic."""
     if not cfg.serving.log_responses:
         return None
     try:
         servers = cfg.kafka.bootstrap_servers
         if servers is None:
             servers = bootstrap_servers(cfg)
-        return ResponseLogger(servers, topic=cfg.kafka.topic_responses)
+        return ResponseLogger(servers, topic=cfg.kafka.topic_responses, client=cfg.kafka.client,
+                              security=cfg.kafka.security("responses"))
     except Exception as e:
         log.warning("responses will not be logged (no Kafka)", error=str(e)[:300])
         return None

@@ -18,6 +18,7 @@ import ipaddress
 import json
 import os
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -68,6 +69,31 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+SecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+SaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
+# Who a Kafka client works for: picks the principal (KafkaConfig.security).
+KafkaRole = Literal["ingest", "responses", "feedback"]
+_SASL_PROTOCOLS = ("SASL_PLAINTEXT", "SASL_SSL")
+_TLS_PROTOCOLS = ("SSL", "SASL_SSL")
+
+
+@dataclass(frozen=True)
+class KafkaSecurity:
+    """How one Kafka client connects and authenticates. ``KafkaConfig.security(role)`` makes it
+    from the config; a product backend may build one for ``FeedbackClient``/``ResponseLogger``.
+    ``looprl.ingest.transport.security_options`` maps it onto kafka-python and librdkafka."""
+
+    protocol: SecurityProtocol = "PLAINTEXT"
+    mechanism: SaslMechanism | None = None
+    username: str | None = None
+    password: SecretStr | None = None  # a plain str is wrapped, so reprs and logs never show it
+    cafile: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.password, str):
+            object.__setattr__(self, "password", SecretStr(self.password))
+
+
 class KafkaConfig(Section):
     # None: the workspace's embedded Tansu broker (memory only, dev/CI), run by `looprl ingest broker`
     # or the demo and found through <workspace>/state/broker.json; with none running, a process fails.
@@ -88,6 +114,26 @@ class KafkaConfig(Section):
     client: Literal["kafka-python", "confluent"] = "confluent"
     # Topics are created once with this many partitions (Tansu cannot add partitions later).
     topic_partitions: int = Field(3, ge=1)
+    # Security of every looprl Kafka client (looprl.ingest.transport.security_options maps it onto
+    # kafka-python and librdkafka). PLAINTEXT: no TLS, no authentication: the embedded broker, or a
+    # Kafka only the looprl hosts can reach. A shared Kafka: SASL_SSL with SCRAM-SHA-512 and ACLs
+    # (ops/README.md, Security). Anything but PLAINTEXT needs kafka.bootstrap_servers.
+    security_protocol: SecurityProtocol = "PLAINTEXT"
+    # SASL_*: the mechanism and this process's principal (ingest: the consumer, its DLQ producer and
+    # topic admin; also the other roles unless they have their own below). Ignored otherwise: an error.
+    sasl_mechanism: SaslMechanism | None = Field(None, validate_default=True)
+    sasl_username: str | None = Field(None, validate_default=True)
+    sasl_password: Token = Field(None, validate_default=True)
+    # SSL/SASL_SSL: PEM bundle of the CA(s) that signed the brokers' certificates; None: the system's.
+    ssl_cafile: Path | None = None
+    # Own principals per role, for a config shared by several roles (SASL_* only; both or neither):
+    # the serving tier's response logger writes kafka.topic_responses as responses_username, the
+    # feedback writers (collector, the config's FeedbackClient) write kafka.topic_feedback as
+    # feedback_username, so an ACL can let the serving principal alone write answers.
+    responses_username: str | None = None
+    responses_password: Token = Field(None, validate_default=True)
+    feedback_username: str | None = None
+    feedback_password: Token = Field(None, validate_default=True)
 
     @field_validator("topic_responses", "topic_dlq")
     @classmethod
@@ -98,6 +144,77 @@ class KafkaConfig(Section):
             if other != info.field_name and info.data.get(other) == v:
                 raise ValueError(f"must differ from kafka.{other} (both are {v!r})")
         return v
+
+    @field_validator("security_protocol")
+    @classmethod
+    def _real_kafka_only(cls, v: str, info) -> str:
+        if v != "PLAINTEXT" and not info.data.get("bootstrap_servers"):
+            raise ValueError(f"{v} needs kafka.bootstrap_servers: the embedded broker (Tansu) speaks "
+                             "PLAINTEXT on loopback only")
+        return v
+
+    @field_validator("sasl_username", "responses_username", "feedback_username")
+    @classmethod
+    def _not_blank_name(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("must not be empty (leave it unset instead)")
+        return v
+
+    @field_validator("sasl_mechanism", "sasl_username", "sasl_password")
+    @classmethod
+    def _sasl_settings(cls, v: Any, info) -> Any:
+        protocol = info.data.get("security_protocol")
+        if protocol is None:  # security_protocol itself is wrong: that error is reported
+            return v
+        if protocol in _SASL_PROTOCOLS and v is None:
+            raise ValueError(f"must be set when kafka.security_protocol is {protocol}")
+        if protocol not in _SASL_PROTOCOLS and v is not None:
+            raise ValueError(f"is set but kafka.security_protocol is {protocol}, which sends no SASL credentials "
+                             "(it would be ignored): set kafka.security_protocol to SASL_SSL or SASL_PLAINTEXT, "
+                             "or unset this key")
+        return v
+
+    @field_validator("ssl_cafile")
+    @classmethod
+    def _cafile(cls, v: Path | None, info) -> Path | None:
+        if v is None:
+            return v
+        protocol = info.data.get("security_protocol")
+        if protocol is not None and protocol not in _TLS_PROTOCOLS:
+            raise ValueError(f"is set but kafka.security_protocol is {protocol}, which uses no TLS (it would be "
+                             "ignored): set kafka.security_protocol to SSL or SASL_SSL, or unset this key")
+        if not v.is_file():
+            raise ValueError(f"{v} does not exist or is not a file")
+        return v
+
+    @field_validator("responses_password", "feedback_password")
+    @classmethod
+    def _role_principal(cls, v: SecretStr | None, info) -> SecretStr | None:
+        role = info.field_name.removesuffix("_password")
+        if f"{role}_username" not in info.data:  # the username itself is wrong: that error is reported
+            return v
+        user = info.data[f"{role}_username"]
+        if (user is None) != (v is None):
+            missing = f"kafka.{role}_password" if v is None else f"kafka.{role}_username"
+            raise ValueError(f"kafka.{role}_username and kafka.{role}_password are set together: {missing} is not set")
+        protocol = info.data.get("security_protocol")
+        if v is not None and protocol is not None and protocol not in _SASL_PROTOCOLS:
+            raise ValueError(f"kafka.{role}_username/{role}_password are set but kafka.security_protocol is "
+                             f"{protocol}, which sends no SASL credentials (they would be ignored)")
+        return v
+
+    def security(self, role: KafkaRole = "ingest") -> KafkaSecurity:
+        """The security settings of one client. "responses" (the serving tier's ``ResponseLogger``)
+        and "feedback" (the collector, ``FeedbackClient``) use their own principal where one is
+        configured; "ingest" (consumer, dead-letter producer, topic admin) and the others use
+        ``kafka.sasl_username``."""
+        user, password = self.sasl_username, self.sasl_password
+        if role in ("responses", "feedback"):
+            if getattr(self, f"{role}_username") is not None:
+                user, password = getattr(self, f"{role}_username"), getattr(self, f"{role}_password")
+        elif role != "ingest":
+            raise ValueError(f"unknown Kafka client role {role!r} (expected ingest, responses or feedback)")
+        return KafkaSecurity(self.security_protocol, self.sasl_mechanism, user, password, self.ssl_cafile)
 
 
 class IngestConfig(Section):

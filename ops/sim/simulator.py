@@ -88,7 +88,8 @@ class FeedbackChannels:
         self._undelivered: list[Any] = []  # SDK events Kafka did not acknowledge: sent again
         self._lock = threading.Lock()
         if bootstrap:
-            self.sdk = FeedbackClient(bootstrap, topic=cfg.kafka.topic_feedback, on_error=self._undelivered_event)
+            self.sdk = FeedbackClient(bootstrap, topic=cfg.kafka.topic_feedback, client=cfg.kafka.client,
+                                      security=cfg.kafka.security("feedback"), on_error=self._undelivered_event)
         self.collector_url = collector_url.rstrip("/") if collector_url else None
         token = cfg.ingest.collector_token
         headers = {"Authorization": f"Bearer {token.get_secret_value()}"} if token else {}
