@@ -11,8 +11,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from looprl.ops.canary import Arm, CanaryManager
 from looprl.ops.cli import main
@@ -22,19 +20,14 @@ from looprl.storage import releases
 from looprl.storage.registry import Registry
 from looprl.storage.releases import CANARY, KIND, PROMOTED, Expected, StaleDecision, TransitionError
 
+from releases_testing import publish_version
+
 BETTER = (Arm(24, 30), Arm(6, 30))  # (candidate, control): the canary would promote
 WORSE = (Arm(3, 30), Arm(20, 30))  # the canary would roll back
 
 
 def publish(reg: Registry, tmp_path: Path, status: str = "gated") -> str:
-    src = tmp_path / f"src{len(reg.versions(KIND))}"
-    src.mkdir()
-    save_file({"w": torch.zeros(2)}, str(src / "adapter_model.safetensors"))
-    (src / "adapter_config.json").write_text("{}")
-    v = reg.publish(KIND, src, base_checksum="b" * 64).version
-    if status != "candidate":
-        reg.set_status(KIND, v, status, f"test: {status}")
-    return v
+    return publish_version(reg, tmp_path, status)
 
 
 def snapshot(reg: Registry, state: Path) -> dict:

@@ -2,13 +2,13 @@
 (allowed ones move status and pointers and are logged; refused ones say why and change nothing)."""
 
 import pytest
-import torch
-from safetensors.torch import save_file
 
 from looprl.ops.core.version import BASE, Version, version_number, version_sort_key
 from looprl.storage import releases
 from looprl.storage.registry import ChecksumError, Registry, RegistryError
 from looprl.storage.releases import KIND, LIFECYCLE, TransitionError
+
+from releases_testing import publish_version
 
 
 # --------------------------------------------------------------------------- version texts
@@ -71,15 +71,7 @@ def reg(tmp_path):
     return Registry(tmp_path / "registry")
 
 
-def publish(reg: Registry, tmp_path, status: str = "candidate") -> str:
-    src = tmp_path / f"src{len(reg.versions(KIND))}"
-    src.mkdir()
-    save_file({"w": torch.zeros(2)}, str(src / "adapter_model.safetensors"))
-    (src / "adapter_config.json").write_text("{}")
-    v = reg.publish(KIND, src, base_checksum="b" * 64).version
-    if status != "candidate":
-        reg.set_status(KIND, v, status, f"test: {status}")
-    return v
+publish = publish_version
 
 
 def test_a_version_goes_from_candidate_to_promoted(reg, tmp_path):
