@@ -94,8 +94,8 @@ def test_learns_the_hidden_preference_incrementally(setup):
     assert metric("looprl_reward_published_version_number") == int(manifests[-1].version[1:])
 
 
-def test_exactly_once_across_restarts_and_holdout_never_trained(setup, monkeypatch):
-    cfg, views = setup(holdout_fraction=0.3, epochs_per_update=1, **NO_CAP)
+def _record_trained(monkeypatch) -> list[str]:
+    """The event ids every update trains on, in order (the updater's train is wrapped, not replaced)."""
     trained: list[str] = []
     real_train = U.train
 
@@ -104,6 +104,12 @@ def test_exactly_once_across_restarts_and_holdout_never_trained(setup, monkeypat
         return real_train(model, examples, **kw)
 
     monkeypatch.setattr(U, "train", spy)
+    return trained
+
+
+def test_exactly_once_across_restarts_and_holdout_never_trained(setup, monkeypatch):
+    cfg, views = setup(holdout_fraction=0.3, epochs_per_update=1, **NO_CAP)
+    trained = _record_trained(monkeypatch)
     views.append(simulate_feedback(40, seed=1))
     with U.RewardUpdater(cfg, connect=views.connect) as up:
         r1 = up.update()
@@ -306,14 +312,7 @@ def test_consumed_ids_are_bounded_by_a_floor_and_every_event_is_still_consumed_o
     held-out set still draw on the forgotten history, and held-out events are never trained."""
     cfg, views = setup(holdout_fraction=0.3, epochs_per_update=1, min_new_events=5, max_user_share=1.0,
                        consumed_window_seconds=60.0)
-    trained: list[str] = []
-    real_train = U.train
-
-    def spy(model, examples, **kw):
-        trained.extend(e.event_id for e in examples)
-        return real_train(model, examples, **kw)
-
-    monkeypatch.setattr(U, "train", spy)
+    trained = _record_trained(monkeypatch)
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     batches = [simulate_feedback(30, seed=i, start=t0 + timedelta(hours=i)) for i in range(3)]  # hours apart
     results = []
