@@ -32,7 +32,6 @@ import threading
 import time
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -42,6 +41,7 @@ from looprl.ingest.schema import (
 )
 from looprl.ingest.transport import Producer, ensure_topics, make_producer, wait_for_broker
 from looprl.ops.core.config import LooprlConfig, require_token_off_loopback
+from looprl.ops.core.listen import run_http
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import metrics_app
 
@@ -217,10 +217,10 @@ def run_collector(cfg: LooprlConfig, bootstrap: str, host: str | None = None, po
     if cfg.ingest.collector_token is None:
         log.warning("ingest.collector_token is not set: POST /v1/feedback is open on loopback only")
     p = cfg.ingest.collector_port if port is None else port
-    log.info("collector listening", url=f"http://{h}:{p}/v1/feedback", bootstrap=bootstrap)
     try:
-        uvicorn.run(create_app(cfg, producer), host=h, port=p, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=5)
+        # port 0: a free port, logged ("collector listening", url and port)
+        run_http(create_app(cfg, producer), h, p, what="collector", key="ingest.collector_port (or --port)",
+                 path="/v1/feedback", bootstrap=bootstrap)
     finally:
         producer.close(timeout=5)
     return 0

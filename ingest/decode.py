@@ -21,9 +21,13 @@ from looprl.storage.event_schema import KIND_FIELDS, SCHEMAS
 
 _FAST = TypeAdapter(Event)
 _TEXT_FIELDS = {
-    "response": ("prompt", "completion"), "correction": ("corrected",),
-    "preference": ("prompt", "chosen_text", "rejected_text"), "thumbs": (), "rating": (),
+    "response": ("prompt", "completion"), "correction": ("corrected", "comment"),
+    "preference": ("prompt", "chosen_text", "rejected_text", "comment"), "thumbs": ("comment",),
+    "rating": ("comment",), "score": ("comment",),
 }
+
+
+_VALUE_COLUMN = {bool: "value_bool", float: "value_number", str: "value_category"}
 
 
 def decode(raw: bytes | None, max_bytes: int, max_text_chars: int = MAX_TEXT_CHARS) -> Any:
@@ -85,9 +89,21 @@ class Columns:
             c["completion"].append(d["completion"])
             c["model"].append(d["model"])
             c["adapter_version"].append(d["adapter_version"])
+            sampling = d["sampling"]
+            c["sampling"].append(sampling.model_dump_json(exclude_none=True) if sampling is not None else None)
+            c["completion_token_ids"].append(d["completion_token_ids"])
+            c["completion_logprobs"].append(d["completion_logprobs"])
         else:
             for name in self._own:
-                c[name].append(d[name])
+                if name == "metadata":
+                    meta = d["metadata"]
+                    c[name].append(json.dumps(meta, separators=(",", ":"), ensure_ascii=False)
+                                   if meta is not None else None)
+                elif name.startswith("value_"):  # a score's value, in the column of its type
+                    v = d["value"]
+                    c[name].append(v if _VALUE_COLUMN[type(v)] == name else None)
+                else:
+                    c[name].append(d[name])
 
     def table(self, ingested_at: datetime) -> pa.Table:
         schema = SCHEMAS[self.kind]

@@ -2,8 +2,11 @@
 
 Two topics carry events (see config ``kafka.*``):
 - served responses: one ``ResponseEvent`` per answer the serving tier gave;
-- feedback: ``ThumbsEvent``, ``PreferenceEvent``, ``RatingEvent``, ``CorrectionEvent`` about
-  a served response, by ``response_id`` (storage joins in the prompt and completion).
+- feedback: ``ThumbsEvent``, ``PreferenceEvent``, ``RatingEvent``, ``CorrectionEvent`` and
+  ``ScoreEvent`` (a named metric: float, bool or category, as LangSmith's ``create_feedback`` and
+  Langfuse's ``create_score``) about a served response, by ``response_id`` (storage joins in the
+  prompt and completion). Every feedback kind may carry a free-text ``comment`` and a small JSON
+  object ``metadata`` (bounded in bytes, depth and keys: ``MAX_METADATA_*``).
 
 Every event carries ``schema_version``, a UUID ``event_id`` (the dedupe key), ``kind``,
 a timestamp ``ts`` and an optional opaque ``user_id``. Texts are size-limited.
@@ -15,20 +18,33 @@ Compatibility rule: a new optional field keeps the version; anything else bumps
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WrapValidator, model_validator,
+)
 
 SCHEMA_VERSION = 1
 SUPPORTED_VERSIONS = frozenset({1})
 MAX_TEXT_CHARS = 16_000  # default; the consumer may apply the (smaller or larger) configured limit
 MAX_ID_CHARS = 128
+# The most tokens of one served completion the log keeps ids and log-probs for.
+MAX_COMPLETION_TOKENS = 32_768
+
+# metadata on feedback: its compact JSON encoding, its nesting (objects and arrays) and its keys
+# (all levels together) are bounded, so one event cannot carry an unbounded document.
+MAX_METADATA_BYTES = 8192
+MAX_METADATA_DEPTH = 4
+MAX_METADATA_KEYS = 64
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 Id = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+# A score's name: a bounded label of printable characters (it names a metric, like "correctness").
+ScoreName = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 def new_event_id() -> str:
@@ -62,8 +78,27 @@ class _Event(BaseModel):
         return self
 
 
+class Sampling(BaseModel):
+    """The sampling parameters a response was generated with (as the client sent them; None: the
+    server's default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    temperature: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] | None = None
+    top_k: int | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    seed: int | None = None
+    stop: list[Annotated[str, Field(max_length=MAX_ID_CHARS * 2)]] | None = Field(None, max_length=16)
+    presence_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+    frequency_penalty: Annotated[float, Field(allow_inf_nan=False)] | None = None
+
+
 class ResponseEvent(_Event):
-    """One answer served by the serving tier (written by serving, not by product backends)."""
+    """One answer served by the serving tier (written by serving, not by product backends).
+
+    ``completion_token_ids`` / ``completion_logprobs``: the tokens of the served completion and
+    their log-probabilities under the serving policy, when the server reported them (off-policy
+    learning needs exactly the served tokens and their behaviour log-probs)."""
 
     kind: Literal["response"] = "response"
     response_id: Id
@@ -72,11 +107,19 @@ class ResponseEvent(_Event):
     completion: Text
     model: Id
     adapter_version: Annotated[str, Field(max_length=MAX_ID_CHARS)] | None = None
+    sampling: Sampling | None = None
+    completion_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(
+        None, max_length=MAX_COMPLETION_TOKENS)
+    completion_logprobs: list[Annotated[float, Field(le=0, allow_inf_nan=False)]] | None = Field(
+        None, max_length=MAX_COMPLETION_TOKENS)
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> "ResponseEvent":
         if self.prompt is None and not self.messages:
             raise ValueError("one of prompt or messages is required")
+        ids, lps = self.completion_token_ids, self.completion_logprobs
+        if ids is not None and lps is not None and len(ids) != len(lps):
+            raise ValueError(f"completion_logprobs has {len(lps)} entries for {len(ids)} completion_token_ids")
         return self
 
     def prompt_text(self) -> str:
@@ -86,19 +129,62 @@ class ResponseEvent(_Event):
         return "\n".join(f"{m.role}: {m.content}" for m in self.messages or [])
 
 
-class ThumbsEvent(_Event):
+def _check_metadata(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A JSON object within the ``MAX_METADATA_*`` bounds (finite numbers only)."""
+    if value is None:
+        return None
+    keys = 0
+    stack: list[tuple[Any, int, str]] = [(value, 1, "")]  # (value, nesting, path below metadata)
+    while stack:
+        v, depth, where = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > MAX_METADATA_DEPTH:
+                raise ValueError(f"{where}: nested deeper than {MAX_METADATA_DEPTH} levels of objects and arrays")
+            if isinstance(v, dict):
+                keys += len(v)
+                if keys > MAX_METADATA_KEYS:
+                    raise ValueError(f"more than {MAX_METADATA_KEYS} keys in all")
+                for k, item in v.items():
+                    if not isinstance(k, str):
+                        raise ValueError(f"{where or 'object'}: key {k!r} is not a string")
+                    stack.append((item, depth + 1, f"{where}.{k}" if where else k))
+            else:
+                stack.extend((item, depth + 1, f"{where}[{i}]") for i, item in enumerate(v))
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"{where}: {v} is not a JSON number")
+        elif not (v is None or isinstance(v, (str, int, float))):
+            raise ValueError(f"{where}: a {type(v).__name__} is not a JSON value")
+    size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"{size} bytes of JSON > {MAX_METADATA_BYTES}")
+    return value
+
+
+Metadata = Annotated[dict[str, Any], AfterValidator(_check_metadata)]
+
+
+class _Feedback(_Event):
+    """What every feedback kind may carry besides its own fields: the user's words (``comment``)
+    and a small JSON object of the caller's (``metadata``: page, experiment, ...). Stored, never
+    interpreted."""
+
+    comment: Text | None = None
+    metadata: Metadata | None = None
+
+
+class ThumbsEvent(_Feedback):
     kind: Literal["thumbs"] = "thumbs"
     response_id: Id
     up: bool
 
 
-class RatingEvent(_Event):
+class RatingEvent(_Feedback):
     kind: Literal["rating"] = "rating"
     response_id: Id
     rating: Annotated[int, Field(ge=1, le=5)]
 
 
-class CorrectionEvent(_Event):
+class CorrectionEvent(_Feedback):
     """The user edited the answer: ``corrected`` is preferred over the served completion."""
 
     kind: Literal["correction"] = "correction"
@@ -106,7 +192,7 @@ class CorrectionEvent(_Event):
     corrected: Text
 
 
-class PreferenceEvent(_Event):
+class PreferenceEvent(_Feedback):
     """A pairwise preference, by served response ids or by texts (with a shared prompt)."""
 
     kind: Literal["preference"] = "preference"
@@ -130,26 +216,55 @@ class PreferenceEvent(_Event):
         return self
 
 
+def _score_value(value: Any, handler: Any) -> Any:
+    try:
+        return handler(value)
+    except ValidationError:  # one message instead of one per member of the union
+        raise ValueError(f"expected a finite number, a boolean or a category label of 1 to {MAX_ID_CHARS} "
+                         f"characters, got {_short(value)}") from None
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+class ScoreEvent(_Feedback):
+    """A named score of a served response (LangSmith ``create_feedback(run_id, key, score)``,
+    Langfuse ``create_score(trace_id, name, value)``): ``value`` is a finite number, a boolean or a
+    category label. Every score is stored; the reward model trains only on the names listed in
+    ``reward.score_names``, which say how a value maps to a label (see reward/README.md)."""
+
+    kind: Literal["score"] = "score"
+    response_id: Id
+    name: ScoreName
+    value: Annotated[bool | Annotated[float, Field(allow_inf_nan=False)]
+                     | Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)], WrapValidator(_score_value)]
+
+
 FeedbackEvent = Annotated[
-    Union[ThumbsEvent, RatingEvent, CorrectionEvent, PreferenceEvent], Field(discriminator="kind")
+    Union[ThumbsEvent, RatingEvent, CorrectionEvent, PreferenceEvent, ScoreEvent], Field(discriminator="kind")
 ]
 Event = Annotated[
-    Union[ResponseEvent, ThumbsEvent, RatingEvent, CorrectionEvent, PreferenceEvent], Field(discriminator="kind")
+    Union[ResponseEvent, ThumbsEvent, RatingEvent, CorrectionEvent, PreferenceEvent, ScoreEvent],
+    Field(discriminator="kind")
 ]
-EVENT_KINDS = ("response", "thumbs", "rating", "correction", "preference")
-FEEDBACK_KINDS = ("thumbs", "rating", "correction", "preference")
+EVENT_KINDS = ("response", "thumbs", "rating", "correction", "preference", "score")
+FEEDBACK_KINDS = ("thumbs", "rating", "correction", "preference", "score")
 
 _EVENT = TypeAdapter(Event)
 
 
 class InvalidEvent(ValueError):
     """An event that cannot be accepted. ``reason`` is a short bounded label (for metrics and
-    the dead-letter topic); ``detail`` names the bad field."""
+    the dead-letter topic); ``detail`` names the bad field; ``field`` is its dotted path in the
+    event (``metadata.page``), when one field is to blame."""
 
-    def __init__(self, reason: str, detail: str):
+    def __init__(self, reason: str, detail: str, field: str | None = None):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -180,11 +295,19 @@ def check_ts(ts: datetime, window: TsWindow | None = None, now: datetime | None 
                                               f"{now.isoformat()} (limit ingest.ts_max_past_s={window.max_past_s:g})")
 
 
+def _loc(err: Any) -> str:
+    """The field path of one pydantic error, without the union's kind tag (``thumbs.up`` -> ``up``)."""
+    loc = [str(p) for p in err["loc"]]
+    if loc and loc[0] in EVENT_KINDS:
+        loc = loc[1:]
+    return ".".join(loc)
+
+
 def _describe(e: ValidationError) -> str:
     parts = []
     for err in e.errors()[:5]:
-        loc = ".".join(str(p) for p in err["loc"]) or "(event)"
-        parts.append(f"{loc}: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{_loc(err) or '(event)'}: {msg}")
     return "; ".join(parts)
 
 
@@ -207,13 +330,13 @@ def validate_event(obj: Any, max_text_chars: int | None = None, ts_window: TsWin
     except ValidationError as e:
         too_long = [err for err in e.errors() if err["type"] == "string_too_long"]
         if too_long:
-            loc = ".".join(str(p) for p in too_long[0]["loc"])
-            raise InvalidEvent("text_too_long", f"{loc} exceeds the text size limit") from None
-        raise InvalidEvent("invalid_fields", _describe(e)) from None
+            loc = _loc(too_long[0])
+            raise InvalidEvent("text_too_long", f"{loc} exceeds the text size limit", loc) from None
+        raise InvalidEvent("invalid_fields", _describe(e), _loc(e.errors()[0]) or None) from None
     if max_text_chars is not None:
         for name, value in event:
             if isinstance(value, str) and len(value) > max_text_chars:
-                raise InvalidEvent("text_too_long", f"{name} has {len(value)} chars > {max_text_chars}")
+                raise InvalidEvent("text_too_long", f"{name} has {len(value)} chars > {max_text_chars}", name)
     check_ts(event.ts, ts_window)
     return event
 

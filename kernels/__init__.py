@@ -26,7 +26,7 @@ from .moe_lora import (
 )
 
 __all__ = [
-    "Kernels", "select", "triton_available",
+    "Kernels", "select", "resolve_auto", "triton_available", "triton_installed",
     "moe_lora_experts", "LoRAFactors", "peft_lora_factors", "enable_fused_moe_lora", "disable_fused_moe_lora",
     "peft_experts_chain", "fused_layout_problem",
     "logprobs_and_entropy", "chunked_logprobs_and_entropy", "naive_logprobs_and_entropy", "hidden_states_and_head",
@@ -57,10 +57,31 @@ class Kernels:
                                     temperature, ignore_index)
 
 
-def select(cfg: Any) -> Kernels:
-    """Kernels from a `KernelsConfig` (or anything with its fields). Fails fast if triton is asked for
+def triton_installed() -> bool:
+    """True when triton can be imported (never imports it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_auto(moe_lora: str, logprob: str, device: torch.device | str | None) -> tuple[str, str]:
+    """Concrete (moe_lora, logprob) for a model on ``device``: an "auto" setting becomes triton on
+    CUDA when triton is installed, else the torch kernels (torch / chunked) on CUDA, and peft / naive
+    on the CPU, where the fused paths bring no speed for small models (benchmarks/ppo.py). Explicit
+    settings are kept."""
+    cuda = device is not None and torch.device(device).type == "cuda"
+    fast = cuda and triton_installed()
+    if moe_lora == "auto":
+        moe_lora = "triton" if fast else "torch" if cuda else "peft"
+    if logprob == "auto":
+        logprob = "triton" if fast else "chunked" if cuda else "naive"
+    return moe_lora, logprob
+
+
+def select(cfg: Any, device: torch.device | str | None = None) -> Kernels:
+    """Kernels from a `KernelsConfig` (or anything with its fields) for a model on ``device``
+    ("auto" settings resolved by `resolve_auto`; None: the CPU). Fails fast if triton is asked for
     but missing."""
-    k = Kernels(cfg.moe_lora, cfg.logprob, int(cfg.logprob_chunk_size))
+    moe_lora, logprob = resolve_auto(cfg.moe_lora, cfg.logprob, device)
+    k = Kernels(moe_lora, logprob, int(cfg.logprob_chunk_size))
     if k.moe_lora not in ("peft", "torch", "triton"):
         raise ValueError(f"kernels.moe_lora must be peft|torch|triton, got {k.moe_lora!r}")
     if k.logprob not in ("naive", "chunked", "triton"):

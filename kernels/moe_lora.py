@@ -336,18 +336,23 @@ def _fused_forward(self: nn.Module, hidden_states: Tensor, top_k_index: Tensor, 
 
 
 def _expert_wrappers(model: nn.Module) -> list[nn.Module]:
-    """Outermost peft ParamWrappers whose base is a fusable experts module."""
+    """Outermost peft ParamWrappers whose base is a fusable experts module. An experts module the
+    fused path does not fit keeps peft's own forward (same values, slower), with a warning."""
     from peft.tuners.lora.layer import ParamWrapper
 
+    from looprl.ops.core.log import get_logger
+
     found, inner = [], set()
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, ParamWrapper) and id(m) not in inner:
             experts, wrappers = peft_experts_chain(m)
             inner.update(id(w) for w in wrappers.values())
             if set(wrappers) & {"gate_up_proj", "down_proj"}:
                 problem = fused_layout_problem(experts, wrappers)
                 if problem:
-                    raise ValueError(problem)
+                    get_logger(__name__).warning("fused MoE-LoRA does not fit this experts module; it keeps "
+                                                 "peft's forward", module=name, problem=problem)
+                    continue
                 found.append(m)
     return found
 

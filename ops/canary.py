@@ -22,6 +22,17 @@ The pointers and statuses move through the release contract (``looprl.storage.re
 which checks each transition and records every decision with its numbers in the manifest and
 the JSONL decisions log; the serving controller applies the pointers to the endpoints.
 
+A canary has a deadline (``canary.deadline_seconds`` after it started): one the test has not
+decided by then, for want of votes or because they stay inconclusive, is taken off traffic as
+``canary.on_deadline`` says: ``end`` (decision ``end``: no verdict on the candidate) or
+``rollback`` (decision ``rollback``: counted, and alerted on, as a failed canary). Either way the
+candidate is rolled back through the release contract, the promoted version serves all traffic
+again, and PPO, which waits while a canary is judged, runs again.
+
+Every release decision, whoever made it (this canary, an operator, the controller), is exported
+from the decisions log as ``looprl_canary_last_decision_timestamp_seconds{decision}``: the
+dashboard draws a deploy annotation at each promotion and rollback from it.
+
 Counting takes a while, and meanwhile an operator may roll the canary back or promote a version
 by hand (which ends the canary). Each decision is therefore committed as a compare-and-set on
 what the step read before counting (the version still on canary, the control still promoted): if
@@ -31,7 +42,9 @@ step reports ``refused``; the person's decision stands.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal
@@ -57,6 +70,15 @@ RATE = Gauge("looprl_canary_thumbs_up_ratio", "Thumbs-up rate of each arm of the
 PROB_BETTER = Gauge("looprl_canary_prob_better_ratio", "Posterior P(candidate rate > control rate)")
 ACTIVE = Gauge("looprl_canary_active_version", "Version number on canary (0: none)")
 PROMOTED = Gauge("looprl_canary_promoted_version", "Version number serving all traffic (0: base model)")
+STARTED = Gauge("looprl_canary_started_timestamp_seconds", "Unix time the current canary started (0: none)")
+DEADLINE = Gauge("looprl_canary_deadline_timestamp_seconds",
+                 "Unix time the current canary is ended if still undecided (0: none)")
+LAST_DECISION = Gauge("looprl_canary_last_decision_timestamp_seconds",
+                      "Unix time of the latest release decision of each kind in the decisions log "
+                      "(canary, operators, controller)", ["decision"])
+# Decision kinds are short words (start, promote, manual_rollback, ...); anything else in a
+# hand-edited log line is not made a label value.
+_DECISION_KIND = re.compile(r"[a-z_]{1,32}")
 
 
 # --------------------------------------------------------------------------- statistics
@@ -98,8 +120,9 @@ def prob_better(candidate: Arm, control: Arm, prior: tuple[int, int] = (1, 1)) -
     return min(1.0, max(0.0, total))
 
 
-# "refused": the step decided, but someone else decided first (see the module docstring).
-Action = Literal["wait", "promote", "rollback", "refused"]
+# "end": taken off traffic at its deadline without a verdict. "refused": the step decided, but
+# someone else decided first (see the module docstring).
+Action = Literal["wait", "promote", "rollback", "end", "refused"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +155,19 @@ def decide(candidate: Arm, control: Arm, cfg: CanaryConfig) -> Decision:
                             numbers)
         return Decision("rollback", f"max_samples reached, P(better)={p:.3f} < 0.5", numbers)
     return Decision("wait", f"P(better)={p:.3f} inconclusive", numbers)
+
+
+def at_deadline(candidate: Arm, control: Arm, cfg: CanaryConfig, age_seconds: float) -> Decision:
+    """The decision on a canary the test has not decided ``age_seconds`` after its start, past
+    ``canary.deadline_seconds``: ``end`` or ``rollback`` as ``canary.on_deadline`` says."""
+    votes = f"{candidate.n} candidate and {control.n} control votes"
+    why = (f"too few votes ({votes}; canary.min_samples={cfg.min_samples} per arm)"
+           if min(candidate.n, control.n) < cfg.min_samples else f"still inconclusive ({votes})")
+    reached = f"deadline reached after {age_seconds:.0f} s (canary.deadline_seconds={cfg.deadline_seconds:g})"
+    numbers = {"deadline_seconds": cfg.deadline_seconds, "on_deadline": cfg.on_deadline}
+    if cfg.on_deadline == "end":
+        return Decision("end", f"canary ended: {reached}, {why}", numbers)
+    return Decision("rollback", f"{reached}, {why}: rolled back (canary.on_deadline)", numbers)
 
 
 # --------------------------------------------------------------------------- feedback counts
@@ -171,6 +207,11 @@ def event_log_counts(cfg: LooprlConfig) -> CountsFn:
 
 
 # --------------------------------------------------------------------------- the manager
+def _no_canary() -> None:
+    for gauge in (ACTIVE, STARTED, DEADLINE):
+        gauge.set(0)
+
+
 class CanaryManager:
     """Starts, judges and ends canaries. ``step()`` is called by the scheduler every poll."""
 
@@ -181,6 +222,8 @@ class CanaryManager:
         self.clock = clock
         self.log_path = releases.decisions_path(cfg.state_dir)
         self._looked: tuple[str, int] | None = None  # (canary version, votes at the last look)
+        self._log_read = 0  # bytes of the decisions log already exported (export_decisions)
+        self._last: dict[str, float] = {}  # decision kind -> time of its latest one exported
 
     # ---- reading
     def promoted(self) -> str | None:
@@ -191,6 +234,29 @@ class CanaryManager:
 
     def decisions(self) -> list[dict[str, Any]]:
         return releases.read_decisions(self.cfg.state_dir)
+
+    def export_decisions(self) -> None:
+        """Export the decisions appended to the log since the last call (by anyone: this canary,
+        operators' commands, the controller) as ``looprl_canary_last_decision_timestamp_seconds``."""
+        try:
+            with open(self.log_path, "rb") as f:
+                if f.seek(0, 2) < self._log_read:  # replaced by a shorter file: read it afresh
+                    self._log_read = 0
+                f.seek(self._log_read)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        whole = data[:data.rfind(b"\n") + 1]  # a line still being written waits for the next call
+        self._log_read += len(whole)
+        for line in whole.splitlines():
+            try:
+                rec = json.loads(line)
+                kind, at = rec["action"], float(rec["at"])
+            except (ValueError, KeyError, TypeError):
+                continue  # not a decision line; the log's readers skip it too
+            if isinstance(kind, str) and _DECISION_KIND.fullmatch(kind) and at > self._last.get(kind, 0.0):
+                self._last[kind] = at
+                LAST_DECISION.labels(decision=kind).set(at)
 
     def _record(self, rec: DecisionRecord) -> None:
         """Count and log a decision the release contract has made and written down."""
@@ -219,10 +285,16 @@ class CanaryManager:
 
     # ---- the loop body
     def step(self) -> Decision | None:
+        try:
+            return self._step()
+        finally:
+            self.export_decisions()
+
+    def _step(self) -> Decision | None:
         promoted, canary = self.promoted(), self.canary()
         PROMOTED.set(version_number(promoted))
         if canary is None:
-            ACTIVE.set(0)
+            _no_canary()
             cand = self.next_candidate()
             if cand is not None:
                 seen = Expected("gated", {releases.CANARY: None, releases.PROMOTED: promoted})
@@ -236,6 +308,9 @@ class CanaryManager:
             return None
         m = self.registry.manifest(KIND, canary)
         since, control = self._canary_started(m)
+        deadline = since + self.cfg.canary.deadline_seconds
+        STARTED.set(since)
+        DEADLINE.set(deadline)
         # A decision is valid only for what was read here; the contract compares it at commit.
         seen = Expected("canary", {releases.CANARY: canary, releases.PROMOTED: promoted})
         if (promoted or BASE) != control:
@@ -247,7 +322,10 @@ class CanaryManager:
         counts = self.counts([canary, control], since)
         cand_arm, ctrl_arm = counts.get(canary, Arm(0, 0)), counts.get(control, Arm(0, 0))
         votes = cand_arm.n + ctrl_arm.n
-        if self._looked is not None and self._looked[0] == canary and votes < self._looked[1] + LOOK_EVERY_VOTES:
+        now = self.clock()
+        expired = now >= deadline
+        if (not expired and self._looked is not None and self._looked[0] == canary
+                and votes < self._looked[1] + LOOK_EVERY_VOTES):
             return Decision("wait", f"{votes} votes; next look at {self._looked[1] + LOOK_EVERY_VOTES}")
         self._looked = (canary, votes)
         d = decide(cand_arm, ctrl_arm, self.cfg.canary)
@@ -256,7 +334,10 @@ class CanaryManager:
         RATE.labels(arm="candidate").set(cand_arm.rate if cand_arm.n else 0.0)
         RATE.labels(arm="control").set(ctrl_arm.rate if ctrl_arm.n else 0.0)
         PROB_BETTER.set(d.numbers["prob_better"])
-        numbers = {**d.numbers, "control": control, "canary_seconds": round(self.clock() - since, 1)}
+        numbers = {**d.numbers, "control": control, "canary_seconds": round(now - since, 1)}
+        if d.action == "wait" and expired:  # the test had its chance; it ends as configured
+            late = at_deadline(cand_arm, ctrl_arm, self.cfg.canary, now - since)
+            d, numbers = late, {**numbers, **late.numbers}
         return self._commit(Decision(d.action, d.reason, numbers), canary, control, seen, action=d.action)
 
     def _commit(self, d: Decision, canary: str, control: str, seen: Expected, action: str) -> Decision:
@@ -264,7 +345,7 @@ class CanaryManager:
         try:
             if d.action == "promote":
                 self._promote(canary, control, d.reason, d.numbers, by="canary", action=action, expected=seen)
-            elif d.action == "rollback":
+            elif d.action in ("rollback", "end"):
                 self._rollback_canary(canary, control, d.reason, d.numbers, by="canary", action=action,
                                       expected=seen)
         except releases.StaleDecision as e:
@@ -276,6 +357,9 @@ class CanaryManager:
     def start(self, version: str, expected: Expected | None = None) -> None:
         rec = releases.start_canary(self.registry, self.cfg.state_dir, version,
                                     traffic_share=self.cfg.canary.traffic_share, at=self.clock(), expected=expected)
+        ACTIVE.set(version_number(version))
+        STARTED.set(rec.at)
+        DEADLINE.set(rec.at + self.cfg.canary.deadline_seconds)
         self._record(rec)
 
     def _promote(self, version: str, control: str, reason: str, numbers: dict, by: str, action: str,
@@ -283,7 +367,7 @@ class CanaryManager:
         rec = releases.promote(self.registry, self.cfg.state_dir, version, reason, by=by, action=action,
                                control=control, numbers=numbers, at=self.clock(), expected=expected)
         PROMOTED.set(version_number(version))
-        ACTIVE.set(0)
+        _no_canary()
         self._record(rec)
         return rec
 
@@ -291,7 +375,7 @@ class CanaryManager:
                          expected: Expected | None = None) -> None:
         rec = releases.roll_back_canary(self.registry, self.cfg.state_dir, version, reason, by=by, action=action,
                                         numbers={**numbers, "control": control}, at=self.clock(), expected=expected)
-        ACTIVE.set(0)
+        _no_canary()
         self._record(rec)
 
     # ---- people: whoever can write the registry (ops/README.md, "Online canary and rollback")
@@ -332,7 +416,8 @@ class CanaryManager:
             since, control = self._canary_started(m)
             counts = self.counts([c, control], since)
             d = decide(counts.get(c, Arm(0, 0)), counts.get(control, Arm(0, 0)), self.cfg.canary)
-            out.update(control=control, since=since, test=asdict(d))
+            out.update(control=control, since=since, deadline=since + self.cfg.canary.deadline_seconds,
+                       on_deadline=self.cfg.canary.on_deadline, test=asdict(d))
         return out
 
 

@@ -6,13 +6,20 @@ adds the stage with its actions (argparse ``dest="action"``); an action sets
 heavy libraries (torch, duckdb, pyarrow), inside the function, so that ``looprl --help`` and every
 command start without loading what they do not use. This file wires the modules together, maps
 the spellings from before this scheme to it, loads the config once and logs it.
+
+Global options (``--config``, ``--workspace``, ``--log-level``, ``--log-format``) are accepted
+before the command and after any of its words (``looprl serving serve --workspace X`` is
+``looprl --workspace X serving serve``); given in both places, the later one wins.
+``looprl --version`` reads the installed distributions' metadata and imports none of them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import sys
+from typing import get_args
 
 from looprl.ops import cmd_ingest, cmd_init, cmd_loop, cmd_policy, cmd_reward, cmd_serving
 from looprl.ops.core.config import ConfigError, LooprlConfig, load_config
@@ -20,8 +27,12 @@ from looprl.ops.core.log import get_logger, setup_logging
 
 COMMAND_MODULES = (cmd_init, cmd_ingest, cmd_reward, cmd_policy, cmd_serving, cmd_loop)
 
-# Global options that take a value: the command starts after them.
-GLOBAL_OPTIONS = ("--config", "--workspace")
+# Global options that take a value: before the command, the command starts after them.
+GLOBAL_OPTIONS = ("--config", "--workspace", "--log-level", "--log-format")
+LOG_LEVELS = get_args(LooprlConfig.model_fields["log_level"].annotation)
+LOG_FORMATS = get_args(LooprlConfig.model_fields["log_format"].annotation)
+# Libraries whose versions `looprl --version` reports besides looprl's own (from their metadata).
+VERSION_OF = ("torch", "transformers", "peft")
 
 # Spellings from before `looprl <stage> <action>`, still accepted for one release with a notice on
 # stderr: old words -> new words.
@@ -75,6 +86,58 @@ def _print_config(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     return 0
 
 
+def version_text() -> str:
+    """``looprl X`` and, on a second line, the versions of the heavy libraries and Python, read
+    from the installed distributions' metadata (nothing is imported)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    libs = ", ".join(f"{d} {of(d)}" for d in VERSION_OF)
+    return f"looprl {of('looprl')}\n{libs}; Python {platform.python_version()}"
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def _add_global_options(p: argparse.ArgumentParser, top: bool) -> None:
+    # Below the top, an option not given must not replace what was given before the command:
+    # SUPPRESS leaves it out of the namespace instead of setting its default.
+    d = {} if top else {"default": argparse.SUPPRESS}
+    g = p.add_argument_group("global options" if top else "global options (also accepted before the command)")
+    g.add_argument("--config", metavar="PATH", help="path to looprl.toml (default: ./looprl.toml or $LOOPRL_CONFIG)",
+                   **d)
+    g.add_argument("--workspace", metavar="DIR", help="workspace directory (overrides config 'workspace')", **d)
+    g.add_argument("--log-level", choices=LOG_LEVELS, type=str.upper, help="log level (overrides config 'log_level')",
+                   **d)
+    g.add_argument("--log-format", choices=LOG_FORMATS,
+                   help="log lines on stderr: human on a terminal and JSON otherwise (auto, the default), or "
+                        "forced (overrides config 'log_format')", **d)
+
+
+def parsers(p: argparse.ArgumentParser) -> list[tuple[str, argparse.ArgumentParser]]:
+    """Every parser of the command tree under ``p`` (``p`` included, each once), with its command words."""
+    out, seen = [(p.prog, p)], {id(p)}
+    for prog, parser in out:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    if id(child) not in seen:
+                        seen.add(id(child))
+                        out.append((child.prog, child))
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="looprl",
@@ -82,13 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "Commands read `looprl <stage> <action>`; init, config, demo, simulate, status and report "
                     "concern the whole loop.",
     )
-    p.add_argument("--config", help="path to looprl.toml (default: ./looprl.toml or $LOOPRL_CONFIG)")
-    p.add_argument("--workspace", help="workspace directory (overrides config 'workspace')")
+    p.add_argument("--version", action=_VersionAction,
+                   help="print looprl's version, and torch's, transformers' and peft's, and exit")
+    _add_global_options(p, top=True)
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("config", help="print the whole effective config (file + LOOPRL_* env), secrets masked")
     c.set_defaults(func=_print_config)
     for mod in COMMAND_MODULES:
         mod.register(sub)
+    for _prog, child in parsers(p)[1:]:
+        _add_global_options(child, top=False)
     return p
 
 
@@ -102,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        overrides = {"workspace": args.workspace} if args.workspace else {}
+        overrides = {k: v for k in ("workspace", "log_level", "log_format") if (v := getattr(args, k))}
         cfg: LooprlConfig = load_config(args.config, **overrides)
     except ConfigError as e:
         print(f"looprl: {e}", file=sys.stderr)
         return 2
-    setup_logging(cfg.log_level)
+    setup_logging(cfg.log_level, cfg.log_format)
     log = get_logger("looprl.ops.cli")  # __name__ is __main__ under `python -m`
     command = " ".join(w for w in (args.command, getattr(args, "action", None)) if w)
     log.info("config", command=command, **cfg.summary())

@@ -17,10 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from looprl.ops.core.config import ConfigError, LooprlConfig
-from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import serve_metrics
-
-log = get_logger(__name__)
 
 
 def _broker(args: argparse.Namespace, cfg: LooprlConfig) -> int:
@@ -49,8 +46,7 @@ def _consume(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ingest.consumer import IngestError, run_ingest
     from looprl.ingest.transport import KafkaUnavailable
 
-    port = serve_metrics(cfg.ingest.metrics_port, host=cfg.metrics_host)
-    log.info("ingest metrics", url=f"http://127.0.0.1:{port}/metrics")
+    serve_metrics(cfg.ingest.metrics_port, host=cfg.metrics_host, key="ingest.metrics_port")
     try:
         totals = run_ingest(cfg, _bootstrap(cfg), idle_exit_s=args.idle_exit, max_records=args.max_records)
     except (KafkaUnavailable, IngestError) as e:
@@ -130,30 +126,34 @@ def register(sub: argparse._SubParsersAction) -> None:
     g = sub.add_parser("ingest", help="feedback and responses into the Parquet event log: broker, consumer, collector")
     acts = g.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = acts.add_parser("broker", help="run the embedded Kafka broker (Tansu, in memory) in the foreground")
-    p.add_argument("--port", type=int, default=None, help="port (default: kafka.embedded_port; 0 = a free port)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=None, help="port (default: kafka.embedded_port; 0 = a free port, "
+                                                          "printed at start)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: 127.0.0.1; Tansu speaks PLAINTEXT "
+                                                       "without authentication, so keep it on loopback)")
     p.set_defaults(func=_broker)
 
     p = acts.add_parser("consume", help="consume the responses/feedback topics into the Parquet event log "
                                         "(exactly once)")
     p.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                    help="exit once no record arrived for this long (default: run until SIGTERM/Ctrl-C)")
-    p.add_argument("--max-records", type=int, default=None, help="exit after this many records")
+    p.add_argument("--max-records", type=int, default=None, metavar="N", help="exit after this many records")
     p.set_defaults(func=_consume)
 
     p = acts.add_parser("collect", help="HTTP feedback collector: POST /v1/feedback -> Kafka")
-    p.add_argument("--host", default=None, help="default: ingest.collector_host")
-    p.add_argument("--port", type=int, default=None, help="default: ingest.collector_port")
+    p.add_argument("--host", default=None, help="bind address (default: ingest.collector_host)")
+    p.add_argument("--port", type=int, default=None, help="port (default: ingest.collector_port; 0 = a free port, "
+                                                          "logged at start)")
     p.set_defaults(func=_collect)
 
     ev = sub.add_parser("events", help="inspect the Parquet event log (DuckDB views)")
     evsub = ev.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = evsub.add_parser("stats", help="events, files and time range per kind")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     p.set_defaults(func=_stats)
     p = evsub.add_parser("query", help="run SQL over the views responses, feedback, feedback_joined, "
                                        "preferences_joined, feedback_votes, preference_votes")
-    p.add_argument("sql")
-    p.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    p.add_argument("sql", help='a DuckDB query over the views, e.g. "SELECT kind, count(*) FROM feedback GROUP BY 1"')
+    p.add_argument("--format", choices=("table", "json", "csv"), default="table",
+                   help="table (default), JSON lines or CSV on stdout")
     p.add_argument("--limit", type=int, default=50, help="rows shown (0: all)")
     p.set_defaults(func=_query)

@@ -38,8 +38,8 @@ def _run_scheduler(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
     if args.runner:
         cfg.scheduler.runner = args.runner
-    if cfg.scheduler.metrics_port and not args.once:
-        serve_metrics(cfg.scheduler.metrics_port, host=cfg.metrics_host)
+    if not args.once:  # one tick is over before Prometheus would scrape it
+        serve_metrics(cfg.scheduler.metrics_port, host=cfg.metrics_host, key="scheduler.metrics_port")
     sched = build_scheduler(cfg, with_canary=not args.no_canary)
     with stop_on_signals() as stop:
         if args.once:
@@ -130,8 +130,8 @@ def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
         pref = load_preference(args.preference or cfg.demo.preference)
     except ValueError as e:
         raise ConfigError(f"--preference: {e}") from None
-    if args.metrics_port:
-        serve_metrics(args.metrics_port, host=cfg.metrics_host)
+    if args.metrics_port is not None:
+        serve_metrics(args.metrics_port, host=cfg.metrics_host, key="--metrics-port")
     base_url = args.base_url or f"http://{cfg.serving.host}:{cfg.serving.port}"
     bootstrap = args.bootstrap
     if bootstrap is None and not args.no_sdk:
@@ -218,15 +218,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=_run_scheduler)
 
     t = acts.add_parser("trigger", help="ask the scheduler to run a job now")
-    t.add_argument("job", choices=["reward", "policy"])
+    t.add_argument("job", choices=["reward", "policy"], help="the job to run: reward or policy")
     t.add_argument("--reason", help="recorded in the run history")
     t.set_defaults(func=_trigger)
 
     r = acts.add_parser("runs", help="history of scheduler runs with their outcome")
-    r.add_argument("--job", choices=["reward", "policy"])
-    r.add_argument("--status", choices=["running", "success", "failed", "timeout", "abandoned"])
-    r.add_argument("--limit", type=int, default=30)
-    r.add_argument("--json", action="store_true")
+    r.add_argument("--job", choices=["reward", "policy"], help="only this job's runs")
+    r.add_argument("--status", choices=["running", "success", "failed", "timeout", "abandoned"],
+                   help="only runs with this outcome")
+    r.add_argument("--limit", type=int, default=30, metavar="N", help="newest N runs (default 30)")
+    r.add_argument("--json", action="store_true", help="print the runs as JSON instead of a table")
     r.set_defaults(func=_runs)
 
     g = sub.add_parser("canary", help="the online canary of a gated policy version, and people's decisions")
@@ -260,12 +261,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--collector-url", help="HTTP collector base URL (default from ingest.collector_*)")
     m.add_argument("--bootstrap", help="Kafka bootstrap servers (default: configured or embedded)")
     m.add_argument("--no-sdk", action="store_true", help="send feedback over HTTP only")
-    m.add_argument("--metrics-port", type=int, default=0)
+    m.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve the simulator's /metrics here (0 = a free port, logged at start; default: none)")
     m.set_defaults(func=_simulate)
 
     st = sub.add_parser("status", help="failed requests, error rate and restarts per stage of the (last) demo; "
                                        "exit code 1 when it stopped on a failure")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
     st.set_defaults(func=_status)
 
     o = sub.add_parser("report", help="write the demo report (markdown + plots) from the workspace")

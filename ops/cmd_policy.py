@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from looprl.ops.commands import pushes_metrics
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.metrics import serve_metrics
 
@@ -18,21 +19,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("policy", help="LoRA-PPO on Ray and the offline promotion gate")
     acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     t = acts.add_parser("train", help="LoRA-PPO on the MoE policy against the newest reward model, publish a candidate")
-    t.add_argument("--steps", type=int, help="PPO steps for a new run (default policy.steps)")
+    t.add_argument("--steps", type=int, metavar="N", help="PPO steps for a new run (default policy.steps)")
     t.add_argument("--run-id", help="resume this run (or start it under this id)")
     t.add_argument("--new", action="store_true", help="start a new run even if an unfinished one exists")
     t.add_argument("--scorer", choices=["registry", "cheerful"], default="registry",
                    help="reward: newest registry reward model (default) or the programmatic cheerful-word count")
-    t.add_argument("--reward-version", help="train against this reward version instead of the newest")
+    t.add_argument("--reward-version", metavar="VERSION", help="train against this reward version instead of the newest")
     t.add_argument("--no-ray", action="store_true", help="run in this process instead of on Ray (debugging)")
-    t.add_argument("--metrics-port", type=int, help="serve /metrics here (default policy.metrics_port; 0: off)")
+    t.add_argument("--metrics-port", type=int, metavar="PORT",
+                   help="serve /metrics here (default policy.metrics_port; 0 = a free port, logged at start)")
     t.add_argument("--gate", action="store_true", help="run the offline gate on the candidate when done")
     t.set_defaults(func=_train)
 
     g = acts.add_parser("gate", help="offline promotion gate for a candidate policy adapter")
     g.add_argument("version", help="policy version, e.g. v3")
-    g.add_argument("--scorer", choices=["registry", "cheerful"], default="registry")
-    g.add_argument("--reward-version", help="judge with this reward version instead of the newest")
+    g.add_argument("--scorer", choices=["registry", "cheerful"], default="registry",
+                   help="judge: newest registry reward model (default) or the programmatic cheerful-word count")
+    g.add_argument("--reward-version", metavar="VERSION", help="judge with this reward version instead of the newest")
     g.set_defaults(func=_gate)
 
 
@@ -46,6 +49,7 @@ def _scorer(args: argparse.Namespace, cfg: LooprlConfig):
     return registry_scorer(cfg, args.reward_version)
 
 
+@pushes_metrics("looprl-policy-train")
 def _train(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     import torch
 
@@ -58,8 +62,7 @@ def _train(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     torch.set_num_threads(cfg.policy.torch_threads)
 
     port = cfg.policy.metrics_port if args.metrics_port is None else args.metrics_port
-    if port:
-        serve_metrics(port, host=cfg.metrics_host)
+    serve_metrics(port, host=cfg.metrics_host, key="policy.metrics_port (or --metrics-port)")
     try:
         # None: a new run pins the newest reward model, a resumed run re-loads the version it started with
         scorer = None if args.scorer == "registry" and not args.reward_version else _scorer(args, cfg)
@@ -80,6 +83,7 @@ def _train(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     return 0
 
 
+@pushes_metrics("looprl-policy-gate")
 def _gate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     import torch
 

@@ -13,17 +13,20 @@ import argparse
 import json
 import sys
 
+from looprl.ops.commands import pushes_metrics
 from looprl.ops.core.config import LooprlConfig
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """What an updater command reports in one line (no traceback): the fix is the user's."""
+    from looprl.policy.families import BaseModelError  # an unsupported or corrupt base checkpoint
     from looprl.reward.updater import UpdaterBusy
     from looprl.storage.registry import RegistryError  # RewardModelError is one
 
-    return FileNotFoundError, RegistryError, UpdaterBusy
+    return FileNotFoundError, RegistryError, UpdaterBusy, BaseModelError
 
 
+@pushes_metrics("looprl-reward-update")
 def _update(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.reward.updater import RewardUpdater
 
@@ -64,7 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     u.set_defaults(func=_update)
     s = rs.add_parser("serve", help="follow the event log and update continuously (metrics on reward.metrics_port)")
     s.add_argument("--max-updates", type=int, default=None, help="stop after this many updates (default: run forever)")
-    s.add_argument("--metrics-port", type=int, default=None, help="override reward.metrics_port (0: any free port)")
+    s.add_argument("--metrics-port", type=int, default=None, help="override reward.metrics_port (0 = a free port, logged at start)")
     s.set_defaults(func=_serve)
     st = rs.add_parser("status", help="published reward versions, watermark and recent decisions")
     st.set_defaults(func=_status)

@@ -5,10 +5,11 @@
     looprl ingest consume            Kafka -> exactly-once Parquet log
     looprl ingest collect            HTTP feedback collector (POST /v1/feedback)
     looprl serving serve             OpenAI-compatible server, LoRA hot-swap, canary split
-    looprl serving control           registry pointers -> serving endpoints
+    looprl serving control           registry pointers -> serving endpoints (+ the gateway's routing file)
+    looprl gateway                   product traffic -> serve: canary routing, attribution, response log
     looprl reward serve              incremental reward model (test-then-train)
     looprl scheduler run             PPO jobs on Ray, back to back after each new reward version; canary
-    looprl simulate                  simulated users (OpenAI API + feedback SDK + HTTP collector)
+    looprl simulate                  simulated users (OpenAI API via the gateway + feedback SDK + collector)
 
 They are the same commands a production deployment runs (see docker-compose.yml); here a
 `Supervisor` restarts any that dies, and a failure watch (ops/health.py) stops the demo, naming
@@ -109,11 +110,12 @@ STAGE_COMMANDS: dict[str, tuple[str, ...]] = {
     "collector": ("ingest", "collect"),
     "serve": ("serving", "serve"),
     "controller": ("serving", "control"),
+    "gateway": ("gateway",),
     "reward": ("reward", "serve"),
     "scheduler": ("scheduler", "run"),
     "simulator": ("simulate",),
 }
-CHAOS_ORDER = ("ingest", "serve", "reward", "scheduler", "collector", "controller")
+CHAOS_ORDER = ("ingest", "serve", "reward", "scheduler", "collector", "controller", "gateway")
 
 
 def _get(cfg: LooprlConfig, dotted: str) -> Any:
@@ -142,9 +144,11 @@ def tuning_env(cfg: LooprlConfig) -> dict[str, str]:
 
 def plan_services(cfg: LooprlConfig, ports: dict[str, int], preference: str, env: dict[str, str]) -> list[Service]:
     """The demo's processes. ``ports``: broker, ingest_metrics, collector, serve, controller_metrics,
-    reward_metrics, scheduler_metrics, simulator_metrics."""
+    gateway, gateway_metrics, reward_metrics, scheduler_metrics, simulator_metrics. Product traffic
+    (the simulator) goes through the gateway to serve, as in production it goes to vLLM."""
     host = "127.0.0.1"
     serve_url = f"http://{host}:{ports['serve']}"
+    gateway_url = f"http://{host}:{ports['gateway']}"
 
     def cmd(name: str, *extra: str) -> list[str]:
         return looprl_argv(*STAGE_COMMANDS[name], *extra)
@@ -159,12 +163,13 @@ def plan_services(cfg: LooprlConfig, ports: dict[str, int], preference: str, env
         Service("serve", cmd("serve"), env, ready=http_ready(f"{serve_url}/health"), ready_timeout_s=240),
         Service("controller", cmd("controller"), env,
                 ready=http_ready(f"http://{host}:{ports['controller_metrics']}/metrics"), ready_timeout_s=120),
+        Service("gateway", cmd("gateway"), env, ready=http_ready(f"{gateway_url}/health"), ready_timeout_s=120),
         Service("reward", cmd("reward"), env,
                 ready=http_ready(f"http://{host}:{ports['reward_metrics']}/metrics"), ready_timeout_s=240),
         Service("scheduler", cmd("scheduler"), env,
                 ready=http_ready(f"http://{host}:{ports['scheduler_metrics']}/metrics"), ready_timeout_s=180,
                 stop_timeout_s=40),
-        Service("simulator", cmd("simulator", "--preference", preference, "--base-url", serve_url,
+        Service("simulator", cmd("simulator", "--preference", preference, "--base-url", gateway_url,
                                  "--metrics-port", str(ports["simulator_metrics"])), env,
                 ready=http_ready(f"http://{host}:{ports['simulator_metrics']}/metrics"), ready_timeout_s=120),
     ]
@@ -175,6 +180,8 @@ def demo_env(cfg: LooprlConfig, ports: dict[str, int], admin_token: str) -> dict
     host = "127.0.0.1"
     env = {
         "LOOPRL_WORKSPACE": str(cfg.workspace.resolve()),
+        # The failure watch (ops/health.py) reads the stages' log files as JSON lines, whatever log_format says.
+        "LOOPRL_LOG_FORMAT": "json",
         "LOOPRL_KAFKA__EMBEDDED_PORT": str(ports["broker"]),
         # Configured Kafka (e.g. a shared dev cluster) is used as is; else the demo's own broker.
         "LOOPRL_KAFKA__BOOTSTRAP_SERVERS": cfg.kafka.bootstrap_servers or f"{host}:{ports['broker']}",
@@ -185,6 +192,11 @@ def demo_env(cfg: LooprlConfig, ports: dict[str, int], admin_token: str) -> dict
         "LOOPRL_SERVING__PORT": str(ports["serve"]),
         "LOOPRL_SERVING__ENDPOINTS": json.dumps([f"http://{host}:{ports['serve']}"]),
         "LOOPRL_SERVING__CONTROLLER_METRICS_PORT": str(ports["controller_metrics"]),
+        # Answers are logged by the gateway in front of serve (as in front of vLLM), not twice.
+        "LOOPRL_SERVING__LOG_RESPONSES": "false",
+        "LOOPRL_GATEWAY__HOST": host,
+        "LOOPRL_GATEWAY__PORT": str(ports["gateway"]),
+        "LOOPRL_GATEWAY__METRICS_PORT": str(ports["gateway_metrics"]),
         "LOOPRL_REWARD__METRICS_PORT": str(ports["reward_metrics"]),
         "LOOPRL_POLICY__METRICS_PORT": str(ports["policy_metrics"]),
         "LOOPRL_SCHEDULER__METRICS_PORT": str(ports["scheduler_metrics"]),
@@ -204,8 +216,8 @@ def demo_env(cfg: LooprlConfig, ports: dict[str, int], admin_token: str) -> dict
 
 
 def allocate_ports() -> dict[str, int]:
-    names = ("broker", "ingest_metrics", "collector", "serve", "controller_metrics", "reward_metrics",
-             "policy_metrics", "scheduler_metrics", "simulator_metrics")
+    names = ("broker", "ingest_metrics", "collector", "serve", "controller_metrics", "gateway", "gateway_metrics",
+             "reward_metrics", "policy_metrics", "scheduler_metrics", "simulator_metrics")
     ports: dict[str, int] = {}
     while len(set(ports.values())) != len(names):
         ports = {n: free_port() for n in names}
@@ -369,10 +381,10 @@ def drain(cfg: LooprlConfig, expected_feedback: int, timeout_s: float = 60.0, qu
 
 
 def shutdown(cfg: LooprlConfig, sup: Supervisor) -> dict[str, Any]:
-    """Producers first (simulator, then serving and collector flush what they hold), wait for
+    """Producers first (simulator, then the gateway, serving and collector flush what they hold), wait for
     ingest to write everything, then the rest in reverse start order."""
     out: dict[str, Any] = {}
-    for name in ("simulator", "serve", "collector"):
+    for name in ("simulator", "gateway", "serve", "collector"):
         if name in sup.procs:
             out.setdefault("exit_codes", {})[name] = sup.retire(name)
     if "ingest" in sup.procs:
@@ -395,7 +407,8 @@ def metrics_urls(ports: dict[str, int]) -> dict[str, str]:
             "ingest": f"http://{host}:{ports['ingest_metrics']}/metrics",
             "reward": f"http://{host}:{ports['reward_metrics']}/metrics",
             "scheduler": f"http://{host}:{ports['scheduler_metrics']}/metrics",
-            "controller": f"http://{host}:{ports['controller_metrics']}/metrics"}
+            "controller": f"http://{host}:{ports['controller_metrics']}/metrics",
+            "gateway": f"http://{host}:{ports['gateway_metrics']}/metrics"}
 
 
 def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | None = None, fresh: bool = False,

@@ -259,10 +259,21 @@ def _controller_counts(s: Samples) -> Counts:
     return Counts("passes", s.sum(name), s.sum(name, lambda lab: lab.get("result") == "failed"))
 
 
+def _gateway_counts(s: Samples) -> Counts:
+    # answers it gave (5xx, or a stream ended by an error event), and the answers it could not log
+    name = "looprl_gateway_requests_total"
+    failed = s.sum(name, lambda lab: lab.get("status") == "error" or _server_error(lab.get("status", "")))
+    by = {k: v for k, v in s.by(name, "status").items() if v and (k == "error" or _server_error(k))}
+    dropped = s.sum("looprl_gateway_response_logs_dropped_total")
+    if dropped:
+        by["answers not logged"] = dropped
+    return Counts("requests", s.sum(name), failed, by)
+
+
 # What each stage counts, read from its own /metrics.
 STAGE_COUNTERS: dict[str, Callable[[Samples], Counts]] = {
     "serve": _serve_counts, "collector": _collector_counts, "ingest": _ingest_counts, "reward": _reward_counts,
-    "scheduler": _scheduler_counts, "controller": _controller_counts,
+    "scheduler": _scheduler_counts, "controller": _controller_counts, "gateway": _gateway_counts,
 }
 
 

@@ -28,6 +28,7 @@ import torch
 from filelock import FileLock
 from safetensors.torch import load_file, save_file
 
+from looprl.ops.core.chat import Chat
 from looprl.ops.core.locks import LockHeld, try_lock
 from looprl.storage.registry import atomic_write_text, fsync_dir
 
@@ -77,15 +78,15 @@ class RunDir:
         return self.path / "checkpoints"
 
     # ---- run metadata ----
-    def write_meta(self, meta: dict[str, Any], pool: list[str]) -> None:
+    def write_meta(self, meta: dict[str, Any], pool: list[Chat]) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.path / "prompts.json", json.dumps(pool))
+        atomic_write_text(self.path / "prompts.json", json.dumps([c.to_json() for c in pool]))
         atomic_write_text(self.path / "run.json", json.dumps(meta, indent=2, default=str))
 
-    def read_meta(self) -> tuple[dict[str, Any], list[str]]:
+    def read_meta(self) -> tuple[dict[str, Any], list[Chat]]:
         try:
             meta = json.loads((self.path / "run.json").read_text())
-            pool = json.loads((self.path / "prompts.json").read_text())
+            pool = [Chat.parse(p) for p in json.loads((self.path / "prompts.json").read_text())]
         except (OSError, ValueError) as e:
             raise CheckpointError(f"run {self.path}: unreadable run.json/prompts.json: {e}") from e
         return meta, pool

@@ -4,7 +4,10 @@ Everything that needs log p(token) (old policy, reference policy, PPO update, ga
 `policy_forward`, so the log-prob implementation is one dispatch on ``cfg.kernels.logprob``
 (naive full log-softmax, or `looprl.kernels`' chunked version that never builds (N, V) logits).
 The expert implementation (``cfg.kernels.moe_lora``) is a model patch applied once when the
-model is built (`apply_kernels`).
+model is built (`apply_kernels`). "auto" settings resolve by the model's device
+(``looprl.kernels.resolve_auto``: the Triton kernels on a GPU with triton, the torch fused /
+chunked kernels on a GPU without, peft / naive on the CPU). Inputs move to the model's device;
+log-probs, entropy and values come back float32 on that device whatever the model's dtype.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from looprl.kernels import logprobs_and_entropy, select
+from looprl.kernels import logprobs_and_entropy, resolve_auto, select
 from looprl.ops.core.config import KernelsConfig
+from looprl.policy.placement import model_device
 
 
 @dataclass
@@ -26,16 +30,18 @@ class ForwardOut:
     router_logits: tuple[Tensor, ...] | None  # per MoE layer: (B*T, E)
 
 
-def kernels_for(kcfg: KernelsConfig):
-    """`looprl.kernels.Kernels` for this config (fails fast if the config asks for triton without it)."""
-    return select(kcfg)
+def kernels_for(kcfg: KernelsConfig, device: torch.device | str | None = None):
+    """`looprl.kernels.Kernels` for this config on ``device`` (fails fast if the config asks for
+    triton without it)."""
+    return select(kcfg, device)
 
 
 def apply_kernels(model: nn.Module, kcfg: KernelsConfig) -> int:
     """Route LoRA'd experts through cfg.kernels.moe_lora ("peft" leaves peft's path). Returns modules patched."""
-    if kcfg.moe_lora == "peft":
+    k = kernels_for(kcfg, model_device(model))
+    if k.moe_lora == "peft":
         return 0
-    return kernels_for(kcfg).patch_model(model)
+    return k.patch_model(model)
 
 
 def _causal_lm(model: nn.Module) -> nn.Module:
@@ -58,6 +64,8 @@ def policy_forward(
     output_router_logits: bool = False,
 ) -> ForwardOut:
     lm = _causal_lm(model)
+    dev = model_device(lm)
+    input_ids, attention_mask = input_ids.to(dev), attention_mask.to(dev)
     out = lm.model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -77,7 +85,8 @@ def policy_forward(
 
 def _logprobs_and_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, kcfg: KernelsConfig,
                           temperature: float) -> tuple[Tensor, Tensor]:
-    return logprobs_and_entropy(hidden, weight, labels, kcfg.logprob, kcfg.logprob_chunk_size, temperature)
+    _, impl = resolve_auto(kcfg.moe_lora, kcfg.logprob, hidden.device)
+    return logprobs_and_entropy(hidden, weight, labels, impl, kcfg.logprob_chunk_size, temperature)
 
 
 class ValueHead(nn.Module):
@@ -99,7 +108,7 @@ def expert_load(router_logits: tuple[Tensor, ...], token_mask: Tensor, top_k: in
     mask = token_mask.reshape(-1).bool()
     counts = None
     for logits in router_logits:
-        idx = logits[mask].topk(top_k, dim=-1).indices.reshape(-1)
+        idx = logits[mask.to(logits.device)].topk(top_k, dim=-1).indices.reshape(-1)
         c = torch.bincount(idx, minlength=logits.shape[-1]).float()
         counts = c if counts is None else counts + c
     if counts is None or counts.sum() == 0:

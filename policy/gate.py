@@ -31,11 +31,12 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
+from looprl.ops.core.chat import Chat
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.policy import metrics
 from looprl.policy.forward import apply_kernels, policy_forward
-from looprl.policy.model import base_checksum, format_prompt, load_base
+from looprl.policy.model import base_checksum, check_memory, load_base, resolve_placement, stop_token_ids
 from looprl.policy.model import heldout_prompts as shipped_heldout_prompts
 from looprl.policy.prompts import build_pool, generator, heldout_prompts
 from looprl.policy.rollout import Rollout, sample
@@ -112,12 +113,12 @@ def nonfinite_tensors(adapter_dir: Path) -> list[str]:
 # evaluation
 
 
-def _gate_prompts(cfg: LooprlConfig) -> list[str]:
+def _gate_prompts(cfg: LooprlConfig) -> list[Chat]:
     """Held-out traffic prompts (hash split) first, then the base's shipped held-out prompts."""
     pool, _ = build_pool(cfg)
     held = heldout_prompts(pool, cfg.gate.heldout_prompts)
     seen = set(held)
-    shipped = shipped_heldout_prompts()
+    shipped = [Chat.user(p) for p in shipped_heldout_prompts()]
     random.Random(0).shuffle(shipped)  # a fixed spread over templates and topics, not the file's first rows
     for p in shipped:
         if len(held) >= cfg.gate.heldout_prompts:
@@ -132,16 +133,16 @@ def _gate_prompts(cfg: LooprlConfig) -> list[str]:
 
 
 @torch.no_grad()
-def _sample_and_kl(cfg: LooprlConfig, model, tok, prompts: list[str], seed_tag: str) -> tuple[Rollout, torch.Tensor]:
+def _sample_and_kl(cfg: LooprlConfig, model, tok, prompts: list[Chat], seed_tag: str) -> tuple[Rollout, torch.Tensor]:
     """Completions of the active adapter (same random numbers for every contender) and their KL to the base."""
     p = cfg.policy
-    ro = sample(model, tok, prompts, [format_prompt(x) for x in prompts], p.max_new_tokens, p.temperature,
-                generator(p.seed, "gate", seed_tag), p.max_prompt_tokens)
+    ro = sample(model, tok, prompts, p.max_new_tokens, p.temperature, generator(p.seed, "gate", seed_tag),
+                p.max_prompt_tokens, stop_token_ids(tok, model, cfg.model.stop_tokens))
     sl = ro.response_labels_slice()
     logp = policy_forward(model, ro.input_ids, ro.attention_mask, cfg.kernels, p.temperature).logprobs[:, sl]
     with model.disable_adapter():
         ref = policy_forward(model, ro.input_ids, ro.attention_mask, cfg.kernels, p.temperature).logprobs[:, sl]
-    kl = ((logp - ref) * ro.response_mask).sum(1)
+    kl = ((logp - ref) * ro.response_mask.to(logp.device)).sum(1).cpu()
     return ro, kl
 
 
@@ -154,7 +155,11 @@ def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
     except RegistryError as e:
         return GateReport(version, "rejected", [f"registry: {e}"])
 
-    base, tok = load_base(cfg.base_path)
+    placement = resolve_placement(cfg.model)
+    # before loading anything: a gate that cannot fit is a configuration error, not a rejection
+    check_memory(cfg, "gate", placement,
+                 reward_copies=1 if scorer is None else int(getattr(scorer, "loads_reward_model", False)))
+    base, tok = load_base(cfg.base_path, device=placement.device, dtype=placement.dtype)
     reasons, numbers = check_adapter_config(cfg, cand_dir, base)
     bad = nonfinite_tensors(cand_dir)
     if bad:
@@ -182,8 +187,8 @@ def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
     else:
         with model.disable_adapter():  # no promoted adapter yet: the base model is the incumbent
             p = cfg.policy
-            inc = sample(model, tok, prompts, [format_prompt(x) for x in prompts], p.max_new_tokens, p.temperature,
-                         generator(p.seed, "gate", "sample"), p.max_prompt_tokens)
+            inc = sample(model, tok, prompts, p.max_new_tokens, p.temperature, generator(p.seed, "gate", "sample"),
+                         p.max_prompt_tokens, stop_token_ids(tok, model, cfg.model.stop_tokens))
     s_cand = scorer.score(prompts, cand.completions).float()
     s_inc = scorer.score(prompts, inc.completions).float()
     wins = (s_cand > s_inc).float() + 0.5 * (s_cand == s_inc).float()

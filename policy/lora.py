@@ -1,9 +1,13 @@
-"""LoRA on the MoE policy: attention projections plus the fused expert weights.
+"""LoRA on the MoE policy: attention projections plus the experts.
 
-transformers 5 stores each layer's experts as two stacked parameters, ``mlp.experts.gate_up_proj``
-(E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I), so peft reaches them through
-``target_parameters`` (one LoRA per expert). The router ``mlp.gate`` is never adapted: moving it
-would shift which experts see which tokens, which the base's load balance was trained for.
+The targets come from ``looprl.policy.families`` (``policy.target_modules``/``target_parameters``,
+"auto" by default): per family, the attention projections, the routed experts and any shared
+experts. transformers 5 stores each layer's routed experts as two stacked parameters,
+``mlp.experts.gate_up_proj`` (E, 2I, H) and ``mlp.experts.down_proj`` (E, H, I), so peft reaches
+them through ``target_parameters`` (one LoRA per expert). Routers and gates (``mlp.gate``,
+``shared_expert_gate``) are never adapted: moving them would shift which experts see which tokens,
+which the base's load balance was trained for. The saved adapter lists the resolved targets, so it
+is a standard peft directory (``PeftModel.from_pretrained`` on the same base).
 
 Rollout workers receive the adapter as a plain state dict (``lora_state`` -> ``load_lora_state``),
 a few hundred KB, instead of the model.
@@ -11,6 +15,7 @@ a few hundred KB, instead of the model.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,29 +23,41 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from torch import nn
 
 from looprl.ops.core.config import PolicyConfig
+from looprl.policy.families import LoraTargets, adapted_routers, resolve_targets, skeleton
 
 ADAPTER = "default"
 
 
-def lora_config(pcfg: PolicyConfig) -> LoraConfig:
+def lora_config(pcfg: PolicyConfig, targets: LoraTargets) -> LoraConfig:
     return LoraConfig(
         r=pcfg.lora_rank,
         lora_alpha=pcfg.lora_alpha,
-        target_modules=list(pcfg.target_modules),
-        target_parameters=list(pcfg.target_parameters),
+        # an empty list, not None: peft would fill None in with its own defaults for the model type
+        target_modules=targets.target_modules,
+        target_parameters=list(targets.target_parameters),
         lora_dropout=0.0,  # no dropout: rollouts and the learner must compute the same policy
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
+def policy_targets(model: nn.Module, pcfg: PolicyConfig) -> LoraTargets:
+    """The LoRA targets ``attach_lora`` uses on this base (the config's lists, or discovered)."""
+    return resolve_targets(model, pcfg.target_modules, pcfg.target_parameters, section="policy")
+
+
+def base_policy_targets(base_path: str | Path, pcfg: PolicyConfig) -> LoraTargets:
+    """``policy_targets`` of the base checkpoint at ``base_path``, from its module tree alone."""
+    return policy_targets(skeleton(base_path), pcfg)
+
+
 def attach_lora(model: nn.Module, pcfg: PolicyConfig) -> PeftModel:
     """Wrap a base model with a fresh (zero-delta) LoRA adapter; only LoRA weights train."""
-    missing = [t for t in pcfg.target_parameters if not any(n.endswith(t) for n, _ in model.named_parameters())]
-    if missing:
-        raise ValueError(f"policy.target_parameters {missing} match no parameter of {type(model).__name__}")
-    peft_model = get_peft_model(model, lora_config(pcfg))
-    router = [n for n, p in peft_model.named_parameters() if p.requires_grad and ".mlp.gate." in n]
+    targets = policy_targets(model, pcfg)
+    with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (harmless)
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, lora_config(pcfg, targets))
+    router = adapted_routers(peft_model)
     if router:  # a target list that reaches the router would silently retrain routing
         raise ValueError(f"LoRA targets reach the MoE router, which must stay frozen: {router[:3]}")
     peft_model.eval()  # no dropout anywhere; PPO needs identical old/new forward passes

@@ -22,6 +22,11 @@ RUN_FAILURES = Counter("looprl_policy_run_failures_total", "PPO jobs that failed
 
 _MAX_EXPERT_LABELS = 64  # bound the label set even for a large MoE
 
+# A job's "last step" values are unknown until it has taken one: NaN, not 0, so a run that fails
+# before its first step pushes no made-up KL or reward (looprl.ops.core.metrics.push_metrics).
+for _gauge in (REWARD, KL, KL_COEF, CLIP, ENTROPY, VALUE_LOSS, EXPLAINED_VAR, TOKENS_PER_S):
+    _gauge.set(float("nan"))
+
 
 def record_step(stats: dict) -> None:
     STEPS.inc()

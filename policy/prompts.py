@@ -1,11 +1,14 @@
 """Prompts for rollouts and for the gate.
 
-The pool is recent real traffic (the ``responses`` view of the event log, column ``prompt``) plus
-a configured prompt file (``cfg.policy.prompts_file``) or the prompt set shipped with the base.
+The pool is recent real traffic (the ``responses`` view of the event log: each answer's
+conversation, ``messages`` when it was a chat, else ``prompt``) plus a configured prompt file
+(``cfg.policy.prompts_file``: one user prompt per line, or JSON lines with ``prompt`` or
+``messages``) or the prompt set shipped with the base. Pool entries are ``Chat`` values.
 A run snapshots its pool once (saved in the run directory), so resuming never depends on what
 arrived in the log meanwhile.
 
-Each prompt is assigned to train or held-out by a hash of its text, so the gate's held-out
+Each prompt is assigned to train or held-out by a hash of its ``Chat.key`` (a single user turn's
+text), so the gate's held-out
 prompts are never trained on, whichever run or process looks at them.
 """
 
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from looprl.ops.core.chat import Chat, ChatError
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.policy.model import shipped_prompts
@@ -27,8 +31,8 @@ log = get_logger(__name__)
 HELDOUT_BUCKETS = 8  # 1 in 8 prompts is held out for the gate
 
 
-def is_heldout(prompt: str) -> bool:
-    h = int.from_bytes(hashlib.sha256(prompt.encode()).digest()[:4], "big")
+def is_heldout(prompt: Chat | str) -> bool:
+    h = int.from_bytes(hashlib.sha256(Chat.parse(prompt).key().encode()).digest()[:4], "big")
     return h % HELDOUT_BUCKETS == 0
 
 
@@ -41,7 +45,7 @@ def generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
-def read_prompt_file(path: Path) -> list[str]:
+def read_prompt_file(path: Path) -> list[Chat]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"policy.prompts_file {path} does not exist")
@@ -55,18 +59,21 @@ def read_prompt_file(path: Path) -> list[str]:
             if not line.strip():
                 continue
             try:
-                out.append(str(json.loads(line)["prompt"]))
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"policy.prompts_file {path}:{i}: expected a JSON object with a 'prompt' field ({e})") from None
-        out = [p for p in out if p.strip()]
+                obj = json.loads(line)
+                chat = Chat.parse(str(obj["prompt"]) if obj.get("prompt") is not None else None, obj.get("messages"))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ValueError(f"policy.prompts_file {path}:{i}: expected a JSON object with a 'prompt' "
+                                 f"or 'messages' field ({e})") from None
+            if chat.key().strip():
+                out.append(chat)
     else:
-        out = [line.strip() for line in lines if line.strip()]
+        out = [Chat.user(line.strip()) for line in lines if line.strip()]
     if not out:
         raise ValueError(f"policy.prompts_file {path} has no prompts")
     return out
 
 
-def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[str], dict]:
+def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[Chat], dict]:
     """Distinct prompts of the most recently ingested responses, newest first, and the watermark
     they reach. Recency is ``ingested_at`` (set by ingest, increasing), never the producer's ``ts``:
     a far-future ``ts`` would pin its prompt first forever, and one past year 9999 overflows."""
@@ -74,26 +81,31 @@ def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[str], dict]:
         return [], {}
     try:
         table = EventLog(cfg.events_dir).query(
-            "SELECT prompt, max(ingested_at) AS last_ingested_at FROM responses "
-            "WHERE prompt IS NOT NULL AND length(prompt) > 0 "
-            f"GROUP BY prompt ORDER BY last_ingested_at DESC, prompt LIMIT {int(limit)}"
+            "SELECT prompt, messages, max(ingested_at) AS last_ingested_at FROM responses "
+            "WHERE (prompt IS NOT NULL AND length(prompt) > 0) OR messages IS NOT NULL "
+            f"GROUP BY prompt, messages ORDER BY last_ingested_at DESC, prompt LIMIT {int(limit)}"
         )
     except Exception as e:  # an empty or still-initialising log must not stop training
         log.warning("could not read recent prompts from the event log", error=str(e))
         return [], {}
-    prompts = [str(p) for p in table.column("prompt").to_pylist()]
+    prompts = []
+    for p, msgs in zip(table.column("prompt").to_pylist(), table.column("messages").to_pylist()):
+        try:
+            prompts.append(Chat.parse(p, msgs))
+        except ChatError as e:  # one unreadable row must not stop training
+            log.warning("skipping a logged prompt that is not a conversation", error=str(e)[:200])
     last = table.column("last_ingested_at").to_pylist()
     watermark = {"responses_max_ingested_at": str(max(last))} if last else {}
     return prompts, watermark
 
 
-def configured_prompts(cfg: LooprlConfig) -> list[str]:
+def configured_prompts(cfg: LooprlConfig) -> list[Chat]:
     if cfg.policy.prompts_file is not None:
         return read_prompt_file(cfg.policy.prompts_file)
-    return shipped_prompts()
+    return [Chat.user(p) for p in shipped_prompts()]
 
 
-def build_pool(cfg: LooprlConfig, traffic_limit: int | None = None) -> tuple[list[str], dict]:
+def build_pool(cfg: LooprlConfig, traffic_limit: int | None = None) -> tuple[list[Chat], dict]:
     """Deduplicated prompt pool (traffic first) and the event-log watermark it was read at."""
     limit = cfg.policy.recent_prompts if traffic_limit is None else traffic_limit
     traffic, watermark = traffic_prompts(cfg, limit)
@@ -109,18 +121,18 @@ def build_pool(cfg: LooprlConfig, traffic_limit: int | None = None) -> tuple[lis
 class PromptSampler:
     """Draws each step's batch from the training part of a pool, as a function of (seed, step) only."""
 
-    def __init__(self, pool: list[str], seed: int):
-        self.train = [p for p in pool if not is_heldout(p)]
+    def __init__(self, pool: list[Chat | str], seed: int):
+        self.train = [Chat.parse(p) for p in pool if not is_heldout(p)]
         if not self.train:
             raise ValueError("prompt pool has no training prompts (all are held out or the pool is empty)")
         self.seed = seed
 
-    def batch(self, step: int, size: int) -> list[str]:
+    def batch(self, step: int, size: int) -> list[Chat]:
         g = generator(self.seed, step, "prompts")
         idx = torch.randint(len(self.train), (size,), generator=g).tolist()
         return [self.train[i] for i in idx]
 
 
-def heldout_prompts(pool: list[str], n: int) -> list[str]:
-    held = [p for p in pool if is_heldout(p)]
+def heldout_prompts(pool: list[Chat | str], n: int) -> list[Chat]:
+    held = [Chat.parse(p) for p in pool if is_heldout(p)]
     return held[:n]

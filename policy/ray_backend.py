@@ -1,29 +1,46 @@
-"""Ray placement of the PPO roles: rollout workers and the learner as actors with declared CPUs.
+"""Ray placement of the PPO roles: rollout workers and the learner as actors with declared resources.
 
-Each step the learner's LoRA state dict is `ray.put` once and every rollout worker reads it (the
-base weights never travel). Rollout workers are restartable: a call carries everything it needs
-(weights, prompts, seed), so after a worker is killed Ray restarts it and re-runs the call
-(`max_restarts`, `max_task_retries`). The learner is not: its death fails the job with a message
-naming the last checkpoint, and re-running the job resumes from it. Every `ray.get` has a
-timeout, so nothing waits forever on a dead node.
+Two layouts, chosen by `ray_plan` from ``model.device`` and the GPUs the cluster reports:
+
+- separate (CPU): a learner actor and ``policy.num_rollout_workers`` rollout-worker actors, each
+  with its own copy of the base. Each step the learner's LoRA state dict is `ray.put` once and
+  every rollout worker reads it (the base weights never travel). Rollout workers are restartable:
+  a call carries everything it needs (weights, prompts, seed), so after a worker is killed Ray
+  restarts it and re-runs the call (`max_restarts`, `max_task_retries`).
+- colocated (GPU): when the cluster has GPUs and ``model.device`` is not "cpu", one actor with
+  ``num_gpus=1`` holds the learner and samples its own rollouts (`workers.ColocatedLearner`):
+  rollout and learner share one copy of the base on one GPU and no weights are copied at all. The
+  batch is still cut into ``policy.num_rollout_workers`` shards with the same seeds, so the
+  numbers are those of the separate layout. This is the smallest change that shares the base: a
+  rollout actor on the same GPU would need the learner's weights through CUDA IPC, and a second
+  GPU per rollout worker would hold a second base; the actor checks its memory (`check_memory`)
+  before loading.
+
+The learner is not restartable: its death fails the job with a message naming the last checkpoint,
+and re-running the job resumes from it. Every `ray.get` has a timeout, so nothing waits forever on
+a dead node.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import ray
 from ray._private import ray_constants
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from looprl.ops.core.config import LooprlConfig
+from looprl.ops.core.config import ConfigError, LooprlConfig
 from looprl.ops.core.log import get_logger
+from looprl.policy.model import MemoryBudgetError
 from looprl.policy.rollout import Rollout
-from looprl.policy.workers import Learner, RolloutWorker
+from looprl.policy.workers import ColocatedLearner, Learner, RolloutWorker
 
 log = get_logger(__name__)
 
@@ -109,18 +126,52 @@ def _start_loopback_ray(**init_kwargs) -> None:
                              "cluster other machines can reach (set policy.ray_address for a real cluster)")
 
 
+@dataclass(frozen=True)
+class RayPlan:
+    """How the PPO actors are placed (see the module docstring)."""
+
+    colocated: bool  # one actor: the learner samples its own rollouts
+    num_gpus: float  # GPUs requested by the (learner) actor
+    device: str  # model.device inside the actors (Ray sets CUDA_VISIBLE_DEVICES to the granted GPU)
+
+
+def ray_plan(device: str, cluster_resources: Mapping[str, float]) -> RayPlan:
+    """The actor layout for ``model.device`` on a cluster reporting ``cluster_resources``
+    (``ray.cluster_resources()``): GPUs are requested when the cluster has them and the device is
+    not "cpu"; "cuda" on a cluster without GPUs is a ``ConfigError``."""
+    gpus = float(cluster_resources.get("GPU", 0) or 0)
+    if device == "cpu":
+        return RayPlan(colocated=False, num_gpus=0, device="cpu")
+    if gpus > 0:
+        # one granted GPU is cuda:0 inside the actor, whatever model.device's index
+        return RayPlan(colocated=True, num_gpus=min(1.0, gpus), device="cuda")
+    if device == "auto":
+        return RayPlan(colocated=False, num_gpus=0, device="cpu")
+    raise ConfigError(f"config key 'model.device' is {device!r} but the Ray cluster reports no GPU resources "
+                      f"({dict(cluster_resources)}): set model.device to \"auto\" or \"cpu\", or add GPU nodes")
+
+
 class RayBackend:
-    """Learner + N rollout workers as Ray actors; same interface as `trainer.LocalBackend`."""
+    """Learner + N rollout workers (or one colocated learner on a GPU) as Ray actors; same
+    interface as `trainer.LocalBackend`."""
 
     def __init__(self, cfg: LooprlConfig, scorer):
         self.cfg, self.timeout = cfg, cfg.policy.ray_timeout_s
         n = cfg.policy.num_rollout_workers
         self.started = init_ray(cfg, num_cpus=max(2, n + 1))
         threads = cfg.policy.torch_threads
-        learner_cls = ray.remote(num_cpus=1, max_restarts=0)(Learner)
-        worker_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(RolloutWorker)
-        self.learner = learner_cls.remote(cfg, threads=threads)
-        self.workers = [worker_cls.remote(cfg, scorer, threads=threads) for _ in range(n)]
+        self.plan = ray_plan(cfg.model.device, ray.cluster_resources())
+        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": self.plan.device})})
+        log.info("ray placement", colocated=self.plan.colocated, num_gpus=self.plan.num_gpus, device=self.plan.device)
+        if self.plan.colocated:
+            learner_cls = ray.remote(num_cpus=1, num_gpus=self.plan.num_gpus, max_restarts=0)(ColocatedLearner)
+            self.learner = learner_cls.remote(cfg, scorer, threads=threads)
+            self.workers = []
+        else:
+            learner_cls = ray.remote(num_cpus=1, max_restarts=0)(Learner)
+            worker_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(RolloutWorker)
+            self.learner = learner_cls.remote(cfg, threads=threads)
+            self.workers = [worker_cls.remote(cfg, scorer, threads=threads) for _ in range(n)]
         # Actor start (imports, model load) gets its own allowance: a short per-call timeout must
         # not fail a job whose actors are merely slow to boot on busy cores.
         self._get([self.learner.pid.remote()] + [w.pid.remote() for w in self.workers], "actor start",
@@ -133,7 +184,14 @@ class RayBackend:
         except GetTimeoutError:
             raise PolicyJobError(f"{what}: no answer within {timeout}s (policy.ray_timeout_s={self.timeout})") from None
         except RayActorError as e:
-            raise PolicyJobError(f"{what}: actor died ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+            text = str(e)
+            # an actor refused at start by its configuration (its device, its memory check): the same
+            # error as in-process, so the CLI reports it as one (exit 2)
+            refused = re.search(r"\b(MemoryBudgetError|ConfigError): (.+)", text)
+            if refused:
+                raise (MemoryBudgetError if refused.group(1) == "MemoryBudgetError" else ConfigError)(
+                    refused.group(2)) from None
+            raise PolicyJobError(f"{what}: actor died ({type(e).__name__}: {text.splitlines()[0]})") from e
 
     def worker_pids(self) -> list[int]:
         return self._get([w.pid.remote() for w in self.workers], "worker pid")
@@ -142,6 +200,8 @@ class RayBackend:
         return self._get(self.learner.pid.remote(), "learner pid")
 
     def rollout(self, shards: list[list[str]], seeds: list[tuple]) -> list[Rollout]:
+        if self.plan.colocated:  # the learner's own model samples: no weights to broadcast
+            return self._get(self.learner.rollout_shards.remote(shards, seeds), "rollout")
         weights = ray.put(self._get(self.learner.lora_state.remote(), "learner weights"))
         return self._get([w.rollout.remote(weights, s, seed) for w, s, seed in zip(self.workers, shards, seeds)],
                          "rollout")

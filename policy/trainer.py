@@ -29,14 +29,18 @@ from tqdm import tqdm
 from looprl.ops.core.config import LooprlConfig, PolicyConfig
 from looprl.ops.core.log import get_logger
 from looprl.policy import metrics
-from looprl.policy.model import base_checksum
+from looprl.policy.model import MemoryBudgetError, base_checksum, check_memory
+from looprl.policy.placement import resolve_device
 from looprl.policy.checkpoint import CheckpointError, RunDir, latest_unfinished, runs_root
+from looprl.policy.families import family_of_dir
+from looprl.policy.lora import base_policy_targets
 from looprl.policy.prompts import PromptSampler, build_pool
 from looprl.policy.rollout import Rollout
 from looprl.policy.scoring import RegistryScorer, registry_scorer
+from looprl.policy.vllm_layout import LayoutError, export_vllm
 from looprl.policy.workers import Learner, RolloutWorker
 from looprl.storage.registry import Manifest, Registry
-from looprl.storage.releases import KIND, promoted_version
+from looprl.storage.releases import KIND, VLLM_DIR, promoted_version
 
 log = get_logger(__name__)
 
@@ -76,7 +80,7 @@ class LocalBackend:
         pass
 
 
-def shard(prompts: list[str], n: int) -> list[list[str]]:
+def shard(prompts: list, n: int) -> list[list]:
     """Contiguous, near-equal shards (the same split with or without Ray)."""
     n = max(1, min(n, len(prompts)))
     k, r = divmod(len(prompts), n)
@@ -174,6 +178,11 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             scorer = RegistryScorer(cfg, meta["reward_version"])
         elif scorer.version != meta["reward_version"]:
             raise ValueError(f"run {run.run_id} trained against reward {meta['reward_version']}, not {scorer.version}")
+        try:
+            _check_memory(cfg, scorer, use_ray)
+        except MemoryBudgetError as e:
+            raise MemoryBudgetError(f"{e} (run {run.run_id} resumes with the policy.* settings it started with; "
+                                    "`looprl policy train --new` starts a run with the current ones)") from None
     else:
         if steps is not None:
             cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"steps": steps})})
@@ -192,6 +201,7 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             "policy": cfg.policy.model_dump(mode="json"),
             "kernels": cfg.kernels.model_dump(mode="json"),
         }
+        _check_memory(cfg, scorer, use_ray)  # before the run is recorded: a refused run is never resumed
         if meta["init_from"]:  # continue the parent's KL controller too, not just its weights
             last = Registry(cfg.registry_dir).manifest(KIND, meta["init_from"]).metrics.get("kl_coef_last")
             if isinstance(last, (int, float)) and last > 0:
@@ -256,6 +266,19 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             backend.close()
 
 
+def _check_memory(cfg: LooprlConfig, scorer, use_ray: bool) -> None:
+    """The start-up memory check of the processes this machine runs (``looprl.policy.memory``):
+    in-process, the policy and (for a registry scorer) one reward model; on a local CPU Ray, the
+    learner's and every rollout worker's copies. With GPUs (or a remote cluster) the colocated
+    learner actor checks its own device instead (``policy/ray_backend.py``)."""
+    loads = int(getattr(scorer, "loads_reward_model", False))
+    if not use_ray:
+        check_memory(cfg, "policy", reward_copies=loads)
+    elif cfg.policy.ray_address is None and resolve_device(cfg.model.device).type == "cpu":
+        n = cfg.policy.num_rollout_workers
+        check_memory(cfg, "policy", policy_copies=1 + n, reward_copies=n * loads)
+
+
 def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | None:
     """The promoted version to continue from, if it is a LoRA of the same shape on the same base."""
     if not cfg.policy.init_from_promoted or parent is None:
@@ -268,9 +291,10 @@ def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | 
         log.warning("cannot continue from the promoted adapter; starting fresh", parent=parent, error=str(e))
         return None
     p = cfg.policy
+    targets = base_policy_targets(cfg.base_path, p)  # "auto" resolved for this base, as attach_lora does
     same = (acfg.get("r") == p.lora_rank and acfg.get("lora_alpha") == p.lora_alpha
-            and set(acfg.get("target_modules") or []) == set(p.target_modules)
-            and set(acfg.get("target_parameters") or []) == set(p.target_parameters))
+            and set(acfg.get("target_modules") or []) == set(targets.target_modules)
+            and set(acfg.get("target_parameters") or []) == set(targets.target_parameters))
     if not same:
         log.info("promoted adapter has another LoRA shape; starting fresh", parent=parent)
         return None
@@ -302,6 +326,15 @@ def _one_step(backend, sampler: PromptSampler, cfg: LooprlConfig, step: int) -> 
     return stats
 
 
+def _export_vllm_copy(cfg: LooprlConfig, d: Path) -> None:
+    """The adapter in vLLM's layout beside it (``vllm/``, checksummed with the version): what the
+    serving controller loads on vLLM endpoints (``looprl.policy.vllm_layout``)."""
+    try:
+        export_vllm(d, d / VLLM_DIR, family_of_dir(cfg.base_path))
+    except LayoutError as e:  # the version still serves on `looprl serving serve`
+        log.warning("no vLLM-layout copy of the candidate; vLLM endpoints would get the peft layout", error=str(e))
+
+
 def _publish(cfg: LooprlConfig, backend, run: RunDir, meta: dict, history: list[dict]) -> Manifest:
     tail = history[-3:] if history else []
     head = history[:3] if history else []
@@ -326,8 +359,6 @@ def _publish(cfg: LooprlConfig, backend, run: RunDir, meta: dict, history: list[
         "seed": p.seed,
         "lora_rank": p.lora_rank,
         "lora_alpha": p.lora_alpha,
-        "target_modules": list(p.target_modules),
-        "target_parameters": list(p.target_parameters),
         "value_head": "value_head.safetensors",
         "kernels": meta.get("kernels"),
     }
@@ -338,8 +369,13 @@ def _publish(cfg: LooprlConfig, backend, run: RunDir, meta: dict, history: list[
             return m
     with tempfile.TemporaryDirectory(prefix="looprl-candidate-") as d:
         backend.export(Path(d))
+        _export_vllm_copy(cfg, Path(d))
+        acfg = json.loads((Path(d) / "adapter_config.json").read_text())  # the targets really trained
+        extra.update(target_modules=sorted(acfg.get("target_modules") or []),
+                     target_parameters=sorted(acfg.get("target_parameters") or []))
         m = reg.publish(
-            KIND, d, base_checksum=meta["base_checksum"], parent=meta.get("parent"),
+            KIND, d, base_checksum=meta["base_checksum"], base_family=family_of_dir(cfg.base_path),
+            parent=meta.get("parent"),
             watermark=meta.get("watermark") or {}, metrics=metrics_out, status="candidate",
             reason=f"PPO run {run.run_id}", extra=extra,
         )

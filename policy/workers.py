@@ -22,7 +22,9 @@ from torch import nn
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.policy import ppo
-from looprl.policy.model import format_prompt, load_base
+from looprl.policy.model import (
+    check_memory, enable_gradient_checkpointing, load_base, model_device, resolve_placement, stop_token_ids,
+)
 from looprl.policy.forward import ValueHead, apply_kernels, expert_load, policy_forward
 from looprl.policy.lora import attach_lora, load_lora_state, lora_state, save_adapter, trainable_lora_parameters
 from looprl.policy.prompts import generator
@@ -34,11 +36,17 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 def build_policy(cfg: LooprlConfig):
-    """Base model from cfg.base_path + a fresh LoRA adapter + the configured expert kernel."""
-    base, tok = load_base(cfg.base_path)
-    with torch.random.fork_rng(devices=[]):  # LoRA A init: a function of the seed, global RNG untouched
+    """Base model from cfg.base_path + a fresh LoRA adapter + the configured expert kernel, on
+    cfg.model's device and dtype (LoRA in float32), decoder layers checkpointed when
+    cfg.model.gradient_checkpointing is set."""
+    placement = resolve_placement(cfg.model)
+    base, tok = load_base(cfg.base_path, device=placement.device, dtype=placement.dtype)
+    # LoRA A init: a function of the seed (peft initialises on the CPU, then moves), global RNG untouched
+    with torch.random.fork_rng(devices=_cuda_indices(placement.device)):
         torch.manual_seed(cfg.policy.seed)
         model = attach_lora(base, cfg.policy)
+    if cfg.model.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     apply_kernels(model, cfg.kernels)
     return model, tok
 
@@ -51,6 +59,7 @@ class RolloutWorker:
             torch.set_num_threads(threads)
             model, tok = build_policy(cfg)
         self.cfg, self.scorer, self.model, self.tok = cfg, scorer, model, tok
+        self.stop_ids = stop_token_ids(tok, model, cfg.model.stop_tokens)
 
     def pid(self) -> int:
         return os.getpid()
@@ -60,8 +69,8 @@ class RolloutWorker:
         if lora is not None:
             load_lora_state(self.model, lora)
         t0 = time.perf_counter()
-        r = sample(self.model, self.tok, prompts, [format_prompt(x) for x in prompts], p.max_new_tokens,
-                   p.temperature, generator(*seed_parts), p.max_prompt_tokens)
+        r = sample(self.model, self.tok, prompts, p.max_new_tokens, p.temperature, generator(*seed_parts),
+                   p.max_prompt_tokens, self.stop_ids)
         t1 = time.perf_counter()
         r.scores = self.scorer.score(r.prompts, r.completions).detach().float().cpu().reshape(-1)
         if r.scores.shape[0] != len(prompts):
@@ -114,11 +123,12 @@ class Learner:
         if model is None:
             model, tok = build_policy(cfg)
         self.cfg, self.model, self.tok = cfg, model, tok
+        self.device = model_device(self.model)
         p = cfg.policy
         hidden = self.model.get_base_model().config.hidden_size
-        with torch.random.fork_rng(devices=[]):  # value-head init: same numbers in every run with this seed
+        with torch.random.fork_rng(devices=_cuda_indices(self.device)):  # value-head init: same numbers every run
             torch.manual_seed(p.seed + 1)
-            self.value_head = ValueHead(hidden)
+            self.value_head = ValueHead(hidden).to(self.device)  # float32 whatever the model's dtype
         self.params = [q for _, q in trainable_lora_parameters(self.model)] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=p.learning_rate, weight_decay=0.0, eps=1e-6)
         self.kl_ctl = ppo.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon)
@@ -154,11 +164,21 @@ class Learner:
 
     @torch.no_grad()
     def evaluate(self, ro: Rollout) -> Evaluation:
-        """Old-policy log-probs and values, base log-probs (adapter disabled: no second model copy)."""
-        idx = torch.arange(ro.input_ids.shape[0])
-        logp, ent, values, routers = self._forward(ro, idx, value=True, routers=True)
-        with self.model.disable_adapter():
-            ref, _, _, _ = self._forward(ro, idx, value=False)
+        """Old-policy log-probs and values, base log-probs (adapter disabled: no second model copy).
+        Rows go through in minibatches (policy.minibatch_size): the whole batch at once would hold
+        its (rows, tokens, vocabulary) logits, the largest tensor of the step on a big vocabulary."""
+        n = ro.input_ids.shape[0]
+        size = max(1, min(self.cfg.policy.minibatch_size, n))
+        chunks = []
+        for start in range(0, n, size):
+            idx = torch.arange(start, min(start + size, n))
+            logp, ent, values, routers = self._forward(ro, idx, value=True, routers=True)
+            with self.model.disable_adapter():
+                ref, _, _, _ = self._forward(ro, idx, value=False)
+            chunks.append((logp, ent, values, ref, routers))
+        logp, ent, values, ref = (torch.cat([c[i] for c in chunks]) for i in range(4))
+        # per MoE layer, (rows * tokens, E) in row order, as one forward over the batch gives them
+        routers = tuple(torch.cat(layer) for layer in zip(*(c[4] for c in chunks))) if chunks[0][4] else None
         # router logits cover every position; count routing of the sampled (completion) tokens only
         tok_mask = torch.zeros_like(ro.attention_mask, dtype=torch.float32)
         tok_mask[:, ro.prompt_len:] = ro.response_mask
@@ -168,7 +188,7 @@ class Learner:
     def learn(self, parts: list[Rollout], step: int) -> dict:
         p = self.cfg.policy
         t0 = time.perf_counter()
-        ro = concat_rollouts(parts)
+        ro = concat_rollouts(parts).to(self.device)
         mask = ro.response_mask
         ev = self.evaluate(ro)
         kl_coef = self.kl_ctl.value
@@ -228,10 +248,12 @@ class Learner:
 
     # ---- checkpoint state ----
     def state_dict(self) -> dict:
+        # CPU tensors: the state travels to the driver (Ray) and into checkpoints; loading moves
+        # it back to the parameters' device.
         return {
             "lora": self.lora_state(),
-            "value_head": {k: v.detach().clone() for k, v in self.value_head.state_dict().items()},
-            "optimizer": self.optimizer.state_dict(),
+            "value_head": {k: v.detach().to("cpu", copy=True) for k, v in self.value_head.state_dict().items()},
+            "optimizer": _to_cpu(self.optimizer.state_dict()),
             "kl_ctl": self.kl_ctl.state_dict(),
             "score_stats": self.score_stats.state_dict(),
             "rng": torch.get_rng_state(),
@@ -253,3 +275,34 @@ class Learner:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.score_stats.load_state_dict(state["score_stats"])
         torch.set_rng_state(state["rng"])
+
+
+def _cuda_indices(device: torch.device) -> list[int]:
+    # torch.manual_seed also reseeds CUDA: fork_rng must restore the GPU's generator too
+    return [device.index or 0] if device.type == "cuda" else []
+
+
+def _to_cpu(obj):
+    """A (nested) state dict with every tensor copied to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+class ColocatedLearner(Learner):
+    """The learner that samples its own rollouts: on a GPU (``policy/ray_backend.py``) rollout and
+    learner share one copy of the base on one device, and ``policy.num_rollout_workers`` only
+    shards the batch (the same shards and seeds, so the same numbers, as separate workers). The
+    memory check runs here, in the process that holds everything, before loading."""
+
+    def __init__(self, cfg: LooprlConfig, scorer, threads: int | None = None):
+        check_memory(cfg, "policy", reward_copies=int(getattr(scorer, "loads_reward_model", False)))
+        super().__init__(cfg, threads=threads)
+        self.worker = RolloutWorker(cfg, scorer, model=self.model, tok=self.tok)
+
+    def rollout_shards(self, shards: list[list], seeds: list[tuple]) -> list[Rollout]:
+        return [self.worker.rollout(None, s, seed) for s, seed in zip(shards, seeds)]

@@ -13,7 +13,13 @@ Every event becomes one ``Example``:
 - thumbs      -> pointwise, label 1.0 (up) or 0.0 (down);
 - rating 1..5 -> pointwise, label (rating - 1) / 4;
 - correction  -> pair: the corrected text is preferred over the served completion;
-- preference  -> pair: chosen over rejected.
+- preference  -> pair: chosen over rejected;
+- score       -> pointwise, only for a name listed in ``reward.score_names`` (a ``ScoreSpec``):
+  a boolean is thumbs-like (true -> 1.0, false -> 0.0); a number in [min, max] maps linearly onto
+  [0, 1] (outside it: not trained); a category takes the label its spec gives it (unlisted
+  categories: not trained); ``higher_is_better = false`` flips numbers and booleans (1 - label),
+  never categories, whose labels are given as they are meant. Scores of other names are stored
+  (the ``feedback`` views show them) but never trained on, and never counted as new events.
 
 Feedback whose response has not been ingested yet (prompt/completion still NULL) is skipped, not
 consumed: it becomes trainable once the response arrives. A fixed fraction of events, chosen by a
@@ -33,24 +39,26 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Iterable, Literal
+from typing import Iterable, Literal, Mapping
 
 import pyarrow as pa
 
+from looprl.ops.core.chat import Chat, ChatError
+from looprl.ops.core.config import ScoreSpec
 from looprl.ops.core.log import get_logger
 from looprl.storage.events import EventLog, cap_by_voter
 
 log = get_logger(__name__)
 
-Kind = Literal["thumbs", "rating", "correction", "preference"]
-POINT_KINDS = ("thumbs", "rating")
+Kind = Literal["thumbs", "rating", "correction", "preference", "score"]
+POINT_KINDS = ("thumbs", "rating", "score")
 PAIR_KINDS = ("correction", "preference")
 
 # Both views projected to one schema; rows with unresolved texts are filtered out. ``voter_key``
 # is whose share an example counts towards (see the module docstring).
 _EXAMPLES_SQL = """
 SELECT CAST(event_id AS VARCHAR) AS event_id, CAST(kind AS VARCHAR) AS kind, ingested_at,
-       prompt, completion AS text_a, CAST(NULL AS VARCHAR) AS text_b,
+       prompt, messages, completion AS text_a, CAST(NULL AS VARCHAR) AS text_b,
        CASE WHEN kind = 'thumbs' THEN (CASE WHEN up THEN 1.0 ELSE 0.0 END)
             ELSE (CAST(rating AS DOUBLE) - 1.0) / 4.0 END AS label,
        coalesce('user:' || voter, 'anonymous') AS voter_key
@@ -58,16 +66,29 @@ FROM feedback_votes
 WHERE kind IN ('thumbs', 'rating') AND prompt IS NOT NULL AND completion IS NOT NULL
   AND ((kind = 'thumbs' AND up IS NOT NULL) OR (kind = 'rating' AND rating IS NOT NULL))
 UNION ALL
-SELECT CAST(event_id AS VARCHAR), 'correction', ingested_at, prompt, corrected, completion, CAST(NULL AS DOUBLE),
+SELECT CAST(event_id AS VARCHAR), 'correction', ingested_at, prompt, messages, corrected, completion, CAST(NULL AS DOUBLE),
        coalesce('user:' || voter, 'anonymous')
 FROM feedback_votes
 WHERE kind = 'correction' AND prompt IS NOT NULL AND completion IS NOT NULL AND corrected IS NOT NULL
 UNION ALL
-SELECT CAST(event_id AS VARCHAR), 'preference', ingested_at, prompt, chosen, rejected, CAST(NULL AS DOUBLE),
+SELECT CAST(event_id AS VARCHAR), 'preference', ingested_at, prompt, messages, chosen, rejected, CAST(NULL AS DOUBLE),
        coalesce('user:' || voter, CASE WHEN chosen_response_id IS NULL OR rejected_response_id IS NULL
                                        THEN 'event:' || CAST(event_id AS VARCHAR) ELSE 'anonymous' END)
 FROM preference_votes
 WHERE prompt IS NOT NULL AND chosen IS NOT NULL AND rejected IS NOT NULL
+UNION ALL
+SELECT CAST(f.event_id AS VARCHAR), 'score', f.ingested_at, f.prompt, f.messages, f.completion, CAST(NULL AS VARCHAR),
+       CASE WHEN f.value_bool IS NOT NULL THEN (CASE WHEN f.value_bool = s.higher_is_better THEN 1.0 ELSE 0.0 END)
+            WHEN f.value_number BETWEEN s.lo AND s.hi
+                 THEN (CASE WHEN s.higher_is_better THEN f.value_number - s.lo ELSE s.hi - f.value_number END)
+                      / (s.hi - s.lo)
+            ELSE c.label END,
+       coalesce('user:' || f.voter, 'anonymous')
+FROM feedback_votes f
+JOIN looprl_reward_score_specs s ON s.name = f.name
+LEFT JOIN looprl_reward_score_categories c ON c.name = f.name AND c.category = f.value_category
+WHERE f.kind = 'score' AND f.prompt IS NOT NULL AND f.completion IS NOT NULL
+  AND (f.value_bool IS NOT NULL OR f.value_number BETWEEN s.lo AND s.hi OR c.label IS NOT NULL)
 """
 
 
@@ -78,7 +99,7 @@ class Example:
 
     event_id: str
     kind: Kind
-    prompt: str
+    prompt: Chat  # the conversation the answer(s) were given to
     ingested_at: datetime | None
     chosen: str | None = None
     rejected: str | None = None
@@ -107,15 +128,20 @@ def _rows_to_examples(table: pa.Table) -> list[tuple[Example, str]]:
             continue
         seen.add(eid)
         kind = r["kind"]
+        try:
+            prompt = Chat.parse(r["prompt"], r["messages"])
+        except ChatError as e:  # a malformed stored conversation: skip it, never stop training
+            log.warning("skipping feedback whose conversation cannot be read", event_id=eid, error=str(e)[:200])
+            continue
         if kind in PAIR_KINDS:
             if r["text_a"] == r["text_b"]:
                 continue  # a "correction" identical to the answer carries no preference
-            ex = Example(eid, kind, r["prompt"], r["ingested_at"], chosen=r["text_a"], rejected=r["text_b"])
+            ex = Example(eid, kind, prompt, r["ingested_at"], chosen=r["text_a"], rejected=r["text_b"])
         else:
             label = float(r["label"])
             if not 0.0 <= label <= 1.0:
                 continue  # out-of-range rating: the schema forbids it; never let it poison training
-            ex = Example(eid, kind, r["prompt"], r["ingested_at"], completion=r["text_a"], label=label)
+            ex = Example(eid, kind, prompt, r["ingested_at"], completion=r["text_a"], label=label)
         out.append((ex, r["voter_key"]))
     return out
 
@@ -124,13 +150,28 @@ class FeedbackSource:
     """Queries over a DuckDB connection holding the ``feedback_votes`` and ``preference_votes``
     views. ``consumed`` is the set of event ids already consumed (trained or held out); with
     ``since`` (the updater's consumed floor) only events ingested from then on are read as new.
-    ``max_user_share`` caps one voter's share of a new slice (1.0: no cap)."""
+    ``max_user_share`` caps one voter's share of a new slice (1.0: no cap). ``score_names``
+    (``reward.score_names``) says which scores train and how (module docstring); none by default."""
 
-    def __init__(self, con, max_user_share: float = 1.0):
+    def __init__(self, con, max_user_share: float = 1.0, score_names: Mapping[str, ScoreSpec] | None = None):
         if not 0 < max_user_share <= 1:
             raise ValueError(f"max_user_share must be in (0, 1], got {max_user_share}")
         self.con = con
         self.max_user_share = max_user_share
+        specs = dict(score_names or {})
+        # The score query joins these: registered even when empty, so every query has them.
+        con.register("looprl_reward_score_specs", pa.table({
+            "name": pa.array(list(specs), pa.string()),
+            "lo": pa.array([s.min for s in specs.values()], pa.float64()),
+            "hi": pa.array([s.max for s in specs.values()], pa.float64()),
+            "higher_is_better": pa.array([s.higher_is_better for s in specs.values()], pa.bool_()),
+        }))
+        cats = [(n, c, label) for n, s in specs.items() for c, label in s.categories.items()]
+        con.register("looprl_reward_score_categories", pa.table({
+            "name": pa.array([n for n, _, _ in cats], pa.string()),
+            "category": pa.array([c for _, c, _ in cats], pa.string()),
+            "label": pa.array([label for _, _, label in cats], pa.float64()),
+        }))
 
     def _with_ids(self, ids: Iterable[str]) -> None:
         ids = sorted(set(ids))

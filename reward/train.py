@@ -42,7 +42,7 @@ def batch_loss(model: RewardModel, batch: list[Example]) -> torch.Tensor:
             losses.append(-F.logsigmoid(scores[i] - scores[i + 1]))
             i += 2
         else:
-            losses.append(F.binary_cross_entropy_with_logits(scores[i], torch.tensor(float(ex.label))))
+            losses.append(F.binary_cross_entropy_with_logits(scores[i], scores.new_tensor(float(ex.label))))
             i += 1
     return torch.stack(losses).mean()
 

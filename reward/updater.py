@@ -39,7 +39,8 @@ from looprl.ops.core.metrics import serve_metrics
 from looprl.ops.core.retry import backoff_seconds
 from looprl.ops.core.signals import stop_on_signals
 from looprl.ops.core.version import version_number
-from looprl.policy.model import base_checksum
+from looprl.policy.families import family_of_dir
+from looprl.policy.model import base_checksum, check_memory
 from looprl.reward.data import Example, FeedbackSource, connect_event_log, is_holdout
 from looprl.reward.history import read_history, reward_history_path
 from looprl.reward.model import CONFIG_FILE, KIND, WEIGHTS_FILE, RewardModel, RewardModelError, load_from_dir, load_weights_file
@@ -59,6 +60,10 @@ PUBLISHED = Gauge("looprl_reward_published_version_number", "Number N of the new
 DURATION = Histogram("looprl_reward_update_duration_seconds", "Wall time of one update",
                      buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600))
 BACKLOG = Gauge("looprl_reward_backlog_events", "Resolved feedback events not consumed yet (behind the watermark)")
+# Unknown until an update measures them: NaN, not 0, so neither an alert (accuracy low) nor a panel
+# reads "0" from a process (or a pushed job) that has not measured anything.
+for _gauge in (PREQ_ACC, PREQ_AUC, HOLDOUT, LOSS):
+    _gauge.set(float("nan"))
 
 
 class UpdateResult(BaseModel):
@@ -116,6 +121,8 @@ class RewardUpdater:
     def _load(self) -> "RewardUpdater":
         self.state, self.consumed = self.store.load()
         self.base = base_checksum(self.cfg.base_path)
+        self.base_family = family_of_dir(self.cfg.base_path)
+        check_memory(self.cfg, "reward")  # before loading: refuse a configuration that cannot fit
         self.model = RewardModel.fresh(self.cfg)
         work = self.store.work_dir(self.state)
         if work is not None:
@@ -158,7 +165,8 @@ class RewardUpdater:
         self.open()
         con = self._connect()
         try:
-            n = FeedbackSource(con).count_new(self.consumed, since=self.state.consumed_floor)
+            n = FeedbackSource(con, score_names=self.cfg.reward.score_names).count_new(
+                self.consumed, since=self.state.consumed_floor)
         finally:
             con.close()
         BACKLOG.set(n)
@@ -171,7 +179,7 @@ class RewardUpdater:
         t0 = time.perf_counter()
         con = self._connect()
         try:
-            src = FeedbackSource(con, max_user_share=rc.max_user_share)
+            src = FeedbackSource(con, max_user_share=rc.max_user_share, score_names=rc.score_names)
             new = src.new_examples(self.consumed, since=self.state.consumed_floor)
             BACKLOG.set(len(new))
             if not new or (len(new) < rc.min_new_events and not force):
@@ -292,7 +300,8 @@ class RewardUpdater:
         else:
             pm = st.pending_metrics or {}
             m = self.registry.publish(
-                KIND, self.store.dir / st.work, base_checksum=self.base, parent=pm.get("parent"),
+                KIND, self.store.dir / st.work, base_checksum=self.base, base_family=self.base_family,
+                parent=pm.get("parent"),
                 watermark=st.watermark, metrics=pm.get("metrics", {}), status="published",
                 reason=pm.get("reason", ""), extra={"update": st.update, "updater_dir": str(self.store.dir)})
             version = m.version
@@ -315,7 +324,8 @@ def serve(cfg: LooprlConfig, max_updates: int | None = None, metrics_port: int |
     Stops on SIGTERM/SIGINT (after the update in progress), ``stop`` or ``max_updates``.
     Returns the number of updates run."""
     torch.set_num_threads(1)
-    port = serve_metrics(cfg.reward.metrics_port if metrics_port is None else metrics_port, host=cfg.metrics_host)
+    port = serve_metrics(cfg.reward.metrics_port if metrics_port is None else metrics_port, host=cfg.metrics_host,
+                         key="reward.metrics_port")
     log.info("reward updater serving", metrics_port=port, poll_seconds=cfg.reward.poll_seconds)
     done, failures = 0, 0
     with stop_on_signals(stop) as stop, RewardUpdater(cfg, connect=connect) as up:

@@ -11,5 +11,9 @@ Modules, from the model outwards:
   ``looprl serving serve``; ``metrics``: Prometheus metrics;
 - ``controller``: applies registry pointers ``promoted``/``canary`` to endpoints
   (``looprl serving control``);
+- ``gateway``: the OpenAI-compatible proxy in front of vLLM or embedded servers (``looprl
+  gateway``): routing from the controller's routing file, attribution, response logging;
+- ``attribution``: what every answer carries and the ``ResponseEvent`` it leaves (embedded server
+  and gateway alike), with the never-blocking, bounded ``ResponseRecorder``;
 - ``testing``: tiny base / adapter builders for tests and benchmarks.
 """

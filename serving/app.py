@@ -1,9 +1,10 @@
 """The HTTP layer: an OpenAI-compatible API over ``ServingService`` (FastAPI).
 
 Inference: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` (both
-with ``stream: true`` as server-sent events). Prompts are rendered with the shared
-``format_prompt`` (as the trainer renders them) unless ``render_prompts`` is off; the logged
-prompt is always the user's text. Every answer carries the adapter version that
+with ``stream: true`` as server-sent events). A chat is rendered with the base's chat template
+(``looprl.policy.model.render_prompt_ids``, as the trainer and the reward model render it); a
+completion prompt is the user's turn of such a chat unless ``render_prompts`` is off. The logged
+event keeps the messages as sent. Every answer carries the adapter version that
 produced it: JSON field ``looprl_adapter_version`` and header ``X-Looprl-Adapter``; and is
 logged as a ``ResponseEvent`` (response_id = the OpenAI response id) when a logger is set.
 
@@ -39,13 +40,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from looprl.ingest.schema import MAX_TEXT_CHARS, ChatMessage, ResponseEvent
+from looprl.ingest.schema import ChatMessage
 from looprl.ops.core.config import ServingConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import metrics_app
-from looprl.policy.model import format_prompt
+from looprl.ops.core.chat import Chat
+from looprl.policy.model import render_prompt_ids
 from looprl.serving import metrics as m
 from looprl.serving.adapters import AdapterError
+from looprl.serving.attribution import (
+    ADAPTER_HEADER, ResponseRecorder, logged_conversation, response_event, sampling_of,
+)
 from looprl.serving.engine import BASE_VERSION, EngineError, Finished
 from looprl.serving.protocol import (
     AliasRequest, ChatCompletionRequest, ChatMessageIn, CompletionRequest, LoadLoraRequest, UnloadLoraRequest,
@@ -54,7 +59,6 @@ from looprl.serving.service import ServingService, Submitted
 
 log = get_logger(__name__)
 
-ADAPTER_HEADER = "X-Looprl-Adapter"
 ROUTES = {
     "/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/models": "models",
     "/v1/load_lora_adapter": "load_lora", "/v1/unload_lora_adapter": "unload_lora",
@@ -147,25 +151,9 @@ class _BodyLimit:
         await response(scope, receive, send)
 
 
-def render_chat(messages: list[ChatMessageIn], tokenizer: Any, render: bool = True) -> tuple[str, str]:
-    """(text the model sees, prompt text logged for training).
-
-    The logged prompt is what the trainer re-renders with ``format_prompt``: the user's text for
-    a single-turn conversation, else the turns flattened as ``role: content`` lines. With
-    ``render`` (the default) the model sees exactly ``format_prompt(logged prompt)``, so served
-    and trained prompts match; otherwise the tokenizer's chat template, if it has one."""
-    turns = [(msg.role if msg.role != "developer" else "system", msg.text()) for msg in messages]
-    if len(turns) == 1 and turns[0][0] == "user":
-        text = turns[0][1]
-    else:
-        text = "\n".join(f"{r}: {c}" for r, c in turns)
-    if render:
-        return format_prompt(text), text
-    if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": r, "content": c} for r, c in turns], tokenize=False, add_generation_prompt=True)
-        return rendered, text
-    return text, text
+def chat_of(messages: list[ChatMessageIn]) -> Chat:
+    """The request's conversation (OpenAI's ``developer`` role is the system prompt)."""
+    return Chat.from_messages({"role": m.role, "content": m.text()} for m in messages)
 
 
 def _service(request: Request) -> ServingService:
@@ -221,21 +209,23 @@ def require_admin(request: Request) -> None:
 
 
 # ---------------------------------------------------------------------- generation
-def _log_response(request: Request, rid: str, model: str, user: str | None, prompt: str,
+def _log_response(request: Request, rid: str, body: CompletionRequest | ChatCompletionRequest, prompt: str,
                   messages: list[ChatMessage] | None, fin: Finished) -> None:
-    logger = request.app.state.response_logger
-    if logger is None:
+    """Log the answer (``looprl.serving.attribution``: the gateway logs the same way)."""
+    recorder: ResponseRecorder | None = request.app.state.response_logger
+    if recorder is None:
         return
     try:
-        event = ResponseEvent(
-            response_id=rid, prompt=prompt[:MAX_TEXT_CHARS], messages=messages,
-            completion=fin.text[:MAX_TEXT_CHARS], model=model[:128], adapter_version=fin.version,
-            user_id=user,
+        event = response_event(
+            response_id=rid, model=body.model, completion=fin.text, version=fin.version, user=body.user,
+            prompt=prompt, messages=messages, sampling=sampling_of(body.model_dump(exclude_unset=True)),
+            token_ids=fin.token_ids,
         )
-        logger.log(event)
     except Exception as e:  # logging is best effort: never fail a served answer because of it
         m.RESPONSE_LOG_FAILURES.inc()
         log.warning("response not logged", response_id=rid, error=str(e)[:300])
+        return
+    recorder.record(event)  # never raises; counts what it drops in RESPONSE_LOG_FAILURES
 
 
 async def _generate(
@@ -276,7 +266,10 @@ async def _generate(
             return _error(503 if payload.fault == "shutdown" else 500, payload.error or "engine error",
                           code=payload.fault)
         on_done(payload)
-        return JSONResponse(final(sub, payload), headers=headers)
+        answer = final(sub, payload)
+        if body.return_token_ids:  # vLLM's extension: the completion's token ids, per choice
+            answer["choices"][0]["token_ids"] = list(payload.token_ids)
+        return JSONResponse(answer, headers=headers)
 
     async def stream() -> AsyncIterator[str]:
         finished = False
@@ -297,7 +290,10 @@ async def _generate(
                 yield f"data: {json.dumps(err)}\n\n"
                 return
             on_done(payload)  # logged before the client sees the end, so feedback can never outrun it
-            yield f"data: {json.dumps(chunk(sub, None, payload.finish_reason))}\n\n"
+            last = chunk(sub, None, payload.finish_reason)
+            if body.return_token_ids:  # all token ids in the last chunk (vLLM: each chunk's own)
+                last["choices"][0]["token_ids"] = list(payload.token_ids)
+            yield f"data: {json.dumps(last)}\n\n"
             if body.include_usage():
                 usage = {**chunk(sub, None, None), "choices": [], "usage": _usage(payload)}
                 yield f"data: {json.dumps(usage)}\n\n"
@@ -344,11 +340,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
     engine = _service(request).engine
     render = request.app.state.render_prompts
-    prompt_ids = await run_in_threadpool(lambda: engine.encode(format_prompt(prompt) if render else prompt))
+    prompt_ids = await run_in_threadpool(
+        lambda: render_prompt_ids(engine.tokenizer, Chat.user(prompt)) if render else engine.encode(prompt))
     return await _generate(
         request, endpoint="completions", body=body, prompt_ids=prompt_ids,
         chunk=chunk, final=final, first=None,
-        on_done=lambda fin: _log_response(request, rid, body.model, body.user, prompt, None, fin),
+        on_done=lambda fin: _log_response(request, rid, body, prompt, None, fin),
     )
 
 
@@ -359,13 +356,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     if (refused := _too_long(request, "chat", chars, "messages")) is not None:
         return refused
 
-    def tokenize() -> tuple[list[int], str]:
-        rendered, logged = render_chat(body.messages, engine.tokenizer, request.app.state.render_prompts)
-        return engine.encode(rendered), logged
-
-    prompt_ids, logged_prompt = await run_in_threadpool(tokenize)
-    messages = [ChatMessage(role=msg.role if msg.role != "developer" else "system", content=msg.text()[:MAX_TEXT_CHARS])
-                for msg in body.messages]
+    chat = chat_of(body.messages)
+    prompt_ids = await run_in_threadpool(render_prompt_ids, engine.tokenizer, chat)
+    logged_prompt, messages = logged_conversation(chat)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
 
@@ -390,7 +383,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return await _generate(
         request, endpoint="chat", body=body, prompt_ids=prompt_ids,
         chunk=chunk, final=final, first=first,
-        on_done=lambda fin: _log_response(request, rid, body.model, body.user, logged_prompt, messages, fin),
+        on_done=lambda fin: _log_response(request, rid, body, logged_prompt, messages, fin),
     )
 
 
@@ -461,7 +454,9 @@ def create_app(
     app = FastAPI(title="looprl serving", version="1", docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.admin_token = admin_token
-    app.state.response_logger = response_logger
+    # Logged through the recorder the gateway uses: never blocks or fails a request.
+    app.state.response_logger = (ResponseRecorder(response_logger, dropped=m.RESPONSE_LOG_FAILURES)
+                                 if response_logger is not None else None)
     app.state.default_max_tokens = default_max_tokens
     app.state.render_prompts = render_prompts
     app.state.max_prompt_chars = max_prompt_chars

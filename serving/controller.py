@@ -13,7 +13,8 @@ keeps prefix-cache entries per name). One reconcile pass, for all endpoints in
 
 1. read the pointers, verify the versions' checksums;
 2. observe every endpoint (embedded looprl server: ``GET /v1/looprl/state``; vLLM: ``GET /v1/models``);
-3. load missing versions everywhere (``POST /v1/load_lora_adapter``);
+3. load missing versions everywhere (``POST /v1/load_lora_adapter``; a vLLM endpoint gets the
+   version's vLLM-layout copy, ``vN/vllm``, when it has one: ``looprl.storage.releases.adapter_dir``);
 4. only if *every reachable endpoint* has them: flip the alias (embedded server,
    ``POST /v1/looprl/alias``), so endpoints never split between versions because one refused a load;
 5. unload ``policy-v*`` names no longer needed, keeping ``serving.keep_previous`` previously
@@ -47,13 +48,13 @@ from prometheus_client import Counter, Gauge
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.retry import retrying
+from looprl.serving.routing import ROUTING_FILE
 from looprl.storage import releases
 from looprl.storage.registry import Registry, RegistryError, atomic_write_text
 from looprl.storage.releases import BASE, KIND, lora_name, version_number, version_of_lora
 
 log = get_logger(__name__)
 
-ROUTING_FILE = "serving_routing.json"
 
 RECONCILES = Counter("looprl_controller_reconciles_total", "Reconcile passes", ["result"])
 FAILURES = Counter("looprl_controller_failures_total", "Failed controller steps", ["endpoint", "step"])
@@ -329,7 +330,8 @@ class AdapterController:
                 name = lora_name(v)
                 if name in o.loaded:
                     continue
-                path = (self.registry.version_dir(KIND, v)).resolve()
+                # vLLM loads the version's vLLM-layout copy (per-expert LoRA on the fused experts)
+                path = releases.adapter_dir(self.registry, v, engine="vllm" if o.kind == "vllm" else "looprl")
                 if self._try(c, "load", errors, lambda: c.load(name, path)):
                     o.loaded.append(name)
                     log.info("adapter loaded on endpoint", endpoint=c.url, name=name)

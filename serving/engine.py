@@ -50,6 +50,7 @@ from transformers import DynamicCache
 
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.version import BASE_TEXT as BASE_VERSION  # what the base model's answers report as version
+from looprl.policy.model import stop_token_ids
 from looprl.serving import metrics as m
 from looprl.serving.adapters import WEIGHTS_FILE, AdapterError, AdapterSpec, BaseInventory
 from looprl.serving.detokenizer import IncrementalDetokenizer
@@ -81,6 +82,7 @@ class Finished:
     version: str  # registry version ("v3") or "base"
     error: str | None = None
     fault: str | None = None  # why it failed: "forward_error" | "engine_error" | "shutdown"
+    token_ids: tuple[int, ...] = ()  # the completion's sampled tokens (no end-of-turn token)
 
 
 # Events sent to a request's sink: ("delta", str) zero or more times, then ("done", Finished).
@@ -197,18 +199,25 @@ class Engine:
         mixed: bool = True,
         moe_lora: str = "torch",
         unhealthy_after: int = DEFAULT_UNHEALTHY_AFTER,
+        stop_ids: list[int] | None = None,
+        max_context: int | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
             raise ValueError("tokenizer needs pad_token and eos_token set")
         self.pad_id = int(tokenizer.pad_token_id)
-        self.stop_ids = {int(tokenizer.eos_token_id)}
+        # The chat template's end of turn and every eos (looprl.policy.model.stop_token_ids).
+        self.stop_ids = set(stop_ids) if stop_ids else set(stop_token_ids(tokenizer, model))
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_lora_rank = max_lora_rank
         self.max_loras = max_loras
+        # Longest prompt + answer (serving.max_context_tokens, at most the model's positions): bounds
+        # the KV cache, which lives on the model's device in its dtype (the model writes it).
         self.max_context = int(getattr(model.config, "max_position_embeddings", 2048))
+        if max_context is not None:
+            self.max_context = min(self.max_context, int(max_context))
         self.unhealthy_after = unhealthy_after
         self.base_health = Health(unhealthy_after)
         # Inputs follow the model; sampling runs on the CPU (B x V logits, per-request generators).
@@ -556,8 +565,9 @@ class Engine:
         ids, mask, pos = (t.to(self.device) for t in left_pad([r.prompt_ids for r in reqs], self.pad_id))
         cache = DynamicCache()
         with self._model_lock:
+            # logits_to_keep=1: a prefill needs the last position's logits only, never (B, P, V)
             out = self._forward(reqs, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
-                                use_cache=True)
+                                use_cache=True, logits_to_keep=1)
         kv = KVBatch(cache, mask)
         logits = out.logits[:, -1, :]
         cohort = self._cohorts.get(key) or _Cohort(key)
@@ -770,7 +780,7 @@ class Engine:
         self._send(r, ("done", Finished(
             text=text, finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated),
             adapter=info.name if info else None, version=info.version if info else BASE_VERSION, error=error,
-            fault=(fault or "engine_error") if error is not None else None,
+            fault=(fault or "engine_error") if error is not None else None, token_ids=tuple(r.generated),
         )))
 
     @staticmethod

@@ -14,7 +14,10 @@ every forward (slow for decode steps of a few tokens).
   by adapter and runs the experts once per adapter on its tokens only, through the fused
   MoE-LoRA kernel of ``looprl.kernels`` (LoRA as a low-rank side path, no weight
   materialisation; ``impl="torch"`` runs everywhere, ``"triton"`` on GPUs), or through peft's own
-  forward with ``impl="peft"``. Base-model rows call the experts module directly.
+  forward with ``impl="peft"``. Base-model rows call the experts module directly;
+- a Linear layer adapted through its weight (a ``ParamWrapper`` on ``nn.Linear``: shared experts,
+  see ``looprl.policy.families``) runs its base projection once and each adapter's low-rank update
+  on that adapter's rows.
 
 So a decode step with rows on the promoted and the canary adapter costs one model forward plus one
 extra (cheap) experts pass instead of two full forwards. ``rows`` is set only for the duration of
@@ -27,6 +30,7 @@ import types
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.lora.layer import LoraLayer, ParamWrapper
 from torch import nn
 
@@ -54,7 +58,9 @@ class MixedLora:
                 outermost = not isinstance(parent, ParamWrapper)
                 patched = "forward" in mod.__dict__
                 if outermost and not patched:
-                    mod.forward = types.MethodType(_make_experts_forward(self), mod)
+                    linear = isinstance(peft_experts_chain(mod)[0], nn.Linear)
+                    make = _make_linear_forward if linear else _make_experts_forward
+                    mod.forward = types.MethodType(make(self), mod)
                 elif not outermost and patched:
                     del mod.forward
             elif isinstance(mod, LoraLayer) and not getattr(mod, "_looprl_mixed_hook", False):
@@ -66,7 +72,12 @@ class MixedLora:
     def _inject_names(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if self.rows is None:
             return None
-        return args, {**kwargs, "adapter_names": self.rows}
+        names = self.rows
+        x = args[0] if args else kwargs.get("x")
+        n = x.shape[0] if isinstance(x, torch.Tensor) and x.dim() > 0 else len(names)
+        if n != len(names) and n % len(names) == 0:  # tokens flattened row-major (Qwen2-MoE's shared expert)
+            names = [k for k in names for _ in range(n // len(names))]
+        return args, {**kwargs, "adapter_names": names}
 
     # ------------------------------------------------------------------ use
     def forward(self, rows: list[str], **inputs: Any) -> Any:
@@ -76,6 +87,38 @@ class MixedLora:
             return self.model(**inputs)
         finally:
             self.rows = None
+
+
+def _make_linear_forward(mixer: MixedLora):
+    """A Linear layer adapted through its weight (a peft ``ParamWrapper``; how
+    ``looprl.policy.families`` adapts shared experts that peft would otherwise rename): peft's
+    forward for one adapter, and for mixed rows the base projection once plus each adapter's
+    low-rank update on its own rows, as ``lora.Linear`` does with ``adapter_names``."""
+    peft_forward = ParamWrapper.forward
+
+    def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows = mixer.rows
+        if rows is None or args or kwargs:
+            return peft_forward(self, x, *args, **kwargs)
+        base, chain = peft_experts_chain(self)
+        w = chain.get("weight")
+        if w is None or len(chain) != 1:
+            raise ValueError(f"mixed-adapter rows through LoRA on {sorted(chain)} of {type(base).__name__} "
+                             "are not supported")
+        out = F.linear(x, base.weight, base.bias)
+        flat_x, flat = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        per_row = flat_x.shape[0] // len(rows)  # (rows, seq, in) or (rows * seq, in), row-major
+        for key in dict.fromkeys(rows):
+            if key == BASE or key not in w.lora_A:  # an adapter that does not adapt this layer
+                continue
+            idx = torch.tensor([i for i, k in enumerate(rows) if k == key], device=x.device)
+            tok = (idx.unsqueeze(1) * per_row + torch.arange(per_row, device=x.device)).flatten()
+            a, b = w.lora_A[key].weight, w.lora_B[key].weight  # (r, in), (out, r)
+            delta = (flat_x.index_select(0, tok).to(a.dtype) @ a.T) @ b.T * w.scaling[key]
+            flat.index_add_(0, tok, delta.to(flat.dtype))
+        return out
+
+    return forward
 
 
 def _make_experts_forward(mixer: MixedLora):

@@ -39,6 +39,8 @@ class _OpenAIBody(BaseModel):
     user: str | None = Field(None, max_length=128)
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     ignore_eos: bool = False  # vLLM extension
+    # vLLM extension: the answer carries its completion's token ids (``choices[i].token_ids``).
+    return_token_ids: bool = False
 
     @field_validator("n")
     @classmethod

@@ -6,17 +6,26 @@ hash of (alias, user) in [0, 1). So the split is sticky per user, needs no state
 monotone: raising the share only moves users *into* the canary. Requests without a ``user``
 are split at random.
 
-The same function is used by the embedded server and by the controller's routing file for
-vLLM deployments (where a gateway or the product backend applies the split), so a user lands
-on the same side whichever tier routes them.
+The same function is used by the embedded server and by the gateway (``looprl.serving.gateway``),
+which reads where the alias points from the routing file the adapter controller publishes
+(``RoutingFile``: ``<state>/serving_routing.json``), so a user lands on the same side whichever
+tier routes them.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import random
-from dataclasses import asdict, dataclass
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
+
+# Written by the adapter controller into the state directory after every pass.
+ROUTING_FILE = "serving_routing.json"
 
 
 def bucket(alias: str, user: str) -> float:
@@ -48,3 +57,81 @@ class Route:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class PublishedRoute:
+    """Where the controller last *applied* an alias (every reachable endpoint loaded it): the route
+    in served names (None = the base model) and the registry version of each served name."""
+
+    alias: str
+    route: Route
+    versions: dict[str, str] = field(default_factory=dict)
+    updated_at: float | None = None
+
+    def version_of(self, name: str | None, base_name: str) -> str | None:
+        return self.versions.get(name or base_name)
+
+
+class RoutingFile:
+    """The controller's ``serving_routing.json``, re-read when it changes (checked at most every
+    ``poll_seconds``). Before the controller wrote one, the alias routes to the base model. A file
+    that cannot be read keeps the last good route (the controller replaces it atomically, so that
+    only happens on a broken disk), with a warning."""
+
+    def __init__(self, path: str | Path, *, alias: str, base_name: str, poll_seconds: float = 0.5):
+        self.path = Path(path)
+        self.alias = alias
+        self.base_name = base_name
+        self.poll_seconds = poll_seconds
+        self._lock = threading.Lock()
+        self._checked = float("-inf")
+        self._stamp: tuple[int, int] | None = None
+        self._current = PublishedRoute(alias, Route(), {base_name: "base"})
+        self.error: str | None = None
+
+    def current(self) -> PublishedRoute:
+        now = time.monotonic()
+        if now - self._checked < self.poll_seconds:
+            return self._current
+        with self._lock:
+            if now - self._checked >= self.poll_seconds:
+                self._checked = now
+                self._reload()
+        return self._current
+
+    def _reload(self) -> None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp == self._stamp:
+            return
+        try:
+            self._current = self.parse(json.loads(self.path.read_text()))
+            self._stamp, self.error = stamp, None
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            self.error = f"{self.path}: {type(e).__name__}: {e}"
+
+    def parse(self, doc: dict[str, Any]) -> PublishedRoute:
+        """A routing document as the controller writes it (``primary``/``canary`` served names,
+        ``primary_version``/``canary_version``, ``share``); raises naming the bad key."""
+        if not isinstance(doc, dict):
+            raise ValueError("routing file: expected a JSON object")
+        if doc.get("alias", self.alias) != self.alias:
+            raise ValueError(f"routing file: key 'alias' is {doc.get('alias')!r}, this gateway serves {self.alias!r}")
+        primary, canary = doc.get("primary"), doc.get("canary")
+        for key, value in (("primary", primary), ("canary", canary)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"routing file: key {key!r} must be a model name or null")
+        primary = None if primary in (None, self.base_name) else primary
+        share = float(doc.get("share") or 0.0) if canary else 0.0
+        route = Route(primary, canary, share)
+        versions = {self.base_name: "base"}
+        if primary is not None:
+            versions[primary] = str(doc["primary_version"])
+        if canary is not None:
+            versions[canary] = str(doc["canary_version"])
+        updated = doc.get("updated_at")
+        return PublishedRoute(self.alias, route, versions, float(updated) if updated is not None else None)

@@ -19,10 +19,11 @@ import uvicorn
 
 from looprl.ingest.broker import bootstrap_servers
 from looprl.ingest.client import ResponseLogger
-from looprl.kernels import triton_available
+from looprl.kernels import triton_available, triton_installed
 from looprl.ops.core.config import ConfigError, LooprlConfig
+from looprl.ops.core.listen import run_http
 from looprl.ops.core.log import get_logger
-from looprl.policy.model import base_checksum, load_base
+from looprl.policy.model import base_checksum, check_memory, load_base, model_device, resolve_placement, stop_token_ids
 from looprl.serving.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, create_app
 from looprl.serving.engine import Engine
 from looprl.serving.service import ServingService
@@ -54,6 +55,14 @@ def serving_base_path(cfg: LooprlConfig) -> Path:
     return cfg.serving.base_path or cfg.base_path
 
 
+def serving_moe_lora(setting: str, device: torch.device) -> str:
+    """``serving.moe_lora`` for a model on ``device``: "auto" is the Triton kernel on CUDA when
+    triton is installed, else the torch fused path (mixed-adapter batches on every device)."""
+    if setting != "auto":
+        return setting
+    return "triton" if device.type == "cuda" and triton_installed() else "torch"
+
+
 def build_service(cfg: LooprlConfig, model: Any = None, tokenizer: Any = None) -> ServingService:
     """Load the base model (unless given), start an engine on it, wrap it in a service."""
     torch.set_num_threads(cfg.serving.torch_threads)
@@ -61,12 +70,16 @@ def build_service(cfg: LooprlConfig, model: Any = None, tokenizer: Any = None) -
         raise ConfigError("config key 'serving.moe_lora' is 'triton' but triton or CUDA is missing")
     path = serving_base_path(cfg)
     if model is None or tokenizer is None:
-        model, tokenizer = load_base(path)
+        placement = resolve_placement(cfg.model)
+        check_memory(cfg, "serving", placement)  # before loading: weights + adapters + KV cache must fit
+        model, tokenizer = load_base(path, device=placement.device, dtype=placement.dtype)
     checksum = base_checksum(path) if (Path(path) / "config.json").is_file() else None
     s = cfg.serving
     engine = Engine(model, tokenizer, max_batch_size=s.max_batch_size, max_queue=s.max_queue,
                     max_lora_rank=s.max_lora_rank, max_loras=s.max_loras, base_checksum=checksum,
-                    moe_lora=s.moe_lora, unhealthy_after=s.unhealthy_after).start()
+                    moe_lora=serving_moe_lora(s.moe_lora, model_device(model)), unhealthy_after=s.unhealthy_after,
+                    max_context=s.max_context_tokens,
+                    stop_ids=stop_token_ids(tokenizer, model, cfg.model.stop_tokens)).start()
     log.info("engine started", base=str(path), checksum=(checksum or "")[:12], max_batch_size=s.max_batch_size)
     return ServingService(engine, registry_root=cfg.registry_dir, base_name=s.served_model_name, alias=s.alias,
                           base_path=Path(path))
@@ -101,7 +114,8 @@ class ServerThread:
         self.app = create_app(service, admin_token=admin_token, response_logger=response_logger,
                               default_max_tokens=default_max_tokens, render_prompts=render_prompts,
                               max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars)
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else ~40 ms Nagle stalls).
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.host, self.port = host, self._sock.getsockname()[1]
@@ -151,15 +165,12 @@ def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -
                      default_max_tokens=cfg.serving.default_max_tokens, render_prompts=cfg.serving.render_prompts,
                      max_body_bytes=cfg.serving.max_body_bytes, max_prompt_chars=cfg.serving.max_prompt_chars)
     h, p = host or cfg.serving.host, cfg.serving.port if port is None else port
-    log.info("serving", url=f"http://{h}:{p}", alias=cfg.serving.alias, base_name=cfg.serving.served_model_name)
     try:
-        uvicorn.run(app, host=h, port=p, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        # port 0: a free port, logged ("serving listening", url and port)
+        run_http(app, h, p, what="serving", key="serving.port (or --port)", alias=cfg.serving.alias,
+                 base_name=cfg.serving.served_model_name)
     finally:
         service.engine.stop()
-        if logger is not None:
-            try:
-                logger.flush()
-                logger.close()
-            except Exception as e:
-                log.warning("response logger close failed", error=str(e)[:200])
+        if app.state.response_logger is not None:  # the ResponseRecorder around `logger`
+            app.state.response_logger.close()
     return 0

@@ -27,6 +27,10 @@ COMMON = [
     pa.field("kafka_offset", pa.int64()),
 ]
 
+# Columns of every feedback kind: the free-text comment and the caller's metadata (a JSON object,
+# stored as its JSON text). Added after the first parts were written: older parts read them as NULL.
+FEEDBACK_EXTRA = [pa.field("comment", pa.string()), pa.field("metadata", pa.string())]
+
 KIND_FIELDS: dict[str, list[pa.Field]] = {
     "response": [
         pa.field("response_id", pa.string(), nullable=False),
@@ -37,17 +41,35 @@ KIND_FIELDS: dict[str, list[pa.Field]] = {
         pa.field("completion", pa.string()),
         pa.field("model", pa.string()),
         pa.field("adapter_version", pa.string()),
+        # Sampling parameters the client sent, as JSON ({"temperature", "top_p", "max_tokens", ...}).
+        pa.field("sampling", pa.string()),
+        # The served completion's token ids and their log-probs under the serving policy, when the
+        # server reported them (NULL otherwise).
+        pa.field("completion_token_ids", pa.list_(pa.int32())),
+        pa.field("completion_logprobs", pa.list_(pa.float32())),
     ],
-    "thumbs": [pa.field("response_id", pa.string(), nullable=False), pa.field("up", pa.bool_(), nullable=False)],
-    "rating": [pa.field("response_id", pa.string(), nullable=False), pa.field("rating", pa.int32(), nullable=False)],
+    "thumbs": [pa.field("response_id", pa.string(), nullable=False), pa.field("up", pa.bool_(), nullable=False),
+               *FEEDBACK_EXTRA],
+    "rating": [pa.field("response_id", pa.string(), nullable=False), pa.field("rating", pa.int32(), nullable=False),
+               *FEEDBACK_EXTRA],
     "correction": [pa.field("response_id", pa.string(), nullable=False),
-                   pa.field("corrected", pa.string(), nullable=False)],
+                   pa.field("corrected", pa.string(), nullable=False), *FEEDBACK_EXTRA],
     "preference": [
         pa.field("chosen_response_id", pa.string()),
         pa.field("rejected_response_id", pa.string()),
         pa.field("prompt", pa.string()),
         pa.field("chosen_text", pa.string()),
         pa.field("rejected_text", pa.string()),
+        *FEEDBACK_EXTRA,
+    ],
+    # A named score; its value lands in the one column of its type, the other two are NULL.
+    "score": [
+        pa.field("response_id", pa.string(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("value_number", pa.float64()),
+        pa.field("value_bool", pa.bool_()),
+        pa.field("value_category", pa.string()),
+        *FEEDBACK_EXTRA,
     ],
 }
 
@@ -56,7 +78,7 @@ KINDS = tuple(SCHEMAS)
 
 _DUCKDB_TYPES = {
     pa.string(): "VARCHAR", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
-    pa.bool_(): "BOOLEAN", TS: "TIMESTAMPTZ",
+    pa.bool_(): "BOOLEAN", pa.float64(): "DOUBLE", TS: "TIMESTAMPTZ", pa.list_(pa.int32()): "INTEGER[]", pa.list_(pa.float32()): "FLOAT[]",
 }
 
 

@@ -3,20 +3,26 @@
 ``EventLog(events_dir).connect()`` returns a DuckDB connection (time zone UTC) with these views:
 
 - ``responses``: one row per served answer: event_id, ts, ingested_at, user_id, response_id,
-  prompt (chat messages flattened), messages (JSON or NULL), completion, model, adapter_version.
-- ``feedback``: every feedback event (thumbs, rating, correction, preference): event_id, kind, ts,
-  ingested_at, user_id, response_id, up, rating, corrected, chosen_response_id,
-  rejected_response_id, prompt (text preferences only), chosen_text, rejected_text.
+  prompt (chat messages flattened), messages (JSON or NULL), completion, model, adapter_version,
+  sampling (JSON or NULL), completion_token_ids and completion_logprobs (lists, NULL unless the
+  server reported the served tokens).
+- ``feedback``: every feedback event (thumbs, rating, correction, preference, score): event_id, kind,
+  ts, ingested_at, user_id, response_id, up, rating, corrected, chosen_response_id,
+  rejected_response_id, prompt (text preferences only), chosen_text, rejected_text, name,
+  value_number, value_bool, value_category (a score's name and value: one of the three is set),
+  comment, metadata (JSON text; both NULL when not sent, and in parts written before they existed).
 - ``feedback_joined``: ``feedback`` with the prompt/completion/adapter_version/model of the response
   it is about (NULL until that response is ingested): event_id, kind, ts, ingested_at, user_id,
-  response_id, prompt, completion, adapter_version, model, up, rating, corrected, voter.
+  response_id, prompt, completion, adapter_version, model, up, rating, corrected, name,
+  value_number, value_bool, value_category, comment, metadata, voter.
 - ``preferences_joined``: pairwise preferences with texts resolved from response ids or given
   directly: event_id, ts, ingested_at, user_id, prompt, chosen, rejected, chosen_response_id,
-  rejected_response_id, chosen_adapter_version, rejected_adapter_version, voter. A pair that names
+  rejected_response_id, chosen_adapter_version, rejected_adapter_version, comment, metadata, voter. A pair that names
   both responses takes its texts from them (texts sent along are ignored: only serving writes
   answers); only a pair naming no responses uses its own prompt/chosen_text/rejected_text.
-- ``feedback_votes``: the thumbs, ratings and corrections of ``feedback_joined`` that count: one
-  per (kind, response_id, voter), the latest by ``ts`` (then ``ingested_at``, ``event_id``).
+- ``feedback_votes``: the thumbs, ratings, corrections and scores of ``feedback_joined`` that count:
+  one per (kind, score name, response_id, voter), the latest by ``ts`` (then ``ingested_at``,
+  ``event_id``): a voter's scores of different names on one answer all count.
 - ``preference_votes``: the pairs of ``preferences_joined`` that count: one per (the two response
   ids in either order, voter), the latest; a text-only pair always counts.
 
@@ -49,9 +55,10 @@ import pyarrow as pa
 from looprl.storage.event_schema import KINDS, SCHEMAS, duckdb_type
 from looprl.storage.parts import part_files
 
-FEEDBACK_KINDS = ("thumbs", "rating", "correction", "preference")
+FEEDBACK_KINDS = ("thumbs", "rating", "correction", "preference", "score")
 _FEEDBACK_COLUMNS = ("event_id", "kind", "ts", "ingested_at", "user_id", "response_id", "up", "rating", "corrected",
-                     "chosen_response_id", "rejected_response_id", "prompt", "chosen_text", "rejected_text")
+                     "chosen_response_id", "rejected_response_id", "prompt", "chosen_text", "rejected_text",
+                     "name", "value_number", "value_bool", "value_category", "comment", "metadata")
 VIEWS = ("responses", "feedback", "feedback_joined", "preferences_joined", "feedback_votes", "preference_votes")
 T = TypeVar("T")
 # Latest vote first: the user's own time, then arrival, then a fixed tie-break.
@@ -77,19 +84,22 @@ class EventLog:
             raise ValueError(f"unknown event kind {kind!r}; expected one of {', '.join(KINDS)}")
         return part_files(self.events_dir, kind)
 
-    def _kind_source(self, kind: str) -> str:
+    def _kind_source(self, kind: str, con: duckdb.DuckDBPyConnection) -> str:
         schema = SCHEMAS[kind]
         if self.files(kind):
             pattern = str(self.events_dir / f"kind={kind}" / "hour=*" / "part-*.parquet")
-            cols = ", ".join(f.name for f in schema)
-            # Explicit columns: files written by a newer schema may carry more.
-            return (f"SELECT {cols} FROM read_parquet({_sql_str(pattern)}, union_by_name=true, "
-                    f"hive_partitioning=false)")
+            source = f"read_parquet({_sql_str(pattern)}, union_by_name=true, hive_partitioning=false)"
+            # Explicit columns: files written by a newer schema may carry more; a column newer than
+            # every file (an optional field added since) reads as NULL.
+            present = {row[0] for row in con.sql(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+            cols = ", ".join(f.name if f.name in present else f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}"
+                             for f in schema)
+            return f"SELECT {cols} FROM {source}"
         cols = ", ".join(f"CAST(NULL AS {duckdb_type(f.type)}) AS {f.name}" for f in schema)
         return f"SELECT {cols} WHERE false"
 
-    def _view_sql(self) -> list[str]:
-        out = [f"CREATE OR REPLACE TEMP VIEW events_{kind} AS {self._kind_source(kind)}" for kind in KINDS]
+    def _view_sql(self, con: duckdb.DuckDBPyConnection) -> list[str]:
+        out = [f"CREATE OR REPLACE TEMP VIEW events_{kind} AS {self._kind_source(kind, con)}" for kind in KINDS]
 
         def proj(kind: str) -> str:
             have = {f.name for f in SCHEMAS[kind]}
@@ -97,7 +107,8 @@ class EventLog:
 
         out.append("""
 CREATE OR REPLACE TEMP VIEW responses AS
-SELECT event_id, ts, ingested_at, user_id, response_id, prompt, messages, completion, model, adapter_version
+SELECT event_id, ts, ingested_at, user_id, response_id, prompt, messages, completion, model, adapter_version,
+       sampling, completion_token_ids, completion_logprobs
 FROM events_response""")
         union = "\nUNION ALL BY NAME\n".join(f"SELECT {proj(k)} FROM events_{k}" for k in FEEDBACK_KINDS)
         out.append(f"CREATE OR REPLACE TEMP VIEW feedback AS\n{union}")
@@ -108,8 +119,10 @@ QUALIFY row_number() OVER (PARTITION BY response_id ORDER BY ingested_at, event_
         out.append("""
 CREATE OR REPLACE TEMP VIEW feedback_joined AS
 SELECT f.event_id, f.kind, f.ts, f.ingested_at, f.user_id, f.response_id,
-       coalesce(r.prompt, f.prompt) AS prompt, r.completion, r.adapter_version, r.model,
-       f.up, f.rating, f.corrected, coalesce(r.user_id, f.user_id) AS voter
+       coalesce(r.prompt, f.prompt) AS prompt, CASE WHEN r.prompt IS NOT NULL THEN r.messages END AS messages,
+       r.completion, r.adapter_version, r.model,
+       f.up, f.rating, f.corrected, f.name, f.value_number, f.value_bool, f.value_category, f.comment, f.metadata,
+       coalesce(r.user_id, f.user_id) AS voter
 FROM feedback f LEFT JOIN responses_by_id r ON r.response_id = f.response_id""")
         by_ids = "p.chosen_response_id IS NOT NULL AND p.rejected_response_id IS NOT NULL"
         # The voter of a pair is the same whichever answer was chosen, so a changed mind replaces
@@ -118,10 +131,12 @@ FROM feedback f LEFT JOIN responses_by_id r ON r.response_id = f.response_id""")
 CREATE OR REPLACE TEMP VIEW preferences_joined AS
 SELECT p.event_id, p.ts, p.ingested_at, p.user_id,
        CASE WHEN {by_ids} THEN coalesce(rc.prompt, rr.prompt) ELSE p.prompt END AS prompt,
+       CASE WHEN {by_ids} THEN CASE WHEN rc.prompt IS NOT NULL THEN rc.messages ELSE rr.messages END END AS messages,
        CASE WHEN {by_ids} THEN rc.completion ELSE p.chosen_text END AS chosen,
        CASE WHEN {by_ids} THEN rr.completion ELSE p.rejected_text END AS rejected,
        p.chosen_response_id, p.rejected_response_id,
        rc.adapter_version AS chosen_adapter_version, rr.adapter_version AS rejected_adapter_version,
+       p.comment, p.metadata,
        coalesce(CASE WHEN p.chosen_response_id < p.rejected_response_id THEN coalesce(rc.user_id, rr.user_id)
                      ELSE coalesce(rr.user_id, rc.user_id) END, p.user_id) AS voter
 FROM events_preference p
@@ -130,7 +145,7 @@ LEFT JOIN responses_by_id rr ON rr.response_id = p.rejected_response_id""")
         out.append(f"""
 CREATE OR REPLACE TEMP VIEW feedback_votes AS
 SELECT * FROM feedback_joined WHERE kind <> 'preference'
-QUALIFY row_number() OVER (PARTITION BY kind, response_id, voter {_LATEST}) = 1""")
+QUALIFY row_number() OVER (PARTITION BY kind, name, response_id, voter {_LATEST}) = 1""")
         # A text-only pair names no response to vote on: partitioned by its own event id.
         out.append(f"""
 CREATE OR REPLACE TEMP VIEW preference_votes AS
@@ -146,7 +161,7 @@ QUALIFY row_number() OVER (
         """A DuckDB connection (new, in memory, unless given) with the views of the module docstring."""
         con = con or duckdb.connect()
         con.execute("SET TimeZone='UTC'")
-        for stmt in self._view_sql():
+        for stmt in self._view_sql(con):
             con.execute(stmt)
         return con
 

@@ -34,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from looprl.ops.core.locks import file_lock
 from looprl.ops.core.version import Version
+from looprl.storage.digests import cached_sha256, sha256_file
 from looprl.storage.temps import claim, release, remove_abandoned
 
 # A version's status; the policy lifecycle between them is looprl.storage.releases. "published" is a
@@ -78,6 +79,8 @@ class Manifest(BaseModel):
     kind: str
     parent: str | None = None
     base_checksum: str
+    # model_type of the base (e.g. "qwen3_moe"); None in manifests written before it was recorded
+    base_family: str | None = None
     watermark: dict[str, Any] = {}
     metrics: dict[str, Any] = {}
     files: dict[str, str]  # file name -> sha256
@@ -92,22 +95,18 @@ class Manifest(BaseModel):
         return Version.parse(self.version).number
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
-def checksum_dir(path: Path) -> str:
+def checksum_dir(path: Path, cache_file: Path | None = None) -> str:
     """A stable checksum of a checkpoint directory (weights + config files), used as the
-    base-model identity that every adapter and reward model is tied to."""
+    base-model identity that every adapter and reward model is tied to. Each file's digest is
+    reused while the file is unchanged (``looprl.storage.digests``): every stage checks the base
+    at start, and a real one is gigabytes."""
+    files = [p for p in sorted(Path(path).iterdir())
+             if p.is_file() and p.suffix in (".safetensors", ".json") and not p.name.startswith(".")]
+    digests = cached_sha256(files, cache_file)
     h = hashlib.sha256()
-    for p in sorted(Path(path).iterdir()):
-        if p.is_file() and p.suffix in (".safetensors", ".json") and not p.name.startswith("."):
-            h.update(p.name.encode())
-            h.update(sha256_file(p).encode())
+    for p in files:
+        h.update(p.name.encode())
+        h.update(digests[p].encode())
     return h.hexdigest()
 
 
@@ -153,7 +152,10 @@ def check_version(version: str) -> str:
 
 
 def check_file_name(name: str) -> str:
-    if not _FILE.match(name) or name in (".", ".."):
+    """A file of a version: ``name`` or ``dir/name`` (one level of subdirectory, e.g. the vLLM-layout
+    copy of an adapter, ``vllm/adapter_model.safetensors``)."""
+    parts = name.split("/") if isinstance(name, str) else [name]
+    if not 1 <= len(parts) <= 2 or any(not isinstance(x, str) or not _FILE.match(x) or x in (".", "..") for x in parts):
         raise RegistryError(f"invalid file name {name!r}")
     suffix = Path(name).suffix
     if suffix in _FORBIDDEN_SUFFIXES:
@@ -254,6 +256,7 @@ class Registry:
         src_dir: str | Path,
         *,
         base_checksum: str,
+        base_family: str | None = None,
         parent: str | None = None,
         watermark: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
@@ -266,11 +269,14 @@ class Registry:
         kdir = self.kind_dir(kind)
         kdir.mkdir(parents=True, exist_ok=True)
         src = Path(src_dir)
-        files = sorted(p for p in src.iterdir() if p.is_file() and p.name != "manifest.json")
-        if not any(p.suffix == ".safetensors" for p in files):
+        # The directory's files and those of its subdirectories (one level), by relative name.
+        files = sorted(p for p in [*src.iterdir(), *(q for d in src.iterdir() if d.is_dir() for q in d.iterdir())]
+                       if p.is_file() and p.name != "manifest.json")
+        rel = {p: p.relative_to(src).as_posix() for p in files}
+        if not any(p.suffix == ".safetensors" and p.parent == src for p in files):
             raise RegistryError(f"{src}: no .safetensors weights to publish")
         for p in files:
-            check_file_name(p.name)
+            check_file_name(rel[p])
         self._clean_tmp(kdir)
         tmp = kdir / f"{TMP_PREFIX}{secrets.token_hex(8)}"
         owner = claim(tmp)  # held while tmp exists: another publisher's _clean_tmp leaves it alone
@@ -278,18 +284,21 @@ class Registry:
             tmp.mkdir(mode=0o700)
             digests = {}
             for p in files:
-                dst = tmp / p.name
+                dst = tmp / rel[p]
+                dst.parent.mkdir(mode=0o700, exist_ok=True)
                 shutil.copyfile(p, dst)
                 with open(dst, "rb+") as f:
                     os.fsync(f.fileno())
-                digests[p.name] = sha256_file(dst)
+                digests[rel[p]] = sha256_file(dst)
+            for sub in {(tmp / rel[p]).parent for p in files} - {tmp}:
+                fsync_dir(sub)
             with self.locked(kind):  # two publishers never pick the same version number
                 existing = self.versions(kind)
                 number = Version.parse(existing[-1]).number + 1 if existing else 1
                 now = datetime.now(timezone.utc)
                 m = Manifest(
                     version=str(Version(number)), kind=kind, parent=parent, base_checksum=base_checksum,
-                    watermark=watermark or {}, metrics=metrics or {}, files=digests, created_at=now,
+                    base_family=base_family, watermark=watermark or {}, metrics=metrics or {}, files=digests, created_at=now,
                     status=status, reason=reason, extra=extra or {},
                     history=[StatusChange(status=status, reason=reason or "published", at=now)],
                 )

@@ -42,7 +42,8 @@ from looprl.storage.registry import Manifest, Registry, RegistryError, Status
 __all__ = [
     "BASE", "CANARY", "KIND", "LIFECYCLE", "PROMOTED", "DecisionRecord", "Expected", "StaleDecision",
     "TransitionError", "Version", "canary_version", "check_transition", "decisions_path", "drop_stale_canary",
-    "lora_name", "previous_promoted", "promote", "promoted_version", "read_decisions", "record_decision",
+    "VLLM_DIR", "adapter_dir", "lora_name", "previous_promoted", "promote", "promoted_version", "read_decisions",
+    "record_decision",
     "record_gate", "require", "roll_back_canary", "roll_back_promoted", "sources", "start_canary",
     "version_number", "version_of_lora",
 ]
@@ -156,6 +157,20 @@ def promoted_version(reg: Registry) -> str | None:
 def canary_version(reg: Registry) -> str | None:
     """The version on canary; None: no canary."""
     return reg.pointer(KIND, CANARY)
+
+
+# A published policy version may hold, besides its peft adapter, a copy in the layout vLLM loads
+# (per-expert LoRA on fused MoE experts: looprl.policy.vllm_layout), in this subdirectory.
+VLLM_DIR = "vllm"
+
+
+def adapter_dir(reg: Registry, version: str, *, engine: str = "looprl") -> Path:
+    """The directory a serving engine loads ``version`` from: for vLLM (``engine="vllm"``) the
+    vLLM-layout copy when the version has one, else (and for `looprl serving serve`) the version."""
+    d = reg.version_dir(KIND, version).resolve()
+    if engine == "vllm" and (d / VLLM_DIR / "adapter_config.json").is_file():
+        return d / VLLM_DIR
+    return d
 
 
 def lora_name(version: str) -> str:

@@ -100,10 +100,13 @@ def wait_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None =
 def run_prometheus(prometheus_tools, tmp_path):
     """Start a real Prometheus on a free loopback port scraping the given targets every second.
 
-    ``start({"job": ["127.0.0.1:PORT", ...]}, rule_files=[...]) -> base URL``; stopped at teardown."""
+    ``start({"job": ["127.0.0.1:PORT", ...]}, rule_files=[...], honor_labels={"job"}) -> base URL``
+    (``honor_labels``: jobs whose targets' own job/instance labels are kept, as for a Pushgateway);
+    stopped at teardown."""
     procs: list[subprocess.Popen] = []
 
-    def start_plain(targets: dict[str, list[str]], rule_files: list[Path] = ()) -> str:
+    def start_plain(targets: dict[str, list[str]], rule_files: list[Path] = (),
+                    honor_labels: set[str] = frozenset()) -> str:
         port = free_port()
         cfg = tmp_path / "prometheus.yml"
         lines = ["global:", "  scrape_interval: 1s", "  evaluation_interval: 1s"]
@@ -112,8 +115,8 @@ def run_prometheus(prometheus_tools, tmp_path):
             lines += [f"  - {Path(p).resolve()}" for p in rule_files]
         lines.append("scrape_configs:")
         for job, tgts in targets.items():
-            lines += [f"  - job_name: {job}", "    static_configs:",
-                      "      - targets: [" + ", ".join(f'"{t}"' for t in tgts) + "]"]
+            lines += [f"  - job_name: {job}", *(["    honor_labels: true"] if job in honor_labels else []),
+                      "    static_configs:", "      - targets: [" + ", ".join(f'"{t}"' for t in tgts) + "]"]
         cfg.write_text("\n".join(lines) + "\n")
         log = tmp_path / "prometheus.log"
         proc = subprocess.Popen(

@@ -35,3 +35,21 @@ def tiny_base_cfg(tiny_base, tmp_path_factory):
         return load_config(environ={}, workspace=ws, model=model, **sections)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def family_checkpoint(tmp_path_factory):
+    """``family -> Path``: a small random-weight checkpoint of each supported MoE family
+    (tests/families_testing.py), built on first use, once per session. Tests copy it before
+    changing anything in it."""
+    from families_testing import build_checkpoint
+
+    root = tmp_path_factory.mktemp("families")
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_checkpoint(family, root / family)
+        return built[family]
+
+    return get

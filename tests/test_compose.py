@@ -20,11 +20,12 @@ COMPOSE_FILE = REPO / "docker-compose.yml"
 # Every credential the file interpolates, each with a distinct test value.
 SECRETS = {
     "LOOPRL_VLLM_API_KEY": "test-vllm-key",
+    "LOOPRL_GATEWAY_CLIENT_TOKEN": "test-gateway-token",
     "LOOPRL_COLLECTOR_TOKEN": "test-collector-token",
     "LOOPRL_RAY_AUTH_TOKEN": "test-ray-token",
     "GRAFANA_ADMIN_PASSWORD": "test-grafana-password",
 }
-PUBLISHED = {"vllm": {8000}, "grafana": {3000}}  # the serving port and Grafana, nothing else
+PUBLISHED = {"gateway": {8080}, "grafana": {3000}}  # product traffic (the gateway) and Grafana, nothing else
 RAY_SERVICES = {"ray-head", "ray-worker", "scheduler"}  # the Ray cluster and its driver
 SECRET_NAME = re.compile(r"TOKEN|KEY|PASSWORD|SECRET")
 
@@ -135,9 +136,9 @@ def test_ray_runs_with_token_auth_and_only_ray_holds_the_token(model):
 
 
 def test_inference_and_admin_credentials_are_separate(model):
-    """vLLM's --api-key is the inference key; the controller sends it to vLLM; no looprl service
-    holds looprl's admin token (no service here runs `looprl serving serve`), and only the
-    collector holds the collector token."""
+    """vLLM's --api-key is the inference key; the gateway and the controller send it to vLLM; no
+    looprl service holds looprl's admin token (no service here runs `looprl serving serve`), only
+    the collector holds the collector token, and only the gateway the client token."""
     from looprl.ops.core.config import load_config, require_token_off_loopback
 
     cmd = model["services"]["vllm"]["command"]
@@ -146,7 +147,7 @@ def test_inference_and_admin_credentials_are_separate(model):
         cfg = load_config(environ={k: v for k, v in svc["environment"].items() if k.startswith("LOOPRL_")})
         assert cfg.serving.admin_token is None, name
         holds_key = cfg.serving.vllm_api_key is not None
-        assert holds_key == (name == "controller"), name
+        assert holds_key == (name in ("controller", "gateway")), name
         if holds_key:
             assert cfg.serving.vllm_api_key.get_secret_value() == SECRETS["LOOPRL_VLLM_API_KEY"]
         holds_collector_token = cfg.ingest.collector_token is not None
@@ -157,6 +158,11 @@ def test_inference_and_admin_credentials_are_separate(model):
             require_token_off_loopback(cfg.ingest.collector_host, cfg.ingest.collector_token,
                                        "ingest.collector_host", "ingest.collector_token")
             assert cfg.ingest.collector_host == "0.0.0.0"
+        assert bool(cfg.gateway.client_tokens) == (name == "gateway"), name
+        if name == "gateway":  # published: it would refuse to start without client tokens
+            assert [t.get_secret_value() for t in cfg.gateway.client_tokens] == [SECRETS["LOOPRL_GATEWAY_CLIENT_TOKEN"]]
+            require_token_off_loopback(cfg.gateway.host, cfg.gateway.client_tokens[0], "gateway.host",
+                                       "gateway.client_tokens")
 
 
 def test_kafka_runs_in_kraft_mode(model):
@@ -170,7 +176,9 @@ def test_kafka_runs_in_kraft_mode(model):
 
 def test_vllm_serves_with_runtime_lora(model):
     vllm = model["services"]["vllm"]
-    assert vllm["image"].startswith("vllm/vllm-openai")
+    assert vllm["image"].startswith("vllm/vllm-openai:v")
+    # LoRA on fused MoE experts (FusedMoEWithLoRA) arrived in vLLM 0.11
+    assert tuple(int(x) for x in vllm["image"].split(":v")[1].split(".")[:2]) >= (0, 11)
     assert "--enable-lora" in vllm["command"]
     assert vllm["environment"]["VLLM_ALLOW_RUNTIME_LORA_UPDATING"].lower() == "true"
     # the adapters it loads come from the shared workspace (registry), read-only
@@ -187,7 +195,7 @@ def test_looprl_services_use_the_production_stack(model):
     from looprl.ops.core.config import load_config
 
     looprl = _looprl_services(model)
-    assert {"ingest", "collector", "reward", "controller", "scheduler", "init"} <= set(looprl)
+    assert {"ingest", "collector", "reward", "controller", "scheduler", "init", "gateway"} <= set(looprl)
     for name, svc in looprl.items():
         env = svc["environment"]
         # the environment must be a valid looprl config (unknown keys or bad values would stop the process)
@@ -228,3 +236,39 @@ def test_monitoring_is_provisioned(model):
                 assert Path(v["source"]).exists(), v["source"]
     assert (REPO / "ops/grafana/looprl.json").is_file()
     assert (REPO / s["ingest"]["build"]["context"] / s["ingest"]["build"]["dockerfile"]).is_file()
+
+
+def test_product_traffic_goes_through_the_gateway_to_vllm(model):
+    """The gateway is the published inference entry; its upstream is vLLM (serving.endpoints), and
+    it logs answers to the responses topic on the same Kafka."""
+    from looprl.ops.core.config import load_config
+
+    gw = model["services"]["gateway"]
+    assert gw["command"] == ["gateway"]
+    cfg = load_config(environ={k: v for k, v in gw["environment"].items() if k.startswith("LOOPRL_")})
+    assert (cfg.gateway.upstreams or cfg.serving.endpoints) == ["http://vllm:8000"]
+    assert cfg.gateway.host == "0.0.0.0" and cfg.gateway.port == 8080 and cfg.gateway.log_responses
+    assert "vllm" not in PUBLISHED and not model["services"]["vllm"].get("ports")
+    prom = (REPO / "ops/prometheus/prometheus.yml").read_text()
+    assert f"gateway:{cfg.gateway.metrics_port}" in prom
+
+
+def test_short_jobs_push_to_a_pushgateway_that_prometheus_scrapes(model):
+    """PPO, gate and reward-update jobs end between scrapes: every looprl process and Ray node (the
+    jobs run there) is configured to push to the compose Pushgateway, which is pinned, internal only,
+    and scraped with honor_labels so the pushed job label stays."""
+    import yaml
+
+    from looprl.ops.core.config import load_config
+
+    s = model["services"]
+    pgw = s["pushgateway"]
+    assert re.fullmatch(r"prom/pushgateway:v\d+\.\d+\.\d+", pgw["image"]), pgw["image"]
+    assert not pgw.get("ports") and set(pgw["networks"]) == {"internal"}
+    for name in [*_looprl_services(model), "ray-head", "ray-worker"]:
+        env = s[name]["environment"]
+        cfg = load_config(environ={k: v for k, v in env.items() if k.startswith("LOOPRL_")})
+        assert cfg.metrics.pushgateway_url == "http://pushgateway:9091", name
+    prom = yaml.safe_load((REPO / "ops/prometheus/prometheus.yml").read_text())
+    [job] = [j for j in prom["scrape_configs"] if j["job_name"] == "looprl-pushgateway"]
+    assert job["honor_labels"] is True and job["static_configs"][0]["targets"] == ["pushgateway:9091"]

@@ -33,6 +33,7 @@ def test_children_get_free_ports_and_the_workspace(tmp_path):
     assert child.serving.port == ports["serve"] and child.serving.endpoints == [f"http://127.0.0.1:{ports['serve']}"]
     assert child.kafka.bootstrap_servers == f"127.0.0.1:{ports['broker']}"
     assert child.serving.admin_token.get_secret_value() == "secret"
+    assert child.log_format == "json"  # the failure watch parses the children's logs, even under log_format=human
     assert env["OMP_NUM_THREADS"] == "1"
     # a configured Kafka is used as is (no embedded broker)
     real = load_config(environ={}, workspace=tmp_path, kafka={"bootstrap_servers": "kafka:9092"})

@@ -102,6 +102,7 @@ def test_simulated_users_use_the_openai_api_and_follow_the_hidden_preference(tmp
 
 
 def test_eval_traffic_is_held_out_and_sends_no_feedback(tmp_path, server):
+    from looprl.ops.core.chat import Chat
     from looprl.ops.sim.simulator import prompt_sets
     from looprl.policy.prompts import is_heldout
 
@@ -113,7 +114,7 @@ def test_eval_traffic_is_held_out_and_sends_no_feedback(tmp_path, server):
     assert all(is_heldout(p) for p in eval_prompts)  # PPO's sampler never draws them
     evals = [r for r in rows if r["kind"] == "eval"]
     assert evals and all(r["user"].startswith(cfg.demo.eval_user_prefix) for r in evals)
-    assert all(r["prompt"] in eval_prompts for r in evals)
+    assert all(Chat.user(r["prompt"]) in eval_prompts for r in evals)
     assert {r["model"] for r in evals} == {cfg.serving.alias, cfg.serving.served_model_name}
     eval_ids = {e.response_id for e in logger.events if (e.user_id or "").startswith(cfg.demo.eval_user_prefix)}
     assert eval_ids and not eval_ids & {rid for rid, *_ in ch.thumbs_calls}

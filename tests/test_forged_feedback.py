@@ -200,7 +200,7 @@ def test_one_vote_per_response_and_user_the_latest_wins(cfg):
     write(cfg, [late_first], at=NOW - timedelta(minutes=1))
     write(cfg, [RatingEvent(response_id="r3", rating=1, user_id="u3", ts=t)])
     ex = FeedbackSource(EventLog(cfg.events_dir).connect()).new_examples(set())
-    thumbs = {e.prompt: e.label for e in ex if e.kind == "thumbs"}
+    thumbs = {e.prompt.key(): e.label for e in ex if e.kind == "thumbs"}
     assert len(thumbs) == 13 and thumbs["prompt r1"] == 0.0 and thumbs["prompt r2"] == 0.0
     assert [e.label for e in ex if e.kind == "rating"] == [1.0]
 

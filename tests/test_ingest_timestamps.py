@@ -72,7 +72,7 @@ def test_the_consumer_dead_letters_out_of_window_ts_and_stores_the_rest(tmp_path
     st = EventLog(cfg.events_dir).stats()
     assert st.kinds["response"].events == 3 and st.kinds["response"].last_ts <= datetime.now(timezone.utc)
     prompts, watermark = traffic_prompts(cfg, 10)
-    assert sorted(prompts) == ["prompt 0", "prompt 1", "prompt 2"] and watermark
+    assert sorted(p.key() for p in prompts) == ["prompt 0", "prompt 1", "prompt 2"] and watermark
 
 
 def test_a_log_already_holding_a_year_10000_ts_still_reads(tmp_path):
@@ -96,7 +96,7 @@ def test_a_log_already_holding_a_year_10000_ts_still_reads(tmp_path):
     assert st.kinds["response"].first_ts == st.kinds["response"].last_ts == t0
     assert json.dumps(st.as_dict())
     prompts, watermark = traffic_prompts(cfg, 10)
-    assert prompts == ["later prompt", "poisoned prompt"]
+    assert [p.key() for p in prompts] == ["later prompt", "poisoned prompt"]
     assert watermark["responses_max_ingested_at"].startswith("2026-03-01 00:01:00")
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from looprl.ops.core.config import load_config
+from looprl.ops.demo import CHAOS_ORDER
 from looprl.ops.sim.records import read_status
 from looprl.policy.ray_backend import ray_temp_dir
 from looprl.storage.registry import Registry
@@ -67,7 +68,7 @@ def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
             assert p.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "services did not start in 3 minutes"
             time.sleep(1)
-        assert len(_descendants(p.pid)) >= 9  # 8 stages + the broker binary
+        assert len(_descendants(p.pid)) >= 10  # 9 stages (the gateway among them) + the broker binary
         # Let the loop run until a trained version serves all traffic and has answered enough
         # held-out prompts to be measured (or the budget is spent: the asserts below then fail).
         t_traffic = time.monotonic()
@@ -76,7 +77,7 @@ def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
         while time.monotonic() - t_traffic < MAX_TRAFFIC_MINUTES * 60:
             assert p.poll() is None, (tmp_path / "demo.log").read_text()[-3000:]
             time.sleep(5)
-            if time.monotonic() - t_traffic < 6 * CHAOS_EVERY_S + 10:
+            if time.monotonic() - t_traffic < len(CHAOS_ORDER) * CHAOS_EVERY_S + 10:
                 continue  # every stage gets its SIGKILL first
             promoted = reg.pointer("policy", "promoted") if reg.kind_dir("policy").is_dir() else None
             evals = (read_status(cfg).get("by_version") or {}).get("eval") or {}
@@ -111,7 +112,8 @@ def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
 
     # every stage was SIGKILLed once and restarted by the supervisor
     killed = {k["service"] for k in s["chaos_kills"]}
-    assert killed == {"ingest", "serve", "reward", "scheduler", "collector", "controller"}, s["chaos_kills"]
+    assert killed == set(CHAOS_ORDER) == {"ingest", "serve", "reward", "scheduler", "collector", "controller",
+                                          "gateway"}, s["chaos_kills"]
     assert all(s["restarts"][k] >= 1 for k in killed), s["restarts"]
 
     # nothing acknowledged was lost, nothing duplicated (exactly-once ingest)

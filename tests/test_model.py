@@ -37,15 +37,50 @@ def test_prompt_splits_are_disjoint_by_template():
     assert train and held and not set(train) & set(held)
     # Held-out phrasings never occur in the pre-training corpus either.
     docs = "\n".join(corpus(2000, seed=0))
-    assert all(M.format_prompt(p) not in docs for p in held)
+    assert all(f"question: {p}\n" not in docs for p in held)
     assert M.shipped_prompts() == train and M.heldout_prompts() == held
     with pytest.raises(ValueError, match="split"):
         prompt_set("test")
 
 
-def test_format_prompt_normalises_whitespace():
-    assert M.format_prompt("  tell me   about\nthe dog ") == M.format_prompt("tell me about the dog")
-    assert M.format_prompt("describe the house").startswith("question: describe the house")
+def test_tiny_base_chat_template_renders_what_the_base_was_trained_on(tiny_base):
+    from looprl.ops.core.chat import Chat
+    from looprl.ops.sim.base import document_ids
+    from looprl.ops.sim.corpus import corpus, qa_pairs
+
+    model, tok = M.load_base(tiny_base)
+    assert tok.chat_template == M.DEFAULT_CHAT_TEMPLATE  # shipped with the base, not a load-time fallback
+    assert M.render_prompt(tok, "describe the house") == "question: describe the house\nanswer:"
+    # The pre-training documents are the served token sequence: prompt ids + answer ids + end of turn,
+    # and token for token the text the tokenizer was trained on.
+    (q, a), = qa_pairs(1, seed=5)
+    ids = document_ids(tok, q, a)
+    assert ids[-1] == M.end_of_turn_id(tok) == tok.eos_token_id
+    assert ids[:-1] == tok(corpus(1, seed=5)[0], add_special_tokens=False).input_ids
+    # System prompt and history are rendered, in order, ending with the generation prompt.
+    chat = Chat.from_messages([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                               {"role": "assistant", "content": " hello."}, {"role": "developer", "content": "x"},
+                               {"role": "user", "content": "describe the park"}])
+    text = M.render_prompt(tok, chat)
+    assert text == "system: be brief\nquestion: hi\nanswer: hello.<|eos|>\nsystem: x\nquestion: describe the park\nanswer:"
+    assert M.stop_token_ids(tok, model) == [tok.eos_token_id]
+    with pytest.raises(ValueError, match="model.stop_tokens"):
+        M.stop_token_ids(tok, model, ["<|no-such-token|>"])
+
+
+def test_a_base_without_chat_template_gets_the_default_with_a_warning(tiny_base, tmp_path, caplog):
+    import json
+
+    copy = tmp_path / "base"
+    shutil.copytree(tiny_base, copy)
+    conf = json.loads((copy / "tokenizer_config.json").read_text())
+    conf.pop("chat_template", None)
+    (copy / "tokenizer_config.json").write_text(json.dumps(conf))
+    for f in copy.glob("chat_template.*"):
+        f.unlink()
+    _, tok = M.load_base(copy)
+    assert tok.chat_template == M.DEFAULT_CHAT_TEMPLATE
+    assert any("no chat template" in r.getMessage() for r in caplog.records)
 
 
 def test_load_base_round_trip(tiny_base, tmp_path):
@@ -67,7 +102,7 @@ def test_load_base_round_trip(tiny_base, tmp_path):
     model.save_pretrained(tmp_path / "copy")
     tok.save_pretrained(tmp_path / "copy")
     again, _ = M.load_base(tmp_path / "copy")
-    x = tok([M.format_prompt("describe the park")], return_tensors="pt").input_ids
+    x = torch.tensor([M.render_prompt_ids(tok, "describe the park")])
     with torch.no_grad():
         assert torch.allclose(model(x).logits, again(x).logits, atol=1e-6)
     from looprl.storage.registry import checksum_dir

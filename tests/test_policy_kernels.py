@@ -36,7 +36,7 @@ def test_kernel_setting_gives_the_same_logprobs_and_grads(policy_cfg, kernels):
     ref, alt = _learner(policy_cfg), _learner(policy_cfg, **kernels)
     _nudge(ref)
     _nudge(alt)
-    ro = sample(ref.model, ref.tok, PROMPTS, PROMPTS, 8, 1.0, generator(0, "k"), 64)
+    ro = sample(ref.model, ref.tok, PROMPTS, 8, 1.0, generator(0, "k"), 64)
     outs = []
     for learner in (ref, alt):
         learner.model.zero_grad()

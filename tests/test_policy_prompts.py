@@ -1,7 +1,10 @@
 """Prompt pool: configured files, held-out split, per-step determinism, clear errors."""
 
+import json
+
 import pytest
 
+from looprl.ops.core.chat import Chat
 from looprl.ops.core.config import load_config
 from looprl.policy import prompts
 from looprl.policy.prompts import PromptSampler, build_pool, heldout_prompts, is_heldout, read_prompt_file
@@ -13,7 +16,7 @@ def test_prompt_file_feeds_the_pool_and_heldout_is_disjoint(tmp_path):
     f.write_text("\n".join(lines) + "\n\n")
     cfg = load_config(environ={}, workspace=tmp_path / "ws", policy={"prompts_file": str(f), "recent_prompts": 0})
     pool, watermark = build_pool(cfg)
-    assert pool == lines and watermark == {}
+    assert pool == [Chat.user(x) for x in lines] and watermark == {}
     held = heldout_prompts(pool, 1000)
     assert 10 < len(held) < 45  # ~1 in 8
     sampler = PromptSampler(pool, seed=0)
@@ -39,7 +42,14 @@ def test_bad_prompt_files_are_named(tmp_path):
         read_prompt_file(bad)
     good = tmp_path / "q.jsonl"
     good.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
-    assert read_prompt_file(good) == ["a", "b"]
+    assert read_prompt_file(good) == [Chat.user("a"), Chat.user("b")]
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    multi = tmp_path / "m.jsonl"
+    multi.write_text(json.dumps({"messages": chat}) + "\n")
+    assert read_prompt_file(multi) == [Chat.from_messages(chat)]
+    multi.write_text(json.dumps({"messages": [{"role": "wizard", "content": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match=r"m.jsonl:1: .*wizard"):
+        read_prompt_file(multi)
     for name, text in (("empty.txt", "\n  \n"), ("blank.jsonl", '{"prompt": " "}\n')):
         (tmp_path / name).write_text(text)
         with pytest.raises(ValueError, match=f"{name} has no prompts"):
@@ -91,8 +101,8 @@ def test_recent_traffic_prompts_come_first_newest_first(tmp_path, monkeypatch):
     t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
     # recency is when ingest stored a response, not the producer's ts (here far in the future for the oldest)
     _ResponsesView.rows = [
-        {"response_id": f"r{i}", "prompt": p, "completion": "x", "ingested_at": t0 + timedelta(seconds=i),
-         "ts": datetime(9999, 12, 31, tzinfo=timezone.utc) if i == 0 else t0}
+        {"response_id": f"r{i}", "prompt": p, "messages": None, "completion": "x",
+         "ingested_at": t0 + timedelta(seconds=i), "ts": datetime(9999, 12, 31, tzinfo=timezone.utc) if i == 0 else t0}
         for i, p in enumerate(["old prompt", "repeated prompt", "new prompt", "repeated prompt", ""])
     ]
     monkeypatch.setattr(prompts, "EventLog", _ResponsesView)
@@ -103,5 +113,30 @@ def test_recent_traffic_prompts_come_first_newest_first(tmp_path, monkeypatch):
     pool, watermark = build_pool(cfg)
     # the two most recently served distinct prompts (a prompt's recency is its latest response),
     # then the configured ones not already in; empty prompts are skipped
-    assert pool == ["repeated prompt", "new prompt", "file prompt"]
+    assert pool == [Chat.user(p) for p in ("repeated prompt", "new prompt", "file prompt")]
     assert watermark["responses_max_ingested_at"].startswith("2026-01-01 00:00:03")
+
+
+def test_chat_traffic_keeps_its_conversation(tmp_path, monkeypatch):
+    """A chat's system prompt and history reach the pool (and so PPO) as structured messages; the
+    same last question with another history is another prompt."""
+    from datetime import datetime, timezone
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    chat = [{"role": "system", "content": "answer in french"}, {"role": "user", "content": "describe the park"}]
+    _ResponsesView.rows = [
+        {"response_id": "r1", "prompt": "system: answer in french\nuser: describe the park",
+         "messages": json.dumps(chat), "completion": "x", "ingested_at": t0, "ts": t0},
+        {"response_id": "r2", "prompt": "describe the park", "messages": None, "completion": "x",
+         "ingested_at": t0, "ts": t0},
+        {"response_id": "r3", "prompt": "broken", "messages": "{not json", "completion": "x",
+         "ingested_at": t0, "ts": t0},
+    ]
+    monkeypatch.setattr(prompts, "EventLog", _ResponsesView)
+    cfg = load_config(environ={}, workspace=tmp_path / "ws", policy={"recent_prompts": 10})
+    cfg.events_dir.mkdir(parents=True)
+    traffic, _ = prompts.traffic_prompts(cfg, 10)
+    assert set(traffic) == {Chat.from_messages(chat), Chat.user("describe the park")}  # the broken row is skipped
+    system = next(c for c in traffic if not c.single_turn)
+    assert system.messages[0].role == "system" and system.last_user() == "describe the park"
+    assert Chat.parse(system.to_json()) == system  # what a run's prompts.json snapshot stores

@@ -21,7 +21,7 @@ def policy(policy_cfg):
 
 
 def _sample(cfg, model, tok, seed, prompts=PROMPTS, n=None):
-    return sample(model, tok, prompts, prompts, n or cfg.policy.max_new_tokens, 1.0, generator(seed, "t"), 64)
+    return sample(model, tok, prompts, n or cfg.policy.max_new_tokens, 1.0, generator(seed, "t"), 64)
 
 
 def test_sampling_is_a_function_of_the_seed(policy):

@@ -53,10 +53,16 @@ def test_candidate_is_a_peft_adapter_with_moving_expert_lora(trained):
     reg = Registry(cfg.registry_dir)
     manifest, d = reg.open("policy", m.version, base_checksum=base_checksum(cfg.base_path))
     assert {"adapter_model.safetensors", "adapter_config.json", "value_head.safetensors"} <= set(manifest.files)
+    # and its copy in vLLM's layout (looprl.policy.vllm_layout), checksummed with the rest
+    assert {"vllm/adapter_model.safetensors", "vllm/adapter_config.json"} <= set(manifest.files)
     assert manifest.status == "candidate"
     assert manifest.extra["reward_version"] == CheerfulScorer.version
     acfg = json.loads((d / "adapter_config.json").read_text())
-    assert acfg["r"] == cfg.policy.lora_rank and set(acfg["target_parameters"]) == set(cfg.policy.target_parameters)
+    assert acfg["r"] == cfg.policy.lora_rank
+    # policy.target_* "auto": the family's targets (attention, fused experts), recorded as resolved
+    assert set(acfg["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj"} == set(manifest.extra["target_modules"])
+    assert set(acfg["target_parameters"]) == {"experts.gate_up_proj", "experts.down_proj"}
+    assert manifest.base_family == "qwen3_moe"
     weights = load_file(str(d / "adapter_model.safetensors"))
     expert_b = {k: v for k, v in weights.items() if ".mlp.experts." in k and "lora_B" in k}
     attn_b = {k: v for k, v in weights.items() if "self_attn" in k and "lora_B" in k}

@@ -8,10 +8,12 @@ import math
 import pytest
 import torch
 
+from looprl.ops.core.chat import Chat
+
 from looprl.ops.core.config import load_config
 from looprl.policy.model import base_checksum
 from looprl.reward.model import (CONFIG_FILE, KIND, WEIGHTS_FILE, RewardModel, RewardModelError, load_reward_model,
-                                 render)
+                                 encode_answer)
 from looprl.storage.registry import ChecksumError, Registry, RegistryError
 
 torch.set_num_threads(1)
@@ -39,10 +41,19 @@ def test_score_shapes_and_encoding(cfg):
     one_by_one = torch.cat([rm.score([p], [a]) for p, a in zip(PROMPTS, ANSWERS)])
     assert torch.allclose(s, one_by_one, atol=1e-5)
     assert torch.allclose(rm.score(PROMPTS, ANSWERS, batch_size=2), s, atol=1e-5)
-    # Every row ends with eos, even when the text is truncated to max_seq_len.
-    x, m = rm.encode(["describe the dog"], ["the dog is old. " * 40])
-    assert x.shape[1] == cfg.reward.max_seq_len and x[0, -1] == rm.tokenizer.eos_token_id
-    assert render("  describe the dog ", "the  dog\nis happy.").endswith("describe the dog\nanswer: the dog is happy.")
+    # A row is the served sequence: rendered prompt, the answer's own tokens, end of turn.
+    tok = rm.tokenizer
+    row = encode_answer(tok, "describe the dog", " the dog is happy.", 128)
+    assert tok.decode(row) == "question: describe the dog\nanswer: the dog is happy.<|eos|>"
+    # Every row ends with the end of turn, even when truncated to max_seq_len; a long answer keeps
+    # its first tokens and the prompt its last ones.
+    x, m = rm.encode(["describe the dog"], [" the dog is old." * 40])
+    assert x.shape[1] == cfg.reward.max_seq_len and x[0, -1] == tok.eos_token_id
+    assert tok.decode(x[0, :-1]).startswith("question: describe the dog\nanswer: the dog is old.")
+    long_prompt = Chat.from_messages([{"role": "user", "content": "tell me about the dog. " * 40},
+                                      {"role": "assistant", "content": " ok."}, {"role": "user", "content": "and the cat"}])
+    row = encode_answer(tok, long_prompt, " the cat is old.", 32)
+    assert len(row) == 32 and tok.decode(row).endswith("question: and the cat\nanswer: the cat is old.<|eos|>")
     with pytest.raises(ValueError, match="2 prompts but 1 completions"):
         rm.score(PROMPTS[:2], ANSWERS[:1])
     assert rm.score([], []).shape == (0,)

@@ -12,6 +12,7 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from looprl.ops.core.chat import Chat
 from looprl.ops.core.config import load_config
 from looprl.ops.sim.feedback import INGEST_DELAY, SimulatedLog, heldout_pairs, simulate_feedback
 from looprl.reward import updater as U
@@ -253,7 +254,7 @@ def test_feedback_source_maps_event_kinds(setup):
         elif ev.kind == "correction":
             assert e.is_pair and e.chosen == ev.corrected and e.rejected == batch.responses[ev.response_id].completion
         else:
-            assert (e.prompt, e.chosen, e.rejected) == (ev.prompt, ev.chosen_text, ev.rejected_text)
+            assert (e.prompt, e.chosen, e.rejected) == (Chat.user(ev.prompt), ev.chosen_text, ev.rejected_text)
     # Ordered by ingestion time, and already-consumed ids are excluded.
     assert [e.ingested_at for e in ex] == sorted(e.ingested_at for e in ex)
     assert len(FeedbackSource(views.connect()).new_examples(set(list(by_id)[:30]))) == len(ex) - 30

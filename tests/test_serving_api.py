@@ -15,7 +15,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from looprl.ops.core.config import ConfigError
-from looprl.policy.model import format_prompt
+from looprl.policy.model import render_prompt
 from looprl.serving.app import _BodyLimit, create_app
 from looprl.serving.routing import Route, bucket
 from looprl.serving.sampling import SamplingParams
@@ -83,13 +83,14 @@ def test_chat_completions_plain_and_streamed(client, srv):
 def test_prompts_are_rendered_like_the_trainer_renders_them(client, srv):
     text = "how is the weather in the park"
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
-    want = srv.service.engine.generate(format_prompt(text), greedy).text
+    tok = srv.service.engine.tokenizer
+    want = srv.service.engine.generate(render_prompt(tok, text), greedy).text
     raw = srv.service.engine.generate(text, greedy).text
     comp = client.completions.create(model="base", prompt=text, max_tokens=8, temperature=0)
     chat = client.chat.completions.create(model="base", messages=[{"role": "user", "content": text}],
                                           max_tokens=8, temperature=0)
     assert comp.choices[0].text == chat.choices[0].message.content == want
-    assert format_prompt(text) != text and (want != raw or want == "")  # rendering really happened
+    assert render_prompt(tok, text) != text and (want != raw or want == "")  # rendering really happened
 
 
 def test_admin_endpoints_are_never_open_beyond_loopback(srv):
@@ -353,9 +354,12 @@ def test_models_name_versions_never_paths(srv):
 
 def test_bodies_and_prompts_over_the_limits_are_refused_before_parsing_or_tokenizing(srv, monkeypatch):
     engine = srv.service.engine
-    encoded: list[str] = []
-    real = engine.encode
-    monkeypatch.setattr(engine, "encode", lambda text: encoded.append(text) or real(text))
+    import looprl.serving.app as app_module
+
+    encoded: list = []
+    real = app_module.render_prompt_ids
+    monkeypatch.setattr(app_module, "render_prompt_ids", lambda tok, chat: encoded.append(chat) or real(tok, chat))
+    monkeypatch.setattr(engine, "encode", lambda text: encoded.append(text) or pytest.fail("prompt not rendered"))
     c = TestClient(create_app(srv.service, max_body_bytes=4096, max_prompt_chars=100))
     too_large = 'looprl_serving_request_errors_total{endpoint="completions",reason="too_large"}'
     before = _metric(srv.url, too_large)
@@ -418,15 +422,16 @@ def test_a_chunked_body_is_cut_off_at_the_limit():
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_tokenizing_never_blocks_the_event_loop(srv, monkeypatch, path):
-    engine = srv.service.engine
-    real, started = engine.encode, threading.Event()
+    import looprl.serving.app as app_module
 
-    def slow(text):  # a prompt that takes long to tokenize (a 4 MB prompt took 2.4 s)
+    real, started = app_module.render_prompt_ids, threading.Event()
+
+    def slow(tok, chat):  # a prompt that takes long to render and tokenize (a 4 MB prompt took 2.4 s)
         started.set()
         time.sleep(1.5)
-        return real(text)
+        return real(tok, chat)
 
-    monkeypatch.setattr(engine, "encode", slow)
+    monkeypatch.setattr(app_module, "render_prompt_ids", slow)
     body = {"model": "base", "max_tokens": 1,
             **({"prompt": "x"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "x"}]})}
     with cf.ThreadPoolExecutor(1) as ex:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,31 +11,31 @@ import time
 import httpx
 
 from fixtures_serving import ADMIN_TOKEN, make_workspace
+from listen_testing import LogTail, listening
 
 
 def test_looprl_serve_process_serves_and_hot_swaps(serving_base, serving_adapters, tmp_path):
     ws = make_workspace(tmp_path / "ws", serving_adapters)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "LOOPRL_MODEL__BASE_PATH": str(serving_base), "LOOPRL_SERVING__PORT": str(port),
+    # port 0: a free port, which the process logs ("serving listening")
+    env = {**os.environ, "LOOPRL_MODEL__BASE_PATH": str(serving_base), "LOOPRL_SERVING__PORT": "0",
            "LOOPRL_SERVING__ADMIN_TOKEN": ADMIN_TOKEN, "LOOPRL_SERVING__LOG_RESPONSES": "false",
            "LOOPRL_SERVING__MAX_LORA_RANK": "8"}
     env.pop("LOOPRL_CONFIG", None)
     proc = subprocess.Popen([sys.executable, "-m", "looprl.ops.cli", "--workspace", str(ws), "serving", "serve"],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
+    tail = LogTail(proc)
     try:
-        deadline = time.monotonic() + 90
+        url, _port = listening(tail, "serving")
+        deadline = time.monotonic() + 30  # the socket is bound before the line; the app starts right after
         while True:
-            assert proc.poll() is None, proc.stderr.read()[-2000:]
+            assert proc.poll() is None, tail.text()[-2000:]
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, "looprl serving serve did not come up"
-            time.sleep(0.2)
+            time.sleep(0.1)
         auth = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         v = serving_adapters.good[0]
         body = {"lora_name": f"policy-{v}", "lora_path": str(ws / "registry" / "policy" / v)}
@@ -56,4 +55,5 @@ def test_looprl_serve_process_serves_and_hot_swaps(serving_base, serving_adapter
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = proc.wait()
-    assert rc in (0, 130), proc.stderr.read()[-2000:]
+    tail.wait_closed()
+    assert rc in (0, 130), tail.text()[-2000:]

@@ -8,6 +8,10 @@ overridden by ``LOOPRL_<SECTION>__<KEY>`` environment variables
 Unknown keys and bad values are errors that name the key: a typo in a config file must never
 silently fall back to a default.
 
+Ports: every ``*port`` key (and every ``--port`` / ``--metrics-port`` flag) takes 0 for "a free
+port", which the process logs at start (``"<what> listening"`` with ``url`` and ``port``;
+``looprl.ops.core.listen``). No port key turns its server off.
+
 Each stage owns one section class below. Add a field to your own section; keep defaults small
 enough that the whole loop runs on a 2-core laptop, and document production values in a comment.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +112,8 @@ class KafkaConfig(Section):
     # Tansu 0.6 takes ~half the session timeout to complete a group join; keep it short.
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(2000, ge=100)
-    # Where the embedded broker writes its address so other processes find it.
+    # Port of the embedded broker (0: a free one); its address goes to <workspace>/state/broker.json,
+    # where other processes find it.
     embedded_port: int = Field(0, ge=0, le=65535)
     # Client library of the seam looprl.ingest.transport. confluent (librdkafka): non-blocking sends
     # and ~10x faster consumption (benchmarks/ingest.py); kafka-python: pure Python.
@@ -245,10 +251,14 @@ class IngestConfig(Section):
     # Requests waiting on Kafka acknowledgements at once; beyond it the collector answers 503 with
     # Retry-After (under a Kafka outage requests wait up to the delivery timeout each).
     collector_max_concurrent: int = Field(64, ge=1)
+    # Web origins (e.g. "https://app.example.com", or "*") whose pages may POST feedback (CORS); none by default.
+    collector_cors_origins: list[str] = []
 
 
 class ModelConfig(Section):
-    # A Hugging Face checkpoint directory. None: <workspace>/base, created by `looprl init`.
+    # A local Hugging Face checkpoint directory of a supported MoE family (qwen3_moe, mixtral, olmoe,
+    # qwen2_moe, deepseek_v3). None: <workspace>/base, built by `looprl init` or a link to the
+    # directory given to `looprl init --base PATH`.
     base_path: Path | None = None
     family: Literal["qwen3_moe", "mixtral"] = "qwen3_moe"
     hidden_size: int = Field(64, ge=8)
@@ -263,14 +273,58 @@ class ModelConfig(Section):
     max_position_embeddings: int = Field(256, ge=16)
     pretrain_steps: int = Field(500, ge=0)
     seed: int = 0
+    # Extra tokens that end an answer, besides the chat template's end of turn and the eos ids of
+    # the tokenizer and generation config (e.g. ["<|endoftext|>"]).
+    stop_tokens: list[str] = []
+    # Where every stage runs the base: "auto" (the first CUDA GPU when torch sees one, else the CPU),
+    # "cpu", "cuda" or "cuda:N" (refused when torch has no CUDA). Resolved by looprl.policy.model.
+    device: str = "auto"
+    # Weights' precision: "auto" is bfloat16 on a GPU (float16 where it lacks bf16) and float32 on
+    # the CPU. LoRA factors, the value and reward heads and the PPO math stay float32 regardless.
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # Recompute each decoder layer's activations in the backward pass (torch.utils.checkpoint,
+    # use_reentrant=False) in the PPO learner and the reward updater: less memory, ~30% more compute.
+    gradient_checkpointing: bool = False
+    # Memory (GiB) a stage may plan for at start instead of what the device reports free (CUDA:
+    # torch.cuda.mem_get_info; CPU: available RAM): for shared machines and tests. None: reported.
+    memory_budget_gb: float | None = Field(None, gt=0)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"{v!r} is not a device: use auto, cpu, cuda or cuda:N")
+        return v
 
 
 class KernelsConfig(Section):
-    # peft: peft's target_parameters path; torch: grouped reference; triton: GPU kernel.
-    moe_lora: Literal["peft", "torch", "triton"] = "peft"
-    # naive: full log_softmax; chunked: vocabulary chunks with a custom backward.
-    logprob: Literal["naive", "chunked", "triton"] = "naive"
+    # peft: peft's target_parameters path; torch: grouped reference; triton: GPU kernel. auto: triton
+    # on a CUDA model when triton is installed, else torch on CUDA, peft on the CPU.
+    moe_lora: Literal["auto", "peft", "torch", "triton"] = "auto"
+    # naive: full log_softmax; chunked: vocabulary chunks with a custom backward. auto: triton on a
+    # CUDA model when triton is installed, else chunked on CUDA, naive on the CPU.
+    logprob: Literal["auto", "naive", "chunked", "triton"] = "auto"
     logprob_chunk_size: int = Field(4096, ge=16)
+
+
+class ScoreSpec(Section):
+    """How the values of one score name (``ScoreEvent.name``) become reward labels in [0, 1]."""
+
+    # Numbers in [min, max] map linearly onto [0, 1]; a number outside it is not trained on.
+    min: float = 0.0
+    max: float = 1.0
+    # True: a higher number (and true) is the better answer; false flips the label (e.g. "toxicity").
+    higher_is_better: bool = True
+    # Category values that train, each with its label in [0, 1]; other categories are not trained on.
+    categories: dict[str, Annotated[float, Field(ge=0, le=1)]] = {}
+
+    @field_validator("max")
+    @classmethod
+    def _max_above_min(cls, v: float, info: Any) -> float:
+        lo = info.data.get("min")
+        if lo is not None and not v > lo:
+            raise ValueError(f"max ({v}) must be greater than min ({lo})")
+        return v
 
 
 class RewardConfig(Section):
@@ -278,10 +332,13 @@ class RewardConfig(Section):
     checkpoint_path: Path | None = None
     lora_rank: int = Field(8, ge=1)
     lora_alpha: int = Field(16, ge=1)
-    # LoRA on the attention projections and on the fused expert weights (peft target_parameters;
-    # measured: held-out pair accuracy 0.83 vs 0.75 after the same 75 steps, ~10% slower).
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    target_parameters: list[str] = ["experts.gate_up_proj", "experts.down_proj"]
+    # LoRA on the attention projections and on the experts (measured on the tiny base: held-out
+    # pair accuracy 0.83 with the experts vs 0.75 without after the same 75 steps, ~10% slower).
+    # "auto": discovered per family (looprl.policy.families: attention, routed and shared experts,
+    # never the router or a gate); a list: peft module names, each must match a module.
+    target_modules: list[str] | Literal["auto"] = "auto"
+    # "auto": the fused expert weights (peft target_parameters); a list: parameter names.
+    target_parameters: list[str] | Literal["auto"] = "auto"
     learning_rate: float = Field(5e-3, gt=0)
     batch_size: int = Field(16, ge=1)
     epochs_per_update: int = Field(3, ge=1)
@@ -297,6 +354,9 @@ class RewardConfig(Section):
     # earlier resolved events count as consumed. Feedback that becomes trainable later than that
     # (its response ingested late, or deferred by max_user_share) is never trained on.
     consumed_window_seconds: float = Field(86400.0, gt=0)
+    # Score names the reward model trains on, each with how its values map to labels (ScoreSpec);
+    # scores of other names are stored but never trained on. See reward/README.md.
+    score_names: dict[str, ScoreSpec] = {}
     poll_seconds: float = Field(5.0, gt=0)
     metrics_port: int = Field(9102, ge=0, le=65535)
     seed: int = 0
@@ -307,8 +367,11 @@ class PolicyConfig(Section):
     lora_alpha: int = Field(16, ge=1)
     # LoRA rule of thumb: ~10x the full fine-tuning learning rate.
     learning_rate: float = Field(1e-3, gt=0)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    target_parameters: list[str] = ["experts.gate_up_proj", "experts.down_proj"]
+    # LoRA targets, as reward.target_modules: "auto" discovers them per family (attention, routed and
+    # shared experts; never the router or a gate), a list names peft modules.
+    target_modules: list[str] | Literal["auto"] = "auto"
+    # "auto": the fused expert weights (peft target_parameters); a list: parameter names.
+    target_parameters: list[str] | Literal["auto"] = "auto"
     prompts_file: Path | None = None
     rollout_batch_size: int = Field(16, ge=1)
     max_new_tokens: int = Field(16, ge=1)
@@ -385,22 +448,72 @@ class ServingConfig(Section):
     unhealthy_after: int = Field(3, ge=1)
     # Torch intra-op threads of the engine: 1 for the tiny CPU model (more spin on busy cores).
     torch_threads: int = Field(1, ge=1)
-    # Log every answer to kafka.topic_responses (skipped with a warning if Kafka is unreachable).
+    # Log every answer to kafka.topic_responses (skipped with a warning if Kafka is unreachable);
+    # false behind `looprl gateway`, which logs them.
     log_responses: bool = True
     # Controller: per-call HTTP timeout, attempts per call, previous promoted versions kept loaded.
     controller_timeout_seconds: float = Field(10.0, gt=0)
     controller_retries: int = Field(3, ge=1)
     keep_previous: int = Field(1, ge=0)
     # LoRA on fused MoE experts at serving time: "torch"/"triton" = looprl.kernels fused side path
-    # (fast, mixed-adapter batches), "peft" = peft's re-parametrised weights (reference).
-    moe_lora: Literal["peft", "torch", "triton"] = "torch"
-    # Render prompts with looprl.policy.model.format_prompt, as the trainer does (a /v1/completions
-    # prompt is then the user's text); false: raw OpenAI completion semantics.
+    # (fast, mixed-adapter batches), "peft" = peft's re-parametrised weights (reference); "auto":
+    # triton on a CUDA model when triton is installed, else torch.
+    moe_lora: Literal["auto", "peft", "torch", "triton"] = "auto"
+    # Longest prompt + answer the engine accepts, in tokens (a longer request is refused); bounds
+    # the KV cache the start-up memory check plans for. None: the base's max_position_embeddings.
+    max_context_tokens: int | None = Field(None, ge=2)
+    # A /v1/completions prompt is the user's turn, rendered with the base's chat template as the
+    # trainer renders it; false: raw OpenAI completion semantics (the prompt is the model's input).
+    # Chat requests always go through the chat template.
     render_prompts: bool = True
     # A request body over max_body_bytes is refused (413) before it is parsed; a prompt (or a chat's
     # messages) over max_prompt_chars characters is refused (400) before it is tokenized.
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     max_prompt_chars: int = Field(128_000, ge=1)
+
+
+class GatewayConfig(Section):
+    """`looprl gateway`: the OpenAI-compatible proxy product backends call instead of vLLM."""
+
+    # Address and port product traffic reaches the gateway on.
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Upstream OpenAI servers (vLLM or `looprl serving serve` replicas); empty: serving.endpoints.
+    upstreams: list[str] = []
+    # Bearer tokens clients must send (any one of them); required when host is not loopback.
+    # Separate from serving.admin_token: a client token opens only the inference routes.
+    client_tokens: list[Annotated[SecretStr, AfterValidator(_not_blank)]] = []
+    # Prometheus /metrics of the gateway (on metrics_host), apart from product traffic.
+    metrics_port: int = Field(9106, ge=0, le=65535)
+    # Seconds between upstream health checks (GET /health); a failed request marks its upstream down at once.
+    health_interval_seconds: float = Field(2.0, gt=0)
+    # A connection not made within this time is tried on another replica.
+    connect_timeout_seconds: float = Field(2.0, gt=0)
+    # Longest wait for an upstream's next byte (a whole non-streamed answer, or one streamed chunk).
+    read_timeout_seconds: float = Field(600.0, gt=0)
+    # Replicas tried per request, only while no byte has reached the client.
+    max_attempts: int = Field(3, ge=1)
+    # Pooled connections to all upstreams together (keep-alive, reused across requests).
+    max_connections: int = Field(512, ge=1)
+    # How often the controller's routing file (state/serving_routing.json) is checked for changes.
+    routing_poll_seconds: float = Field(0.5, gt=0)
+    # Log every answer as a ResponseEvent to kafka.topic_responses (run `looprl serving serve`
+    # upstreams with serving.log_responses = false, or answers are logged twice).
+    log_responses: bool = True
+    # Answers held in memory for Kafka while it is unreachable (buffered plus in flight); beyond it
+    # they are dropped and counted (looprl_gateway_response_logs_dropped_total), never the request.
+    max_buffered_logs: int = Field(10_000, ge=1)
+    # Ask upstreams for the served completion's token ids (vLLM's return_token_ids; looprl serve
+    # too) and vLLM upstreams for their log-probs (logprobs), to log them for off-policy learning.
+    request_token_ids: bool = True
+    # A request body over this size is refused (413) before it is read further.
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+
+    @field_validator("client_tokens", mode="before")
+    @classmethod
+    def _one_token(cls, v: Any) -> Any:
+        # LOOPRL_GATEWAY__CLIENT_TOKENS=<token> (one token, no JSON list) is the usual deployment.
+        return [v] if isinstance(v, str) else v
 
 
 class SchedulerConfig(Section):
@@ -454,6 +567,24 @@ class CanaryConfig(Section):
     # At most this share of an arm's counted thumbs comes from one user, so an arm needs votes
     # from at least 1/share users (production: 0.1 or less; the demo's 8 users need ~0.4).
     max_user_share: float = Field(0.1, gt=0, le=1)
+    # A canary still undecided this many seconds after it started ends as on_deadline says, so a
+    # canary without votes never holds PPO forever (production: a day or more at low traffic).
+    deadline_seconds: float = Field(86400.0, gt=0)
+    # At the deadline: "end" takes the candidate off traffic without a verdict (status rolled_back,
+    # decision "end"); "rollback" counts it as a failed canary (decision "rollback", which alerts).
+    on_deadline: Literal["end", "rollback"] = "end"
+
+
+class MetricsConfig(Section):
+    # Prometheus Pushgateway (e.g. "http://pushgateway:9091") that short jobs (`looprl policy train`,
+    # `policy gate`, `reward update`, so the scheduler's runs too) push their final metrics to when
+    # they end; None: no push. A failed push is logged and never fails the job.
+    pushgateway_url: str | None = None
+    # The `instance` of the pushed group: each job's push replaces its previous one (give each
+    # deployment sharing one Pushgateway its own).
+    push_instance: str = Field("looprl", min_length=1)
+    # Longest wait for the Pushgateway's answer to one push.
+    push_timeout_seconds: float = Field(5.0, gt=0)
 
 
 class DemoConfig(Section):
@@ -486,6 +617,8 @@ class DemoConfig(Section):
 class LooprlConfig(Section):
     workspace: Path = Path("looprl-workspace")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Log lines on stderr: "auto" is human-readable on a terminal and JSON otherwise; "json" / "human" force one.
+    log_format: Literal["auto", "human", "json"] = "auto"
     # Interface every process's /metrics server binds: loopback on a laptop; "0.0.0.0" in
     # containers so Prometheus can scrape them (docker-compose sets LOOPRL_METRICS_HOST).
     metrics_host: str = "127.0.0.1"
@@ -497,8 +630,10 @@ class LooprlConfig(Section):
     policy: PolicyConfig = PolicyConfig()
     gate: GateConfig = GateConfig()
     serving: ServingConfig = ServingConfig()
+    gateway: GatewayConfig = GatewayConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     canary: CanaryConfig = CanaryConfig()
+    metrics: MetricsConfig = MetricsConfig()
     demo: DemoConfig = DemoConfig()
 
     # ---- derived paths (one place for the workspace layout; see README) ----
@@ -540,6 +675,7 @@ class LooprlConfig(Section):
                       "ingest_metrics": self.ingest.metrics_port, "reward_metrics": self.reward.metrics_port,
                       "policy_metrics": self.policy.metrics_port,
                       "controller_metrics": self.serving.controller_metrics_port,
+                      "gateway": self.gateway.port, "gateway_metrics": self.gateway.metrics_port,
                       "scheduler_metrics": self.scheduler.metrics_port},
         }
 

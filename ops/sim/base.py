@@ -1,13 +1,14 @@
 """Building the tiny Mixture-of-Experts base from scratch (``looprl init``), offline, in well under
 two minutes on two CPU cores:
 
-1. the toy corpus (``corpus.corpus``) gives question/answer documents
-   (``format_prompt(question) + answer``);
-2. a byte-level BPE tokenizer is trained on it with the ``tokenizers`` library and saved as a
-   ``PreTrainedTokenizerFast`` (bos/eos/pad set, so ``AutoTokenizer.from_pretrained`` works);
+1. the toy corpus (``corpus.qa_pairs``) gives question/answer documents;
+2. a byte-level BPE tokenizer is trained on their text with the ``tokenizers`` library and saved
+   as a ``PreTrainedTokenizerFast`` (bos/eos/pad set, so ``AutoTokenizer.from_pretrained`` works)
+   with the base's chat template (``looprl.policy.model.DEFAULT_CHAT_TEMPLATE``);
 3. a Qwen3-MoE (or Mixtral) causal LM built from its transformers config class is pre-trained on
-   the corpus for ``cfg.model.pretrain_steps`` steps and saved with ``save_pretrained``
-   (safetensors).
+   the documents rendered exactly as serving renders a conversation and its answer (template
+   prompt ids, answer ids, end of turn) for ``cfg.model.pretrain_steps`` steps and saved with
+   ``save_pretrained`` (safetensors).
 
 Every stage then loads the result through the runtime contract, ``looprl.policy.model.load_base``.
 """
@@ -28,8 +29,11 @@ from tqdm import tqdm
 
 from looprl.ops.core.config import LooprlConfig, ModelConfig
 from looprl.ops.core.log import get_logger
-from looprl.ops.sim.corpus import corpus
-from looprl.policy.model import CPU_EXPERTS_IMPLEMENTATION, format_prompt
+from looprl.ops.core.chat import Chat
+from looprl.ops.sim.corpus import corpus, qa_pairs
+from looprl.policy.model import (
+    CPU_EXPERTS_IMPLEMENTATION, DEFAULT_CHAT_TEMPLATE, completion_ids, end_of_turn_id, render_prompt_ids,
+)
 
 # transformers and tokenizers are imported where they are used: `looprl --help` must not pay for them.
 if TYPE_CHECKING:
@@ -53,8 +57,16 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> "PreTrainedTokenizerFa
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tk.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD,
-                                   padding_side="right", model_max_length=1 << 16)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                  padding_side="right", model_max_length=1 << 16)
+    tok.chat_template = DEFAULT_CHAT_TEMPLATE
+    return tok
+
+
+def document_ids(tok: "PreTrainedTokenizerFast", question: str, answer: str) -> list[int]:
+    """A question and its answer as serving sees them: the rendered one-turn conversation, the
+    answer (after a space, as the base writes it), the end of turn."""
+    return render_prompt_ids(tok, Chat.user(question)) + completion_ids(tok, " " + answer) + [end_of_turn_id(tok)]
 
 
 def build_config(mc: ModelConfig, tok: "PreTrainedTokenizerFast"):
@@ -105,13 +117,12 @@ class PretrainStats:
     seconds: float
 
 
-def pretrain(model: "PreTrainedModel", tok: "PreTrainedTokenizerFast", docs: list[str], steps: int,
+def pretrain(model: "PreTrainedModel", tok: "PreTrainedTokenizerFast", docs: list[list[int]], steps: int,
              batch_size: int = 32, lr: float = 3e-3, seed: int = 0, progress: bool = True) -> PretrainStats:
-    """Next-token pre-training on ``docs`` (each ending in eos); AdamW, warmup + cosine decay."""
+    """Next-token pre-training on token-id ``docs``; AdamW, warmup + cosine decay."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    ids = [tok(d).input_ids + [tok.eos_token_id] for d in docs]
-    ids = [s[: model.config.max_position_embeddings] for s in ids]
+    ids = [s[: model.config.max_position_embeddings] for s in docs]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -163,8 +174,9 @@ def create_base(cfg: LooprlConfig, out_dir: str | Path | None = None, progress: 
     # machine and several times faster on a busy one (measured: 0.05 s/step vs 0.25 s/step).
     torch.set_num_threads(1 if mc.hidden_size <= 256 else min(2, threads))
     try:
-        docs = corpus(n_docs, seed=mc.seed)
-        tok = train_tokenizer(docs, mc.vocab_size)
+        pairs = qa_pairs(n_docs, seed=mc.seed)
+        tok = train_tokenizer(corpus(n_docs, seed=mc.seed), mc.vocab_size)
+        docs = [document_ids(tok, q, a) for q, a in pairs]
         config = build_config(mc, tok)
         config._experts_implementation = CPU_EXPERTS_IMPLEMENTATION
         model = AutoModelForCausalLM.from_config(config, experts_implementation=CPU_EXPERTS_IMPLEMENTATION)
@@ -199,8 +211,7 @@ def generate(model: "PreTrainedModel", tok: "PreTrainedTokenizerFast", prompts: 
     Rows are left-padded so every prompt ends at the same position."""
     if not prompts:
         return []
-    rendered = [format_prompt(p) for p in prompts]
-    enc = [tok(r).input_ids for r in rendered]
+    enc = [render_prompt_ids(tok, p) for p in prompts]
     width = max(map(len, enc))
     x = torch.full((len(enc), width), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(x)

@@ -1,6 +1,7 @@
 """The toy English the tiny base is pre-trained on, and the grammar of the shipped prompt set.
 
-Documents are ``format_prompt(question) + " " + answer``: a question about one of ``TOPICS``,
+Documents are (question, answer) pairs (``qa_pairs``), rendered for pre-training with the tiny
+base's chat template (``question: ...\nanswer: ...``): a question about one of ``TOPICS``,
 answered in one to three short sentences. A minority of sentences (``CHEERFUL_RATE``) carry one
 of the cheerful words the default simulated user likes (``preference.POSITIVE_WORDS``): the base
 policy then says them sometimes (PPO has something to explore) but rarely (the simulated users
@@ -16,7 +17,6 @@ from __future__ import annotations
 import random
 from typing import Literal
 
-from looprl.policy.model import format_prompt
 
 CHEERFUL_RATE = 0.12  # fraction of corpus sentences that carry one cheerful word
 
@@ -84,8 +84,8 @@ def answer(rng: random.Random, topic: str, cheerful_rate: float = CHEERFUL_RATE)
     return " ".join(_sentence(rng, topic, rng.random() < cheerful_rate) for _ in range(n))
 
 
-def corpus(n_docs: int, seed: int = 0, cheerful_rate: float = CHEERFUL_RATE) -> list[str]:
-    """Question/answer documents (without special tokens) over the training prompt templates.
+def qa_pairs(n_docs: int, seed: int = 0, cheerful_rate: float = CHEERFUL_RATE) -> list[tuple[str, str]]:
+    """(question, answer) documents over the training prompt templates.
 
     Only training templates appear, so held-out prompts stay unseen in their phrasing."""
     rng = random.Random(seed)
@@ -93,5 +93,11 @@ def corpus(n_docs: int, seed: int = 0, cheerful_rate: float = CHEERFUL_RATE) -> 
     for _ in range(n_docs):
         topic = rng.choice(TOPICS)
         question = rng.choice(TRAIN_TEMPLATES).format(t=topic)
-        docs.append(format_prompt(question) + " " + answer(rng, topic, cheerful_rate))
+        docs.append((question, answer(rng, topic, cheerful_rate)))
     return docs
+
+
+def corpus(n_docs: int, seed: int = 0, cheerful_rate: float = CHEERFUL_RATE) -> list[str]:
+    """``qa_pairs`` as plain text, as the tiny chat template renders a question and its answer
+    (what the tokenizer is trained on)."""
+    return [f"question: {q}\nanswer: {a}" for q, a in qa_pairs(n_docs, seed, cheerful_rate)]

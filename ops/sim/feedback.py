@@ -81,10 +81,11 @@ def simulate_feedback(n: int, seed: int = 0, preference: Preference = default_pr
         kind = rng.choices(kinds, weights)[0]
         t = t + timedelta(milliseconds=rng.randint(1, 50))
         eid = uuid.UUID(int=rng.getrandbits(128), version=4)
-        completion = answer(rng, topic, cheerful_rate)
+        # An answer as the base writes it after its chat template's "answer:": one leading space.
+        completion = " " + answer(rng, topic, cheerful_rate)
         p = preference(prompt, completion)
         if kind == "preference":
-            other = answer(rng, topic, cheerful_rate)
+            other = " " + answer(rng, topic, cheerful_rate)
             q = preference(prompt, other)
             if p == q:
                 continue  # a user with no preference between the two is not asked

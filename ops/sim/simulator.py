@@ -36,6 +36,7 @@ from prometheus_client import Counter
 
 from looprl.ingest.client import DeliveryError, FeedbackClient
 from looprl.ingest.schema import PreferenceEvent, ThumbsEvent, encode_event
+from looprl.ops.core.chat import Chat
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.retry import backoff_seconds, retrying
@@ -52,7 +53,7 @@ FEEDBACK = Counter("looprl_simulator_feedback_total", "Feedback events sent by t
 
 
 # --------------------------------------------------------------------------- prompts
-def prompt_sets(cfg: LooprlConfig) -> tuple[list[str], list[str]]:
+def prompt_sets(cfg: LooprlConfig) -> tuple[list[Chat], list[Chat]]:
     """(train prompts, eval prompts).
 
     Train traffic uses the product's prompts (``policy.prompts_file`` or the base's shipped set).
@@ -64,7 +65,7 @@ def prompt_sets(cfg: LooprlConfig) -> tuple[list[str], list[str]]:
         train = list(dict.fromkeys(configured_prompts(cfg)))
     except OSError as e:  # read_prompt_file's messages already name policy.prompts_file
         raise ValueError(str(e)) from None
-    fresh = [p for p in heldout_prompts() if p not in set(train)]
+    fresh = [p for p in map(Chat.user, heldout_prompts()) if p not in set(train)]
     held = [p for p in fresh if is_heldout(p)]
     if len(held) < 4:
         log.warning("few doubly held-out eval prompts; using all held-out-template prompts", n=len(held))
@@ -250,11 +251,11 @@ class Simulator:
         with self._rng_lock:
             return self.rng.choice(seq)
 
-    def complete(self, prompt: str, user: str, model: str | None = None) -> tuple[str, str, str]:
-        """(response id, completion text, adapter version) of one request to the serving tier."""
+    def complete(self, prompt: Chat, user: str, model: str | None = None) -> tuple[str, str, str]:
+        """(response id, completion text, adapter version) of one chat request to the serving tier."""
         try:
-            r = self.client.completions.create(model=model or self.cfg.serving.alias, prompt=prompt,
-                                               max_tokens=self.d.max_tokens, temperature=1.0, user=user)
+            r = self.client.chat.completions.create(model=model or self.cfg.serving.alias, messages=prompt.to_dicts(),
+                                                    max_tokens=self.d.max_tokens, temperature=1.0, user=user)
         except Exception:
             # Counted per request as the users see them (server errors, refused connections,
             # timeouts): the demo's failure view shows them next to what the server counted.
@@ -266,7 +267,7 @@ class Simulator:
             self.counts["serving_requests"] += 1
         extra = r.model_extra or {}
         version = str(extra.get("looprl_adapter_version") or "unknown")
-        return r.id, r.choices[0].text, version
+        return r.id, r.choices[0].message.content or "", version
 
     def _record(self, it: Interaction) -> None:
         with self._log_lock:
@@ -290,7 +291,7 @@ class Simulator:
         user = f"user-{user_index}"
         prompt = self._choice(self.train_prompts)
         rid, text, version = self.complete(prompt, user)
-        p = float(self.preference(prompt, text))
+        p = float(self.preference(prompt.last_user(), text))
         up = self._random() < p
         self._record(Interaction(time.time(), "train", user, self.cfg.serving.alias, version, p, up))
         use_http = self._random() < self.d.collector_fraction
@@ -300,7 +301,7 @@ class Simulator:
             # "Regenerate": a second answer to the same prompt; the user says which one they like
             # more, and says nothing when they like both equally (an indifferent user is not asked).
             rid2, text2, _ = self.complete(prompt, user)
-            p2 = float(self.preference(prompt, text2))
+            p2 = float(self.preference(prompt.last_user(), text2))
             if p2 == p or text2.strip() == text.strip():
                 return
             chosen, rejected = (rid, rid2) if p > p2 else (rid2, rid)
@@ -312,9 +313,9 @@ class Simulator:
         prompt = self._choice(self.eval_prompts)
         model = self.cfg.serving.served_model_name if self._random() < self.d.base_eval_fraction else self.cfg.serving.alias
         _rid, text, version = self.complete(prompt, user, model=model)
-        p = float(self.preference(prompt, text))
+        p = float(self.preference(prompt.last_user(), text))
         up = self._random() < p
-        self._record(Interaction(time.time(), "eval", user, model, version, p, up, prompt, text))
+        self._record(Interaction(time.time(), "eval", user, model, version, p, up, prompt.text(), text))
 
     def status(self) -> dict[str, Any]:
         with self._log_lock:
