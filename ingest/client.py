@@ -7,14 +7,23 @@ too large) is handed to ``on_error(event, error)`` if given, and ``flush()``/``c
 so the caller can resend them (``client.send(event)`` with the same ``event_id`` is deduplicated).
 
     fb = FeedbackClient("localhost:9092")
-    fb.thumbs(response_id, up=True, user_id="u1")
+    fb.thumbs(response_id, up=True, user_id="u1", comment="spot on")
+    fb.score(response_id, "correctness", 0.8, metadata={"page": "checkout"})
     fb.preference(chosen_response_id=a, rejected_response_id=b)
     fb.flush()       # raises DeliveryError if anything was not acknowledged
     fb.close()
 
+``HttpFeedbackClient("https://collector:8090", token=...)`` has the same methods and guarantees,
+over the HTTP collector instead of Kafka (``looprl.ingest.http_transport``), for backends that
+should not talk to Kafka.
+
 On a Kafka with TLS or SASL, pass ``security=KafkaSecurity(...)`` (protocol, mechanism, username,
 password, cafile), or ``cfg.kafka.security("feedback")`` / ``cfg.kafka.security("responses")``
 from a looprl config.
+
+This module and ``looprl.ingest.schema`` are the light SDK: they import neither the training nor
+the serving stack (torch, transformers, ray, duckdb, pyarrow, fastapi), so ``pip install looprl``
+without extras is enough for them (tests/test_sdk_light.py checks it).
 """
 
 from __future__ import annotations
@@ -23,14 +32,15 @@ import threading
 from typing import Any, Callable
 
 from looprl.ingest import metrics as m
+from looprl.ingest.http_transport import HttpProducer
 from looprl.ingest.schema import (
-    CorrectionEvent, PreferenceEvent, RatingEvent, ResponseEvent, ThumbsEvent, encode_event,
+    CorrectionEvent, PreferenceEvent, RatingEvent, ResponseEvent, ScoreEvent, ThumbsEvent, encode_event,
 )
-from looprl.ingest.transport import ClientName, DeliveryFailed, make_producer
+from looprl.ingest.transport import ClientName, DeliveryFailed, Producer, make_producer
 from looprl.ops.core.config import KafkaSecurity
 from looprl.ops.core.log import get_logger
 
-__all__ = ["DeliveryError", "FeedbackClient", "KafkaSecurity", "ResponseLogger"]
+__all__ = ["DeliveryError", "FeedbackClient", "HttpFeedbackClient", "KafkaSecurity", "ResponseLogger"]
 
 log = get_logger(__name__)
 
@@ -60,16 +70,13 @@ class DeliveryError(RuntimeError):
 class _TrackedProducer:
     """Tracks every event from send to acknowledgement; failures are kept until ``flush``."""
 
-    def __init__(self, bootstrap_servers: str, topic: str, role: str, client: ClientName,
-                 on_error: ErrorCallback | None, delivery_timeout_s: float, linger_ms: int,
-                 security: KafkaSecurity | None = None):
+    def __init__(self, producer: Producer, topic: str, role: str, on_error: ErrorCallback | None,
+                 delivery_timeout_s: float):
         self.topic = topic
         self.role = role
         self.on_error = on_error
         self.delivery_timeout_s = delivery_timeout_s
-        self._producer = make_producer(bootstrap_servers, client, linger_ms=linger_ms,
-                                       delivery_timeout_ms=int(delivery_timeout_s * 1000),
-                                       client_id=f"looprl-{role}", security=security)
+        self._producer = producer
         self._lock = threading.Lock()
         self._pending: dict[int, Any] = {}
         self._failed: list[tuple[Any, Exception]] = []
@@ -142,34 +149,88 @@ class _TrackedProducer:
         self.close()
 
 
-class FeedbackClient(_TrackedProducer):
-    """Feedback from product backends to ``topic`` (default ``looprl.feedback``).
+class _FeedbackMethods:
+    """One method per feedback kind. Each builds the typed event (so bad input raises
+    ``pydantic.ValidationError`` naming the field, before anything is sent), sends it without
+    blocking and returns its ``event_id``. Every kind takes an optional ``comment`` (text) and
+    ``metadata`` (a small JSON object: ``schema.MAX_METADATA_*``); ``**fields`` sets the others
+    (``event_id``, ``ts``)."""
 
-    Each method builds the typed event (so bad input raises ``pydantic.ValidationError`` naming
-    the field, before anything is sent), sends it without blocking and returns its ``event_id``.
-    """
+    def send(self, event: Any) -> str:
+        raise NotImplementedError
+
+    def thumbs(self, response_id: str, up: bool, user_id: str | None = None, *, comment: str | None = None,
+               metadata: dict[str, Any] | None = None, **fields: Any) -> str:
+        return self.send(ThumbsEvent(response_id=response_id, up=up, user_id=user_id, comment=comment,
+                                     metadata=metadata, **fields))
+
+    def rating(self, response_id: str, rating: int, user_id: str | None = None, *, comment: str | None = None,
+               metadata: dict[str, Any] | None = None, **fields: Any) -> str:
+        return self.send(RatingEvent(response_id=response_id, rating=rating, user_id=user_id, comment=comment,
+                                     metadata=metadata, **fields))
+
+    def correction(self, response_id: str, corrected: str, user_id: str | None = None, *,
+                   comment: str | None = None, metadata: dict[str, Any] | None = None, **fields: Any) -> str:
+        return self.send(CorrectionEvent(response_id=response_id, corrected=corrected, user_id=user_id,
+                                         comment=comment, metadata=metadata, **fields))
+
+    def preference(self, chosen_response_id: str | None = None, rejected_response_id: str | None = None, *,
+                   prompt: str | None = None, chosen_text: str | None = None, rejected_text: str | None = None,
+                   user_id: str | None = None, comment: str | None = None, metadata: dict[str, Any] | None = None,
+                   **fields: Any) -> str:
+        return self.send(PreferenceEvent(
+            chosen_response_id=chosen_response_id, rejected_response_id=rejected_response_id, prompt=prompt,
+            chosen_text=chosen_text, rejected_text=rejected_text, user_id=user_id, comment=comment,
+            metadata=metadata, **fields))
+
+    def score(self, response_id: str, name: str, value: float | bool | str, user_id: str | None = None, *,
+              comment: str | None = None, metadata: dict[str, Any] | None = None, **fields: Any) -> str:
+        """A named score: LangSmith's ``create_feedback(run_id, key, score=..., comment=...)`` is
+        ``score(run_id, key, score, comment=...)`` (its categorical ``value=`` too); Langfuse's
+        ``create_score(trace_id, name, value, comment, metadata)`` is ``score(response_id, name,
+        value, comment=..., metadata=...)``. Which names train the reward model: ``reward.score_names``."""
+        return self.send(ScoreEvent(response_id=response_id, name=name, value=value, user_id=user_id,
+                                    comment=comment, metadata=metadata, **fields))
+
+
+class FeedbackClient(_TrackedProducer, _FeedbackMethods):
+    """Feedback from product backends to ``topic`` (default ``looprl.feedback``) on Kafka."""
 
     def __init__(self, bootstrap_servers: str, topic: str = "looprl.feedback", *, client: ClientName = "confluent",
                  on_error: ErrorCallback | None = None, delivery_timeout_s: float = 30.0, linger_ms: int = 5,
                  security: KafkaSecurity | None = None):
-        super().__init__(bootstrap_servers, topic, "feedback", client, on_error, delivery_timeout_s, linger_ms,
-                         security)
+        producer = make_producer(bootstrap_servers, client, linger_ms=linger_ms,
+                                 delivery_timeout_ms=int(delivery_timeout_s * 1000), client_id="looprl-feedback",
+                                 security=security)
+        super().__init__(producer, topic, "feedback", on_error, delivery_timeout_s)
 
-    def thumbs(self, response_id: str, up: bool, user_id: str | None = None, **fields: Any) -> str:
-        return self.send(ThumbsEvent(response_id=response_id, up=up, user_id=user_id, **fields))
 
-    def rating(self, response_id: str, rating: int, user_id: str | None = None, **fields: Any) -> str:
-        return self.send(RatingEvent(response_id=response_id, rating=rating, user_id=user_id, **fields))
+class HttpFeedbackClient(_TrackedProducer, _FeedbackMethods):
+    """``FeedbackClient`` over the HTTP collector (``looprl ingest collect``): the same methods,
+    ``flush``/``close`` raising ``DeliveryError`` and ``on_error``, for backends that should not talk
+    to Kafka. ``url``: the collector (``http://host:8090``); ``token``: its ``ingest.collector_token``.
+    Events are posted in batches by a background thread; connection errors, timeouts, 429 and 5xx
+    are retried (at most ``max_attempts`` attempts within ``delivery_timeout_s``), a refused event
+    (400, 401) is not. The collector takes feedback about served responses only: a preference
+    must name two served responses (``texts_not_accepted`` otherwise), checked here before sending.
+    """
 
-    def correction(self, response_id: str, corrected: str, user_id: str | None = None, **fields: Any) -> str:
-        return self.send(CorrectionEvent(response_id=response_id, corrected=corrected, user_id=user_id, **fields))
+    def __init__(self, url: str, token: str | None = None, *, on_error: ErrorCallback | None = None,
+                 delivery_timeout_s: float = 30.0, linger_ms: int = 5, request_timeout_s: float = 10.0,
+                 max_attempts: int = 5, max_batch_events: int = 500, transport: Any = None):
+        producer = HttpProducer(url, token, delivery_timeout_s=delivery_timeout_s, request_timeout_s=request_timeout_s,
+                                linger_ms=linger_ms, max_batch_events=max_batch_events, max_attempts=max_attempts,
+                                transport=transport)
+        super().__init__(producer, producer.url, "feedback", on_error, delivery_timeout_s)
 
-    def preference(self, chosen_response_id: str | None = None, rejected_response_id: str | None = None, *,
-                   prompt: str | None = None, chosen_text: str | None = None, rejected_text: str | None = None,
-                   user_id: str | None = None, **fields: Any) -> str:
-        return self.send(PreferenceEvent(
-            chosen_response_id=chosen_response_id, rejected_response_id=rejected_response_id, prompt=prompt,
-            chosen_text=chosen_text, rejected_text=rejected_text, user_id=user_id, **fields))
+    def send(self, event: Any) -> str:
+        if isinstance(event, ResponseEvent):
+            raise ValueError("the collector takes feedback only: answers are logged by the serving tier "
+                             "(ResponseLogger)")
+        if isinstance(event, PreferenceEvent) and (event.prompt or event.chosen_text or event.rejected_text):
+            raise ValueError("prompt, chosen_text, rejected_text: a preference sent to the collector names two "
+                             "served responses (chosen_response_id, rejected_response_id)")
+        return super().send(event)
 
 
 class ResponseLogger(_TrackedProducer):
@@ -179,8 +240,10 @@ class ResponseLogger(_TrackedProducer):
     def __init__(self, bootstrap_servers: str, topic: str = "looprl.responses", *, client: ClientName = "confluent",
                  on_error: ErrorCallback | None = None, delivery_timeout_s: float = 30.0, linger_ms: int = 20,
                  max_failed: int = 10_000, security: KafkaSecurity | None = None):
-        super().__init__(bootstrap_servers, topic, "responses", client, on_error, delivery_timeout_s, linger_ms,
-                         security)
+        producer = make_producer(bootstrap_servers, client, linger_ms=linger_ms,
+                                 delivery_timeout_ms=int(delivery_timeout_s * 1000), client_id="looprl-responses",
+                                 security=security)
+        super().__init__(producer, topic, "responses", on_error, delivery_timeout_s)
         self.max_failed = max_failed
 
     def log(self, event: ResponseEvent) -> str:

@@ -5,13 +5,23 @@
 
 - 202 ``{"accepted": n, "event_ids": [...]}`` once Kafka acknowledged every event (ids are
   generated for events without one: send your own ``event_id`` to make retries idempotent);
-- 400 ``{"error": "invalid_event", "errors": [{"index", "reason", "detail"}]}``: nothing of the
-  request is accepted (the ``detail`` names the bad field);
-- 401 missing/wrong token; 413 body over ``ingest.collector_max_body_bytes``;
-- 503 ``{"error": "not_delivered", "event_ids": [...]}``: Kafka did not acknowledge; retry;
-- 503 ``{"error": "busy"}``: ``ingest.collector_max_concurrent`` requests already wait on Kafka
+- errors have the shape of serving's and the gateway's, OpenAI's
+  ``{"error": {"message", "type", "param", "code"}}`` (``looprl.ops.core.errors``), plus details
+  beside ``"error"``:
+- 400 ``code`` = the first refused event's reason (``invalid_fields``, ``text_too_long``,
+  ``kind_not_accepted``, ``bad_json``, ...), ``param`` its field (``up``; in a batch ``3.up``, or
+  ``events.3.up`` for ``{"events": [...]}``), and ``"errors": [{"index", "reason", "detail"}]``
+  for every refused event: nothing of the request is accepted;
+- 401 ``code: "unauthorized"`` missing/wrong token; 413 ``code: "too_large"`` body over
+  ``ingest.collector_max_body_bytes`` (or more than ``MAX_EVENTS_PER_REQUEST`` events);
+- 503 ``code: "not_delivered"`` with ``"event_ids": [...]``: Kafka did not acknowledge; retry;
+- 503 ``code: "busy"``: ``ingest.collector_max_concurrent`` requests already wait on Kafka
   (e.g. during an outage, each waits up to the delivery timeout); retry.
   Both 503s carry ``Retry-After`` (seconds).
+
+CORS: pages from the origins in ``ingest.collector_cors_origins`` (none by default) may post
+feedback from a browser; preflight requests (``OPTIONS``) are answered for them, allowing the
+``Authorization`` and ``Content-Type`` headers.
 
 Feedback only, to the feedback topic: answers are logged by the serving tier or a gateway
 (``ResponseLogger``, on the responses topic, which the collector never writes), so an event of kind
@@ -33,7 +43,10 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from looprl.ingest import metrics as m
 from looprl.ingest.schema import (
@@ -41,6 +54,7 @@ from looprl.ingest.schema import (
 )
 from looprl.ingest.transport import Producer, ensure_topics, make_producer, wait_for_broker
 from looprl.ops.core.config import LooprlConfig, require_token_off_loopback
+from looprl.ops.core.errors import error_response
 from looprl.ops.core.listen import run_http
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import metrics_app
@@ -55,27 +69,47 @@ RETRY_NOT_DELIVERED_S = 5
 _PAIR_TEXTS = ("prompt", "chosen_text", "rejected_text")
 
 
-def _reply(code: int, body: dict[str, Any], retry_after_s: int | None = None) -> JSONResponse:
+def _reply(code: int, body: dict[str, Any]) -> JSONResponse:
     m.COLLECTOR_REQUESTS.labels(code=str(code)).inc()
+    return JSONResponse(body, status_code=code)
+
+
+def _fail(status: int, message: str, *, code: str, param: str | None = None, retry_after_s: int | None = None,
+          **extra: Any) -> JSONResponse:
+    m.COLLECTOR_REQUESTS.labels(code=str(status)).inc()
     headers = None if retry_after_s is None else {"Retry-After": str(retry_after_s)}
-    return JSONResponse(body, status_code=code, headers=headers)
+    return error_response(status, message, param=param, code=code, headers=headers, **extra)
 
 
-def _events_of(body: Any) -> list[Any]:
+def _refused(errors: list[dict[str, Any]], batch: str | None) -> JSONResponse:
+    """400 for refused events; ``batch``: how the events were sent (None: one object, "" a JSON
+    array, "events" the ``{"events": [...]}`` form), to name the first bad field's path."""
+    first = errors[0]
+    field = first.get("field")
+    if first["index"] is not None and batch is not None:
+        field = ".".join(str(p) for p in (batch or None, first["index"], field) if p not in (None, ""))
+    where = "" if first["index"] is None or batch is None else f"event {first['index']}: "
+    more = f" (and {len(errors) - 1} more refused events)" if len(errors) > 1 else ""
+    listed = [{k: e[k] for k in ("index", "reason", "detail")} for e in errors[:100]]
+    return _fail(400, f"{where}{first['detail']}{more}", code=first["reason"], param=field or None, errors=listed)
+
+
+def _events_of(body: Any) -> tuple[list[Any], str | None]:
+    """The events of a request body and its form (see ``_refused``)."""
     if isinstance(body, list):
-        return body
+        return body, ""
     if isinstance(body, dict) and set(body) == {"events"}:
         if not isinstance(body["events"], list):
-            raise InvalidEvent("invalid_fields", "events: expected a JSON array of events")
-        return body["events"]
-    return [body]
+            raise InvalidEvent("invalid_fields", "events: expected a JSON array of events", "events")
+        return body["events"], "events"
+    return [body], None
 
 
 def _check_feedback_kind(obj: Any) -> None:
     if isinstance(obj, dict) and obj.get("kind") == "response":
         raise InvalidEvent("kind_not_accepted", "kind: 'response' is not accepted here: answers are logged by the "
                                                 "serving tier or gateway (ResponseLogger, kafka.topic_responses); "
-                                                f"send feedback: {', '.join(FEEDBACK_KINDS)}")
+                                                f"send feedback: {', '.join(FEEDBACK_KINDS)}", "kind")
 
 
 def _check_served_pair(event: Any) -> None:
@@ -84,7 +118,20 @@ def _check_served_pair(event: Any) -> None:
         if given:
             raise InvalidEvent("texts_not_accepted", f"{', '.join(given)}: a preference sent here names the two "
                                                      "served responses (chosen_response_id, rejected_response_id) "
-                                                     "and takes its texts from them")
+                                                     "and takes its texts from them", given[0])
+
+
+class _Cors(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight in the collector's error shape."""
+
+    def preflight_response(self, request_headers: Any) -> Any:
+        r = super().preflight_response(request_headers)
+        if r.status_code != 400:
+            return r
+        m.COLLECTOR_REQUESTS.labels(code="400").inc()
+        return error_response(400, f"CORS preflight refused: {bytes(r.body).decode()} (allowed: "
+                                   "ingest.collector_cors_origins)", code="cors_refused",
+                              headers={"Vary": r.headers.get("vary", "Origin")})
 
 
 def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float = 30.0) -> FastAPI:
@@ -92,8 +139,23 @@ def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float 
     token = ing.collector_token.get_secret_value().encode() if ing.collector_token else None
     ts_window = TsWindow(ing.ts_max_past_s, ing.ts_max_future_s)
     waiting = 0  # requests waiting on Kafka; the event loop is one thread, so a plain counter
-    app = FastAPI(title="looprl feedback collector", docs_url=None, redoc_url=None)
+    app = FastAPI(title="looprl feedback collector", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/metrics", metrics_app())
+    if ing.collector_cors_origins:
+        # Preflights are answered here, before the token check: browsers send them without credentials.
+        app.add_middleware(_Cors, allow_origins=ing.collector_cors_origins, allow_methods=["POST"],
+                           allow_headers=["Authorization", "Content-Type"], max_age=600)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:  # 404, 405: the same shape
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        m.COLLECTOR_REQUESTS.labels(code=str(exc.status_code)).inc()
+        return error_response(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code,
+                              headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _fail(400, str(exc)[:300], code="invalid_request")
 
     @app.get("/health")
     def health() -> dict[str, str]:
@@ -105,33 +167,31 @@ def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float 
         if token is not None:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token):
-                return _reply(401, {"error": "unauthorized", "detail": "missing or wrong bearer token"})
+                return _fail(401, "missing or wrong bearer token (ingest.collector_token)", code="unauthorized")
         limit = ing.collector_max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _reply(413, {"error": "too_large", "detail": f"body of {declared} bytes > {limit}"})
+            return _fail(413, f"body of {declared} bytes > {limit} (ingest.collector_max_body_bytes)",
+                         code="too_large")
         raw = bytearray()
         async for chunk in request.stream():  # bounded read: never buffer more than the limit
             raw += chunk
             if len(raw) > limit:
-                return _reply(413, {"error": "too_large", "detail": f"body over {limit} bytes"})
+                return _fail(413, f"body over {limit} bytes (ingest.collector_max_body_bytes)", code="too_large")
         try:
             body = json.loads(bytes(raw))
         except (UnicodeDecodeError, ValueError, RecursionError) as e:
             m.COLLECTOR_REJECTED.labels(reason="bad_json").inc()
-            return _reply(400, {"error": "invalid_event", "errors": [
-                {"index": None, "reason": "bad_json", "detail": str(e)[:200]}]})
+            return _refused([{"index": None, "reason": "bad_json", "detail": f"body is not JSON: {e}"[:200]}], None)
         try:
-            items = _events_of(body)
+            items, batch = _events_of(body)
         except InvalidEvent as e:
             m.COLLECTOR_REJECTED.labels(reason=e.reason).inc()
-            return _reply(400, {"error": "invalid_event", "errors": [{"index": None, "reason": e.reason,
-                                                                       "detail": e.detail}]})
+            return _refused([{"index": None, "reason": e.reason, "detail": e.detail, "field": e.field}], None)
         if not items:
-            return _reply(400, {"error": "invalid_event", "errors": [
-                {"index": None, "reason": "invalid_fields", "detail": "no events in the request"}]})
+            return _refused([{"index": None, "reason": "invalid_fields", "detail": "no events in the request"}], None)
         if len(items) > MAX_EVENTS_PER_REQUEST:
-            return _reply(413, {"error": "too_large", "detail": f"{len(items)} events > {MAX_EVENTS_PER_REQUEST}"})
+            return _fail(413, f"{len(items)} events in one request > {MAX_EVENTS_PER_REQUEST}", code="too_large")
         events, errors = [], []
         for i, obj in enumerate(items):
             try:
@@ -140,16 +200,17 @@ def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float 
                 _check_served_pair(ev)
                 size = len(encode_event(ev))
                 if size > ing.max_event_bytes:  # the consumer would dead-letter it: refuse it now
-                    raise InvalidEvent("too_large", f"event of {size} bytes > {ing.max_event_bytes}")
+                    raise InvalidEvent("too_large", f"event of {size} bytes > {ing.max_event_bytes} "
+                                                    "(ingest.max_event_bytes)")
                 events.append(ev)
             except InvalidEvent as e:
-                errors.append({"index": i, "reason": e.reason, "detail": e.detail})
+                errors.append({"index": i, "reason": e.reason, "detail": e.detail, "field": e.field})
                 m.COLLECTOR_REJECTED.labels(reason=e.reason).inc()
         if errors:
-            return _reply(400, {"error": "invalid_event", "errors": errors[:100]})
+            return _refused(errors, batch)
         if waiting >= ing.collector_max_concurrent:
-            return _reply(503, {"error": "busy", "detail": f"{waiting} requests wait on Kafka "
-                                                           f"(ingest.collector_max_concurrent)"}, RETRY_BUSY_S)
+            return _fail(503, f"busy: {waiting} requests wait on Kafka (ingest.collector_max_concurrent); retry",
+                         code="busy", retry_after_s=RETRY_BUSY_S)
         waiting += 1
         try:
             failed = await _deliver(producer, events, k.topic_feedback, delivery_timeout_s)
@@ -157,8 +218,9 @@ def create_app(cfg: LooprlConfig, producer: Producer, delivery_timeout_s: float 
             waiting -= 1
         if failed:
             log.warning("collector: events not delivered", count=len(failed), error=failed[0][1])
-            return _reply(503, {"error": "not_delivered", "event_ids": [str(e.event_id) for e, _ in failed],
-                                "detail": failed[0][1]}, RETRY_NOT_DELIVERED_S)
+            return _fail(503, f"{len(failed)} event(s) not acknowledged by Kafka: {failed[0][1]}; retry",
+                         code="not_delivered", retry_after_s=RETRY_NOT_DELIVERED_S,
+                         event_ids=[str(e.event_id) for e, _ in failed])
         for e in events:
             m.COLLECTOR_EVENTS.labels(kind=e.kind).inc()
         return _reply(202, {"accepted": len(events), "event_ids": [str(e.event_id) for e in events]})

@@ -6,13 +6,18 @@ with ``stream: true`` as server-sent events). A chat is rendered with the base's
 completion prompt is the user's turn of such a chat unless ``render_prompts`` is off. The logged
 event keeps the messages as sent. Every answer carries the adapter version that
 produced it: JSON field ``looprl_adapter_version`` and header ``X-Looprl-Adapter``; and is
-logged as a ``ResponseEvent`` (response_id = the OpenAI response id) when a logger is set.
+logged as a ``ResponseEvent`` (response_id = the OpenAI response id) when a logger is set. With
+``n > 1`` each choice is its own event, under ``choice_response_id`` (``<id>`` for choice 0,
+``<id>-<i>`` for the others), which every choice also carries as ``looprl_response_id``.
 
 Admin (Bearer token): vLLM's ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``,
 and the looprl extensions ``POST /v1/looprl/alias`` and ``GET /v1/looprl/state``.
 Also ``GET /health`` and ``GET /metrics`` (prometheus_client's ASGI app, mounted).
 
-Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``.
+Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` on every route,
+Starlette's 404 and 405 included; a body that fails validation gets one readable message naming
+the field (``looprl.ops.core.validation``), and a field this server would not honour a 400 naming
+it (``looprl.serving.protocol.UNSUPPORTED``).
 
 Size limits keep one request from stalling the others: a body over ``max_body_bytes`` is refused
 with 413 before it is parsed, a prompt over ``max_prompt_chars`` characters with 400 before it
@@ -37,19 +42,23 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from looprl.ingest.schema import ChatMessage
 from looprl.ops.core.config import ServingConfig
+from looprl.ops.core.errors import error_body, error_response
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import metrics_app
+from looprl.ops.core.validation import readable_error
 from looprl.ops.core.chat import Chat
 from looprl.policy.model import render_prompt_ids
 from looprl.serving import metrics as m
 from looprl.serving.adapters import AdapterError
 from looprl.serving.attribution import (
-    ADAPTER_HEADER, ResponseRecorder, logged_conversation, response_event, sampling_of,
+    ADAPTER_HEADER, RESPONSE_ID_FIELD, ResponseRecorder, choice_response_id, logged_conversation, response_event,
+    sampling_of,
 )
 from looprl.serving.engine import BASE_VERSION, EngineError, Finished
 from looprl.serving.protocol import (
@@ -161,20 +170,33 @@ def _service(request: Request) -> ServingService:
 
 
 def _error(status: int, message: str, *, param: str | None = None, code: str | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-            404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error",
-            503: "overloaded_error"}.get(status, "server_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    # The shape shared with the gateway and the feedback collector (looprl.ops.core.errors).
+    return error_response(status, message, param=param, code=code)
 
 
 # ---------------------------------------------------------------------- errors
 async def _bad_body(request: Request, exc: RequestValidationError) -> JSONResponse:
-    err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
-    field = ".".join(loc) or None
+    # One readable message naming the field as a client writes it (messages[0].content), union
+    # members collapsed (looprl.ops.core.validation).
+    param, message = readable_error(exc.errors(), getattr(exc, "body", None))
     m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason="invalid_request").inc()
-    msg = err.get("msg", "invalid request")
-    return _error(400, f"{field}: {msg}" if field else msg, param=field)
+    return _error(400, message, param=param, code="invalid_request")
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's own errors (unknown path, wrong method) in the OpenAI shape, not ``{"detail"}``."""
+    status = exc.status_code
+    if status == 404:
+        message, code = f"no such route: {request.method} {request.url.path}", "not_found"
+    elif status == 405:
+        allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow")
+        message = f"method {request.method} is not allowed on {request.url.path}" + \
+            (f" (allowed: {allowed})" if allowed else "")
+        code = "method_not_allowed"
+    else:
+        message, code = str(exc.detail), None
+    m.ERRORS.labels(endpoint=ROUTES.get(request.url.path, "other"), reason=code or f"http_{status}").inc()
+    return error_response(status, message, code=code, headers=dict(exc.headers) if exc.headers else None)
 
 
 async def _engine_error(request: Request, exc: EngineError) -> JSONResponse:
@@ -209,17 +231,22 @@ def require_admin(request: Request) -> None:
 
 
 # ---------------------------------------------------------------------- generation
-def _log_response(request: Request, rid: str, body: CompletionRequest | ChatCompletionRequest, prompt: str,
-                  messages: list[ChatMessage] | None, fin: Finished) -> None:
-    """Log the answer (``looprl.serving.attribution``: the gateway logs the same way)."""
+def _log_response(request: Request, rid: str, index: int, body: CompletionRequest | ChatCompletionRequest,
+                  prompt: str, messages: list[ChatMessage] | None, fin: Finished) -> None:
+    """Log choice ``index`` of the answer with id ``rid`` as its own event, under
+    ``choice_response_id(rid, index)`` and with the seed it was sampled with
+    (``looprl.serving.attribution``: the gateway logs the same way)."""
     recorder: ResponseRecorder | None = request.app.state.response_logger
     if recorder is None:
         return
+    rid = choice_response_id(rid, index)
     try:
+        sent = body.model_dump(exclude_unset=True)
+        if body.seed is not None:
+            sent["seed"] = body.seed_of(index)
         event = response_event(
             response_id=rid, model=body.model, completion=fin.text, version=fin.version, user=body.user,
-            prompt=prompt, messages=messages, sampling=sampling_of(body.model_dump(exclude_unset=True)),
-            token_ids=fin.token_ids,
+            prompt=prompt, messages=messages, sampling=sampling_of(sent), token_ids=fin.token_ids,
         )
     except Exception as e:  # logging is best effort: never fail a served answer because of it
         m.RESPONSE_LOG_FAILURES.inc()
@@ -230,80 +257,118 @@ def _log_response(request: Request, rid: str, body: CompletionRequest | ChatComp
 
 async def _generate(
     request: Request, *, endpoint: str, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
-    chunk: Callable[[Submitted, str | None, str | None], dict], final: Callable[[Submitted, Finished], dict],
-    first: Callable[[Submitted], dict] | None, on_done: Callable[[Finished], None],
+    chunk: Callable[[Submitted, int, str | None, str | None], dict],
+    final: Callable[[Submitted, list[Finished]], dict],
+    first: Callable[[Submitted, int], dict] | None, on_done: Callable[[int, Finished], None],
 ) -> Response:
+    """Generate ``body.n`` choices of one prompt and answer them, whole or streamed. ``chunk(sub,
+    index, delta, finish)``: a stream chunk of one choice; ``final(sub, finished)``: the whole
+    answer; ``first(sub, index)``: a choice's opening chunk (chat); ``on_done(index, finished)``:
+    a choice is complete (logged before the client sees its end)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
+    n = body.n
 
-    def sink(ev: tuple[str, Any]) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, ev)
+    def sink_of(index: int) -> Callable[[tuple[str, Any]], None]:
+        def sink(ev: tuple[str, Any]) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (index, ev))
+        return sink
 
-    params = body.to_sampling_params(request.app.state.default_max_tokens)
-    sub = _service(request).submit(body.model, body.user, prompt_ids, params, sink)
+    default_max_tokens = request.app.state.default_max_tokens
+    params = [body.to_sampling_params(default_max_tokens, i) for i in range(n)]
+    sub = _service(request).submit(body.model, body.user, prompt_ids, params, [sink_of(i) for i in range(n)])
     headers = {ADAPTER_HEADER: sub.version}
 
-    async def next_event() -> tuple[str, Any]:
+    async def next_event() -> tuple[int, tuple[str, Any]]:
         return await asyncio.wait_for(events.get(), timeout=REQUEST_TIMEOUT_S)
 
     if not body.stream:
+        done: list[Finished | None] = [None] * n
         answered = False
         try:
-            while True:
-                kind, payload = await next_event()
-                if kind == "done":
-                    answered = True
+            while not answered:
+                index, (kind, payload) = await next_event()
+                if kind != "done":
+                    continue
+                done[index] = payload
+                if payload.finish_reason == "error":
                     break
+                answered = all(f is not None for f in done)
         except asyncio.TimeoutError:
             m.ERRORS.labels(endpoint=endpoint, reason="timeout").inc()
             m.REQUESTS_FAILED.labels(adapter=sub.adapter or BASE_VERSION, reason="timeout").inc()
             return _error(504, "generation timed out", code="timeout")
         finally:
-            if not answered:  # timed out or cancelled: stop generating an answer nobody waits for
-                sub.handle.cancel()
-        if payload.finish_reason == "error":
+            if not answered:  # timed out, cancelled or a choice failed: stop generating the others
+                sub.cancel()
+        if not answered:
+            fin = next(f for f in done if f is not None and f.finish_reason == "error")
             m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
-            return _error(503 if payload.fault == "shutdown" else 500, payload.error or "engine error",
-                          code=payload.fault)
-        on_done(payload)
-        answer = final(sub, payload)
+            return _error(503 if fin.fault == "shutdown" else 500, fin.error or "engine error", code=fin.fault)
+        fins = [f for f in done if f is not None]
+        for index, fin in enumerate(fins):
+            on_done(index, fin)
+        answer = final(sub, fins)
         if body.return_token_ids:  # vLLM's extension: the completion's token ids, per choice
-            answer["choices"][0]["token_ids"] = list(payload.token_ids)
+            for index, fin in enumerate(fins):
+                answer["choices"][index]["token_ids"] = list(fin.token_ids)
         return JSONResponse(answer, headers=headers)
 
     async def stream() -> AsyncIterator[str]:
         finished = False
+        fins: list[Finished] = []
         try:
             if first is not None:
-                yield f"data: {json.dumps(first(sub))}\n\n"
-            while True:
-                kind, payload = await next_event()
+                for index in range(n):
+                    yield f"data: {json.dumps(first(sub, index))}\n\n"
+            while len(fins) < n:
+                index, (kind, payload) = await next_event()
                 if kind == "delta":
-                    yield f"data: {json.dumps(chunk(sub, payload, None))}\n\n"
+                    yield f"data: {json.dumps(chunk(sub, index, payload, None))}\n\n"
                     continue
-                finished = True
-                break
-            if payload.finish_reason == "error":
-                m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
-                err = {"error": {"message": payload.error or "engine error", "type": "server_error",
-                                 "param": None, "code": payload.fault}}
-                yield f"data: {json.dumps(err)}\n\n"
-                return
-            on_done(payload)  # logged before the client sees the end, so feedback can never outrun it
-            last = chunk(sub, None, payload.finish_reason)
-            if body.return_token_ids:  # all token ids in the last chunk (vLLM: each chunk's own)
-                last["choices"][0]["token_ids"] = list(payload.token_ids)
-            yield f"data: {json.dumps(last)}\n\n"
+                if payload.finish_reason == "error":  # the other choices are cancelled (finally)
+                    m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
+                    err = error_body(payload.error or "engine error", type="server_error", code=payload.fault)
+                    yield f"data: {json.dumps(err)}\n\n"
+                    return
+                fins.append(payload)
+                on_done(index, payload)  # logged before the client sees its end: feedback never outruns it
+                last = chunk(sub, index, None, payload.finish_reason)
+                if body.return_token_ids:  # all token ids in the choice's last chunk (vLLM: each chunk's own)
+                    last["choices"][0]["token_ids"] = list(payload.token_ids)
+                yield f"data: {json.dumps(last)}\n\n"
+            finished = True
             if body.include_usage():
-                usage = {**chunk(sub, None, None), "choices": [], "usage": _usage(payload)}
+                usage = {**chunk(sub, 0, None, None), "choices": [], "usage": _usage(fins)}
                 yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            if not finished:  # client went away or timed out: stop generating for it
-                sub.handle.cancel()
+            if not finished:  # client went away, timed out, or a choice failed: stop generating for it
+                sub.cancel()
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={**headers, "Cache-Control": "no-cache"})
+
+
+def _refused(request: Request, endpoint: str, body: CompletionRequest | ChatCompletionRequest) -> JSONResponse | None:
+    """The 400 for a request this server would not honour as asked (``protocol.UNSUPPORTED``), a
+    ``logit_bias`` naming a token outside the vocabulary, or more choices than the queue holds."""
+    engine = _service(request).engine
+    refused = body.unsupported()
+    if refused is not None:
+        param, message = refused
+        m.ERRORS.labels(endpoint=endpoint, reason="unsupported").inc()
+        return _error(400, message, param=param, code="unsupported")
+    outside = sorted(t for t in (body.logit_bias or {}) if t >= engine.vocab_size)
+    if outside:
+        m.ERRORS.labels(endpoint=endpoint, reason="invalid_request").inc()
+        return _error(400, f"logit_bias: token id {outside[0]} is not in the vocabulary (ids 0 to "
+                           f"{engine.vocab_size - 1})", param="logit_bias", code="invalid_request")
+    if body.n > engine.max_queue:
+        m.ERRORS.labels(endpoint=endpoint, reason="invalid_request").inc()
+        return _error(400, f"n: {body.n} choices are more than the server queues at once ({engine.max_queue}, "
+                           "serving.max_queue)", param="n", code="invalid_request")
+    return None
 
 
 def _too_long(request: Request, endpoint: str, chars: int, param: str) -> JSONResponse | None:
@@ -321,6 +386,8 @@ router = APIRouter()
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request) -> Response:
+    if (refused := _refused(request, "completions", body)) is not None:
+        return refused
     prompt = body.prompt_text()
     if (refused := _too_long(request, "completions", len(prompt), "prompt")) is not None:
         return refused
@@ -331,12 +398,16 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         return {"id": rid, "object": "text_completion", "created": created, "model": sub.model_name,
                 "looprl_adapter_version": sub.version}
 
-    def chunk(sub: Submitted, delta: str | None, finish: str | None) -> dict:
-        return {**base(sub), "choices": [{"index": 0, "text": delta or "", "finish_reason": finish, "logprobs": None}]}
+    def chunk(sub: Submitted, index: int, delta: str | None, finish: str | None) -> dict:
+        choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": None}
+        if finish is not None:  # a choice's last chunk names the response id its feedback uses
+            choice[RESPONSE_ID_FIELD] = choice_response_id(rid, index)
+        return {**base(sub), "choices": [choice]}
 
-    def final(sub: Submitted, fin: Finished) -> dict:
-        return {**base(sub), "choices": [{"index": 0, "text": fin.text, "finish_reason": fin.finish_reason,
-                                          "logprobs": None}], "usage": _usage(fin)}
+    def final(sub: Submitted, fins: list[Finished]) -> dict:
+        return {**base(sub), "choices": [
+            {"index": i, "text": fin.text, "finish_reason": fin.finish_reason, "logprobs": None,
+             RESPONSE_ID_FIELD: choice_response_id(rid, i)} for i, fin in enumerate(fins)], "usage": _usage(fins)}
 
     engine = _service(request).engine
     render = request.app.state.render_prompts
@@ -345,12 +416,14 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _generate(
         request, endpoint="completions", body=body, prompt_ids=prompt_ids,
         chunk=chunk, final=final, first=None,
-        on_done=lambda fin: _log_response(request, rid, body, prompt, None, fin),
+        on_done=lambda i, fin: _log_response(request, rid, i, body, prompt, None, fin),
     )
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    if (refused := _refused(request, "chat", body)) is not None:
+        return refused
     engine = _service(request).engine
     chars = sum(len(msg.text()) for msg in body.messages)
     if (refused := _too_long(request, "chat", chars, "messages")) is not None:
@@ -366,24 +439,28 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": sub.model_name,
                 "looprl_adapter_version": sub.version}
 
-    def first(sub: Submitted) -> dict:
-        return {**base(sub), "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+    def first(sub: Submitted, index: int) -> dict:
+        return {**base(sub), "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None, "logprobs": None}]}
 
-    def chunk(sub: Submitted, delta: str | None, finish: str | None) -> dict:
+    def chunk(sub: Submitted, index: int, delta: str | None, finish: str | None) -> dict:
         d = {"content": delta} if delta is not None else {}
-        return {**base(sub), "choices": [{"index": 0, "delta": d, "finish_reason": finish, "logprobs": None}]}
+        choice = {"index": index, "delta": d, "finish_reason": finish, "logprobs": None}
+        if finish is not None:  # a choice's last chunk names the response id its feedback uses
+            choice[RESPONSE_ID_FIELD] = choice_response_id(rid, index)
+        return {**base(sub), "choices": [choice]}
 
-    def final(sub: Submitted, fin: Finished) -> dict:
+    def final(sub: Submitted, fins: list[Finished]) -> dict:
         return {**base(sub), "object": "chat.completion",
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": fin.text},
-                             "finish_reason": fin.finish_reason, "logprobs": None}],
-                "usage": _usage(fin)}
+                "choices": [{"index": i, "message": {"role": "assistant", "content": fin.text},
+                             "finish_reason": fin.finish_reason, "logprobs": None,
+                             RESPONSE_ID_FIELD: choice_response_id(rid, i)} for i, fin in enumerate(fins)],
+                "usage": _usage(fins)}
 
     return await _generate(
         request, endpoint="chat", body=body, prompt_ids=prompt_ids,
         chunk=chunk, final=final, first=first,
-        on_done=lambda fin: _log_response(request, rid, body, logged_prompt, messages, fin),
+        on_done=lambda i, fin: _log_response(request, rid, i, body, logged_prompt, messages, fin),
     )
 
 
@@ -463,6 +540,7 @@ def create_app(
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_RequestMetrics)  # added last: outermost, so refused bodies are counted too
     app.add_exception_handler(RequestValidationError, _bad_body)
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # 404 / 405 in the OpenAI shape
     app.add_exception_handler(EngineError, _engine_error)
     app.add_exception_handler(AdapterError, _adapter_error)
     app.add_exception_handler(Exception, _unexpected)
@@ -472,6 +550,8 @@ def create_app(
     return app
 
 
-def _usage(fin: Finished) -> dict[str, int]:
-    return {"prompt_tokens": fin.prompt_tokens, "completion_tokens": fin.completion_tokens,
-            "total_tokens": fin.prompt_tokens + fin.completion_tokens}
+def _usage(fins: list[Finished]) -> dict[str, int]:
+    """One prompt, every choice's completion (as OpenAI and vLLM count n > 1)."""
+    prompt = fins[0].prompt_tokens if fins else 0
+    completion = sum(f.completion_tokens for f in fins)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

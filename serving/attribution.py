@@ -38,6 +38,8 @@ log = get_logger(__name__)
 ADAPTER_HEADER = "X-Looprl-Adapter"
 RESPONSE_ID_HEADER = "X-Looprl-Response-Id"
 VERSION_FIELD = "looprl_adapter_version"
+# Per choice of an embedded server's answer: the response id feedback names (``choice_response_id``).
+RESPONSE_ID_FIELD = "looprl_response_id"
 # The most negative log-prob stored: vLLM reports an impossible token as -inf (or -9999).
 MIN_LOGPROB = -1e4
 
@@ -50,6 +52,23 @@ def served_version(name: str | None, base_name: str) -> str | None:
     if name == base_name:
         return BASE
     return version_of_lora(name)
+
+
+# The seeds a request may send: torch seeds a generator from a 64-bit integer; vLLM accepts the signed range.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
+def choice_seed(seed: int, index: int) -> int:
+    """The seed of choice ``index`` of a seeded n > 1 request: ``seed + index`` as vLLM does (so
+    choice 0 is the n = 1 answer and the choices differ), wrapped into the signed 64-bit range."""
+    return (seed + index - SEED_MIN) % 2**64 + SEED_MIN
+
+
+def choice_response_id(response_id: str, index: int) -> str:
+    """The response id feedback names for choice ``index`` of an answer with OpenAI id
+    ``response_id``: the id itself for choice 0 (every n = 1 answer), ``<id>-<index>`` for the
+    others of an n > 1 answer. Each choice is logged as its own ``ResponseEvent`` under it."""
+    return response_id if index == 0 else f"{response_id}-{index}"
 
 
 def sampling_of(body: Mapping[str, Any]) -> Sampling | None:

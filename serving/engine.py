@@ -223,6 +223,9 @@ class Engine:
         # Inputs follow the model; sampling runs on the CPU (B x V logits, per-request generators).
         self.device = next(model.parameters()).device
         self.inventory = BaseInventory.of(model, base_checksum)
+        # Width of the logits: the token ids a logit_bias may name.
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.vocab_size = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
         self._gen = torch.Generator().manual_seed(seed)
         self._ids = itertools.count(1)
         self._keys = itertools.count(1)
@@ -274,6 +277,14 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, adapter: str | None, sink: Sink) -> Handle:
         """Queue a generation. ``adapter``: public adapter name, or None for the base model."""
+        return self.submit_many(prompt_ids, [params], adapter, [sink])[0]
+
+    def submit_many(self, prompt_ids: list[int], params: list[SamplingParams], adapter: str | None,
+                    sinks: list[Sink]) -> list[Handle]:
+        """Queue one generation per ``params`` of the same prompt on the same adapter (the choices of
+        an n > 1 request), each streaming to its sink: all of them, or none (an error is raised)."""
+        if len(params) != len(sinks) or not params:
+            raise ValueError("submit_many needs one sink per SamplingParams, and at least one")
         if not prompt_ids:
             raise EngineError("prompt is empty", reason="empty_prompt")
         room = self.max_context - len(prompt_ids)
@@ -282,13 +293,13 @@ class Engine:
                 f"prompt has {len(prompt_ids)} tokens; the model's context is {self.max_context}",
                 reason="prompt_too_long",
             )
-        if params.max_tokens > room:  # as OpenAI does: the answer ends with finish_reason "length"
-            params = dataclasses.replace(params, max_tokens=room)
+        # as OpenAI does: an answer cut to the room left ends with finish_reason "length"
+        params = [dataclasses.replace(p, max_tokens=room) if p.max_tokens > room else p for p in params]
         with self._cv:
             if self._stop or self._thread is None:
                 m.REQUESTS_FAILED.labels(adapter=adapter or BASE_VERSION, reason="not_running").inc()
                 raise EngineError("engine is not running", reason="not_running")
-            if len(self._waiting) >= self.max_queue:
+            if len(self._waiting) + len(params) > self.max_queue:
                 m.REQUESTS_FAILED.labels(adapter=adapter or BASE_VERSION, reason="overloaded").inc()
                 raise EngineError("server is overloaded, retry later", reason="overloaded")
             info = None
@@ -296,20 +307,21 @@ class Engine:
                 info = self._adapters.get(adapter)
                 if info is None:
                     raise EngineError(f"adapter {adapter!r} is not loaded", reason="unknown_model")
-                info.in_flight += 1
+                info.in_flight += len(params)
             queued = False
             try:
-                # Creating the sampler can raise (e.g. torch refuses the seed): the count must then
+                # Creating a sampler can raise (e.g. torch refuses the seed): the count must then
                 # go back down, or an unloaded adapter stays draining forever.
-                req = _Request(next(self._ids), list(prompt_ids), params, info, sink, sampler=RowSampler.create(params))
-                self._waiting.append(req)
+                reqs = [_Request(next(self._ids), list(prompt_ids), p, info, sink, sampler=RowSampler.create(p))
+                        for p, sink in zip(params, sinks)]
+                self._waiting.extend(reqs)
                 queued = True
             finally:
                 if info is not None and not queued:
-                    info.in_flight -= 1
+                    info.in_flight -= len(params)
             m.WAITING.set(len(self._waiting))
             self._cv.notify_all()
-        return Handle(req, self)
+        return [Handle(req, self) for req in reqs]
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None,
                  adapter: str | None = None, timeout: float = 120.0) -> Finished:

@@ -42,8 +42,6 @@ import contextlib
 import hmac
 import json
 import random
-import socket
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable
@@ -57,11 +55,13 @@ from starlette.routing import Route as HttpRoute
 
 from looprl.ops.core.chat import Chat, ChatError
 from looprl.ops.core.config import LooprlConfig, require_token_off_loopback
+from looprl.ops.core.errors import error_body, error_response
+from looprl.ops.core.listen import HttpThread
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.version import version_number
 from looprl.serving.attribution import (
-    ADAPTER_HEADER, RESPONSE_ID_HEADER, VERSION_FIELD, ResponseRecorder, logged_conversation, response_event,
-    sampling_of, served_version,
+    ADAPTER_HEADER, RESPONSE_ID_HEADER, VERSION_FIELD, ResponseRecorder, choice_response_id, choice_seed,
+    logged_conversation, response_event, sampling_of, served_version,
 )
 from looprl.serving.routing import ROUTING_FILE, RoutingFile
 
@@ -97,13 +97,12 @@ _RETRY_STATUSES = (502, 503, 504)
 
 
 def _error_body(message: str, kind: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return error_body(message, type=kind, param=param, code=code)
 
 
 def _error(status: int, message: str, *, code: str | None = None, param: str | None = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-            413: "invalid_request_error", 503: "overloaded_error"}.get(status, "server_error")
-    return JSONResponse(_error_body(message, kind, code, param), status_code=status)
+    # The shape shared with serving and the feedback collector (looprl.ops.core.errors).
+    return error_response(status, message, param=param, code=code)
 
 
 def _sse_error(message: str, code: str) -> bytes:
@@ -163,19 +162,33 @@ def _with_version(event: bytes, version: str) -> bytes:
     return event[:k + 1] + f'"{VERSION_FIELD}": {json.dumps(version)}'.encode() + sep + rest
 
 
+class _Choice:
+    """One choice of an answer: its text, served token ids and log-probs, how it ended."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.token_ids: list[int] | None = []
+        self.logprobs: list[float] | None = []
+        self.finish: str | None = None
+
+
 class _Answer:
-    """What a response says, gathered from its JSON or its streamed chunks, for the log."""
+    """What a response says, gathered from its JSON or its streamed chunks, for the log: one
+    ``_Choice`` per choice index (n > 1 answers have several, each logged on its own)."""
 
     def __init__(self, endpoint: str):
         self.endpoint = endpoint
         self.id: str | None = None
         self.model: str | None = None
         self.version: str | None = None
-        self.text: list[str] = []
-        self.token_ids: list[int] | None = []
-        self.logprobs: list[float] | None = []
-        self.finish: str | None = None
+        self.choices: dict[int, _Choice] = {}
         self.error: str | None = None
+
+    @property
+    def finish(self) -> str | None:
+        """The finish reason, once every choice has one (None before)."""
+        ends = [c.finish for c in self.choices.values()]
+        return ends[0] if ends and all(ends) else None
 
     def add(self, obj: dict, whole: bool) -> bool:
         """Take one response object (``whole``) or stream chunk; True if it carries a token."""
@@ -186,28 +199,32 @@ class _Answer:
         self.id = self.id or obj.get("id")
         self.model = self.model or obj.get("model")
         self.version = self.version or obj.get(VERSION_FIELD)
-        choices = obj.get("choices") or []
-        choice = next((c for c in choices if isinstance(c, dict) and c.get("index", 0) == 0), None)
-        if choice is None:
-            return False
+        carried = False
+        for choice in obj.get("choices") or []:
+            if isinstance(choice, dict) and isinstance(choice.get("index", 0), int):
+                carried = self._add_choice(choice, whole) or carried
+        return carried
+
+    def _add_choice(self, choice: dict, whole: bool) -> bool:
+        c = self.choices.setdefault(choice.get("index", 0), _Choice())
         if self.endpoint == "chat":
             msg = choice.get("message" if whole else "delta") or {}
             text = msg.get("content") if isinstance(msg, dict) else None
         else:
             text = choice.get("text")
         if isinstance(text, str) and text:
-            self.text.append(text)
+            c.text.append(text)
         ids = choice.get("token_ids")
-        if isinstance(ids, list) and self.token_ids is not None:
-            self.token_ids.extend(ids)
+        if isinstance(ids, list) and c.token_ids is not None:
+            c.token_ids.extend(ids)
         lp = choice.get("logprobs")
-        if isinstance(lp, dict) and self.logprobs is not None:
+        if isinstance(lp, dict) and c.logprobs is not None:
             if self.endpoint == "chat":
-                self.logprobs.extend(c.get("logprob") for c in lp.get("content") or [] if isinstance(c, dict))
+                c.logprobs.extend(x.get("logprob") for x in lp.get("content") or [] if isinstance(x, dict))
             else:
-                self.logprobs.extend(lp.get("token_logprobs") or [])
+                c.logprobs.extend(lp.get("token_logprobs") or [])
         if choice.get("finish_reason"):
-            self.finish = choice["finish_reason"]
+            c.finish = choice["finish_reason"]
         return bool(text) or bool(ids)
 
 
@@ -675,25 +692,32 @@ class Gateway:
 
     # ------------------------------------------------------------------ logging
     def _log(self, call: _Call, client_body: dict, answer: _Answer) -> None:
-        """Record a complete answer (never raises, never waits)."""
+        """Record a complete answer, each choice as its own event under ``choice_response_id``
+        (as the embedded server logs them; never raises, never waits)."""
         if self.recorder is None or answer.error or not answer.id:
             return
-        try:
-            prompt, messages = self._prompt(call.endpoint, client_body)
-            if prompt is None:
+        for index in sorted(answer.choices):
+            c = answer.choices[index]
+            rid = choice_response_id(str(answer.id), index)
+            try:
+                prompt, messages = self._prompt(call.endpoint, client_body)
+                if prompt is None:
+                    LOGS_DROPPED.inc()
+                    return
+                sent = client_body
+                if isinstance(client_body.get("seed"), int) and index:  # vLLM samples choice i with seed + i
+                    sent = {**client_body, "seed": choice_seed(client_body["seed"], index)}
+                event = response_event(
+                    response_id=rid, model=str(client_body.get("model")), completion="".join(c.text),
+                    version=answer.version, user=client_body.get("user"), prompt=prompt, messages=messages,
+                    sampling=sampling_of(sent), token_ids=c.token_ids or None,
+                    logprobs=c.logprobs if c.logprobs and None not in c.logprobs else None,
+                )
+            except Exception as e:
                 LOGS_DROPPED.inc()
-                return
-            event = response_event(
-                response_id=str(answer.id), model=str(client_body.get("model")), completion="".join(answer.text),
-                version=answer.version, user=client_body.get("user"), prompt=prompt, messages=messages,
-                sampling=sampling_of(client_body), token_ids=answer.token_ids or None,
-                logprobs=answer.logprobs if answer.logprobs and None not in answer.logprobs else None,
-            )
-        except Exception as e:
-            LOGS_DROPPED.inc()
-            log.warning("answer not logged: no valid ResponseEvent", response_id=answer.id, error=str(e)[:300])
-            return
-        self.recorder.record(event)
+                log.warning("answer not logged: no valid ResponseEvent", response_id=rid, error=str(e)[:300])
+                continue
+            self.recorder.record(event)
 
     @staticmethod
     def _prompt(endpoint: str, body: dict) -> tuple[str | None, list | None]:
@@ -815,52 +839,15 @@ def build_gateway(cfg: LooprlConfig, *, recorder: ResponseRecorder | None | str 
     )
 
 
-class GatewayServer:
+class GatewayServer(HttpThread):
     """uvicorn serving a ``Gateway`` in a daemon thread on a fixed or free port (tests, benchmarks,
-    the demo's tests); ``stop()`` shuts it down."""
+    the demo's tests); ``stop()`` shuts it down and flushes the response recorder."""
 
     def __init__(self, gateway: Gateway, host: str = "127.0.0.1", port: int = 0):
-        import uvicorn
-
         self.gateway = gateway
-        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets; with proto 0, Nagle holds
-        # every response's second write ~40 ms on a kept-alive connection.
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host, self.port = host, self._sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(gateway.app, log_level="warning", access_log=False,
-                                                    lifespan="on", timeout_graceful_shutdown=5))
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "GatewayServer":
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
-                                        name="looprl-gateway", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway on {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._sock.close()
-        if self.gateway.recorder is not None:
-            self.gateway.recorder.close(timeout=2.0)
-
-    def __enter__(self) -> "GatewayServer":
-        return self if self._thread is not None else self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        recorder = gateway.recorder
+        super().__init__(gateway.app, host, port, name="looprl-gateway", lifespan="on",
+                         on_stop=(lambda: recorder.close(timeout=2.0)) if recorder is not None else None)
 
 
 def serve_gateway(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -> int:

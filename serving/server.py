@@ -8,20 +8,16 @@ demo); ``serve(cfg)`` runs it in the foreground for ``looprl serving serve``.
 from __future__ import annotations
 
 import ipaddress
-import socket
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import uvicorn
 
 from looprl.ingest.broker import bootstrap_servers
 from looprl.ingest.client import ResponseLogger
 from looprl.kernels import triton_available, triton_installed
 from looprl.ops.core.config import ConfigError, LooprlConfig
-from looprl.ops.core.listen import run_http
+from looprl.ops.core.listen import HttpThread, run_http
 from looprl.ops.core.log import get_logger
 from looprl.policy.model import base_checksum, check_memory, load_base, model_device, resolve_placement, stop_token_ids
 from looprl.serving.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, create_app
@@ -103,8 +99,9 @@ def make_response_logger(cfg: LooprlConfig) -> Any:
         return None
 
 
-class ServerThread:
-    """uvicorn in a daemon thread, on a fixed or free port; ``stop()`` shuts it down cleanly."""
+class ServerThread(HttpThread):
+    """The embedded server's app in a daemon thread, on a fixed or free port; ``stop()`` shuts it
+    down cleanly and stops the engine."""
 
     def __init__(self, service: ServingService, *, host: str = "127.0.0.1", port: int = 0,
                  admin_token: str | None = None, response_logger: Any = None, default_max_tokens: int = 32,
@@ -114,43 +111,7 @@ class ServerThread:
         self.app = create_app(service, admin_token=admin_token, response_logger=response_logger,
                               default_max_tokens=default_max_tokens, render_prompts=render_prompts,
                               max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars)
-        # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else ~40 ms Nagle stalls).
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host, self.port = host, self._sock.getsockname()[1]
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "ServerThread":
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
-                                        name="looprl-serve", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"server on {self.url} did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout)
-        self._sock.close()
-        self.service.engine.stop()
-
-    def __enter__(self) -> "ServerThread":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        super().__init__(self.app, host, port, name="looprl-serve", lifespan="off", on_stop=service.engine.stop)
 
 
 def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -> int:

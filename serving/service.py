@@ -30,11 +30,17 @@ MAX_ALIASES = 8
 
 @dataclass(frozen=True)
 class Submitted:
-    handle: Handle
+    handle: Handle  # the first choice's
     adapter: str | None  # public adapter name; None = base model
     version: str  # what produced the answer: registry version or "base"
     role: str  # "primary" | "canary" | "direct"
     model_name: str  # what the response's "model" field says
+    handles: tuple[Handle, ...] = ()  # every choice's (n > 1), in choice order
+
+    def cancel(self) -> None:
+        """Stop generating every choice (the client went away or timed out)."""
+        for h in self.handles or (self.handle,):
+            h.cancel()
 
 
 class ServingService:
@@ -52,7 +58,13 @@ class ServingService:
         self._publish_route_metrics(alias, Route())
 
     # ------------------------------------------------------------------ requests
-    def submit(self, model: str, user: str | None, prompt_ids: list[int], params: SamplingParams, sink: Sink) -> Submitted:
+    def submit(self, model: str, user: str | None, prompt_ids: list[int], params: SamplingParams | list[SamplingParams],
+               sink: Sink | list[Sink]) -> Submitted:
+        """Resolve ``model`` for ``user`` and queue the generation; a list of params and sinks queues
+        one generation per choice, all on the adapter resolved once (a canary split never splits
+        the choices of one request)."""
+        params_list = params if isinstance(params, list) else [params]
+        sinks = sink if isinstance(sink, list) else [sink]
         with self._lock:
             route = self._routes.get(model)
             if route is not None:
@@ -68,8 +80,9 @@ class ServingService:
                         f"model {model!r} does not exist; see GET /v1/models", reason="unknown_model"
                     )
                 adapter, role = model, "direct"
-            handle = self.engine.submit(prompt_ids, params, adapter, sink)
-        return Submitted(handle, adapter, handle.version, role, adapter or self.base_name)
+            handles = self.engine.submit_many(prompt_ids, params_list, adapter, sinks)
+        return Submitted(handles[0], adapter, handles[0].version, role, adapter or self.base_name,
+                         handles=tuple(handles))
 
     def models(self) -> list[dict[str, Any]]:
         """OpenAI/vLLM's model list. ``root`` names the model, never a path: this list is public,

@@ -34,18 +34,18 @@ def spied(serving_server, monkeypatch):
     """The prompt ids each request was submitted with, and the token ids each one generated."""
     engine = serving_server.service.engine
     submitted, generated = [], []
-    real_submit, real_finish = engine.submit, engine._finish
+    real_submit, real_finish = engine.submit_many, engine._finish
 
-    def submit(prompt_ids, params, adapter, sink):
+    def submit_many(prompt_ids, params, adapter, sinks):
         submitted.append(list(prompt_ids))
-        return real_submit(prompt_ids, params, adapter, sink)
+        return real_submit(prompt_ids, params, adapter, sinks)
 
     def finish(r, reason, *a, **kw):
         if not r.done:
             generated.append((list(r.generated), reason))
         return real_finish(r, reason, *a, **kw)
 
-    monkeypatch.setattr(engine, "submit", submit)
+    monkeypatch.setattr(engine, "submit_many", submit_many)
     monkeypatch.setattr(engine, "_finish", finish)
     return serving_server, submitted, generated
 

@@ -82,13 +82,13 @@ def test_init_reward_ppo_gate_serve_on_a_family(family, family_checkpoint, tmp_p
     service = build_service(cfg)
     engine = service.engine
     submitted: list[list[int]] = []
-    real_submit = engine.submit
+    real_submit = engine.submit_many
 
     def spy(prompt_ids, *args, **kwargs):
         submitted.append(list(prompt_ids))
         return real_submit(prompt_ids, *args, **kwargs)
 
-    monkeypatch.setattr(engine, "submit", spy)
+    monkeypatch.setattr(engine, "submit_many", spy)
     server = ServerThread(service, admin_token=TOKEN, response_logger=CapturingLogger()).start()
     try:
         auth = {"Authorization": f"Bearer {TOKEN}"}

@@ -340,11 +340,18 @@ def test_openai_client_through_the_gateway_to_looprl_serve(serving_base, serving
         assert {c.model_extra["looprl_adapter_version"] for c in chunks} == {version}
         text = client.completions.create(model="base", prompt="hello", max_tokens=4, user="bob")
         assert text.model_extra["looprl_adapter_version"] == "base"
+        pair = list(client.chat.completions.create(model="policy", messages=msgs, max_tokens=4, temperature=1.5,
+                                                   seed=3, n=2, stream=True, extra_body={"ignore_eos": True}))
+        pair_text = {i: "".join(c.choices[0].delta.content or "" for c in pair if c.choices and c.choices[0].index == i)
+                     for i in (0, 1)}
         models = {m.id for m in client.models.list()}
         assert {"base", "policy", f"policy-{version}"} <= models
 
         by_id = {e.response_id: e for e in logger.events}
-        assert set(by_id) == {answer.id, chunks[0].id, text.id}
+        pair_id = pair[0].id
+        assert set(by_id) == {answer.id, chunks[0].id, text.id, pair_id, f"{pair_id}-1"}  # each choice its own id
+        assert {i: by_id[rid].completion for i, rid in ((0, pair_id), (1, f"{pair_id}-1"))} == pair_text
+        assert (by_id[pair_id].sampling.seed, by_id[f"{pair_id}-1"].sampling.seed) == (3, 4)  # seed + index
         e = by_id[answer.id]
         assert (e.adapter_version, e.user_id, e.model, e.completion) == (version, "alice", "policy",
                                                                           answer.choices[0].message.content)

@@ -64,7 +64,7 @@ def test_auth_limits_and_field_errors(cfg):
 
     big = {**THUMBS, "user_id": "x" * 100, "pad": "y" * 5000}
     r = c.post("/v1/feedback", content=json.dumps(big), headers=auth())
-    assert r.status_code == 413 and r.json()["error"] == "too_large"
+    assert r.status_code == 413 and r.json()["error"]["code"] == "too_large"
 
     def chunks():  # no Content-Length: the limit is enforced while reading
         for _ in range(10):
@@ -118,7 +118,7 @@ def test_unreachable_kafka_is_a_503_naming_the_events(cfg):
     try:
         r = TestClient(create_app(cfg, producer)).post("/v1/feedback", json=[THUMBS, THUMBS], headers=auth())
         assert r.status_code == 503
-        assert r.json()["error"] == "not_delivered" and len(r.json()["event_ids"]) == 2
+        assert r.json()["error"]["code"] == "not_delivered" and len(r.json()["event_ids"]) == 2
     finally:
         producer.close(timeout=1)
 

@@ -70,8 +70,8 @@ def test_blocked_sends_leave_the_loop_free_and_the_cap_answers_503(tmp_path):
 
     answered_in, busy, done, after = asyncio.run(_with_acks(scenario(), producer))
     assert answered_in < 0.5, f"the event loop was blocked for {answered_in:.2f}s"
-    assert busy.status_code == 503 and busy.json()["error"] == "busy" and busy.headers["retry-after"] == "1"
-    assert "ingest.collector_max_concurrent" in busy.json()["detail"]
+    assert busy.status_code == 503 and busy.json()["error"]["code"] == "busy" and busy.headers["retry-after"] == "1"
+    assert "ingest.collector_max_concurrent" in busy.json()["error"]["message"]
     assert [r.status_code for r in done] == [202, 202]
     assert after.status_code == 202
 
@@ -101,7 +101,7 @@ def test_not_delivered_carries_retry_after(tmp_path):
             return await c.post("/v1/feedback", json=[THUMBS, THUMBS])
 
     r = asyncio.run(scenario())
-    assert r.status_code == 503 and r.json()["error"] == "not_delivered" and len(r.json()["event_ids"]) == 2
+    assert r.status_code == 503 and r.json()["error"]["code"] == "not_delivered" and len(r.json()["event_ids"]) == 2
     assert r.headers["retry-after"] == "5"
 
 

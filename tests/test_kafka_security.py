@@ -273,7 +273,7 @@ def test_response_logger_alone_uses_the_responses_principal(tmp_path, monkeypatc
     monkeypatch.setattr(collector_mod, "make_producer", record("producer"))
     monkeypatch.setattr(collector_mod, "wait_for_broker", record("admin", []))
     monkeypatch.setattr(collector_mod, "ensure_topics", record("admin", []))
-    monkeypatch.setattr(collector_mod.uvicorn, "run", lambda *a, **kw: None)
+    monkeypatch.setattr(collector_mod, "run_http", lambda *a, **kw: 0)
     collector_mod.run_collector(cfg, cfg.kafka.bootstrap_servers, port=0)
 
     users = {kind: [s.username for s in secs] for kind, secs in built.items()}

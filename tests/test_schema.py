@@ -119,7 +119,7 @@ _fields = st.dictionaries(
               st.just("2024-01-01T00:00:00Z"), st.lists(st.fixed_dictionaries(
                   {"role": st.sampled_from(["user", "bot"]), "content": st.text(max_size=5)}), max_size=2),
               st.floats(allow_nan=False, allow_infinity=False), st.dictionaries(st.text(max_size=6), _json, max_size=5),
-              st.just({"a": {"b": {"c": {"d": 1}}}}), st.just({"k": "x" * 9000})),
+              st.just({"a": {"b": {"c": {"d": [1]}}}}), st.just({"k": "x" * 9000})),
     max_size=8,
 )
 _payloads = st.one_of(

@@ -64,3 +64,53 @@ def run_http(app: Any, host: str, port: int, *, what: str, key: str, path: str =
     if not server.started:
         sys.exit(STARTUP_FAILURE)
     return bound
+
+
+class HttpThread:
+    """An ASGI app served by uvicorn in a background thread on a socket bound at construction
+    (``port`` 0: a free port, then ``self.port``): the in-process servers of tests, benchmarks and
+    the demo's embedded parts. ``on_stop`` runs after the server has stopped."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, *, name: str, lifespan: str = "auto",
+                 key: str = "port", on_stop: Any = None):
+        import uvicorn
+
+        self.name = name
+        self._sock = bind_socket(host, port, key)
+        self.host, self.port = host, self._sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan=lifespan,
+                                                    timeout_graceful_shutdown=5))
+        self._on_stop = on_stop
+        self._thread: Any = None
+
+    @property
+    def url(self) -> str:
+        return url_of(self.host, self.port)
+
+    def start(self, timeout: float = 30.0) -> "HttpThread":
+        import threading
+        import time
+
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
+                                        name=self.name, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} on {self.url} did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._sock.close()
+        if self._on_stop is not None:
+            self._on_stop()
+
+    def __enter__(self) -> "HttpThread":
+        return self if self._thread is not None else self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
