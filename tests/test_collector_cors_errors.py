@@ -7,29 +7,15 @@ import json
 
 from fastapi.testclient import TestClient
 
+from kafka_testing import RecordingProducer
 from looprl.ingest.collector import create_app
 from looprl.ops.core.config import load_config
 from looprl.ops.core.errors import error_body
 
+
 TOKEN = "s3cret"
 APP_ORIGIN = "https://app.example.com"
 THUMBS = {"kind": "thumbs", "response_id": "r1", "up": True}
-
-
-class RecordingProducer:
-    def __init__(self):
-        self.sent: list[bytes] = []
-
-    def send(self, topic, value, key=None, headers=None, on_delivery=None):
-        self.sent.append(value)
-        if on_delivery:
-            on_delivery(None)
-
-    def flush(self, timeout):
-        return 0
-
-    def close(self, timeout=5.0):
-        pass
 
 
 def collector(tmp_path, **ingest) -> tuple[TestClient, RecordingProducer]:
@@ -63,7 +49,7 @@ def test_a_web_front_end_of_an_allowed_origin_may_post(tmp_path):
                                                  pre.headers["access-control-allow-headers"].split(",")}
     r = c.post("/v1/feedback", json={**THUMBS, "comment": "from the page"}, headers={**AUTH, "Origin": APP_ORIGIN})
     assert r.status_code == 202 and r.headers["access-control-allow-origin"] == APP_ORIGIN
-    assert json.loads(rec.sent[0])["comment"] == "from the page"
+    assert json.loads(rec.values[0])["comment"] == "from the page"
     # an error is readable by the page too
     r = c.post("/v1/feedback", json=THUMBS, headers={"Origin": APP_ORIGIN})
     assert r.status_code == 401 and r.headers["access-control-allow-origin"] == APP_ORIGIN

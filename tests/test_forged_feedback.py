@@ -11,13 +11,14 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from fastapi.testclient import TestClient
 
+from kafka_testing import RecordingProducer
 from looprl.ingest.collector import create_app
 from looprl.ingest.consumer import IngestConsumer, IngestError
 from looprl.ingest.decode import Columns
 from looprl.ingest.schema import (
     CorrectionEvent, PreferenceEvent, RatingEvent, ResponseEvent, ThumbsEvent, encode_event, parse_event,
 )
-from looprl.ingest.transport import DeliveryFailed, Record
+from looprl.ingest.transport import Record
 from looprl.ops.canary import Arm, event_log_counts
 from looprl.ops.core.config import ConfigError, load_config
 from looprl.ops.demo import DEMO_TUNING
@@ -26,29 +27,8 @@ from looprl.serving.routing import bucket
 from looprl.storage.events import EventLog, cap_by_voter, voter_cap
 from looprl.storage.parts import PartWriter
 
+
 NOW = datetime.now(timezone.utc)
-
-
-class RecordingProducer:
-    """Kafka for the collector and the DLQ: acknowledges (or, ``down``, fails) every send."""
-
-    def __init__(self, down: bool = False):
-        self.down = down
-        self.sent: list[tuple[str, bytes | None, bytes | None, dict[str, str]]] = []
-
-    def send(self, topic, value, key=None, headers=None, on_delivery=None):
-        if self.down:
-            on_delivery(DeliveryFailed("broker down"))
-            return
-        self.sent.append((topic, value, key, {k: v.decode() for k, v in headers or []}))
-        if on_delivery:
-            on_delivery(None)
-
-    def flush(self, timeout):
-        return 0
-
-    def close(self, timeout=5.0):
-        pass
 
 
 class FakeConsumer:

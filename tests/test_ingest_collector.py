@@ -14,6 +14,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from fixtures_kafka import ingest_config
+from kafka_testing import RecordingProducer
 from looprl.ingest.broker import free_port
 from looprl.ingest.collector import create_app
 from looprl.ingest.schema import parse_event
@@ -22,24 +23,6 @@ from looprl.ingest.transport import make_producer
 from test_ingest_consumer import read_topic
 
 TOKEN = "s3cret"
-
-
-class RecordingProducer:
-    """Stands in for Kafka where only what is *sent* matters (acknowledges everything)."""
-
-    def __init__(self):
-        self.sent: list[tuple[str, bytes]] = []
-
-    def send(self, topic, value, key=None, headers=None, on_delivery=None):
-        self.sent.append((topic, value))
-        if on_delivery:
-            on_delivery(None)
-
-    def flush(self, timeout):
-        return 0
-
-    def close(self, timeout=5.0):
-        pass
 
 
 @pytest.fixture

@@ -10,31 +10,15 @@ import httpx
 import pytest
 import uvicorn
 
+from kafka_testing import RecordingProducer
 from looprl.ingest.client import DeliveryError, HttpFeedbackClient
 from looprl.ingest.collector import create_app
 from looprl.ingest.http_transport import HttpDeliveryFailed
 from looprl.ingest.schema import PreferenceEvent, ScoreEvent, ThumbsEvent, parse_event
 from looprl.ops.core.config import load_config
 
+
 TOKEN = "s3cret"
-
-
-class RecordingProducer:
-    """Kafka for the collector: acknowledges everything it is sent."""
-
-    def __init__(self):
-        self.sent: list[bytes] = []
-
-    def send(self, topic, value, key=None, headers=None, on_delivery=None):
-        self.sent.append(value)
-        if on_delivery:
-            on_delivery(None)
-
-    def flush(self, timeout):
-        return 0
-
-    def close(self, timeout=5.0):
-        pass
 
 
 @pytest.fixture
@@ -62,7 +46,7 @@ def test_feedback_reaches_kafka_through_the_collector(collector):
                fb.score("r1", "correctness", 0.75), fb.score("r1", "tone", "friendly"),
                fb.rating("r2", 4), fb.correction("r2", "better"),
                fb.preference(chosen_response_id="r1", rejected_response_id="r2")]
-    got = {str(e.event_id): e for e in map(parse_event, rec.sent)}
+    got = {str(e.event_id): e for e in map(parse_event, rec.values)}
     assert list(got) == ids  # all delivered, in order, each once
     assert got[ids[0]] == ThumbsEvent(event_id=ids[0], ts=got[ids[0]].ts, response_id="r1", up=True, user_id="u1",
                                       comment="thanks", metadata={"page": "faq"})
