@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -94,6 +95,19 @@ def wait_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None =
             time.sleep(0.2)
     tail = log.read_text()[-2000:] if log and log.exists() else ""
     raise AssertionError(f"{url} not ready within {timeout_s}s\n{tail}")
+
+
+def stop_process_groups(procs) -> None:
+    """SIGINT every process group still running, then wait for each (SIGKILL after 20 s)."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGINT)
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
 
 
 @pytest.fixture

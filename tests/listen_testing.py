@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -64,3 +65,14 @@ def listening(tail: LogTail, what: str, timeout: float = 90.0) -> tuple[str, int
     rec = tail.wait_for(f"{what} listening", timeout)
     assert rec["port"] > 0 and f":{rec['port']}" in rec["url"], rec
     return rec["url"], rec["port"]
+
+
+def stop(proc: subprocess.Popen, timeout: float = 20.0) -> int:
+    """SIGINT a looprl process, as Ctrl-C would; kill it if it has not exited within ``timeout``.
+    Returns its exit status."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

@@ -23,7 +23,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -33,7 +32,7 @@ import urllib.request
 import httpx
 import pytest
 
-from fixtures_loop import REPO, free_port, wait_http
+from fixtures_loop import REPO, free_port, stop_process_groups, wait_http
 
 ALERTS = REPO / "ops/prometheus/alerts.yml"
 DASHBOARD = REPO / "ops/grafana/looprl.json"
@@ -127,15 +126,7 @@ def loop(tmp_path, tiny_base, kafka_bootstrap, kafka_topics, pushgateway):
             wait_http(f"http://127.0.0.1:{port}{path}", 180, procs[n], logs[n])
         yield cfg, ports, logs
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT)
-        for p in procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_process_groups(procs.values())
 
 
 def _traffic(gateway: str, users: list[str]) -> list[str]:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
-from listen_testing import LogTail, listening
+from listen_testing import LogTail, listening, stop
 from upstream_stub import StubUpstream
 
 from looprl.ops.core.config import ConfigError
@@ -37,12 +36,7 @@ def _start(argv: list[str], env: dict[str, str], cwd) -> tuple[subprocess.Popen,
 
 
 def _stop(proc: subprocess.Popen, tail: LogTail) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        rc = proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        rc = proc.wait()
+    rc = stop(proc)
     tail.wait_closed()
     assert rc in (0, 130), tail.text()[-3000:]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import urllib.request
 import httpx
 import pytest
 
-from fixtures_loop import REPO, free_port, wait_http
+from fixtures_loop import REPO, free_port, stop_process_groups, wait_http
 
 ALERTS = REPO / "ops/prometheus/alerts.yml"
 
@@ -56,15 +55,7 @@ def stages(tmp_path, tiny_base, kafka_bootstrap):
             wait_http(f"http://127.0.0.1:{ports[name]}{path}", 180, procs[name], tmp_path / f"{name}.log")
         yield ports
     finally:
-        for p in procs.values():
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGINT)
-        for p in procs.values():
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        stop_process_groups(procs.values())
 
 
 def test_prometheus_scrapes_every_stage(stages, run_prometheus):

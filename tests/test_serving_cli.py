@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +10,7 @@ import time
 import httpx
 
 from fixtures_serving import ADMIN_TOKEN, make_workspace
-from listen_testing import LogTail, listening
+from listen_testing import LogTail, listening, stop
 
 
 def test_looprl_serve_process_serves_and_hot_swaps(serving_base, serving_adapters, tmp_path):
@@ -49,11 +48,6 @@ def test_looprl_serve_process_serves_and_hot_swaps(serving_base, serving_adapter
         assert r.status_code == 200 and r.headers["x-looprl-adapter"] == v
         assert "looprl_serving_requests_total" in httpx.get(f"{url}/metrics").text
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            rc = proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
+        rc = stop(proc)
     tail.wait_closed()
     assert rc in (0, 130), tail.text()[-2000:]
