@@ -9,8 +9,11 @@ once (same number of epochs, same optimiser settings) and compares:
   final incremental model vs the offline model, and the incremental stream's prequential pair
   accuracy (test-then-train, second half of the stream) vs the offline model's held-out accuracy.
 
-Usage: ``python benchmarks/reward.py [--updates 8] [--events 100] [--base DIR]``. Without --base a
-base is built first (default model config). Human lines first, then one JSON line of figures.
+Usage: ``python benchmarks/reward.py [--updates 8] [--events 100] [--base DIR] [--preference
+module:function] [--off-topic-rate R] [--features last|last_match]``. Without --base a base is built
+first (default model config). ``--preference looprl.ops.sim.preference:on_topic --off-topic-rate
+0.3`` measures a preference that depends on the question (answers drift off the asked topic as the
+sampled base's do). Human lines first, then one JSON line of figures.
 """
 
 from __future__ import annotations
@@ -35,6 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--base", type=Path, default=None, help="existing base dir (default: build one)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preference", default="looprl.ops.sim.preference:default_preference",
+                    help="hidden preference, module:function")
+    ap.add_argument("--off-topic-rate", type=float, default=0.0,
+                    help="share of simulated answers that drift to another topic (ops/sim/corpus.drifting_answer)")
+    ap.add_argument("--features", default=None, help="reward.features (default: the config's)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="looprl-bench-reward-"))
@@ -52,6 +60,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     from looprl.ops.core.config import load_config
     from looprl.ops.sim.base import create_base
     from looprl.ops.sim.feedback import SimulatedLog, heldout_pairs, simulate_feedback
+    from looprl.ops.sim.preference import load_preference
     from looprl.reward.data import Example, FeedbackSource, is_holdout
     from looprl.reward.model import RewardModel
     from looprl.reward.train import evaluate, train
@@ -65,17 +74,20 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
         print(f"built base in {time.perf_counter() - t:.1f}s")
     cfg = load_config(environ={}, workspace=tmp / "ws", model={"base_path": str(base)},
                       # 8 simulated users: uncapped, so both runs train on every event
-                      reward={"min_new_events": 1, "seed": args.seed, "max_user_share": 1.0})
+                      reward={"min_new_events": 1, "seed": args.seed, "max_user_share": 1.0,
+                              **({"features": args.features} if args.features else {})})
     rc = cfg.reward
     views = SimulatedLog(tmp / "events")
-    pairs = heldout_pairs(args.heldout_pairs, seed=10_000 + args.seed)
+    pref = load_preference(args.preference)
+    sim = dict(preference=pref, off_topic_rate=args.off_topic_rate)
+    pairs = heldout_pairs(args.heldout_pairs, seed=10_000 + args.seed, **sim)
     test = [Example(f"h{i}", "preference", p, None, chosen=c, rejected=r) for i, (p, c, r) in enumerate(pairs)]
 
     # ---- incremental ----
     results, train_seconds_total = [], 0.0
     with RewardUpdater(cfg, connect=views.connect) as up:
         for i in range(args.updates):
-            views.append(simulate_feedback(args.events, seed=args.seed * 1000 + i))
+            views.append(simulate_feedback(args.events, seed=args.seed * 1000 + i, **sim))
             r = up.update()
             results.append(r)
             print(f"update {r.update}: {r.new_events} new + {r.replay} replay, prequential pair acc "
@@ -108,6 +120,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
           f"incremental prequential (2nd half) {preq_late:.3f}")
     print(json.dumps({
         "benchmark": "reward_updater", "threads": args.threads, "updates": args.updates, "events": events_total,
+        "preference": args.preference, "off_topic_rate": args.off_topic_rate, "features": rc.features,
+        "seconds_per_update": round(inc_seconds / args.updates, 2),
         "incremental_examples_per_s": round(inc_rate, 2), "offline_examples_per_s": round(off_rate, 2),
         "throughput_ratio_incremental_vs_offline": round(inc_rate / off_rate, 3),
         "incremental_events_per_s": round(events_total / inc_seconds, 2),

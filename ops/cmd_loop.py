@@ -5,8 +5,9 @@
     looprl scheduler runs [--job J] [--status S] [--limit N] [--json]      run history
     looprl canary status                                                   current canary and its test
     looprl canary promote VERSION  /  looprl canary rollback               people's decisions (registry writers)
-    looprl demo [--minutes M] [--preference module:function] [--fresh]     the whole loop, supervised
-    looprl simulate [--minutes M] [--preference module:function]           the product simulator alone
+    looprl demo [--minutes M] [--preference module:function] [--feedback generous|sparse|targeted] [--fresh]
+                                                                           the whole loop, supervised
+    looprl simulate [--minutes M] [--preference module:function] [--feedback PROFILE]  the simulator alone
     looprl status [--json]                                                 failures, error rate, restarts per stage
     looprl report [--out DIR]                                              demo report from a workspace
 """
@@ -20,14 +21,18 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 from rich.console import Console
 from rich.table import Table
 
-from looprl.ops.core.config import ConfigError, LooprlConfig
+from looprl.ops.core.config import ConfigError, DemoConfig, LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.metrics import serve_metrics
 from looprl.ops.core.signals import stop_on_signals
+
+# `looprl demo --feedback`: demo.feedback's choices (the profiles are in looprl.ops.sim.profiles).
+FEEDBACK_PROFILES = get_args(DemoConfig.model_fields["feedback"].annotation)
 
 log = get_logger(__name__)
 
@@ -124,6 +129,7 @@ def _rollback(args: argparse.Namespace, cfg: LooprlConfig) -> int:
 
 def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ops.sim.preference import load_preference
+    from looprl.ops.sim.profiles import with_feedback
     from looprl.ops.sim.simulator import FeedbackChannels, Simulator
 
     try:
@@ -145,6 +151,8 @@ def _simulate(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     if collector is None and cfg.demo.collector_fraction > 0:
         collector = f"http://{cfg.ingest.collector_host}:{cfg.ingest.collector_port}"
     channels = FeedbackChannels(cfg, bootstrap, collector)
+    if args.feedback:
+        cfg = with_feedback(cfg, args.feedback)
     sim = Simulator(cfg, base_url, pref, channels)
     with stop_on_signals() as stop:
         try:
@@ -204,7 +212,7 @@ def _demo(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     from looprl.ops.demo import run_demo
 
     return run_demo(cfg, minutes=args.minutes, preference=args.preference, fresh=args.fresh, ui=not args.no_ui,
-                    kill_every=args.chaos)
+                    kill_every=args.chaos, feedback=args.feedback)
 
 
 # --------------------------------------------------------------------------- registration
@@ -248,6 +256,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser("demo", help="run the whole loop on this machine and watch the served model improve")
     d.add_argument("--minutes", type=float, help="how long the simulator runs (default demo.minutes)")
     d.add_argument("--preference", help="hidden user preference module:function (default demo.preference)")
+    d.add_argument("--feedback", choices=list(FEEDBACK_PROFILES),
+                   help="how much the simulated users tell the loop: generous (default demo.feedback), sparse "
+                        "(5%% thumbs, 5%% comparisons, 1%% corrections) or targeted (comparisons when serving asks)")
     d.add_argument("--fresh", action="store_true", help="start from an empty workspace (default: resume)")
     d.add_argument("--no-ui", action="store_true", help="plain progress lines instead of the live view")
     d.add_argument("--chaos", type=float, default=None, metavar="SECONDS",
@@ -257,6 +268,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("simulate", help="the product simulator: users, prompts, thumbs and preferences")
     m.add_argument("--minutes", type=float, help="stop after this long (default: until Ctrl-C/SIGTERM)")
     m.add_argument("--preference", help="hidden preference module:function (default demo.preference)")
+    m.add_argument("--feedback", choices=list(FEEDBACK_PROFILES),
+                   help="feedback profile of the users (default demo.feedback; see `looprl demo --help`)")
     m.add_argument("--base-url", help="serving base URL (default http://serving.host:serving.port)")
     m.add_argument("--collector-url", help="HTTP collector base URL (default from ingest.collector_*)")
     m.add_argument("--bootstrap", help="Kafka bootstrap servers (default: configured or embedded)")

@@ -48,6 +48,7 @@ from looprl.ops.health import Failure, StageMonitor, stages_line, stages_table
 from looprl.ops.report import write_report
 from looprl.ops.scheduler import History, history_path
 from looprl.ops.sim.preference import load_preference
+from looprl.ops.sim.profiles import comparisons_per_hour, resolve_demo, with_feedback
 from looprl.ops.sim.records import read_status
 from looprl.ops.supervisor import Service, ServiceFailed, Supervisor, free_port, http_ready, tcp_ready
 from looprl.reward.history import read_history
@@ -74,14 +75,13 @@ DEMO_TUNING: dict[str, Any] = {
     "policy.ray_timeout_s": 300.0,
     "gate.heldout_prompts": 24,
     "scheduler.jobs": ["policy"],  # `looprl reward serve` updates the reward model continuously
-    # PPO against a reward model still at chance would only drift the policy: wait until it
-    # ranks held-out preference pairs well (about 2-3 minutes of simulated traffic).
-    "scheduler.policy_min_reward_pair_accuracy": 0.8,
-    "scheduler.policy_min_reward_pairs": 15,
+    # PPO against a reward model still at chance would only drift the policy: wait until its
+    # ranking skill (held-out and recent prequential pairs and thumbs AUC, pooled) is above chance
+    # with confidence (90% lower bound; thumbs are noisy, so a perfect model's AUC is well below 1).
+    "scheduler.policy_min_reward_skill": 0.6,
     "scheduler.poll_seconds": 1.0,
-    # Train continually: the reward model stops publishing once its held-out score plateaus, and
-    # new reward versions no longer start PPO runs then; a run also starts 60 s after the last one
-    # began (a run takes ~45 s), still held while a canary is deciding.
+    # Train continually: a run starts after each new reward version and 60 s after the last one
+    # began (a run takes ~45 s; jobs run one at a time), still held while a canary is deciding.
     "scheduler.interval_seconds": 60.0,
     "scheduler.job_timeout_seconds": 600.0,
     "scheduler.backoff_seconds": 2.0,
@@ -100,6 +100,20 @@ DEMO_TUNING: dict[str, Any] = {
     # The gate's cap stays well above target_kl, which the controller overshoots for a while.
     "gate.max_kl": 10.0,
 }
+
+# Per feedback profile (`--feedback`, demo.feedback), tuning that replaces DEMO_TUNING's, under the
+# same rule. Sparse labels arrive about ten times slower than generous ones: the reward model
+# updates on smaller increments, and the canary decides on fewer thumbs per arm (a thumb on 5% of
+# answers fills 25 per arm in about three minutes; the offline gate already judged the candidate).
+PROFILE_TUNING: dict[str, dict[str, Any]] = {
+    "generous": {},
+    # Labels are scarce and compute is not: each update replays four times its slice of history.
+    # Thumbs are noisy and pairs rare: PPO starts once the reward model beats chance with 90%
+    # confidence by a smaller margin than the generous profile asks for.
+    "sparse": {"reward.min_new_events": 16, "reward.replay_ratio": 4.0, "reward.epochs_per_update": 4,
+               "canary.min_samples": 10, "canary.max_samples": 30, "scheduler.policy_min_reward_skill": 0.55},
+}
+PROFILE_TUNING["targeted"] = dict(PROFILE_TUNING["sparse"])
 
 # The stage processes the demo supervises: process name -> `looprl` command (the same commands a
 # production deployment runs). Named here, not read from the CLI's parser: the CLI imports the
@@ -133,13 +147,25 @@ def _env_value(v: Any) -> str:
 
 
 def tuning_env(cfg: LooprlConfig) -> dict[str, str]:
-    """LOOPRL_* variables for the demo tuning, skipping keys the user configured."""
+    """LOOPRL_* variables for the demo tuning and its feedback profile's (``demo.feedback``),
+    skipping keys the user configured. The profile's own ``demo.*`` fractions are applied by the
+    simulator (`looprl.ops.sim.profiles`), which reads the same config."""
     defaults = LooprlConfig()
-    out = {}
-    for key, value in DEMO_TUNING.items():
+    out = {_env_name("demo.feedback"): cfg.demo.feedback}
+    for key, value in {**DEMO_TUNING, **PROFILE_TUNING[cfg.demo.feedback], **comparison_tuning(cfg)}.items():
         if _get(cfg, key) == _get(defaults, key):
             out[_env_name(key)] = _env_value(value)
     return out
+
+
+def comparison_tuning(cfg: LooprlConfig) -> dict[str, Any]:
+    """Serving's side of targeted comparisons: a budget per hour sized to the sparse profile's
+    comparisons (`profiles.comparisons_per_hour`). serving.compare stays "never": the simulated
+    product asks (`looprl_compare: "auto"`) on its users' requests only, so eval traffic, which
+    sends no feedback, spends none of the budget."""
+    if not resolve_demo(cfg.demo).request_comparisons:
+        return {}
+    return {"serving.compare_per_hour": round(comparisons_per_hour(resolve_demo(cfg.demo)), 1)}
 
 
 def plan_services(cfg: LooprlConfig, ports: dict[str, int], preference: str, env: dict[str, str]) -> list[Service]:
@@ -297,7 +323,9 @@ def render(snap: dict[str, Any], elapsed: float, total: float):
     t.add_row("time", f"{elapsed / 60:.1f} / {total / 60:.0f} min")
     t.add_row("traffic", f"{sim.get('train_requests', 0)} requests, {sim.get('eval_requests', 0)} eval, "
                          f"{sim.get('serving_failed', 0)} failed")
-    t.add_row("feedback sent", f"{fb.get('thumbs', 0)} thumbs, {fb.get('preference', 0)} preferences")
+    profile = (sim.get("feedback") or {}).get("profile")
+    t.add_row("feedback sent", f"{fb.get('thumbs', 0)} thumbs, {fb.get('preference', 0)} preferences, "
+                               f"{fb.get('correction', 0)} corrections" + (f" ({profile} users)" if profile else ""))
     preq, kl = snap["reward_preq"], snap["kl_last"]
     t.add_row("reward model", f"{snap['reward_versions']} versions (latest {snap['reward_latest'] or '-'}), "
                               f"prequential pair accuracy {f'{preq:.2f}' if preq is not None else '-'}")
@@ -412,8 +440,10 @@ def metrics_urls(ports: dict[str, int]) -> dict[str, str]:
 
 
 def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | None = None, fresh: bool = False,
-             ui: bool = True, kill_every: float | None = None, report: bool = True) -> int:
+             ui: bool = True, kill_every: float | None = None, report: bool = True, feedback: str | None = None) -> int:
     cfg = cfg.model_copy(update={"workspace": cfg.workspace.resolve()})
+    if feedback is not None:  # --feedback: the profile, whose fractions still yield to the user's
+        cfg = with_feedback(cfg, feedback)
     minutes = minutes or cfg.demo.minutes
     preference = preference or cfg.demo.preference
     try:
@@ -529,4 +559,9 @@ def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | 
               f"{result['served_version']} {served['rate']:.0%} (n={served['n']}): "
               f"{result['improvement_rate']:+.2f} (target +{cfg.demo.target_improvement:.2f}: "
               f"{'met' if result['target_met'] else 'not met'})")
+    labels, per_k = result.get("labels") or {}, result.get("lift_per_1000_labels")
+    print(f"labels ({(result.get('feedback') or {}).get('profile', cfg.demo.feedback)} feedback): "
+          f"{labels.get('total', 0)} ({labels.get('thumbs', 0)} thumbs, {labels.get('preference', 0)} comparisons, "
+          f"{labels.get('correction', 0)} corrections); lift per 1,000 labels "
+          f"{'-' if per_k is None else f'{per_k:+.3f}'}")
     return 130 if interrupted and not result.get("target_met") else 0

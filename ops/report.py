@@ -7,7 +7,8 @@ decisions, scheduler runs) and writes ``<reports>/<run>/``:
     thumbs_up.png             eval thumbs-up rate per adapter version over time
     reward_accuracy.png       reward model prequential accuracy per version
     kl.png                    KL(policy || base) per PPO step, per policy version
-    summary.json              the numbers (what tests and the demo's exit code use)
+    summary.json              the numbers (what tests and the demo's exit code use), with the feedback
+                              profile, the labels sent per kind and the lift per 1,000 labels
 
 "Thumbs-up rate" is measured on eval traffic only (held-out prompts, eval users, no feedback
 sent), as the sampled rate and as the mean of the hidden preference's probabilities (the same
@@ -30,7 +31,8 @@ from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.version import version_sort_key
 from looprl.ops.scheduler import History, history_path
-from looprl.ops.sim.records import read_interactions
+from looprl.ops.sim.profiles import describe
+from looprl.ops.sim.records import read_interactions, read_status
 from looprl.reward.history import read_history, reward_history_path
 from looprl.storage.registry import Registry
 from looprl.storage.releases import BASE, KIND, promoted_version
@@ -78,6 +80,78 @@ def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 20
         out["improvement_rate"] = s["rate"] - base["rate"]
         out["improvement_p"] = s["p_mean"] - base["p_mean"]
     return out
+
+
+LABEL_KINDS = ("thumbs", "preference", "correction")
+
+
+def label_counts(interactions: list[dict], status: dict[str, Any] | None = None) -> dict[str, int]:
+    """Labels the simulated users sent, per kind and in total: summed over the train interactions
+    (each records its own, so restarts and resumed runs all count); from the simulator's status
+    (its ``feedback_sent``, this run only) for a log written before interactions recorded them."""
+    counts = dict.fromkeys(LABEL_KINDS, 0)
+    rows = [r for r in interactions if r.get("kind") == "train" and isinstance(r.get("labels"), dict)]
+    if rows:
+        for r in rows:
+            for kind, n in r["labels"].items():
+                counts[kind] = counts.get(kind, 0) + int(n)
+    else:
+        for kind, n in ((status or {}).get("feedback_sent") or {}).items():
+            counts[kind] = counts.get(kind, 0) + int(n)
+    counts["total"] = sum(counts.values())
+    return counts
+
+
+def per_1000_labels(lift: float | None, labels: int) -> float | None:
+    """What 1,000 labels bought: the lift divided by the labels spent on it."""
+    return None if lift is None or labels <= 0 else lift / labels * 1000.0
+
+
+# The gate's numbers the report shows per version, in this order, where the decisions carry them:
+# the win rate on training prompts' forms and on held-out forms training never samples, the
+# reward gain on each, and the share of degenerate answers (empty, repetitive).
+GATE_COLUMNS = ("win_rate", "train_forms_win_rate", "heldout_forms_win_rate", "train_forms_reward_gain",
+                "heldout_forms_reward_gain", "train_forms_degenerate_share", "heldout_forms_degenerate_share",
+                "kl_to_base")
+
+
+def gate_decisions(cfg: LooprlConfig) -> list[dict[str, Any]]:
+    """The promotion gate's decisions (``<state>/gate/decisions.jsonl``): version, decision, reason
+    and the numbers of ``GATE_COLUMNS`` it carries (plus any other ``*_degenerate_share``)."""
+    path = cfg.state_dir / "gate" / "decisions.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:  # a torn last line after a crash
+            continue
+        if not isinstance(row, dict):
+            continue
+        numbers = row.get("numbers") if isinstance(row.get("numbers"), dict) else {}
+        shown = {k: v for k, v in numbers.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and (k in GATE_COLUMNS or k.endswith("_degenerate_share"))}
+        out.append({"version": row.get("version"), "decision": row.get("decision"), "at": row.get("at"),
+                    "reason": row.get("reason"), "numbers": shown})
+    return out
+
+
+def _gate_lines(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    present = {k for r in rows for k in r["numbers"]}
+    cols = [k for k in GATE_COLUMNS if k in present]
+    cols += sorted(k for k in present if k not in GATE_COLUMNS)
+    lines = ["## Promotion gate", "",
+             "The newest reward model judges each candidate against the serving version on prompts in the "
+             "training forms and in held-out forms training never samples.", "",
+             "| version | decision | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+             "|---|---|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append(f"| {r['version'] or '-'} | {r['decision'] or '-'} | "
+                     + " | ".join(_fmt(r["numbers"].get(c)) for c in cols) + " |")
+    return lines + [""]
 
 
 def _binned(rows: list[dict], t0: float, bin_s: float) -> tuple[list[float], list[float], list[float]]:
@@ -228,6 +302,22 @@ def _failure_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _label_lines(summary: dict[str, Any]) -> list[str]:
+    """The feedback profile, the labels it cost, and the lift per 1,000 labels."""
+    fb, labels = summary.get("feedback") or {}, summary["labels"]
+    shares = ", ".join(f"{_fmt(fb.get(k), True)} {name}" for k, name in (
+        ("thumbs_fraction", "thumbs"), ("preference_fraction", "comparisons"), ("correction_fraction", "corrections"))
+        if fb.get(k) is not None)
+    if fb.get("request_comparisons"):
+        shares += f", comparisons when serving asks (up to {_fmt(fb.get('comparisons_per_hour'))} per hour)"
+    return [f"Feedback profile: **{fb.get('profile', '-')}** ({shares}).", "",
+            "| labels | thumbs | comparisons | corrections | lift | lift per 1,000 labels |",
+            "|---|---|---|---|---|---|",
+            f"| {labels['total']} | {labels.get('thumbs', 0)} | {labels.get('preference', 0)} "
+            f"| {labels.get('correction', 0)} | {_fmt(summary['improvement_rate'])} "
+            f"| {_fmt(summary['lift_per_1000_labels'])} |", ""]
+
+
 def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str, Any] | None = None,
                  min_eval: int = 20) -> tuple[Path, dict[str, Any]]:
     """Write the report folder; returns (folder, summary)."""
@@ -243,6 +333,13 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
     curves = policy_curves(cfg)
     decisions = read_decisions(cfg)
     runs = History(history_path(cfg)).runs(limit=200) if history_path(cfg).is_file() else []
+    gates = gate_decisions(cfg)
+    status = read_status(cfg)
+    labels = label_counts(interactions, status)
+    summary.update(feedback=status.get("feedback") or describe(cfg.demo), labels=labels,
+                   lift_per_1000_labels=per_1000_labels(imp, labels["total"]),
+                   expected_lift_per_1000_labels=per_1000_labels(summary["improvement_p"], labels["total"]),
+                   gate=gates)
     summary.update(reward_updates=len(reward_pts), policy_versions=len(curves), decisions=len(decisions),
                    runs=len(runs), **(extra or {}))
 
@@ -265,6 +362,7 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
         f"| {_fmt(served.get('p_mean'), True)} |", "",
         f"**Improvement: {_fmt(summary['improvement_rate'])}** (expected: {_fmt(summary['improvement_p'])}); "
         f"target {cfg.demo.target_improvement:.2f}: **{'met' if summary['target_met'] else 'not met'}**.", "",
+        *_label_lines(summary),
         "![thumbs-up rate](thumbs_up.png)", "",
         "### Per adapter version (eval traffic)", "",
         "| version | n | rate | expected |", "|---|---|---|---|",
@@ -287,7 +385,7 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
     for c in curves:
         lines.append(f"| {c['version']} | {c['status']} | {c['reward_version'] or '-'} | {len(c['kl'])} "
                      f"| {_fmt(c['kl_last'])} |")
-    lines += ["", "![KL](kl.png)", "", "## Canary and promotion decisions", "",
+    lines += ["", "![KL](kl.png)", "", *_gate_lines(gates), "## Canary and promotion decisions", "",
               "| time | action | version | control | reason |", "|---|---|---|---|---|"]
     for d in decisions:
         lines.append(f"| {time.strftime('%H:%M:%S', time.localtime(d['at']))} | {d['action']} | {d['version']} "

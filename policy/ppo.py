@@ -7,6 +7,16 @@ One episode = one completion. Token j of a completion is an action; its reward i
 which is the per-token KL penalty of Ziegler et al. (2019). Advantages come from GAE over the
 completion's tokens; the policy loss is the clipped surrogate, the value loss is clipped too.
 All tensors here are (B, N) over completion tokens with a 0/1 mask (1 up to and including eos).
+
+Served answers (off-policy, ``policy/served.py``) join a batch with a user label instead of a
+reward-model score (``label_scores``) and were sampled by another policy, pi_behaviour (the
+version that served them). The PPO ratio stays pi / pi_old, pi_old being the policy at the start
+of the step (the "proximal" policy), and each served token's policy-gradient term is multiplied by
+a truncated importance weight ``truncated_is_weights`` = min(pi_old / pi_behaviour, cap): the
+decoupled PPO objective of AReaL (inclusionAI/AReaL, areal/utils/functional.py
+``ppo_actor_loss_fn``, behaviour weight against the proximal log-probs) with verl's truncation of
+the weight instead of dropping the token (volcengine/verl, verl/trainer/ppo/core_algos.py,
+``rollout_is_weights`` multiplying ``pg_losses``). Rollout tokens have weight 1.
 """
 
 from __future__ import annotations
@@ -112,6 +122,28 @@ def token_rewards(scores: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: 
     return rewards * mask, kl
 
 
+def label_scores(labels: Tensor, moments: "RunningMoments", scale: float) -> Tensor:
+    """A served answer's user label (0 = thumbs down .. 1 = thumbs up) as a reward-model score:
+
+        score = mean + scale * (2 * label - 1) * std
+
+    with the running mean/std of the reward model's scores, so a thumbs-up is worth ``scale``
+    standard deviations above the average rollout and a thumbs-down as much below it, on the
+    scale the KL coefficient is tuned for (after standardization it is just scale * (2 label - 1))."""
+    return moments.mean + scale * (2.0 * labels.double() - 1.0) * moments.std
+
+
+def truncated_is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor,
+                         cap: float) -> tuple[Tensor, Tensor]:
+    """Per-token importance weights w = min(pi_old / pi_behaviour, cap) of tokens another policy
+    sampled, and the untruncated ratios (for diagnostics). Both (B, N), 1 where mask is 0; no
+    gradient (the weights are data, like the advantages)."""
+    with torch.no_grad():
+        ratio = torch.exp(old_logprobs - behaviour_logprobs)
+        ratio = torch.where(mask.bool(), ratio, torch.ones_like(ratio))
+        return ratio.clamp(max=cap), ratio
+
+
 def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalized advantage estimation over each completion; returns (advantages, returns)."""
     n = rewards.shape[1]
@@ -142,12 +174,19 @@ def ppo_loss(
     values: Tensor, old_values: Tensor, returns: Tensor,
     entropy: Tensor, mask: Tensor,
     clip_range: float, value_clip_range: float, vf_coef: float, ent_coef: float,
+    is_weights: Tensor | None = None,
 ) -> LossOut:
+    """is_weights: per-token importance weights of off-policy tokens (``truncated_is_weights``;
+    1 for on-policy ones), multiplying each token's clipped policy-gradient term; None: all 1."""
     log_ratio = (logprobs - old_logprobs) * mask
     ratio = log_ratio.exp()
     pg1 = -advantages * ratio
     pg2 = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    policy_loss = masked_mean(torch.maximum(pg1, pg2), mask)
+    pg = torch.maximum(pg1, pg2)
+    if is_weights is not None:
+        # decoupled PPO: the clip keeps pi near pi_old, the weight corrects pi_old vs pi_behaviour
+        pg = is_weights * pg
+    policy_loss = masked_mean(pg, mask)
 
     v_clipped = old_values + (values - old_values).clamp(-value_clip_range, value_clip_range)
     value_loss = 0.5 * masked_mean(torch.maximum((values - returns) ** 2, (v_clipped - returns) ** 2), mask)

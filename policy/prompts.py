@@ -45,14 +45,15 @@ def generator(*parts: object) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(*parts))
 
 
-def read_prompt_file(path: Path) -> list[Chat]:
+def read_prompt_file(path: Path, field: str = "policy.prompts_file") -> list[Chat]:
+    """The prompts of a file (one user prompt per line, or JSONL); errors name ``field`` and the file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"policy.prompts_file {path} does not exist")
+        raise FileNotFoundError(f"{field} {path} does not exist")
     try:
         lines = path.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"policy.prompts_file {path} cannot be read as text ({e})") from None
+        raise ValueError(f"{field} {path} cannot be read as text ({e})") from None
     if path.suffix == ".jsonl":
         out = []
         for i, line in enumerate(lines, 1):
@@ -62,14 +63,14 @@ def read_prompt_file(path: Path) -> list[Chat]:
                 obj = json.loads(line)
                 chat = Chat.parse(str(obj["prompt"]) if obj.get("prompt") is not None else None, obj.get("messages"))
             except (ValueError, KeyError, TypeError, AttributeError) as e:
-                raise ValueError(f"policy.prompts_file {path}:{i}: expected a JSON object with a 'prompt' "
+                raise ValueError(f"{field} {path}:{i}: expected a JSON object with a 'prompt' "
                                  f"or 'messages' field ({e})") from None
             if chat.key().strip():
                 out.append(chat)
     else:
         out = [Chat.user(line.strip()) for line in lines if line.strip()]
     if not out:
-        raise ValueError(f"policy.prompts_file {path} has no prompts")
+        raise ValueError(f"{field} {path} has no prompts")
     return out
 
 

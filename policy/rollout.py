@@ -36,6 +36,11 @@ class Rollout:
     prompt_len: int  # P
     scores: Tensor | None = None  # (B,) reward-model scores, filled by the scorer
     timings: dict[str, float] = field(default_factory=dict)
+    # Served answers (policy/served.py) only; None for rollouts this policy sampled. labels: (B,)
+    # the users' labels in [0, 1] (NaN on rollout rows of a mixed batch); behaviour_logprobs:
+    # (B, N) the log-probs the served tokens were sampled with, at temperature 1.
+    labels: Tensor | None = None
+    behaviour_logprobs: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -48,10 +53,17 @@ class Rollout:
     def to(self, device: torch.device | str) -> "Rollout":
         """The same rollout with its tensors on ``device`` (rollouts travel between processes on
         the CPU; the learner moves them to its model's device)."""
+        def move(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.to(device)
+
         return dataclasses.replace(
             self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-            response_mask=self.response_mask.to(device),
-            scores=None if self.scores is None else self.scores.to(device))
+            response_mask=self.response_mask.to(device), scores=move(self.scores), labels=move(self.labels),
+            behaviour_logprobs=move(self.behaviour_logprobs))
+
+    def served_rows(self) -> Tensor | None:
+        """(B,) True on rows that are served answers; None when the batch holds rollouts only."""
+        return None if self.labels is None else ~torch.isnan(self.labels)
 
 
 def encode_prompts(tok, prompts: list[Chat | str], max_prompt_tokens: int) -> tuple[Tensor, Tensor]:

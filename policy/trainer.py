@@ -3,6 +3,7 @@
     for step in range(start, steps):
         prompts  = sampler.batch(step)                    # a function of (seed, step) only
         rollouts = backend.rollout(shards(prompts))       # current adapter, scored by the pinned reward model
+        rollouts += served.batch(step)                    # labelled served answers (policy.offpolicy)
         stats    = backend.learn(rollouts, step)          # PPO epochs on the learner
         every checkpoint_every steps: checkpoint          # atomic; SIGKILL-safe
     publish the adapter as a candidate policy version     # the offline gate decides what happens next
@@ -28,7 +29,8 @@ from tqdm import tqdm
 
 from looprl.ops.core.config import LooprlConfig, PolicyConfig
 from looprl.ops.core.log import get_logger
-from looprl.policy import metrics
+from looprl.ops.core.version import version_number
+from looprl.policy import metrics, served as served_answers
 from looprl.policy.model import MemoryBudgetError, base_checksum, check_memory
 from looprl.policy.placement import resolve_device
 from looprl.policy.checkpoint import CheckpointError, RunDir, latest_unfinished, runs_root
@@ -46,7 +48,8 @@ log = get_logger(__name__)
 
 # Per-step figures kept in the candidate's manifest (the curve, not every diagnostic).
 _CURVE_KEYS = ("reward_mean", "kl", "kl_coef", "kl_coef_next", "clip_fraction", "entropy", "value_loss",
-               "explained_variance", "tokens_per_s", "expert_load_max_over_mean")
+               "explained_variance", "tokens_per_s", "expert_load_max_over_mean", "offpolicy_samples",
+               "offpolicy_is_weight_mean")
 
 
 class LocalBackend:
@@ -206,9 +209,15 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             last = Registry(cfg.registry_dir).manifest(KIND, meta["init_from"]).metrics.get("kl_coef_last")
             if isinstance(last, (int, float)) and last > 0:
                 meta["init_kl_coef"] = float(last)
+        # before run.json: a run that exists has its served answers (resuming never re-reads the log)
+        served_pool = served_answers.load_pool(cfg, version_number(meta["init_from"]))
+        if served_pool:
+            served_answers.save_pool(run.path, served_pool)
         run.write_meta(meta, pool)
     p = cfg.policy
     sampler = PromptSampler(pool, p.seed)
+    served = served_answers.ServedPool(
+        served_answers.read_pool(run.path) if served_answers.offpolicy_disabled(cfg) is None else [], p.seed)
 
     backend = None
     history: list[dict] = []
@@ -231,13 +240,13 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
                 backend.load_weights(*_init_weights(cfg, meta["init_from"], meta["base_checksum"]),
                                      kl_coef=meta.get("init_kl_coef"))
             log.info("run started", run_id=run.run_id, steps=p.steps, reward_version=scorer.version,
-                     prompts=len(sampler.train), ray=use_ray, init_from=meta.get("init_from"))
+                     prompts=len(sampler.train), served=len(served), ray=use_ray, init_from=meta.get("init_from"))
 
         bar = None
         if progress:
             bar = tqdm(total=p.steps, initial=start, desc=f"ppo {run.run_id}", unit="step")
         for step in range(start, p.steps):
-            stats = _one_step(backend, sampler, cfg, step)
+            stats = _one_step(backend, sampler, cfg, step, served)
             history.append({k: stats[k] for k in _CURVE_KEYS if k in stats} | {"step": step})
             metrics.record_step(stats)
             log.info("ppo step", run_id=run.run_id, **stats)
@@ -307,14 +316,20 @@ def _init_weights(cfg: LooprlConfig, version: str, checksum: str) -> tuple[dict,
     return load_file(str(d / "adapter_model.safetensors")), (load_file(str(vh)) if vh.is_file() else None)
 
 
-def _one_step(backend, sampler: PromptSampler, cfg: LooprlConfig, step: int) -> dict:
+def _one_step(backend, sampler: PromptSampler, cfg: LooprlConfig, step: int,
+              served: "served_answers.ServedPool | None" = None) -> dict:
+    """One PPO step: rollouts of the current policy (plus, from ``served``, this step's labelled
+    served answers) -> the learner."""
     p = cfg.policy
     t0 = time.perf_counter()
     shards = shard(sampler.batch(step, p.rollout_batch_size), p.num_rollout_workers)
     seeds = [(p.seed, step, "rollout", i) for i in range(len(shards))]
     rollouts = backend.rollout(shards, seeds)
+    extra = served.batch(step, p.offpolicy_samples) if served is not None and p.offpolicy else None
     t1 = time.perf_counter()
-    stats = backend.learn(rollouts, step)
+    stats = backend.learn(rollouts + ([extra] if extra is not None else []), step)
+    if served is not None and p.offpolicy:
+        stats.setdefault("offpolicy_samples", 0)
     t2 = time.perf_counter()
     gen = sum(r.timings.get("rollout_s", 0.0) for r in rollouts)
     score = sum(r.timings.get("score_s", 0.0) for r in rollouts)

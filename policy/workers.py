@@ -100,6 +100,13 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         prompt_len=plen, scores=torch.cat([r.scores for r in parts]),
     )
     out.timings = {k: sum(r.timings.get(k, 0.0) for r in parts) for k in ("rollout_s", "score_s")}
+    if any(r.labels is not None for r in parts):  # served answers in the batch (policy/served.py)
+        rows = [r.response_mask.shape[0] for r in parts]
+        out.labels = torch.cat([r.labels if r.labels is not None else torch.full((b,), float("nan"))
+                                for r, b in zip(parts, rows)])
+        out.behaviour_logprobs = torch.cat([
+            torch.nn.functional.pad(r.behaviour_logprobs, (0, n - r.behaviour_logprobs.shape[1]))
+            if r.behaviour_logprobs is not None else torch.zeros((b, n)) for r, b in zip(parts, rows)])
     return out
 
 
@@ -192,13 +199,25 @@ class Learner:
         mask = ro.response_mask
         ev = self.evaluate(ro)
         kl_coef = self.kl_ctl.value
+        served = ro.served_rows()  # None: rollouts only, exactly the on-policy step
+        on = slice(None) if served is None else ~served  # the rows this policy sampled
         scores = ro.scores
+        if p.normalize_scores or served is not None:
+            self.score_stats.update(scores[on])
+        if served is not None:  # a served answer's reward is its user label on the scores' scale
+            from_labels = ppo.label_scores(ro.labels, self.score_stats, p.offpolicy_label_reward).to(scores)
+            scores = torch.where(served, from_labels, scores)
         if p.normalize_scores:
-            self.score_stats.update(scores)
             scores = self.score_stats.standardize(scores).float()
+        # the KL penalty to the base applies to served answers too
         rewards, kl = ppo.token_rewards(scores, ev.logprobs, ev.ref_logprobs, mask, kl_coef)
         adv, returns = ppo.gae(rewards, ev.values, mask, p.gamma, p.gae_lambda)
         adv = ppo.masked_whiten(adv, mask)
+        is_w = raw_ratio = None
+        if served is not None:
+            # pi_old / pi_behaviour per served token, truncated; rollout rows compare pi_old with itself: 1
+            behaviour = torch.where(served[:, None], ro.behaviour_logprobs, ev.logprobs)
+            is_w, raw_ratio = ppo.truncated_is_weights(ev.logprobs, behaviour, mask, p.offpolicy_is_cap)
 
         bsz = mask.shape[0]
         mb = min(p.minibatch_size, bsz)
@@ -210,7 +229,8 @@ class Learner:
                 idx = perm[start:start + mb]
                 logp, ent, values, _ = self._forward(ro, idx, value=True)
                 out = ppo.ppo_loss(logp, ev.logprobs[idx], adv[idx], values, ev.values[idx], returns[idx],
-                                   ent, mask[idx], p.clip_range, p.value_clip_range, p.vf_coef, p.ent_coef)
+                                   ent, mask[idx], p.clip_range, p.value_clip_range, p.vf_coef, p.ent_coef,
+                                   is_weights=None if is_w is None else is_w[idx])
                 self.optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, p.max_grad_norm)
@@ -221,15 +241,19 @@ class Learner:
                              ("approx_kl", out.approx_kl), ("grad_norm", grad_norm)):
                     sums[k] = sums.get(k, 0.0) + float(v.detach())
 
-        seq_kl = kl.sum(1)  # per-completion KL to the base (k1 estimator, nats)
+        # per-completion KL to the base (k1 estimator, nats) of this policy's own samples: the served
+        # answers' tokens were drawn by another policy, so their log-ratio does not estimate it
+        seq_kl = kl[on].sum(1)
         mean_kl = float(seq_kl.mean())
-        self.kl_ctl.update(mean_kl, bsz)
+        n_on = seq_kl.shape[0]
+        self.kl_ctl.update(mean_kl, n_on)
         load = ev.expert_load
         stats = {k: v / max(n_updates, 1) for k, v in sums.items()}
+        on_scores = ro.scores[on]
         stats.update(
             step=step,
-            reward_mean=float(ro.scores.mean()),
-            reward_std=float(ro.scores.std()) if bsz > 1 else 0.0,
+            reward_mean=float(on_scores.mean()),
+            reward_std=float(on_scores.std()) if n_on > 1 else 0.0,
             score_norm_mean=self.score_stats.mean,
             score_norm_std=self.score_stats.std,
             kl=mean_kl,
@@ -238,12 +262,20 @@ class Learner:
             old_entropy=float(ppo.masked_mean(ev.entropy, mask)),
             explained_variance=ppo.explained_variance(ev.values, returns, mask),
             tokens=int(mask.sum()),
-            completion_len=float(mask.sum(1).mean()),
+            completion_len=float(mask[on].sum(1).mean()),
             expert_load=[round(float(x), 4) for x in load],
             expert_load_max_over_mean=float(load.max() * load.numel()),
             expert_load_cv=float(load.std(unbiased=False) / load.mean()),
             learn_s=time.perf_counter() - t0,
         )
+        if served is not None:
+            smask = mask * served[:, None]
+            stats.update(
+                offpolicy_samples=int(served.sum()),
+                offpolicy_label_mean=float(ro.labels[served].mean()),
+                offpolicy_is_weight_mean=float(ppo.masked_mean(is_w, smask)),
+                offpolicy_truncated_fraction=float(ppo.masked_mean((raw_ratio > p.offpolicy_is_cap).float(), smask)),
+            )
         return stats
 
     # ---- checkpoint state ----

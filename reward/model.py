@@ -2,12 +2,14 @@
 
 Default form: the frozen base MoE, its own LoRA adapter (by default on the targets
 ``looprl.policy.families`` discovers for the base's family: attention, routed and shared experts)
-and a scalar head on the hidden state of the last token. It reads an answer as it was served: the
-conversation rendered with the base's chat template (``render_prompt_ids``), the completion's
-tokens, and the end-of-turn token that closes the answer (``end_of_turn_id``). A version in the
-registry (kind ``reward``) holds only what was trained:
+and an ensemble of K scalar heads (``reward.ensemble_heads``) on the pooled features
+(``RewardModel.features``): the score is the heads' mean, their spread the model's uncertainty. It
+reads an answer as it was served: the conversation rendered with the base's chat template
+(``render_prompt_ids``), the completion's tokens, and the end-of-turn token that closes the answer
+(``end_of_turn_id``). A version in the registry (kind ``reward``) holds only what was trained:
 
-    reward_model.safetensors   LoRA tensors ("lora.<name>") + head ("head.weight", "head.bias")
+    reward_model.safetensors   LoRA tensors ("lora.<name>") + heads ("head.weight" (K, F), "head.bias" (K,);
+                               a version saved with one head, (1, F), loads as a one-head ensemble)
     reward_config.json         LoRA settings, max_seq_len, text format, base checksum
 
 and it is tied to the base checkpoint's checksum: loading it on another base is refused.
@@ -18,7 +20,9 @@ updater does not train it).
 
 Public API (used by the policy trainer and the promotion gate):
 ``load_reward_model(cfg, version=None) -> RewardModel``; ``RewardModel.score(prompts,
-completions) -> torch.Tensor`` (float32, shape (n,), no grad); ``RewardModel.version``.
+completions) -> torch.Tensor`` (float32, shape (n,), no grad; the ensemble mean);
+``RewardModel.version``. Uncertainty: ``score_members`` (K, n) and ``score_with_uncertainty``
+(mean, std).
 """
 
 from __future__ import annotations
@@ -52,6 +56,15 @@ KIND = "reward"
 WEIGHTS_FILE = "reward_model.safetensors"
 CONFIG_FILE = "reward_config.json"
 TEXT_FORMAT = "chat_template(prompt, add_generation_prompt) + completion + end_of_turn"
+# What the heads read (``RewardModel.features``), by name -> width in hidden sizes. A version
+# records its own in reward_config.json ("features"); one saved before that entry is "last".
+#   last        the hidden state of the last token (the end of turn);
+#   last_match  that, and the mean prompt hidden state times the mean answer hidden state
+#               (elementwise): a term where the question and the answer meet directly, so what the
+#               user likes can depend on what they asked (reward/README.md, "Features").
+FEATURES = {"last": 1, "last_match": 2}
+# encode()'s mask: 0 padding, then the segment of each real token
+PROMPT_TOKEN, ANSWER_TOKEN = 1, 2
 
 
 class RewardModelError(RegistryError):
@@ -62,20 +75,66 @@ def encode_answer(tok: Any, prompt: Chat | str, completion: str, max_len: int) -
     """The served token sequence of one answer, at most ``max_len`` tokens: the rendered prompt,
     the completion, the end of turn. Too long, the prompt loses its oldest tokens first (down to
     half the budget), then the completion its last ones; the end of turn always stays."""
+    p, a = _answer_parts(tok, prompt, completion, max_len)
+    return p + a
+
+
+def _answer_parts(tok: Any, prompt: Chat | str, completion: str, max_len: int) -> tuple[list[int], list[int]]:
+    """``encode_answer`` split into (prompt ids, answer ids with the end of turn)."""
     p, c = render_prompt_ids(tok, prompt), completion_ids(tok, completion)
     budget = max_len - 1
     keep_c = min(len(c), max(budget - len(p), budget // 2))
     keep_p = min(len(p), budget - keep_c)
-    return p[len(p) - keep_p:] + c[:keep_c] + [end_of_turn_id(tok)]
+    return p[len(p) - keep_p:], c[:keep_c] + [end_of_turn_id(tok)]
+
+
+def feature_width(features: str, hidden_size: int, source: str = "reward.features") -> int:
+    """F for ``features`` on a base of ``hidden_size``; an unknown name is refused, naming ``source``."""
+    if features not in FEATURES:
+        raise RewardModelError(f"{source}: unknown reward features {features!r} (this version of looprl "
+                               f"reads {sorted(FEATURES)})")
+    return FEATURES[features] * hidden_size
+
+
+class EnsembleHead(nn.Module):
+    """K scalar linear heads on the same features: ``weight`` (K, F), ``bias`` (K,) -> (B, K).
+    K = 1 is the single head of versions saved before ensembles (same tensor names)."""
+
+    def __init__(self, in_features: int, n_heads: int = 1, device: torch.device | str | None = None):
+        super().__init__()
+        self.in_features, self.n_heads = in_features, n_heads
+        self.weight = nn.Parameter(torch.empty(n_heads, in_features, device=device))
+        self.bias = nn.Parameter(torch.zeros(n_heads, device=device))
+        # Random (not zero) rows, each its own draw: with LoRA's B at zero, a zero head would leave
+        # the LoRA without gradient at the start (a saddle that costs ~100 steps), and identical
+        # rows would make the ensemble's members agree for no reason. The biases start at 0.
+        nn.init.normal_(self.weight, std=in_features ** -0.5)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h @ self.weight.T + self.bias
+
+    def resized(self, n_heads: int) -> "EnsembleHead":
+        """A copy with ``n_heads`` heads: the first ones kept, new ones copies of the existing heads
+        (cycled) plus a small random nudge, so a model trained with fewer heads keeps its scores and
+        the new heads diverge as they train on their own bootstrap weights."""
+        out = EnsembleHead(self.in_features, n_heads, device=self.weight.device)
+        with torch.no_grad():
+            idx = torch.arange(n_heads, device=self.weight.device) % self.n_heads
+            out.weight.copy_(self.weight[idx])
+            out.bias.copy_(self.bias[idx])
+            if n_heads > self.n_heads:
+                out.weight[self.n_heads:] += 0.1 * self.in_features ** -0.5 * torch.randn_like(out.weight[self.n_heads:])
+        return out
 
 
 class RewardModel(nn.Module):
-    """Frozen base + LoRA + scalar head (or a fixed sequence-classification checkpoint)."""
+    """Frozen base + LoRA + an ensemble of scalar heads (or a fixed sequence-classification checkpoint)."""
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, head: nn.Linear | None, *, version: str | None,
+    def __init__(self, backbone: nn.Module, tokenizer: Any, head: EnsembleHead | None, *, version: str | None,
                  base_checksum: str | None, max_seq_len: int, lora_settings: dict[str, Any] | None = None,
-                 classifier: bool = False):
+                 classifier: bool = False, features: str = "last"):
         super().__init__()
+        self.feature_kind = features  # a FEATURES name; the heads read self.feature_dim of them
         self.backbone = backbone
         self.tokenizer = tokenizer
         self.head = head
@@ -87,9 +146,11 @@ class RewardModel(nn.Module):
 
     # ---- construction ----
     @classmethod
-    def fresh(cls, cfg: LooprlConfig, seed: int | None = None) -> "RewardModel":
-        """A new reward model on the configured base: LoRA at init (a no-op) and a zero head."""
+    def fresh(cls, cfg: LooprlConfig, seed: int | None = None, features: str | None = None) -> "RewardModel":
+        """A new reward model on the configured base: LoRA at init (a no-op) and random heads,
+        reading ``features`` (None: ``reward.features``)."""
         rc = cfg.reward
+        features = rc.features if features is None else features
         torch.manual_seed(rc.seed if seed is None else seed)
         placement = resolve_placement(cfg.model)
         base, tok = load_base(cfg.base_path, device=placement.device, dtype=placement.dtype)
@@ -98,29 +159,30 @@ class RewardModel(nn.Module):
         settings = lora_settings(rc, base)
         backbone = _attach_lora(base, settings)
         use_kernels(backbone, cfg)
-        head = nn.Linear(base.config.hidden_size, 1)
-        # A random (not zero) head: with LoRA's B at zero, a zero head would leave the LoRA without
-        # gradient at the start (a saddle that costs ~100 steps); the bias starts at 0.
-        nn.init.normal_(head.weight, std=head.in_features ** -0.5)
-        nn.init.zeros_(head.bias)
-        head.to(placement.device)  # float32 whatever the backbone's dtype
+        # float32 whatever the backbone's dtype
+        head = EnsembleHead(feature_size(base, features), rc.ensemble_heads, device=placement.device)
+        with torch.no_grad():  # the question-answer term starts silent: a fresh model scores as "last" does
+            head.weight[:, base.config.hidden_size:] = 0.0
         return cls(backbone, tok, head, version=None, base_checksum=base_checksum(cfg.base_path),
-                   max_seq_len=rc.max_seq_len, lora_settings=settings)
+                   max_seq_len=rc.max_seq_len, lora_settings=settings, features=features)
 
     # ---- encoding ----
     def encode(self, prompts: list[Chat | str], completions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded ids and mask; each row is ``encode_answer`` (ends with the end of turn)."""
+        """Right-padded ids and mask; each row is ``encode_answer`` (ends with the end of turn).
+        The mask is 0 on padding, PROMPT_TOKEN on the prompt, ANSWER_TOKEN on the answer and its
+        end of turn (``forward`` attends to every nonzero position)."""
         if len(prompts) != len(completions):
             raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
         tok = self.tokenizer
         pad = tok.pad_token_id
-        rows = [encode_answer(tok, p, c, self.max_seq_len) for p, c in zip(prompts, completions)]
-        width = max(map(len, rows))
+        rows = [_answer_parts(tok, p, c, self.max_seq_len) for p, c in zip(prompts, completions)]
+        width = max(len(p) + len(a) for p, a in rows)
         x = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            x[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        for i, (p, a) in enumerate(rows):
+            x[i, : len(p) + len(a)] = torch.tensor(p + a)
+            mask[i, : len(p)] = PROMPT_TOKEN
+            mask[i, len(p): len(p) + len(a)] = ANSWER_TOKEN
         return x, mask
 
     # ---- forward ----
@@ -128,20 +190,51 @@ class RewardModel(nn.Module):
     def device(self) -> torch.device:
         return model_device(self.backbone)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Scalar float32 rewards (B,), on the model's device, with gradients to the LoRA and head
-        parameters. Inputs move to the model's device."""
+    @property
+    def n_heads(self) -> int:
+        return 1 if self.head is None else self.head.n_heads
+
+    @property
+    def feature_dim(self) -> int:
+        """F, the width of ``features``: what the heads read."""
+        return self.head.in_features
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The pooled float32 features (B, F) the heads read (F = ``self.feature_dim``), on the
+        model's device, as ``self.feature_kind`` says (``FEATURES``): the hidden state of the last
+        real token (the end of turn), and for "last_match" the mean prompt hidden state times the
+        mean answer hidden state. ``attention_mask`` is ``encode``'s (segments marked)."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        attend = (attention_mask > 0).long()
+        hidden = _decoder(self.backbone)(input_ids=input_ids, attention_mask=attend).last_hidden_state.float()
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
+        last = hidden[rows, attend.sum(dim=1) - 1]  # right padding: the last real token (the end of turn)
+        if self.feature_kind == "last":
+            return last  # the heads read float32 features of a bf16 backbone
+        prompt = (attention_mask == PROMPT_TOKEN).unsqueeze(-1).float()
+        answer = (attention_mask == ANSWER_TOKEN).unsqueeze(-1).float()
+        if not bool(answer.any(dim=1).all()):
+            raise ValueError("reward features: every row needs its answer tokens marked in the mask "
+                             "(RewardModel.encode's ANSWER_TOKEN)")
+        u = (hidden * prompt).sum(dim=1) / prompt.sum(dim=1).clamp_min(1.0)
+        v = (hidden * answer).sum(dim=1) / answer.sum(dim=1)
+        return torch.cat([last, u * v], dim=-1)
+
+    def members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Every head's float32 reward, (B, K), with gradients to the LoRA and the heads."""
         if self.classifier:
-            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
-        hidden = _decoder(self.backbone)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        last = attention_mask.sum(dim=1) - 1  # right padding: index of the last real token (eos)
-        h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.head(h.float()).squeeze(-1)  # the head reads float32 features of a bf16 backbone
+            input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, :1].float()
+        return self.head(self.features(input_ids, attention_mask))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Scalar float32 rewards (B,): the ensemble's mean, on the model's device, with gradients
+        to the LoRA and head parameters. Inputs move to the model's device."""
+        return self.members(input_ids, attention_mask).mean(dim=-1)
 
     @torch.no_grad()
-    def score(self, prompts: list[Chat | str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
-        """float32 rewards, shape (len(prompts),), batched, no grad."""
+    def score_members(self, prompts: list[Chat | str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
+        """Every head's float32 reward, shape (K, len(prompts)), batched, no grad, on the CPU."""
         if len(prompts) != len(completions):
             raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
         was_training = self.training
@@ -150,10 +243,20 @@ class RewardModel(nn.Module):
         try:
             for i in range(0, len(prompts), batch_size):
                 x, m = self.encode(prompts[i: i + batch_size], completions[i: i + batch_size])
-                out.append(self(x, m))
+                out.append(self.members(x, m))
         finally:
             self.train(was_training)
-        return torch.cat(out).cpu() if out else torch.zeros(0, dtype=torch.float32)
+        return torch.cat(out).T.contiguous().cpu() if out else torch.zeros((self.n_heads, 0), dtype=torch.float32)
+
+    def score(self, prompts: list[Chat | str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
+        """float32 rewards (the ensemble's mean), shape (len(prompts),), batched, no grad."""
+        return self.score_members(prompts, completions, batch_size).mean(dim=0)
+
+    def score_with_uncertainty(self, prompts: list[Chat | str], completions: list[str],
+                               batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) over the heads, each float32 (n,); the std is 0 with one head."""
+        members = self.score_members(prompts, completions, batch_size)
+        return members.mean(dim=0), members.std(dim=0, correction=0)
 
     # ---- trainable state ----
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -174,11 +277,22 @@ class RewardModel(nn.Module):
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise RewardModelError(f"{source}: tensors do not match the reward model "
                                    f"(missing {missing[:3]}, unexpected {extra[:3]})")
+        w = head["weight"]
+        if w.ndim != 2 or w.shape[1] != self.head.in_features or head["bias"].shape != (w.shape[0],):
+            raise RewardModelError(f"{source}: head.weight {tuple(w.shape)} / head.bias {tuple(head['bias'].shape)} "
+                                   f"do not fit heads on {self.head.in_features} features (K, F) / (K,)")
         result = set_peft_model_state_dict(self.backbone, lora)
         unexpected = getattr(result, "unexpected_keys", None)
         if unexpected:
             raise RewardModelError(f"{source}: unexpected LoRA tensors {unexpected[:3]}")
+        if w.shape[0] != self.head.n_heads:  # a version with another number of heads (e.g. one)
+            self.head = EnsembleHead(self.head.in_features, w.shape[0], device=self.head.weight.device)
         self.head.load_state_dict(head)
+
+    def resize_heads(self, n_heads: int) -> None:
+        """Use ``n_heads`` heads from now on (see ``EnsembleHead.resized``)."""
+        if self.head is not None and n_heads != self.head.n_heads:
+            self.head = self.head.resized(n_heads)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -193,12 +307,18 @@ class RewardModel(nn.Module):
                                                               "format": "looprl-reward-v1"})
         conf = {"format": "looprl-reward-v1", "text_format": TEXT_FORMAT, "max_seq_len": self.max_seq_len,
                 "base_checksum": self.base_checksum, "lora": self.lora_settings,
-                "hidden_size": self.head.in_features, **(extra_config or {})}
+                "hidden_size": self.head.in_features, "features": self.feature_kind,
+                "ensemble_heads": self.head.n_heads, **(extra_config or {})}
         (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True))
         return out
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def feature_size(base: nn.Module, features: str = "last", source: str = "reward.features") -> int:
+    """F, the width of ``RewardModel.features`` of kind ``features`` on ``base``: what the heads read."""
+    return feature_width(features, base.config.hidden_size, source)
 
 
 def lora_settings(rc: RewardConfig, base: nn.Module) -> dict[str, Any]:
@@ -263,6 +383,7 @@ def load_from_dir(cfg: LooprlConfig, version_dir: Path, version: str | None,
         settings = conf["lora"]
         max_seq_len = int(conf["max_seq_len"])
         stored_base = conf["base_checksum"]
+        features = conf.get("features", "last")  # versions saved before the entry read the last token
     except (ValueError, KeyError, TypeError) as e:
         raise RewardModelError(f"{conf_path}: invalid reward config ({e!r})") from e
     current_base = expected_base or base_checksum(cfg.base_path)
@@ -274,14 +395,16 @@ def load_from_dir(cfg: LooprlConfig, version_dir: Path, version: str | None,
     placement = resolve_placement(cfg.model)
     base, tok = load_base(cfg.base_path, device=placement.device, dtype=placement.dtype)
     head_w = state.get("head.weight")
-    if head_w is None or head_w.shape != (1, base.config.hidden_size):
+    n_features = feature_size(base, features, source=f"{conf_path}: features")
+    if head_w is None or head_w.ndim != 2 or head_w.shape[0] < 1 or head_w.shape[1] != n_features:
         raise RewardModelError(f"{version_dir / WEIGHTS_FILE}: head.weight missing or not of shape "
-                               f"(1, {base.config.hidden_size})")
+                               f"(K, {n_features})")
     backbone = _attach_lora(base, settings)
     use_kernels(backbone, cfg)
-    model = RewardModel(backbone, tok, nn.Linear(base.config.hidden_size, 1, device=placement.device),
+    model = RewardModel(backbone, tok, EnsembleHead(n_features, head_w.shape[0], device=placement.device),
                         version=version,
-                        base_checksum=current_base, max_seq_len=max_seq_len, lora_settings=settings)
+                        base_checksum=current_base, max_seq_len=max_seq_len, lora_settings=settings,
+                        features=features)
     model.load_trainable_state(state, source=str(version_dir / WEIGHTS_FILE))
     for p in model.parameters():
         p.requires_grad_(False)

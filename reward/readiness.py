@@ -6,12 +6,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from prometheus_client import Gauge
+
 from looprl.ops.core.config import LooprlConfig
 from looprl.reward.history import read_history, reward_history_path
+from looprl.reward.skill import Evidence, Skill, ranking_skill
 from looprl.storage.events import EventLog
 from looprl.storage.registry import Registry
 
 _ACCURACY_KEYS = ("pair_accuracy", "score", "thumbs_auc")
+
+SKILL_LOWER = Gauge("looprl_reward_skill_lower_bound_ratio",
+                    "Lower confidence bound of the reward model's ranking skill (pairs and points pooled; 0.5 = chance)")
+SKILL_LOWER.set(float("nan"))  # unknown until measured, not 0
 
 
 def new_feedback_count(cfg: LooprlConfig) -> int:
@@ -62,26 +69,70 @@ def _pooled_prequential(cfg: LooprlConfig, window: int) -> tuple[float | None, i
     return (right / total if total else None), int(total)
 
 
-def not_ready_for_ppo(cfg: LooprlConfig, window: int = 3) -> str | None:
+def _recent_updates(cfg: LooprlConfig, window: int | None) -> list[dict[str, Any]]:
+    """The last ``window`` history rows; None: the newest rows that together hold at least
+    ``scheduler.policy_reward_window_labels`` prequential labels (at least 3 rows, at most 50)."""
+    if window is not None:
+        return read_history(cfg, last=window)
+    rows = read_history(cfg, last=50)
+    want, labels, out = cfg.scheduler.policy_reward_window_labels, 0, []
+    for row in reversed(rows):
+        if labels >= want and len(out) >= 3:
+            break
+        pre = row.get("prequential") or {}
+        labels += int(pre.get("pairs") or 0) + int(pre.get("points") or 0)
+        out.append(row)
+    return out[::-1]
+
+
+def reward_skill(cfg: LooprlConfig, window: int | None = None, manifest: Any = None) -> Skill | None:
+    """The ranking skill (``reward.skill``) of the newest published reward version, with its lower
+    bound at ``scheduler.policy_reward_confidence``, from all labels: that version's held-out
+    events (manifest ``holdout_*``) and the updater's recent prequential results (new feedback
+    judged before training on it, history rows: the last ``window``, or by default the newest
+    holding ``scheduler.policy_reward_window_labels`` labels). The two are treated as independent
+    (they share at most the held-out events of the last update). None without a version. Sets
+    ``looprl_reward_skill_lower_bound_ratio``."""
+    m = manifest if manifest is not None else Registry(cfg.registry_dir).latest("reward")
+    if m is None:
+        return None
+    evidence = [Evidence.from_metrics(f"held-out {m.version}", m.metrics, "holdout_")]
+    evidence += [Evidence.from_metrics(f"update {row.get('update')}", row.get("prequential") or {})
+                 for row in _recent_updates(cfg, window)]
+    skill = ranking_skill(evidence, cfg.scheduler.policy_reward_confidence)
+    SKILL_LOWER.set(skill.lower if skill.lower is not None else float("nan"))
+    return skill
+
+
+def not_ready_for_ppo(cfg: LooprlConfig, window: int | None = None) -> str | None:
     """Why PPO should not train against the newest reward model yet, or None when it may.
 
     PPO against a reward model that has not learnt the users yet optimises noise (and drifts the
-    policy away from the base for nothing). Both pieces of evidence must reach
-    ``scheduler.policy_min_reward_pair_accuracy`` on at least ``scheduler.policy_min_reward_pairs``:
+    policy away from the base for nothing). The condition: the lower confidence bound of the
+    ranking skill from all labels (``reward_skill``: held-out and the last ``window`` prequential
+    results, pairs and thumbs/points AUC) reaches ``scheduler.policy_min_reward_skill``.
 
-    * the newest published version ranks its held-out preference pairs well (manifest
-      ``holdout_pair_accuracy`` / ``holdout_pairs``);
-    * the updater's last ``window`` prequential results (new feedback judged *before* training on
-      it) agree, so one lucky small held-out set is not enough."""
-    want, min_pairs = cfg.scheduler.policy_min_reward_pair_accuracy, cfg.scheduler.policy_min_reward_pairs
-    if want <= 0 and min_pairs <= 0:
+    Deprecated, still honoured when set: ``scheduler.policy_min_reward_pair_accuracy`` on at least
+    ``scheduler.policy_min_reward_pairs``, for the held-out pairs of the newest version and for
+    the pooled prequential pairs of the last ``window`` updates, each on its own."""
+    s = cfg.scheduler
+    want, min_pairs, min_skill = s.policy_min_reward_pair_accuracy, s.policy_min_reward_pairs, s.policy_min_reward_skill
+    if want <= 0 and min_pairs <= 0 and min_skill <= 0:
         return None
     m = Registry(cfg.registry_dir).latest("reward")
     if m is None:
         return "no reward model yet"
+    if min_skill > 0:
+        skill = reward_skill(cfg, window, manifest=m)
+        if skill.lower is None or skill.lower < min_skill:
+            return (f"reward {m.version}: {skill.describe()} over its held-out events and recent updates; "
+                    f"waiting for a lower bound >= {min_skill}")
+    if want <= 0 and min_pairs <= 0:
+        return None
     acc, pairs = m.metrics.get("holdout_pair_accuracy"), m.metrics.get("holdout_pairs") or 0
     if not isinstance(acc, (int, float)) or pairs < min_pairs or acc < want:
         return f"reward {m.version}: held-out pair accuracy {acc} on {pairs} pairs; waiting for >= {want} on >= {min_pairs}"
+    window = window or 3  # the deprecated pair condition keeps its fixed window of updates
     pacc, ppairs = _pooled_prequential(cfg, window)
     if pacc is None or ppairs < min_pairs or pacc < want:
         shown = f"{pacc:.3f}" if pacc is not None else None

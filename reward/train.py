@@ -1,13 +1,19 @@
 """Losses, training loop and evaluation of the reward model.
 
 - pairs (preferences, corrections): Bradley–Terry, ``-log sigmoid(r(chosen) - r(rejected))``;
+  a correction (the user's edit preferred over the served answer) weighs ``correction_weight``;
 - points (thumbs, ratings): binary cross-entropy of ``sigmoid(r)`` against the label in [0, 1].
 
-Both kinds mix in one minibatch; a minibatch is one forward over all its sequences.
+Both kinds mix in one minibatch; a minibatch is one forward over all its sequences. With an
+ensemble of K heads the shared features learn from the heads' mean score, and each head has its
+own loss on the (detached) features, every example weighted by that head's bootstrap weight
+(Poisson(1), fixed per (seed, event id, head), so a replayed example keeps its weight); see
+``batch_loss``. One head: the plain loss.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 from dataclasses import dataclass, field
@@ -18,6 +24,7 @@ from tqdm import tqdm
 
 from looprl.reward.data import Example
 from looprl.reward.model import RewardModel
+from looprl.reward.skill import placements
 
 
 def _flatten(batch: list[Example]) -> tuple[list[str], list[str]]:
@@ -32,19 +39,69 @@ def _flatten(batch: list[Example]) -> tuple[list[str], list[str]]:
     return prompts, texts
 
 
-def batch_loss(model: RewardModel, batch: list[Example]) -> torch.Tensor:
-    """Mean loss of a mixed minibatch (one forward pass over all sequences)."""
-    prompts, texts = _flatten(batch)
-    scores = model(*model.encode(prompts, texts))
+# Bradley-Terry sees only score differences, so a pair leaves each head's offset free to drift, and
+# the heads' spread on familiar answers would be their arbitrary offsets rather than doubt. A small
+# penalty on the pair's summed score (Eisenstein et al. 2023, "Helping or herding?") pins the
+# offsets without touching the margin, so the heads agree where there was data.
+CENTERING = 0.01
+
+
+def bootstrap_weight(event_id: str, head: int, seed: int) -> int:
+    """Head ``head``'s Poisson(1) bootstrap count of an example: a fixed function of (seed, event
+    id, head), the same in every process and every update that trains (or replays) it."""
+    h = hashlib.blake2b(f"{seed}:{event_id}:{head}".encode(), digest_size=8).digest()
+    u = int.from_bytes(h, "big") / 2.0 ** 64
+    k, p = 0, math.exp(-1.0)  # inverse CDF of Poisson(1)
+    cdf = p
+    while u >= cdf and k < 20:
+        k += 1
+        p /= k
+        cdf += p
+    return k
+
+
+def example_weights(batch: list[Example], n_heads: int, seed: int) -> torch.Tensor:
+    """(B, K) bootstrap weights; all ones for a single head (no bootstrap: today's plain loss)."""
+    if n_heads == 1:
+        return torch.ones(len(batch), 1)
+    return torch.tensor([[float(bootstrap_weight(ex.event_id, k, seed)) for k in range(n_heads)] for ex in batch])
+
+
+def _losses(scores: torch.Tensor, batch: list[Example]) -> torch.Tensor:
+    """(B, K) per-example losses of (S, K) scores (pairs: two rows each, chosen first)."""
     losses, i = [], 0
     for ex in batch:
         if ex.is_pair:
-            losses.append(-F.logsigmoid(scores[i] - scores[i + 1]))
+            losses.append(-F.logsigmoid(scores[i] - scores[i + 1]) + CENTERING * (scores[i] + scores[i + 1]) ** 2)
             i += 2
         else:
-            losses.append(F.binary_cross_entropy_with_logits(scores[i], scores.new_tensor(float(ex.label))))
+            losses.append(F.binary_cross_entropy_with_logits(
+                scores[i], scores.new_full(scores[i].shape, float(ex.label)), reduction="none"))
             i += 1
-    return torch.stack(losses).mean()
+    return torch.stack(losses)
+
+
+def batch_loss(model: RewardModel, batch: list[Example], *, correction_weight: float = 1.0,
+               bootstrap_seed: int = 0) -> torch.Tensor:
+    """Loss of a mixed minibatch (one forward pass over all sequences), each example weighted
+    ``correction_weight`` if it is a correction.
+
+    The shared features (LoRA) learn from the ensemble's mean score, as one head would: K heads
+    pulling the features each their own way learn them slower, which sparse feedback cannot afford.
+    Each head also learns on its own, on detached features, from its bootstrap-weighted loss (mean
+    over examples of weight x loss, then over heads): that is where the heads differ."""
+    prompts, texts = _flatten(batch)
+    x, mask = model.encode(prompts, texts)
+    kind_w = torch.tensor([correction_weight if ex.kind == "correction" else 1.0 for ex in batch])
+    if model.classifier or model.head.n_heads == 1:
+        per = _losses(model.members(x, mask), batch)  # (B, 1)
+        return (per * kind_w.to(per.device)[:, None]).mean()
+    feats = model.features(x, mask)
+    kind_w = kind_w.to(feats.device)
+    shared = (_losses(model.head(feats).mean(dim=-1, keepdim=True), batch)[:, 0] * kind_w).mean()
+    per = _losses(model.head(feats.detach()), batch)  # (B, K)
+    w = example_weights(batch, per.shape[1], bootstrap_seed).to(per.device)
+    return shared + (per * w * kind_w[:, None]).mean(dim=0).mean()
 
 
 @dataclass
@@ -55,8 +112,10 @@ class TrainStats:
 
 
 def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size: int, epochs: int, seed: int,
-          max_grad_norm: float = 1.0, progress: bool = False, desc: str = "reward update") -> TrainStats:
-    """A few epochs of AdamW over ``examples`` (shuffled with ``seed``); returns the last-epoch loss."""
+          max_grad_norm: float = 1.0, progress: bool = False, desc: str = "reward update",
+          correction_weight: float = 1.0, bootstrap_seed: int = 0) -> TrainStats:
+    """A few epochs of AdamW over ``examples`` (shuffled with ``seed``); returns the last-epoch loss.
+    ``bootstrap_seed`` keys the heads' bootstrap weights: keep it fixed across updates."""
     stats = TrainStats()
     if not examples:
         return stats
@@ -75,7 +134,7 @@ def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size:
             total, count = 0.0, 0
             for b in range(n_batches):
                 batch = order[b * batch_size: (b + 1) * batch_size]
-                loss = batch_loss(model, batch)
+                loss = batch_loss(model, batch, correction_weight=correction_weight, bootstrap_seed=bootstrap_seed)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"reward training loss became {loss.item()} (learning rate too high?)")
                 opt.zero_grad(set_to_none=True)
@@ -130,7 +189,14 @@ class EvalResult:
     points: int = 0
     thumbs_auc: float | None = None
     point_auc: float | None = None  # thumbs and ratings together, ratings binarised at label >= 0.5
+    # The counts behind the numbers, for confidence intervals (reward.skill): right pairs (ties
+    # one half) and the point AUC's positives and negatives.
+    pairs_correct: float = 0.0
+    points_pos: int = 0
+    points_neg: int = 0
     per_example: dict[str, float] = field(default_factory=dict)  # event_id -> 1 correct / 0 wrong (pairs)
+    # event_id -> (positive, placement value) of each point (reward.skill.placements), for paired comparisons
+    per_point: dict[str, tuple[bool, float]] = field(default_factory=dict)
 
     @property
     def score(self) -> float | None:
@@ -145,7 +211,8 @@ class EvalResult:
         return sum(v * n for v, n in parts) / sum(n for _, n in parts)
 
     def as_dict(self, prefix: str = "") -> dict[str, float | int | None]:
-        d = {"pairs": self.pairs, "pair_accuracy": self.pair_accuracy, "points": self.points,
+        d = {"pairs": self.pairs, "pair_accuracy": self.pair_accuracy, "pairs_correct": self.pairs_correct,
+             "points": self.points, "points_pos": self.points_pos, "points_neg": self.points_neg,
              "thumbs_auc": self.thumbs_auc, "point_auc": self.point_auc, "score": self.score}
         return {prefix + k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
@@ -158,7 +225,7 @@ def evaluate(model: RewardModel, examples: list[Example], batch_size: int = 64) 
     prompts, texts = _flatten(examples)
     scores = model.score(prompts, texts, batch_size=batch_size).tolist()
     i, correct = 0, 0.0
-    t_scores, t_labels, p_scores, p_labels = [], [], [], []
+    t_scores, t_labels, p_scores, p_labels, p_ids = [], [], [], [], []
     for ex in examples:
         if ex.is_pair:
             diff = scores[i] - scores[i + 1]
@@ -170,6 +237,7 @@ def evaluate(model: RewardModel, examples: list[Example], batch_size: int = 64) 
         else:
             p_scores.append(scores[i])
             p_labels.append(ex.label)
+            p_ids.append(ex.event_id)
             if ex.kind == "thumbs":
                 t_scores.append(scores[i])
                 t_labels.append(ex.label)
@@ -177,6 +245,12 @@ def evaluate(model: RewardModel, examples: list[Example], batch_size: int = 64) 
             i += 1
     if res.pairs:
         res.pair_accuracy = correct / res.pairs
+    res.pairs_correct = correct
     res.thumbs_auc = auc(t_scores, t_labels)
     res.point_auc = auc(p_scores, p_labels)
+    if res.point_auc is not None:
+        positive = [y >= 0.5 for y in p_labels]
+        res.points_pos = sum(positive)
+        res.points_neg = len(positive) - res.points_pos
+        res.per_point = {e: (y, v) for e, y, v in zip(p_ids, positive, placements(p_scores, positive))}
     return res

@@ -2,15 +2,18 @@
 
 One update:
 
-1. read the *new* slice: resolved feedback events not consumed yet (``reward.data``);
+1. read the *new* slice: resolved feedback events not consumed yet (``reward.data``), once there
+   are ``min_new_events`` of them or the oldest has waited ``max_wait_seconds``;
 2. **test, then train**: score the slice with the working model before it learns from it and
    record prequential pair accuracy / AUC (an honest online estimate of generalisation);
 3. train on the slice's non-held-out events plus a replay sample of already-trained history
    (``replay_ratio`` x the slice), so the model does not forget old feedback;
 4. compare the candidate with the currently published version on the held-out events
-   (``holdout_fraction`` of all events, by event-id hash, never trained on);
+   (``holdout_fraction`` of all events, by event-id hash, never trained on), event by event;
 5. commit the working model and the consumed event ids together (``reward.state``), then publish
-   the candidate as ``registry/reward/vN`` if ``candidate >= current - publish_margin``.
+   the candidate as ``registry/reward/vN`` unless it is confidently worse than the current one
+   (``reward.skill.paired_difference``: its upper bound at ``publish_confidence`` below
+   ``-publish_margin``), so small increments, whose held-out differences are noise, publish.
 
 The working model always keeps what it learnt (a rejected candidate is not published, but its
 events are consumed: continual learning never re-trains an event from the new-slice path).
@@ -44,6 +47,8 @@ from looprl.policy.model import base_checksum, check_memory
 from looprl.reward.data import Example, FeedbackSource, connect_event_log, is_holdout
 from looprl.reward.history import read_history, reward_history_path
 from looprl.reward.model import CONFIG_FILE, KIND, WEIGHTS_FILE, RewardModel, RewardModelError, load_from_dir, load_weights_file
+from looprl.reward.readiness import reward_skill
+from looprl.reward.skill import paired_difference
 from looprl.reward.state import StateStore, UpdaterState
 from looprl.reward.train import EvalResult, evaluate, train
 from looprl.storage.registry import Registry
@@ -79,6 +84,7 @@ class UpdateResult(BaseModel):
     current_version: str | None
     loss: float | None
     decision: str  # "published" | "rejected"
+    trigger: str = "batch"  # "batch" (min_new_events), "waited" (max_wait_seconds) or "forced"
     reason: str
     version: str | None
     seconds: float
@@ -92,9 +98,11 @@ class UpdaterBusy(RuntimeError):
 class RewardUpdater:
     """Owns the reward updater state for one workspace; one instance per process (file-locked)."""
 
-    def __init__(self, cfg: LooprlConfig, connect: Callable[[], Any] | None = None):
+    def __init__(self, cfg: LooprlConfig, connect: Callable[[], Any] | None = None,
+                 clock: Callable[[], datetime] | None = None):
         self.cfg = cfg
         self._connect = connect or (lambda: connect_event_log(cfg.events_dir))
+        self._clock = clock or (lambda: datetime.now(timezone.utc))  # tests inject time
         self.store = StateStore(cfg.state_dir)
         self.registry = Registry(cfg.registry_dir)
         self.history_path = reward_history_path(cfg)
@@ -123,11 +131,14 @@ class RewardUpdater:
         self.base = base_checksum(self.cfg.base_path)
         self.base_family = family_of_dir(self.cfg.base_path)
         check_memory(self.cfg, "reward")  # before loading: refuse a configuration that cannot fit
-        self.model = RewardModel.fresh(self.cfg)
         work = self.store.work_dir(self.state)
+        # the working model keeps the features it was trained with (reward.features applies to a new one)
+        features = self._check_work_base(work) if work is not None else None
+        self.model = RewardModel.fresh(self.cfg, features=features)
         if work is not None:
-            self._check_work_base(work)
             self.model.load_trainable_state(load_weights_file(work / WEIGHTS_FILE), source=str(work / WEIGHTS_FILE))
+            # a working model saved with another number of heads (e.g. one, before ensembles)
+            self.model.resize_heads(self.cfg.reward.ensemble_heads)
         self.model.eval()
         log.info("reward updater state loaded", update=self.state.update, consumed=len(self.consumed),
                  published=self.state.published, pending_publish=self.state.pending_publish)
@@ -153,12 +164,19 @@ class RewardUpdater:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _check_work_base(self, work: Path) -> None:
+    def _check_work_base(self, work: Path) -> str:
+        """Refuse a working model of another base; return its features (saved before they were named: "last")."""
         conf = json.loads((work / CONFIG_FILE).read_text())
         if conf.get("base_checksum") != self.base:
             raise RewardModelError(
                 f"{work}: the reward updater's working model was trained on base {str(conf.get('base_checksum'))[:12]}, "
                 f"but the configured base is {self.base[:12]}; move {self.store.dir} away to start over")
+        features = conf.get("features", "last")
+        if features != self.cfg.reward.features:
+            log.warning("the reward updater's working model keeps its features; reward.features applies to a "
+                        f"new one (move {self.store.dir} away to start over)", features=features,
+                        configured=self.cfg.reward.features)
+        return features
 
     # ---- the update ----
     def backlog(self) -> int:
@@ -172,8 +190,24 @@ class RewardUpdater:
         BACKLOG.set(n)
         return n
 
+    def _trigger(self, new: list[Example], force: bool) -> str | None:
+        """Why to update on ``new`` now, or None to wait for more."""
+        rc = self.cfg.reward
+        if not new:
+            return None
+        if len(new) >= rc.min_new_events:
+            return "batch"
+        if force:
+            return "forced"
+        if rc.max_wait_seconds > 0:
+            oldest = min((e.ingested_at for e in new if e.ingested_at is not None), default=None)
+            if oldest is not None and (self._clock() - oldest).total_seconds() >= rc.max_wait_seconds:
+                return "waited"
+        return None
+
     def update(self, progress: bool = False, force: bool = False) -> UpdateResult | None:
-        """One incremental update; None when fewer than ``min_new_events`` new events (unless force)."""
+        """One incremental update; None when fewer than ``min_new_events`` new events and none has
+        waited ``max_wait_seconds`` (unless force)."""
         self.open()
         rc = self.cfg.reward
         t0 = time.perf_counter()
@@ -182,7 +216,8 @@ class RewardUpdater:
             src = FeedbackSource(con, max_user_share=rc.max_user_share, score_names=rc.score_names)
             new = src.new_examples(self.consumed, since=self.state.consumed_floor)
             BACKLOG.set(len(new))
-            if not new or (len(new) < rc.min_new_events and not force):
+            trigger = self._trigger(new, force)
+            if trigger is None:
                 UPDATES.labels(result="skipped").inc()
                 log.info("reward update skipped", new_events=len(new), min_new_events=rc.min_new_events)
                 return None
@@ -201,7 +236,8 @@ class RewardUpdater:
 
             stats = train(self.model, train_new + replay, lr=rc.learning_rate, batch_size=rc.batch_size,
                           epochs=rc.epochs_per_update, seed=rc.seed + n, progress=progress,
-                          desc=f"reward update {n}")
+                          desc=f"reward update {n}", correction_weight=rc.correction_weight,
+                          bootstrap_seed=rc.seed)
             EXAMPLES.labels(source="new").inc(len(train_new))
             EXAMPLES.labels(source="replay").inc(len(replay))
 
@@ -243,7 +279,7 @@ class RewardUpdater:
             holdout_new=len(holdout_new), holdout_size=len(holdout), prequential=preq.as_dict(),
             candidate=cand.as_dict(), current=current.as_dict() if current else None,
             current_version=current_version, loss=None if stats.loss != stats.loss else stats.loss,
-            decision="published" if publish else "rejected", reason=reason, version=version,
+            decision="published" if publish else "rejected", trigger=trigger, reason=reason, version=version,
             seconds=round(seconds, 3), watermark=watermark)
         self.store.append_history(self.history_path, {"at": datetime.now(timezone.utc).isoformat(),
                                                        **result.model_dump(mode="json")})
@@ -258,7 +294,11 @@ class RewardUpdater:
         if result.loss is not None:
             LOSS.set(result.loss)
         BACKLOG.set(0)
-        log.info("reward update done", update=n, new_events=len(new), replay=len(replay), decision=result.decision,
+        try:
+            reward_skill(self.cfg)  # the skill gauge follows the newest version and history
+        except Exception as e:  # a metric must not fail a committed update
+            log.warning("reward skill not measured", error=repr(e))
+        log.info("reward update done", trigger=trigger, update=n, new_events=len(new), replay=len(replay), decision=result.decision,
                  version=version, reason=reason, prequential_pair_accuracy=preq.pair_accuracy,
                  prequential_thumbs_auc=preq.thumbs_auc, holdout=cand.score, seconds=round(seconds, 2))
         return result
@@ -278,16 +318,23 @@ class RewardUpdater:
         return floor if old is None else max(old, floor)
 
     def _decide(self, cand: EvalResult, current: EvalResult | None) -> tuple[bool, str]:
-        margin = self.cfg.reward.publish_margin
+        """Publish unless the candidate is confidently worse than the current version on the same
+        held-out events: the upper confidence bound of its skill change (paired per-event
+        differences of pairs and points) below ``-publish_margin``. A small increment moves the
+        held-out numbers by noise; refusing it for that would hold back most small updates."""
+        rc = self.cfg.reward
+        margin = rc.publish_margin
         c = cand.score
         if current is None:  # nothing to be worse than; consumers are waiting for a first version
             return True, "first version" + (f" (held-out score {c:.4f})" if c is not None else " (no held-out events yet)")
-        cur = current.score
-        if c is None or cur is None:
+        d = paired_difference(cand.per_example, current.per_example, cand.per_point, current.per_point,
+                              rc.publish_confidence)
+        if d is None:
             return True, "no held-out events to compare on"
-        if c >= cur - margin:
-            return True, f"held-out score {c:.4f} >= current {cur:.4f} - margin {margin}"
-        return False, f"held-out score {c:.4f} < current {cur:.4f} - margin {margin}"
+        scores = f"held-out score {c:.4f} vs current {current.score:.4f}" if c is not None and current.score is not None else ""
+        if d.upper < -margin:
+            return False, f"confidently worse: {d.describe()} < -margin {margin}; {scores}"
+        return True, f"not confidently worse: {d.describe()} >= -margin {margin}; {scores}"
 
     def _finish_publish(self) -> str | None:
         """Publish the committed working model (idempotent: a crash between commit and publish
@@ -356,6 +403,6 @@ def status(cfg: LooprlConfig) -> dict[str, Any]:
         "versions": [{"version": m.version, "status": m.status, "created_at": m.created_at.isoformat(),
                       "holdout_score": m.metrics.get("holdout_score"), "reason": m.reason} for m in reg.list(KIND)],
         "state": state,
-        "recent_updates": [{k: h.get(k) for k in ("update", "decision", "version", "new_events", "reason",
+        "recent_updates": [{k: h.get(k) for k in ("update", "decision", "version", "new_events", "trigger", "reason",
                                                   "prequential", "seconds")} for h in history],
     }

@@ -8,7 +8,20 @@ event keeps the messages as sent. Every answer carries the adapter version that
 produced it: JSON field ``looprl_adapter_version`` and header ``X-Looprl-Adapter``; and is
 logged as a ``ResponseEvent`` (response_id = the OpenAI response id) when a logger is set. With
 ``n > 1`` each choice is its own event, under ``choice_response_id`` (``<id>`` for choice 0,
-``<id>-<i>`` for the others), which every choice also carries as ``looprl_response_id``.
+``<id>-<i>`` for the others), which every choice also carries as ``looprl_response_id``. The event
+records the served token ids, their raw log-probs (always, asked or not) and the sampling
+parameters the engine used (effective values, defaults filled in: ``sampling_of_params``).
+
+Log-probs (OpenAI's shapes): chat ``logprobs: true`` (+ ``top_logprobs``) gives
+``choices[i].logprobs = {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``;
+completions ``logprobs: k`` gives ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``;
+streamed chunks carry the entries of their own tokens. Raw log-probs, as vLLM reports by default
+(``looprl.serving.sampling.token_logprobs``); -inf is reported as -9999.0, as vLLM does.
+
+Targeted comparisons (``looprl_compare: "auto"``, ``looprl.serving.compare``): the answer may carry
+a top-level ``looprl_comparison = {"response_id", "content"}`` (plus ``token_ids`` / ``logprobs``
+when asked), a second candidate logged as its own event; streamed, in a chunk with no choices
+just before the usage chunk and ``[DONE]``.
 
 Admin (Bearer token): vLLM's ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``,
 and the looprl extensions ``POST /v1/looprl/alias`` and ``GET /v1/looprl/state``.
@@ -36,7 +49,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -46,7 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Mount
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from looprl.ingest.schema import ChatMessage
+from looprl.ingest.schema import ChatMessage, Sampling
 from looprl.ops.core.config import ServingConfig
 from looprl.ops.core.errors import error_body, error_response
 from looprl.ops.core.log import get_logger
@@ -57,10 +70,12 @@ from looprl.policy.model import render_prompt_ids
 from looprl.serving import metrics as m
 from looprl.serving.adapters import AdapterError
 from looprl.serving.attribution import (
-    ADAPTER_HEADER, RESPONSE_ID_FIELD, ResponseRecorder, choice_response_id, logged_conversation, response_event,
-    sampling_of,
+    ADAPTER_HEADER, COMPARISON_FIELD, RESPONSE_ID_FIELD, ResponseRecorder, choice_response_id, logged_conversation,
+    response_event, sampling_of,
 )
-from looprl.serving.engine import BASE_VERSION, EngineError, Finished
+from looprl.serving.compare import Comparer
+from looprl.serving.engine import BASE_VERSION, Delta, EngineError, Finished
+from looprl.serving.sampling import SamplingParams
 from looprl.serving.protocol import (
     AliasRequest, ChatCompletionRequest, ChatMessageIn, CompletionRequest, LoadLoraRequest, UnloadLoraRequest,
 )
@@ -231,22 +246,37 @@ def require_admin(request: Request) -> None:
 
 
 # ---------------------------------------------------------------------- generation
+# vLLM's floor for a log-prob in JSON (which has no -inf).
+LOGPROB_FLOOR = -9999.0
+
+
+def sampling_of_params(p: SamplingParams) -> Sampling | None:
+    """The sampling the engine used for an answer, every default filled in (so a trainer can tell
+    whether the tokens were drawn from the plain temperature-1 distribution: temperature 1, top_p
+    1, top_k None = no limit, penalties 0). ``seed`` None: drawn from the server's own generator.
+    ``max_tokens``: as asked (or the server's default); the engine may cut it to the context left."""
+    return sampling_of({
+        "temperature": p.temperature, "top_p": p.top_p, "top_k": p.top_k if p.top_k > 0 else None,
+        "seed": p.seed, "stop": list(p.stop) or None, "presence_penalty": p.presence_penalty,
+        "frequency_penalty": p.frequency_penalty, "max_tokens": p.max_tokens,
+    })
+
+
 def _log_response(request: Request, rid: str, index: int, body: CompletionRequest | ChatCompletionRequest,
                   prompt: str, messages: list[ChatMessage] | None, fin: Finished) -> None:
     """Log choice ``index`` of the answer with id ``rid`` as its own event, under
-    ``choice_response_id(rid, index)`` and with the seed it was sampled with
-    (``looprl.serving.attribution``: the gateway logs the same way)."""
+    ``choice_response_id(rid, index)``, with the sampling it was generated with and the raw
+    log-probs of its tokens (``looprl.serving.attribution``: the gateway logs the same way)."""
     recorder: ResponseRecorder | None = request.app.state.response_logger
     if recorder is None:
         return
     rid = choice_response_id(rid, index)
     try:
-        sent = body.model_dump(exclude_unset=True)
-        if body.seed is not None:
-            sent["seed"] = body.seed_of(index)
+        params = body.to_sampling_params(request.app.state.default_max_tokens, index)
         event = response_event(
             response_id=rid, model=body.model, completion=fin.text, version=fin.version, user=body.user,
-            prompt=prompt, messages=messages, sampling=sampling_of(sent), token_ids=fin.token_ids,
+            prompt=prompt, messages=messages, sampling=sampling_of_params(params), token_ids=fin.token_ids,
+            logprobs=fin.logprobs,
         )
     except Exception as e:  # logging is best effort: never fail a served answer because of it
         m.RESPONSE_LOG_FAILURES.inc()
@@ -255,19 +285,87 @@ def _log_response(request: Request, rid: str, index: int, body: CompletionReques
     recorder.record(event)  # never raises; counts what it drops in RESPONSE_LOG_FAILURES
 
 
+class TokenTexts:
+    """One token as text, for log-probs: ``tokenizer.decode([id])`` with special tokens kept (what
+    vLLM reports for a token), cached; its ``bytes`` are that text's UTF-8 (a token holding part of
+    a character decodes to U+FFFD, as in vLLM)."""
+
+    def __init__(self, tokenizer: Any, size: int = 65536):
+        self.tokenizer = tokenizer
+        self.cache: dict[int, str] = {}
+        self.size = size
+
+    def __call__(self, token_id: int) -> str:
+        text = self.cache.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            if len(self.cache) < self.size:
+                self.cache[token_id] = text
+        return text
+
+
+def _lp(x: float) -> float:
+    return max(float(x), LOGPROB_FLOOR)
+
+
+def chat_logprobs(texts: TokenTexts, ids: Any, lps: Any, tops: Any) -> dict:
+    """OpenAI's chat ``logprobs``: ``{"content": [{"token", "logprob", "bytes", "top_logprobs"}]}``
+    (``top_logprobs``: the most likely tokens, most likely first; [] when none were asked)."""
+    def entry(tid: int, lp: float) -> dict:
+        t = texts(tid)
+        return {"token": t, "logprob": _lp(lp), "bytes": list(t.encode("utf-8"))}
+
+    content = []
+    for k, (tid, lp) in enumerate(zip(ids, lps)):
+        alt = tops[k] if tops is not None else ()
+        content.append({**entry(tid, lp), "top_logprobs": [entry(a, alp) for a, alp in alt]})
+    return {"content": content}
+
+
+def completion_logprobs(texts: TokenTexts, ids: Any, lps: Any, tops: Any, offset: int = 0) -> dict:
+    """OpenAI's legacy ``logprobs``: ``tokens``, ``token_logprobs``, ``top_logprobs`` (per token, a
+    dict of the asked most likely tokens plus the sampled one: up to k + 1 entries) and
+    ``text_offset`` (each token's start in the text, counting from ``offset``)."""
+    tokens, token_lps, top_lps, offsets = [], [], [], []
+    for k, (tid, lp) in enumerate(zip(ids, lps)):
+        t = texts(tid)
+        tokens.append(t)
+        token_lps.append(_lp(lp))
+        alts = {texts(a): _lp(alp) for a, alp in (tops[k] if tops is not None else ())}
+        alts.setdefault(t, _lp(lp))
+        top_lps.append(alts)
+        offsets.append(offset)
+        offset += len(t)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": top_lps, "text_offset": offsets}
+
+
+class _Stream:
+    """Per choice of a streamed answer: tokens whose log-probs were sent, and the text offset."""
+
+    def __init__(self) -> None:
+        self.tokens = 0
+        self.offset = 0
+
+
 async def _generate(
     request: Request, *, endpoint: str, body: CompletionRequest | ChatCompletionRequest, prompt_ids: list[int],
-    chunk: Callable[[Submitted, int, str | None, str | None], dict],
+    chunk: Callable[[Submitted, int, str | None, str | None, dict | None], dict],
     final: Callable[[Submitted, list[Finished]], dict],
     first: Callable[[Submitted, int], dict] | None, on_done: Callable[[int, Finished], None],
+    logprobs_of: Callable[[Any, Any, Any, _Stream], dict] | None = None,
+    second: Callable[[Finished, Finished], Awaitable[dict | None]] | None = None,
 ) -> Response:
     """Generate ``body.n`` choices of one prompt and answer them, whole or streamed. ``chunk(sub,
-    index, delta, finish)``: a stream chunk of one choice; ``final(sub, finished)``: the whole
-    answer; ``first(sub, index)``: a choice's opening chunk (chat); ``on_done(index, finished)``:
-    a choice is complete (logged before the client sees its end)."""
+    index, delta, finish, logprobs)``: a stream chunk of one choice; ``final(sub, finished)``: the
+    whole answer; ``first(sub, index)``: a choice's opening chunk (chat); ``on_done(index,
+    finished)``: a choice is complete (logged before the client sees its end); ``logprobs_of(ids,
+    lps, tops, state)``: a streamed piece's log-probs (None: the client did not ask).
+    ``second(a, b)``: also generate a hidden candidate (next seed) beside choice 0; once both are
+    done, it returns the fields to add to the answer's top level (None: nothing)."""
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     n = body.n
+    total = n + (1 if second is not None else 0)
 
     def sink_of(index: int) -> Callable[[tuple[str, Any]], None]:
         def sink(ev: tuple[str, Any]) -> None:
@@ -275,25 +373,39 @@ async def _generate(
         return sink
 
     default_max_tokens = request.app.state.default_max_tokens
-    params = [body.to_sampling_params(default_max_tokens, i) for i in range(n)]
-    sub = _service(request).submit(body.model, body.user, prompt_ids, params, [sink_of(i) for i in range(n)])
+    params = [body.to_sampling_params(default_max_tokens, i) for i in range(total)]
+    sub = _service(request).submit(body.model, body.user, prompt_ids, params, [sink_of(i) for i in range(total)])
     headers = {ADAPTER_HEADER: sub.version}
 
     async def next_event() -> tuple[int, tuple[str, Any]]:
         return await asyncio.wait_for(events.get(), timeout=REQUEST_TIMEOUT_S)
 
+    async def extension(done: list[Finished | None]) -> dict | None:
+        """The hidden candidate's fields, once it and choice 0 are done (a failed one: none)."""
+        if second is None:
+            return None
+        b = done[n]
+        if b is None or b.finish_reason == "error" or done[0] is None:
+            return None
+        try:
+            return await second(done[0], b)
+        except Exception as e:  # the comparison is an extra: never fail the answer for it
+            m.ERRORS.labels(endpoint=endpoint, reason="compare").inc()
+            log.warning("comparison dropped", error=f"{type(e).__name__}: {e}"[:300])
+            return None
+
     if not body.stream:
-        done: list[Finished | None] = [None] * n
+        done: list[Finished | None] = [None] * total
         answered = False
         try:
-            while not answered:
+            while not all(f is not None for f in done):
                 index, (kind, payload) = await next_event()
                 if kind != "done":
                     continue
                 done[index] = payload
-                if payload.finish_reason == "error":
+                if payload.finish_reason == "error" and index < n:
                     break
-                answered = all(f is not None for f in done)
+            answered = all(f is not None and f.finish_reason != "error" for f in done[:n])
         except asyncio.TimeoutError:
             m.ERRORS.labels(endpoint=endpoint, reason="timeout").inc()
             m.REQUESTS_FAILED.labels(adapter=sub.adapter or BASE_VERSION, reason="timeout").inc()
@@ -302,44 +414,65 @@ async def _generate(
             if not answered:  # timed out, cancelled or a choice failed: stop generating the others
                 sub.cancel()
         if not answered:
-            fin = next(f for f in done if f is not None and f.finish_reason == "error")
+            fin = next(f for f in done[:n] if f is not None and f.finish_reason == "error")
             m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
             return _error(503 if fin.fault == "shutdown" else 500, fin.error or "engine error", code=fin.fault)
-        fins = [f for f in done if f is not None]
+        fins = [f for f in done[:n] if f is not None]
         for index, fin in enumerate(fins):
             on_done(index, fin)
+        extra = await extension(done)
         answer = final(sub, fins)
         if body.return_token_ids:  # vLLM's extension: the completion's token ids, per choice
             for index, fin in enumerate(fins):
                 answer["choices"][index]["token_ids"] = list(fin.token_ids)
+        if extra:
+            answer.update(extra)
         return JSONResponse(answer, headers=headers)
 
     async def stream() -> AsyncIterator[str]:
         finished = False
-        fins: list[Finished] = []
+        done: list[Finished | None] = [None] * total
+        state = [_Stream() for _ in range(n)]
         try:
             if first is not None:
                 for index in range(n):
                     yield f"data: {json.dumps(first(sub, index))}\n\n"
-            while len(fins) < n:
+            while not all(f is not None for f in done):
                 index, (kind, payload) = await next_event()
+                if index >= n:  # the hidden candidate: only its end matters
+                    if kind == "done":
+                        done[index] = payload
+                    continue
                 if kind == "delta":
-                    yield f"data: {json.dumps(chunk(sub, index, payload, None))}\n\n"
+                    lp = None
+                    if logprobs_of is not None and isinstance(payload, Delta):
+                        lp = logprobs_of(payload.token_ids, payload.logprobs, payload.top_logprobs, state[index])
+                        state[index].tokens += len(payload.token_ids)
+                    yield f"data: {json.dumps(chunk(sub, index, payload, None, lp))}\n\n"
                     continue
                 if payload.finish_reason == "error":  # the other choices are cancelled (finally)
                     m.ERRORS.labels(endpoint=endpoint, reason="engine").inc()
                     err = error_body(payload.error or "engine error", type="server_error", code=payload.fault)
                     yield f"data: {json.dumps(err)}\n\n"
                     return
-                fins.append(payload)
+                done[index] = payload
                 on_done(index, payload)  # logged before the client sees its end: feedback never outruns it
-                last = chunk(sub, index, None, payload.finish_reason)
+                lp = None
+                if logprobs_of is not None:  # the tokens no piece of text carried (held back, or past a stop)
+                    k = state[index].tokens
+                    tops = payload.top_logprobs[k:] if payload.top_logprobs is not None else None
+                    lp = logprobs_of(payload.token_ids[k:], payload.logprobs[k:], tops, state[index])
+                last = chunk(sub, index, None, payload.finish_reason, lp)
                 if body.return_token_ids:  # all token ids in the choice's last chunk (vLLM: each chunk's own)
                     last["choices"][0]["token_ids"] = list(payload.token_ids)
                 yield f"data: {json.dumps(last)}\n\n"
             finished = True
+            extra = await extension(done)
+            if extra:
+                yield f"data: {json.dumps({**chunk(sub, 0, None, None, None), 'choices': [], **extra})}\n\n"
+            fins = [f for f in done[:n] if f is not None]
             if body.include_usage():
-                usage = {**chunk(sub, 0, None, None), "choices": [], "usage": _usage(fins)}
+                usage = {**chunk(sub, 0, None, None, None), "choices": [], "usage": _usage(fins)}
                 yield f"data: {json.dumps(usage)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
@@ -359,6 +492,11 @@ def _refused(request: Request, endpoint: str, body: CompletionRequest | ChatComp
         param, message = refused
         m.ERRORS.labels(endpoint=endpoint, reason="unsupported").inc()
         return _error(400, message, param=param, code="unsupported")
+    invalid = body.invalid()
+    if invalid is not None:
+        param, message = invalid
+        m.ERRORS.labels(endpoint=endpoint, reason="invalid_request").inc()
+        return _error(400, message, param=param, code="invalid_request")
     outside = sorted(t for t in (body.logit_bias or {}) if t >= engine.vocab_size)
     if outside:
         m.ERRORS.labels(endpoint=endpoint, reason="invalid_request").inc()
@@ -398,18 +536,27 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         return {"id": rid, "object": "text_completion", "created": created, "model": sub.model_name,
                 "looprl_adapter_version": sub.version}
 
-    def chunk(sub: Submitted, index: int, delta: str | None, finish: str | None) -> dict:
-        choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": None}
+    engine = _service(request).engine
+    texts: TokenTexts = request.app.state.token_texts
+
+    def chunk(sub: Submitted, index: int, delta: str | None, finish: str | None, lp: dict | None) -> dict:
+        choice = {"index": index, "text": delta or "", "finish_reason": finish, "logprobs": lp}
         if finish is not None:  # a choice's last chunk names the response id its feedback uses
             choice[RESPONSE_ID_FIELD] = choice_response_id(rid, index)
         return {**base(sub), "choices": [choice]}
 
     def final(sub: Submitted, fins: list[Finished]) -> dict:
         return {**base(sub), "choices": [
-            {"index": i, "text": fin.text, "finish_reason": fin.finish_reason, "logprobs": None,
+            {"index": i, "text": fin.text, "finish_reason": fin.finish_reason,
+             "logprobs": completion_logprobs(texts, fin.token_ids, fin.logprobs, fin.top_logprobs)
+             if body.wants_logprobs() else None,
              RESPONSE_ID_FIELD: choice_response_id(rid, i)} for i, fin in enumerate(fins)], "usage": _usage(fins)}
 
-    engine = _service(request).engine
+    def logprobs_of(ids: Any, lps: Any, tops: Any, state: _Stream) -> dict:
+        out = completion_logprobs(texts, ids, lps, tops, state.offset)
+        state.offset += sum(len(t) for t in out["tokens"])
+        return out
+
     render = request.app.state.render_prompts
     prompt_ids = await run_in_threadpool(
         lambda: render_prompt_ids(engine.tokenizer, Chat.user(prompt)) if render else engine.encode(prompt))
@@ -417,6 +564,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
         request, endpoint="completions", body=body, prompt_ids=prompt_ids,
         chunk=chunk, final=final, first=None,
         on_done=lambda i, fin: _log_response(request, rid, i, body, prompt, None, fin),
+        logprobs_of=logprobs_of if body.wants_logprobs() else None,
     )
 
 
@@ -439,13 +587,19 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": sub.model_name,
                 "looprl_adapter_version": sub.version}
 
+    texts: TokenTexts = request.app.state.token_texts
+    wants = body.wants_logprobs()
+
+    def lp_of(fin: Finished) -> dict | None:
+        return chat_logprobs(texts, fin.token_ids, fin.logprobs, fin.top_logprobs) if wants else None
+
     def first(sub: Submitted, index: int) -> dict:
         return {**base(sub), "choices": [{"index": index, "delta": {"role": "assistant", "content": ""},
                                           "finish_reason": None, "logprobs": None}]}
 
-    def chunk(sub: Submitted, index: int, delta: str | None, finish: str | None) -> dict:
+    def chunk(sub: Submitted, index: int, delta: str | None, finish: str | None, lp: dict | None) -> dict:
         d = {"content": delta} if delta is not None else {}
-        choice = {"index": index, "delta": d, "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "delta": d, "finish_reason": finish, "logprobs": lp}
         if finish is not None:  # a choice's last chunk names the response id its feedback uses
             choice[RESPONSE_ID_FIELD] = choice_response_id(rid, index)
         return {**base(sub), "choices": [choice]}
@@ -453,14 +607,38 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     def final(sub: Submitted, fins: list[Finished]) -> dict:
         return {**base(sub), "object": "chat.completion",
                 "choices": [{"index": i, "message": {"role": "assistant", "content": fin.text},
-                             "finish_reason": fin.finish_reason, "logprobs": None,
+                             "finish_reason": fin.finish_reason, "logprobs": lp_of(fin),
                              RESPONSE_ID_FIELD: choice_response_id(rid, i)} for i, fin in enumerate(fins)],
                 "usage": _usage(fins)}
+
+    async def second(a: Finished, b: Finished) -> dict | None:
+        """Ask the comparison if the reward model is unsure and the budget allows; log B if so."""
+        decision = await run_in_threadpool(comparer.decide, chat, a.text, b.text)
+        if not decision.ask:
+            return None
+        _log_response(request, rid, 1, body, logged_prompt, messages, b)
+        extra: dict[str, Any] = {"response_id": choice_response_id(rid, 1), "content": b.text}
+        if body.return_token_ids:
+            extra["token_ids"] = list(b.token_ids)
+        if wants:
+            extra["logprobs"] = lp_of(b)
+        return {COMPARISON_FIELD: extra}
+
+    comparer: Comparer | None = request.app.state.comparer
+    mode = body.looprl_compare or request.app.state.compare
+    compare = mode == "auto" and body.n == 1
+    if compare and comparer is None:
+        m.COMPARISONS.labels(outcome="disabled").inc()
+        compare = False
+    if compare and comparer.worth_generating() is not None:  # counted; no second candidate is generated
+        compare = False
 
     return await _generate(
         request, endpoint="chat", body=body, prompt_ids=prompt_ids,
         chunk=chunk, final=final, first=first,
         on_done=lambda i, fin: _log_response(request, rid, i, body, logged_prompt, messages, fin),
+        logprobs_of=(lambda ids, lps, tops, state: chat_logprobs(texts, ids, lps, tops)) if wants else None,
+        second=second if compare else None,
     )
 
 
@@ -527,7 +705,11 @@ def create_app(
     render_prompts: bool = True,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
+    comparer: Comparer | None = None,
+    compare: str = "never",
 ) -> FastAPI:
+    """The server's app. ``comparer``: decides targeted comparisons (None: looprl_compare "auto"
+    never compares); ``compare``: the mode of requests that do not say (serving.compare)."""
     app = FastAPI(title="looprl serving", version="1", docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.admin_token = admin_token
@@ -537,6 +719,9 @@ def create_app(
     app.state.default_max_tokens = default_max_tokens
     app.state.render_prompts = render_prompts
     app.state.max_prompt_chars = max_prompt_chars
+    app.state.token_texts = TokenTexts(service.engine.tokenizer)
+    app.state.comparer = comparer
+    app.state.compare = compare
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_RequestMetrics)  # added last: outermost, so refused bodies are counted too
     app.add_exception_handler(RequestValidationError, _bad_body)

@@ -40,6 +40,9 @@ RESPONSE_ID_HEADER = "X-Looprl-Response-Id"
 VERSION_FIELD = "looprl_adapter_version"
 # Per choice of an embedded server's answer: the response id feedback names (``choice_response_id``).
 RESPONSE_ID_FIELD = "looprl_response_id"
+# Top level of a chat answer to a looprl_compare request: the second candidate to compare
+# ({"response_id", "content"}), logged as its own answer (looprl.serving.compare).
+COMPARISON_FIELD = "looprl_comparison"
 # The most negative log-prob stored: vLLM reports an impossible token as -inf (or -9999).
 MIN_LOGPROB = -1e4
 

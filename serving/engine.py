@@ -56,7 +56,7 @@ from looprl.serving.adapters import WEIGHTS_FILE, AdapterError, AdapterSpec, Bas
 from looprl.serving.detokenizer import IncrementalDetokenizer
 from looprl.serving.kv import KVBatch, left_pad
 from looprl.serving.mixed import BASE, MixedLora
-from looprl.serving.sampling import RowSampler, SamplingParams, sample_next
+from looprl.serving.sampling import RowSampler, SamplingParams, sample_next, token_logprobs
 
 log = get_logger(__name__)
 
@@ -82,10 +82,30 @@ class Finished:
     version: str  # registry version ("v3") or "base"
     error: str | None = None
     fault: str | None = None  # why it failed: "forward_error" | "engine_error" | "shutdown"
-    token_ids: tuple[int, ...] = ()  # the completion's sampled tokens (no end-of-turn token)
+    token_ids: tuple[int, ...] = ()  # the completion's sampled tokens, ending with stop_token when one ended it
+    # Per token of token_ids: its raw log-prob (``sampling.token_logprobs``: log_softmax of the
+    # model's logits at temperature 1, before bias, penalties, top-k/top-p), always computed.
+    logprobs: tuple[float, ...] = ()
+    # Per token of token_ids: its params.top_logprobs most likely alternatives (id, raw log-prob),
+    # most likely first; None when the request asked for none.
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+    # The stop token that ended the answer (end of turn or eos; token_ids' last) and its raw log-prob.
+    stop_token: int | None = None
+    stop_logprob: float | None = None
 
 
-# Events sent to a request's sink: ("delta", str) zero or more times, then ("done", Finished).
+class Delta(str):
+    """A piece of streamed text (a ``str``), with the tokens generated since the previous piece:
+    ``token_ids``, their raw ``logprobs`` and (if asked) ``top_logprobs``. A token whose text is
+    held back (an incomplete character, a possible stop string) comes with a later piece; tokens
+    still unsent at the end are the tail of ``Finished.token_ids``."""
+
+    token_ids: tuple[int, ...] = ()
+    logprobs: tuple[float, ...] = ()
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+
+
+# Events sent to a request's sink: ("delta", Delta) zero or more times, then ("done", Finished).
 Sink = Callable[[tuple[str, Any]], None]
 
 
@@ -148,6 +168,12 @@ class _Request:
     submitted: float = field(default_factory=time.perf_counter)
     sampler: RowSampler | None = None
     generated: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # raw log-prob of each generated token
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # if params.top_logprobs
+    stop_token: int | None = None
+    stop_logprob: float | None = None
+    stop_top: tuple[tuple[int, float], ...] = ()
+    streamed_tokens: int = 0  # tokens already sent with a Delta
     detokenizer: IncrementalDetokenizer = field(default_factory=IncrementalDetokenizer)
     pending: str = ""  # decoded text not sent yet: it may be the start of a stop string
     emitted: int = 0  # characters of text already sent
@@ -583,11 +609,14 @@ class Engine:
         kv = KVBatch(cache, mask)
         logits = out.logits[:, -1, :]
         cohort = self._cohorts.get(key) or _Cohort(key)
-        tokens = sample_next(logits.float().cpu(), [r.sampler for r in reqs], self._gen)
+        logits = logits.float().cpu()
+        tokens = sample_next(logits, [r.sampler for r in reqs], self._gen)
+        lps, tops = token_logprobs(logits, tokens, [r.params.top_logprobs for r in reqs])
         now = time.perf_counter()
         for r in reqs:
             m.TTFT.observe(now - r.submitted)
-        keep = [i for i, (r, t) in enumerate(zip(reqs, tokens)) if not self._on_token(r, t)]
+        keep = [i for i, (r, t, lp, top) in enumerate(zip(reqs, tokens, lps, tops))
+                if not self._on_token(r, t, lp, top)]
         m.TOKENS.inc(len(reqs))
         self._count_tokens(len(reqs))
         if not keep:
@@ -627,12 +656,14 @@ class Engine:
                 cohort.rows = []
                 return
         kv.advance(step_mask)
-        tokens = sample_next(out.logits[:, -1, :].float().cpu(), [r.sampler for r in cohort.rows], self._gen)
+        logits = out.logits[:, -1, :].float().cpu()
+        tokens = sample_next(logits, [r.sampler for r in cohort.rows], self._gen)
+        lps, tops = token_logprobs(logits, tokens, [r.params.top_logprobs for r in cohort.rows])
         keep = []
-        for i, (r, t) in enumerate(zip(cohort.rows, tokens)):
+        for i, (r, t, lp, top) in enumerate(zip(cohort.rows, tokens, lps, tops)):
             if r.cancelled:
                 self._finish(r, "stop")
-            elif not self._on_token(r, t):
+            elif not self._on_token(r, t, lp, top):
                 keep.append(i)
         m.TOKENS.inc(len(tokens))
         self._count_tokens(len(tokens))
@@ -722,12 +753,19 @@ class Engine:
         m.TOKENS_PER_SECOND.set(sum(k for _, k in self._tok_window) / span)
 
     # ------------------------------------------------------------------ text
-    def _on_token(self, r: _Request, token: int) -> bool:
-        """Record one sampled token; stream what is safe to show. True if the request finished."""
+    def _on_token(self, r: _Request, token: int, logprob: float, top: list[tuple[int, float]]) -> bool:
+        """Record one sampled token and its raw log-prob; stream what is safe to show. True if the
+        request finished."""
         if token in self.stop_ids and not r.params.ignore_eos:
+            r.stop_token, r.stop_logprob = token, logprob
+            if r.params.top_logprobs:
+                r.stop_top = tuple(top)
             self._finish(r, "stop")
             return True
         r.generated.append(token)
+        r.logprobs.append(logprob)
+        if r.params.top_logprobs:
+            r.top_logprobs.append(tuple(top))
         # Only the new token's text is decoded, so a token costs the same at any answer length.
         # The sent text never ends in a stop string's prefix, so a stop string can only start
         # in the pending text.
@@ -757,7 +795,12 @@ class Engine:
     def _emit(self, r: _Request, text: str) -> None:
         """Send ``text``, the next piece of pending text (or of the final text, at the finish)."""
         if text:
-            self._send(r, ("delta", text))
+            delta = Delta(text)
+            k = r.streamed_tokens
+            delta.token_ids, delta.logprobs = tuple(r.generated[k:]), tuple(r.logprobs[k:])
+            delta.top_logprobs = tuple(r.top_logprobs[k:]) if r.params.top_logprobs else None
+            r.streamed_tokens = len(r.generated)
+            self._send(r, ("delta", delta))
             r.emitted += len(text)
             r.pending = r.pending[len(text):]
 
@@ -789,10 +832,17 @@ class Engine:
             with self._lock:
                 r.adapter.in_flight -= 1
         info = r.adapter
+        stop = (r.stop_token,) if r.stop_token is not None else ()
+        stop_lp = (r.stop_logprob,) if r.stop_token is not None else ()
         self._send(r, ("done", Finished(
             text=text, finish_reason=reason, prompt_tokens=len(r.prompt_ids), completion_tokens=len(r.generated),
             adapter=info.name if info else None, version=info.version if info else BASE_VERSION, error=error,
-            fault=(fault or "engine_error") if error is not None else None, token_ids=tuple(r.generated),
+            fault=(fault or "engine_error") if error is not None else None,
+            # As vLLM reports them: the stop token that ended the answer is its last token (the
+            # text leaves it out), so the logged tokens are exactly what a trainer replays.
+            token_ids=tuple(r.generated) + stop, logprobs=tuple(r.logprobs) + stop_lp,
+            top_logprobs=(tuple(r.top_logprobs) + ((r.stop_top,) if stop else ())) if r.params.top_logprobs else None,
+            stop_token=r.stop_token, stop_logprob=r.stop_logprob,
         )))
 
     @staticmethod

@@ -12,8 +12,9 @@ vLLM serves adapters by name and does nothing else; the gateway in front of it (
   field ``looprl_adapter_version``, in every streamed chunk too) and its response id (header
   ``X-Looprl-Response-Id``: the OpenAI ``id``, which feedback names).
 - **Response logging.** Every complete answer is logged as a ``ResponseEvent`` (messages,
-  completion, version, sampling parameters, and the served token ids and log-probs when the
-  upstream returns them: ``gateway.request_token_ids`` asks for them) through
+  completion, version, sampling parameters as the client sent them, and the served token ids and
+  log-probs when the upstream returns them: ``gateway.request_token_ids`` asks every upstream
+  for them, and strips what the client did not ask for from its answer, streamed or not) through
   ``looprl.serving.attribution.ResponseRecorder``: never failing or delaying the request; while
   Kafka is down, answers are buffered up to ``gateway.max_buffered_logs`` and dropped (counted)
   beyond.
@@ -24,7 +25,11 @@ vLLM serves adapters by name and does nothing else; the gateway in front of it (
   the client has received nothing yet. An upstream that dies mid-stream ends the client's stream
   with an OpenAI-style error event (``data: {"error": {...}}``), and is counted.
 - **Streaming.** Server-sent events pass through as they arrive, event for event and byte for
-  byte, except the version field added to chunks that lack it.
+  byte, except the version field added to chunks that lack it and the token ids / log-probs the
+  gateway asked for on its own (such a chunk is re-serialised without them).
+- **Targeted comparisons.** ``looprl_compare`` goes to the upstream as sent; an answer's
+  ``looprl_comparison`` (the second candidate) comes back to the client, and the gateway logs it
+  as its own answer, under its own response id, when it logs the first.
 - **Auth.** Clients send ``Authorization: Bearer <one of gateway.client_tokens>`` (required off
   loopback); the gateway sends the upstreams ``serving.vllm_api_key``, never the client's token,
   and forwards only ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
@@ -60,8 +65,8 @@ from looprl.ops.core.listen import HttpThread
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.version import version_number
 from looprl.serving.attribution import (
-    ADAPTER_HEADER, RESPONSE_ID_HEADER, VERSION_FIELD, ResponseRecorder, choice_response_id, choice_seed,
-    logged_conversation, response_event, sampling_of, served_version,
+    ADAPTER_HEADER, COMPARISON_FIELD, RESPONSE_ID_HEADER, VERSION_FIELD, ResponseRecorder, choice_response_id,
+    choice_seed, logged_conversation, response_event, sampling_of, served_version,
 )
 from looprl.serving.routing import ROUTING_FILE, RoutingFile
 
@@ -162,6 +167,33 @@ def _with_version(event: bytes, version: str) -> bytes:
     return event[:k + 1] + f'"{VERSION_FIELD}": {json.dumps(version)}'.encode() + sep + rest
 
 
+def _logprob_values(lp: dict, endpoint: str) -> list:
+    """The sampled tokens' log-probs of an OpenAI ``logprobs`` object (chat or legacy shape)."""
+    if endpoint == "chat":
+        return [x.get("logprob") for x in lp.get("content") or [] if isinstance(x, dict)]
+    return list(lp.get("token_logprobs") or [])
+
+
+def _strip(obj: dict, added: frozenset[str]) -> bool:
+    """Remove from an answer (or stream chunk) what the gateway asked for on its own (``added``:
+    "logprobs", "token_ids"); True if ``obj`` changed."""
+    changed = False
+    places = [c for c in obj.get("choices") or [] if isinstance(c, dict)]
+    if isinstance(obj.get(COMPARISON_FIELD), dict):
+        places.append(obj[COMPARISON_FIELD])
+    for place in places:
+        if "token_ids" in added and "token_ids" in place:
+            del place["token_ids"]
+            changed = True
+        if "logprobs" in added and place.get("logprobs") is not None:
+            if place is obj.get(COMPARISON_FIELD):
+                del place["logprobs"]
+            else:
+                place["logprobs"] = None
+            changed = True
+    return changed
+
+
 class _Choice:
     """One choice of an answer: its text, served token ids and log-probs, how it ended."""
 
@@ -183,6 +215,7 @@ class _Answer:
         self.version: str | None = None
         self.choices: dict[int, _Choice] = {}
         self.error: str | None = None
+        self.comparison: dict | None = None  # looprl_comparison: the second candidate of a targeted comparison
 
     @property
     def finish(self) -> str | None:
@@ -199,6 +232,8 @@ class _Answer:
         self.id = self.id or obj.get("id")
         self.model = self.model or obj.get("model")
         self.version = self.version or obj.get(VERSION_FIELD)
+        if isinstance(obj.get(COMPARISON_FIELD), dict):
+            self.comparison = dict(obj[COMPARISON_FIELD])  # a copy: the client's may be stripped
         carried = False
         for choice in obj.get("choices") or []:
             if isinstance(choice, dict) and isinstance(choice.get("index", 0), int):
@@ -219,10 +254,7 @@ class _Answer:
             c.token_ids.extend(ids)
         lp = choice.get("logprobs")
         if isinstance(lp, dict) and c.logprobs is not None:
-            if self.endpoint == "chat":
-                c.logprobs.extend(x.get("logprob") for x in lp.get("content") or [] if isinstance(x, dict))
-            else:
-                c.logprobs.extend(lp.get("token_logprobs") or [])
+            c.logprobs.extend(_logprob_values(lp, self.endpoint))
         if choice.get("finish_reason"):
             c.finish = choice["finish_reason"]
         return bool(text) or bool(ids)
@@ -239,6 +271,7 @@ class _Call:
     version: str | None
     t0: float
     routed: bool = False  # the alias, rewritten to a versioned name
+    added: frozenset[str] = frozenset()  # what the gateway asked for and the client did not: stripped
     refusal: tuple[Upstream, Response] | None = None  # an upstream that does not have that name (yet)
 
 
@@ -430,6 +463,7 @@ class Gateway:
             version = served_version(requested, self.base_name)
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
         call = _Call(endpoint, path, body, bool(body.get("stream")), version, t0, routed=requested == self.alias)
+        self._ask_for_tokens(call)
         return await self._forward(call, client_body)
 
     def _finish_early(self, endpoint: str, response: Response) -> Response:
@@ -437,17 +471,29 @@ class Gateway:
                         status=str(response.status_code)).inc()
         return response
 
-    def _payload(self, call: _Call, up: Upstream) -> bytes:
+    def _ask_for_tokens(self, call: _Call) -> None:
+        """With ``gateway.request_token_ids``: ask the upstream (vLLM or looprl serve) for the served
+        token ids and their log-probs, to log them; what the client did not ask for is stripped
+        from its answer (``call.added``). A client's ``top_logprobs`` without ``logprobs`` is left
+        as sent, for the upstream to refuse as OpenAI does."""
         body = call.body
-        if self.request_token_ids:
-            extra: dict[str, Any] = {}
-            if "return_token_ids" not in body:
-                extra["return_token_ids"] = True
-            if up.kind == "vllm" and "logprobs" not in body:  # looprl serve computes no log-probs
-                extra["logprobs"] = True if call.endpoint == "chat" else 0
-            if extra:
-                body = {**body, **extra}
-        return json.dumps(body).encode()
+        if not self.request_token_ids:
+            return
+        added = set()
+        if not body.get("return_token_ids"):
+            body["return_token_ids"] = True
+            added.add("token_ids")
+        if call.endpoint == "chat":
+            if not body.get("logprobs") and body.get("top_logprobs") is None:
+                body["logprobs"] = True
+                added.add("logprobs")
+        elif body.get("logprobs") is None:
+            body["logprobs"] = 0  # the sampled tokens' only
+            added.add("logprobs")
+        call.added = frozenset(added)
+
+    def _payload(self, call: _Call, up: Upstream) -> bytes:
+        return json.dumps(call.body).encode()
 
     async def _forward(self, call: _Call, client_body: dict) -> Response:
         tried: set[str] = set()
@@ -564,8 +610,11 @@ class Gateway:
         answer = _Answer(call.endpoint)
         answer.add(doc, whole=True)
         version = version or answer.version or served_version(answer.model, self.base_name)
+        changed = bool(call.added) and _strip(doc, call.added)
         if version and VERSION_FIELD not in doc:
             doc[VERSION_FIELD] = version
+            changed = True
+        if changed:
             raw = json.dumps(doc).encode()
         answer.version = version
         self._log(call, client_body, answer)
@@ -631,6 +680,8 @@ class Gateway:
                             if answer.add(obj, whole=False) and first_token:
                                 first_token = False
                                 TTFT.labels(**labels).observe(time.perf_counter() - call.t0)
+                            if call.added and _strip(obj, call.added):
+                                ev = b"data: " + json.dumps(obj).encode() + b"\n\n"
                             if answer.version and VERSION_FIELD not in obj and "error" not in obj:
                                 ev = _with_version(ev, answer.version)
                     out.append(ev)
@@ -698,26 +749,46 @@ class Gateway:
             return
         for index in sorted(answer.choices):
             c = answer.choices[index]
-            rid = choice_response_id(str(answer.id), index)
-            try:
-                prompt, messages = self._prompt(call.endpoint, client_body)
-                if prompt is None:
-                    LOGS_DROPPED.inc()
-                    return
-                sent = client_body
-                if isinstance(client_body.get("seed"), int) and index:  # vLLM samples choice i with seed + i
-                    sent = {**client_body, "seed": choice_seed(client_body["seed"], index)}
-                event = response_event(
-                    response_id=rid, model=str(client_body.get("model")), completion="".join(c.text),
-                    version=answer.version, user=client_body.get("user"), prompt=prompt, messages=messages,
-                    sampling=sampling_of(sent), token_ids=c.token_ids or None,
-                    logprobs=c.logprobs if c.logprobs and None not in c.logprobs else None,
-                )
-            except Exception as e:
+            self._record(call, client_body, answer, choice_response_id(str(answer.id), index), "".join(c.text),
+                         index, c.token_ids or None, c.logprobs)
+        if answer.comparison is not None:
+            self._log_comparison(call, client_body, answer)
+
+    def _log_comparison(self, call: _Call, client_body: dict, answer: _Answer) -> None:
+        """Log the second candidate of a targeted comparison as its own answer (sampled as choice 1
+        of the request: seed + 1), under the response id the upstream gave it."""
+        b = answer.comparison or {}
+        rid, text = b.get("response_id"), b.get("content")
+        if not isinstance(rid, str) or not rid or not isinstance(text, str):
+            LOGS_DROPPED.inc()
+            log.warning("comparison not logged: no response_id or content", response_id=answer.id)
+            return
+        ids = b.get("token_ids") if isinstance(b.get("token_ids"), list) else None
+        lps = _logprob_values(b["logprobs"], call.endpoint) if isinstance(b.get("logprobs"), dict) else None
+        self._record(call, client_body, answer, rid, text, 1, ids or None, lps)
+
+    def _record(self, call: _Call, client_body: dict, answer: _Answer, rid: str, text: str, index: int,
+                token_ids: list[int] | None, logprobs: list | None) -> None:
+        """One answered choice as a ResponseEvent (choice ``index`` of a seeded request was sampled
+        with seed + index, as vLLM does); an event that cannot be built is counted and dropped."""
+        try:
+            prompt, messages = self._prompt(call.endpoint, client_body)
+            if prompt is None:
                 LOGS_DROPPED.inc()
-                log.warning("answer not logged: no valid ResponseEvent", response_id=rid, error=str(e)[:300])
-                continue
-            self.recorder.record(event)
+                return
+            sent = client_body
+            if isinstance(client_body.get("seed"), int) and index:
+                sent = {**client_body, "seed": choice_seed(client_body["seed"], index)}
+            event = response_event(
+                response_id=rid, model=str(client_body.get("model")), completion=text, version=answer.version,
+                user=client_body.get("user"), prompt=prompt, messages=messages, sampling=sampling_of(sent),
+                token_ids=token_ids, logprobs=logprobs if logprobs and None not in logprobs else None,
+            )
+        except Exception as e:
+            LOGS_DROPPED.inc()
+            log.warning("answer not logged: no valid ResponseEvent", response_id=rid, error=str(e)[:300])
+            return
+        self.recorder.record(event)
 
     @staticmethod
     def _prompt(endpoint: str, body: dict) -> tuple[str | None, list | None]:

@@ -36,3 +36,8 @@ REQUESTS_FAILED = Counter(
     ["adapter", "reason"],
 )
 RESPONSE_LOG_FAILURES = Counter("looprl_serving_response_log_failures_total", "Responses that could not be logged")
+COMPARISONS = Counter(
+    "looprl_serving_comparisons_total",
+    "Targeted comparisons considered for looprl_compare=auto requests, by outcome (asked, confident, "
+    "over_budget, no_reward_model, no_ensemble, identical, failed)", ["outcome"],
+)

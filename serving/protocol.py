@@ -2,9 +2,18 @@
 
 Unknown OpenAI fields are accepted and ignored (clients send many optional knobs: ``store``,
 ``metadata``, ``parallel_tool_calls``...), but a field whose non-default value would change the
-answer and that this server does not implement (tools, structured output, log-probs, echo,
+answer and that this server does not implement (tools, structured output, echo,
 ``best_of``, images and audio, vLLM's guided decoding and extra penalties...) is refused with a
 400 naming the field: ``unsupported()``, listed in ``UNSUPPORTED``. Nothing is silently ignored.
+A combination that OpenAI refuses (``top_logprobs`` without ``logprobs: true``) is refused the
+same way by ``invalid()``.
+
+Log-probs: chat's ``logprobs: true`` with ``top_logprobs`` 0..20, and the legacy completions'
+``logprobs`` 0..5, as OpenAI bounds them. The values are raw log-probs of the model
+(``looprl.serving.sampling.token_logprobs``), as vLLM reports them by default.
+
+looprl extension ``looprl_compare`` ("auto" | "never"; chat, n = 1): may answer with a second
+candidate for a "which is better?" question (``looprl.serving.compare``).
 
 Every number a client sends is bounded here, so nothing downstream (the engine, torch) ever
 sees a value it would raise on: ``seed`` is a 64-bit signed integer, as in vLLM, and floats
@@ -22,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 # The seed range and the seeds of n > 1 choices are shared with the gateway's response logging.
 from looprl.serving.attribution import SEED_MAX, SEED_MIN, choice_seed
 from looprl.serving.sampling import (
-    LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS_TOKENS, PENALTY_LIMIT, SamplingParams,
+    LOGIT_BIAS_LIMIT, MAX_LOGIT_BIAS_TOKENS, MAX_TOP_LOGPROBS, PENALTY_LIMIT, SamplingParams,
 )
 
 # Far above any model's context: the engine cuts max_tokens to the room the prompt leaves.
@@ -33,6 +42,8 @@ MAX_STOP_CHARS = 256
 MAX_CHOICES = 128
 # top_k is clamped to the vocabulary by the sampler; this only keeps the number an integer torch takes.
 MAX_TOP_K = 2**31 - 1
+# OpenAI's cap on the legacy completions' logprobs (alternatives per token).
+MAX_COMPLETION_LOGPROBS = 5
 
 
 def _off(v: Any) -> bool:
@@ -49,10 +60,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "function_call": (lambda v: v in (None, "none"), "function calling is not supported by this server"),
     "response_format": (lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
                         "only response_format {\"type\": \"text\"} is supported (no JSON mode or schema)"),
-    "logprobs": (lambda v: v is None or v is False,
-                 "log-probabilities are not supported yet (planned: they will be returned as the ones logged "
-                 "for off-policy learning)"),
-    "top_logprobs": (_off, "log-probabilities are not supported yet (planned)"),
     "echo": (_off, "echo is not supported"),
     "best_of": (lambda v: v in (None, 1), "best_of > 1 is not supported; use n"),
     "suffix": (_off, "suffix (insertion) is not supported"),
@@ -146,14 +153,29 @@ class _OpenAIBody(BaseModel):
         """The seed choice ``index`` is sampled with (``choice_seed``)."""
         return None if self.seed is None else choice_seed(self.seed, index)
 
+    def alternatives(self) -> int:
+        """How many most likely tokens to report per generated token (0: none)."""
+        return 0
+
+    def wants_logprobs(self) -> bool:
+        """Whether the answer carries log-probs (the response log always has them)."""
+        return False
+
     def to_sampling_params(self, default_max_tokens: int, index: int = 0) -> SamplingParams:
         """The engine's parameters for choice ``index`` (choices differ only in their seed)."""
         return SamplingParams(
             max_tokens=self.answer_tokens() or default_max_tokens, temperature=self.temperature, top_p=self.top_p,
             stop=self.stop_list(), seed=self.seed_of(index), ignore_eos=self.ignore_eos, top_k=self.top_k or 0,
             presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
-            logit_bias=tuple(sorted((self.logit_bias or {}).items())),
+            logit_bias=tuple(sorted((self.logit_bias or {}).items())), top_logprobs=self.alternatives(),
         )
+
+    def invalid(self) -> tuple[str, str] | None:
+        """``(param, message)`` of a combination of fields that is refused, or None."""
+        compare = (self.model_extra or {}).get("looprl_compare")
+        if compare not in (None, "never"):
+            return "looprl_compare", "looprl_compare: targeted comparisons are offered on chat completions only"
+        return None
 
     def unsupported(self) -> tuple[str, str] | None:
         """``(param, message)`` of the first field this server would not honour (``UNSUPPORTED``),
@@ -169,7 +191,8 @@ class CompletionRequest(_OpenAIBody):
     prompt: str | list[str]
     # Typed here so a wrong type is named as such; any non-default value is refused (UNSUPPORTED).
     echo: bool = False
-    logprobs: int | None = None
+    # OpenAI's legacy log-probs: the sampled token's and this many alternatives' (0..5), per token.
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -182,6 +205,12 @@ class CompletionRequest(_OpenAIBody):
 
     def prompt_text(self) -> str:
         return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+    def alternatives(self) -> int:
+        return self.logprobs or 0
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
 
 class TextPart(BaseModel):
@@ -215,11 +244,28 @@ class ChatMessageIn(BaseModel):
 class ChatCompletionRequest(_OpenAIBody):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS_LIMIT)
-    logprobs: bool | None = None  # typed so a wrong type is named; true is refused (UNSUPPORTED)
-    top_logprobs: int | None = None
+    logprobs: bool | None = None
+    # Alternatives per token (0..20, OpenAI's cap); needs logprobs: true, as OpenAI requires.
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    # looprl extension: "auto" may answer with a second candidate to compare (n = 1 only); None:
+    # the server's default (serving.compare).
+    looprl_compare: Literal["auto", "never"] | None = None
 
     def answer_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens  # OpenAI deprecated max_tokens for chat
+
+    def alternatives(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
+
+    def wants_logprobs(self) -> bool:
+        return bool(self.logprobs)
+
+    def invalid(self) -> tuple[str, str] | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            return "top_logprobs", "top_logprobs: logprobs must be set to true when top_logprobs is given"
+        if self.looprl_compare == "auto" and self.n > 1:
+            return "looprl_compare", "looprl_compare: \"auto\" needs n = 1 (the comparison is the second candidate)"
+        return None
 
     def unsupported(self) -> tuple[str, str] | None:
         refused = super().unsupported()

@@ -24,6 +24,8 @@ import torch
 PENALTY_LIMIT = 2.0
 LOGIT_BIAS_LIMIT = 100.0
 MAX_LOGIT_BIAS_TOKENS = 300
+# OpenAI's cap on the alternatives returned per token (chat's top_logprobs).
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # Most likely alternatives to report per generated token (their raw log-probs, see
+    # ``token_logprobs``); 0: none. The sampled token's own log-prob is always computed.
+    top_logprobs: int = 0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -52,6 +57,8 @@ class SamplingParams:
             v = getattr(self, name)
             if not (math.isfinite(v) and -PENALTY_LIMIT <= v <= PENALTY_LIMIT):
                 raise ValueError(f"{name} must be in [-{PENALTY_LIMIT:g}, {PENALTY_LIMIT:g}], got {v}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
             raise ValueError(f"logit_bias has {len(self.logit_bias)} tokens, over the limit of {MAX_LOGIT_BIAS_TOKENS}")
         for tok, bias in self.logit_bias:
@@ -193,3 +200,27 @@ def sample_next(logits: torch.Tensor, rows: list[RowSampler], default_generator:
     for r, t in zip(rows, tokens):
         r.observe(t)
     return tokens
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], top: list[int]) -> tuple[list[float], list[list[tuple[int, float]]]]:
+    """The log-probability of each row's ``tokens[i]`` and, for rows with ``top[i] > 0``, its
+    ``top[i]`` most likely tokens (id, log-prob), most likely first; ``[]`` for the other rows.
+
+    Raw log-probs, as vLLM reports by default: ``log_softmax`` of the model's logits, at
+    temperature 1 and before logit_bias, penalties, top-k and top-p. So they describe the model,
+    whatever a request's sampling knobs; a trainer that corrects for off-policy data checks the
+    logged sampling parameters to know whether the tokens were drawn from exactly this distribution.
+    ``logits`` (B, V) float32. Costs one logsumexp and one gather; a top-k only for rows that ask."""
+    lse = torch.logsumexp(logits, dim=-1)
+    picked = logits.gather(1, torch.tensor(tokens, dtype=torch.long).unsqueeze(1)).squeeze(1) - lse
+    tops: list[list[tuple[int, float]]] = [[] for _ in tokens]
+    want = max(top, default=0)
+    if want > 0:
+        rows = [i for i, k in enumerate(top) if k > 0]
+        sub = torch.tensor(rows, dtype=torch.long)
+        values, ids = torch.topk(logits.index_select(0, sub), min(want, logits.shape[-1]), dim=-1)
+        values = values - lse.index_select(0, sub).unsqueeze(-1)
+        for j, i in enumerate(rows):
+            k = top[i]
+            tops[i] = list(zip(ids[j, :k].tolist(), values[j, :k].tolist()))
+    return picked.tolist(), tops

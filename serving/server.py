@@ -21,6 +21,7 @@ from looprl.ops.core.listen import HttpThread, run_http
 from looprl.ops.core.log import get_logger
 from looprl.policy.model import base_checksum, check_memory, load_base, model_device, resolve_placement, stop_token_ids
 from looprl.serving.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_PROMPT_CHARS, create_app
+from looprl.serving.compare import Comparer, comparer_from_config
 from looprl.serving.engine import Engine
 from looprl.serving.service import ServingService
 
@@ -106,12 +107,20 @@ class ServerThread(HttpThread):
     def __init__(self, service: ServingService, *, host: str = "127.0.0.1", port: int = 0,
                  admin_token: str | None = None, response_logger: Any = None, default_max_tokens: int = 32,
                  render_prompts: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS):
+                 max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, comparer: Comparer | None = None,
+                 compare: str = "never"):
         self.service = service
         self.app = create_app(service, admin_token=admin_token, response_logger=response_logger,
                               default_max_tokens=default_max_tokens, render_prompts=render_prompts,
-                              max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars)
-        super().__init__(self.app, host, port, name="looprl-serve", lifespan="off", on_stop=service.engine.stop)
+                              max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
+                              comparer=comparer, compare=compare)
+
+        def stop() -> None:
+            service.engine.stop()
+            if comparer is not None:
+                comparer.stop()
+
+        super().__init__(self.app, host, port, name="looprl-serve", lifespan="off", on_stop=stop)
 
 
 def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -> int:
@@ -122,9 +131,12 @@ def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -
         log.warning("serving.admin_token is not set: admin endpoints are open on loopback only")
     service = build_service(cfg)
     logger = make_response_logger(cfg)
+    # Loads the reward model only once a request asks for a comparison (looprl_compare / serving.compare).
+    comparer = comparer_from_config(cfg)
     app = create_app(service, admin_token=token, response_logger=logger,
                      default_max_tokens=cfg.serving.default_max_tokens, render_prompts=cfg.serving.render_prompts,
-                     max_body_bytes=cfg.serving.max_body_bytes, max_prompt_chars=cfg.serving.max_prompt_chars)
+                     max_body_bytes=cfg.serving.max_body_bytes, max_prompt_chars=cfg.serving.max_prompt_chars,
+                     comparer=comparer, compare=cfg.serving.compare)
     h, p = host or cfg.serving.host, cfg.serving.port if port is None else port
     try:
         # port 0: a free port, logged ("serving listening", url and port)
@@ -132,6 +144,7 @@ def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -
                  base_name=cfg.serving.served_model_name)
     finally:
         service.engine.stop()
+        comparer.stop()
         if app.state.response_logger is not None:  # the ResponseRecorder around `logger`
             app.state.response_logger.close()
     return 0

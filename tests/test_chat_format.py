@@ -84,6 +84,9 @@ def test_served_tokens_are_the_tokens_trained_and_scored(spied, tmp_path):
     row = encode_answer(tok, example.prompt, example.completion, max_len=10_000)
     assert completion_ids(tok, example.completion) == gen_ids
     assert row == prompt_ids + gen_ids + [end_of_turn_id(tok)]
+    # The response log holds the same tokens, stop token included (what off-policy PPO replays).
+    assert list(event.completion_token_ids) == gen_ids + [end_of_turn_id(tok)]
+    assert len(event.completion_logprobs) == len(event.completion_token_ids)
 
 
 def test_developer_role_is_the_system_prompt_and_bad_conversations_are_refused(spied):

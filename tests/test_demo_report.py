@@ -92,3 +92,45 @@ def test_write_report(tmp_path):
     # A rejection is explained by the published version's score on the same held-out set.
     assert "| 4 | 40 | - | - | 0.720 | 0.781 (v3) | rejected | - |" in md
     assert "![thumbs-up rate](thumbs_up.png)" in md
+
+
+def test_report_shows_the_labels_spent_and_the_lift_per_1000_labels(tmp_path):
+    from looprl.ops.report import label_counts
+
+    cfg = load_config(environ={}, workspace=tmp_path / "ws", demo={"feedback": "sparse"})
+    sim = cfg.state_dir / "simulator"
+    sim.mkdir(parents=True)
+    rows = fake_interactions({"base": 0.2, "v1": 0.6})
+    labels = [{"thumbs": 1}, {}, {"preference": 1, "correction": 1}, {"thumbs": 1, "preference": 1}]
+    train = [r for r in rows if r["kind"] == "train"]
+    for i, r in enumerate(train):
+        r["labels"] = labels[i % 4]  # 100 each of the four: 200 thumbs, 200 comparisons, 100 corrections
+    (sim / "interactions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    # the status counts this simulator process only (a restart starts it again): the rows win
+    (sim / "status.json").write_text(json.dumps({"feedback_sent": {"thumbs": 3}, "feedback": {
+        "profile": "sparse", "thumbs_fraction": 0.05, "preference_fraction": 0.05, "correction_fraction": 0.01}}))
+    gate = cfg.state_dir / "gate"
+    gate.mkdir()
+    (gate / "decisions.jsonl").write_text(json.dumps({"version": "v1", "decision": "gated", "reasons": [], "numbers": {
+        "win_rate": 0.7, "train_forms_win_rate": 0.8, "heldout_forms_win_rate": 0.61,
+        "heldout_forms_degenerate_share": 0.05, "incumbent": "base"}}) + "\n" + json.dumps(
+        {"version": "v2", "decision": "rejected", "numbers": {"win_rate": 0.4}}) + "\n{\"torn")
+
+    out, summary = write_report(cfg, tmp_path / "report")
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["labels"] == {"thumbs": 200, "preference": 200, "correction": 100, "total": 500}
+    assert saved["lift_per_1000_labels"] == pytest.approx(saved["improvement_rate"] / 500 * 1000)
+    assert saved["expected_lift_per_1000_labels"] == pytest.approx(0.4 / 500 * 1000)
+    assert saved["feedback"]["profile"] == "sparse"
+    assert [g["numbers"].get("heldout_forms_win_rate") for g in saved["gate"]] == [0.61, None]
+    md = (out / "report.md").read_text()
+    assert "Feedback profile: **sparse** (5.0% thumbs, 5.0% comparisons, 1.0% corrections)" in md
+    assert f"| 500 | 200 | 200 | 100 | {saved['improvement_rate']:.3f} | {saved['lift_per_1000_labels']:.3f} |" in md
+    assert ("| version | decision | win rate | train forms win rate | heldout forms win rate | "
+            "heldout forms degenerate share |") in md
+    assert "| v1 | gated | 0.700 | 0.800 | 0.610 | 0.050 |" in md and "| v2 | rejected | 0.400 | - | - | - |" in md
+    # a log from before interactions recorded their labels: the status's counts
+    old = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
+    assert label_counts(old, {"feedback_sent": {"thumbs": 3, "preference": 9}}) == {
+        "thumbs": 3, "preference": 9, "correction": 0, "total": 12}
+    assert label_counts(old, {})["total"] == 0

@@ -68,3 +68,60 @@ def test_bad_preference_is_refused_before_anything_starts(tmp_path, capsys):
     assert rc == 2
     assert "no_such_module:fn" in capsys.readouterr().err
     assert not (tmp_path / "ws").exists()
+
+
+def test_feedback_profiles_set_the_fractions_the_user_left_unset(tmp_path):
+    from looprl.ops.sim.profiles import resolve_demo, with_feedback
+
+    generous = resolve_demo(load_config(environ={}, workspace=tmp_path).demo)
+    assert (generous.thumbs_fraction, generous.preference_fraction, generous.correction_fraction) == (0.25, 1.0, 0.0)
+    sparse = resolve_demo(load_config(environ={"LOOPRL_DEMO__FEEDBACK": "sparse"}, workspace=tmp_path).demo)
+    assert (sparse.thumbs_fraction, sparse.preference_fraction, sparse.correction_fraction) == (0.05, 0.05, 0.01)
+    assert not sparse.request_comparisons
+    # an environment variable (or looprl.toml) wins over the profile, also when it says the default
+    mine = load_config(environ={"LOOPRL_DEMO__THUMBS_FRACTION": "0.25", "LOOPRL_DEMO__PREFERENCE_FRACTION": "0.2"},
+                       workspace=tmp_path)
+    mine = resolve_demo(with_feedback(mine, "targeted").demo)  # --feedback targeted
+    assert (mine.thumbs_fraction, mine.preference_fraction, mine.correction_fraction) == (0.25, 0.2, 0.01)
+    assert mine.request_comparisons and resolve_demo(mine) == mine
+    with pytest.raises(ValueError, match="feedback"):
+        load_config(environ={"LOOPRL_DEMO__FEEDBACK": "stingy"}, workspace=tmp_path)
+
+
+def test_sparse_profiles_tune_the_loop_for_fewer_labels_and_targeted_sets_a_comparison_budget(tmp_path):
+    from looprl.ops.demo import PROFILE_TUNING
+    from looprl.ops.sim.profiles import comparisons_per_hour
+
+    generous = tuning_env(load_config(environ={}, workspace=tmp_path))
+    assert generous["LOOPRL_DEMO__FEEDBACK"] == "generous"
+    assert generous["LOOPRL_REWARD__MIN_NEW_EVENTS"] == str(DEMO_TUNING["reward.min_new_events"])
+    assert "LOOPRL_SERVING__COMPARE_PER_HOUR" not in generous
+    sparse_cfg = load_config(environ={"LOOPRL_DEMO__FEEDBACK": "sparse"}, workspace=tmp_path)
+    sparse = load_config(environ=tuning_env(sparse_cfg), workspace=tmp_path)  # what the children read
+    assert sparse.demo.feedback == "sparse"
+    assert sparse.reward.min_new_events == PROFILE_TUNING["sparse"]["reward.min_new_events"] < 48
+    assert sparse.canary.min_samples < DEMO_TUNING["canary.min_samples"]
+    # targeted: serve's budget equals the sparse profile's 5% comparisons at the demo's request rate
+    cfg = load_config(environ={"LOOPRL_DEMO__FEEDBACK": "targeted"}, workspace=tmp_path,
+                      demo={"max_requests_per_second": 4.0, "eval_fraction": 0.5})
+    child = load_config(environ=tuning_env(cfg), workspace=tmp_path)
+    assert child.serving.compare_per_hour == pytest.approx(0.05 * 4.0 * 0.5 * 3600)
+    assert child.serving.compare == "never"  # asked per request, by product users only
+    assert comparisons_per_hour(cfg.demo.model_copy(update={"comparisons_per_hour": 30.0})) == 30.0
+    # a budget the user configured for serving wins
+    mine = load_config(environ={"LOOPRL_DEMO__FEEDBACK": "targeted", "LOOPRL_SERVING__COMPARE_PER_HOUR": "7"},
+                       workspace=tmp_path)
+    assert "LOOPRL_SERVING__COMPARE_PER_HOUR" not in tuning_env(mine)
+
+
+def test_feedback_flag_reaches_the_demo(tmp_path, capsys, monkeypatch):
+    from looprl.ops import demo
+    from looprl.ops.cli import main
+
+    seen = {}
+    monkeypatch.setattr(demo, "run_demo", lambda cfg, **kw: seen.update(kw) or 0)
+    assert main(["--workspace", str(tmp_path / "ws"), "demo", "--feedback", "sparse", "--no-ui"]) == 0
+    assert seen["feedback"] == "sparse"
+    with pytest.raises(SystemExit):
+        main(["--workspace", str(tmp_path / "ws"), "demo", "--feedback", "stingy"])
+    assert "sparse" in capsys.readouterr().err  # the choices are listed

@@ -21,17 +21,24 @@ class RecordingChannels:
     """Stands in for FeedbackChannels (SDK + HTTP collector)."""
 
     def __init__(self):
-        self.thumbs_calls, self.pref_calls = [], []
+        self.thumbs_calls, self.pref_calls, self.correction_calls = [], [], []
         self.sent, self.failed = {}, {}
         self._lock = threading.Lock()
 
     def thumbs(self, response_id, up, user, use_http):
         with self._lock:
             self.thumbs_calls.append((response_id, up, user, use_http))
+        return True
 
     def preference(self, chosen, rejected, user, use_http):
         with self._lock:
             self.pref_calls.append((chosen, rejected, user, use_http))
+        return True
+
+    def correction(self, response_id, corrected, user, use_http):
+        with self._lock:
+            self.correction_calls.append((response_id, corrected, user, use_http))
+        return True
 
     def flush(self):
         pass
@@ -170,4 +177,135 @@ def test_collector_feedback_is_retried_on_5xx_with_the_same_event_and_not_on_4xx
     assert isinstance(parse_event(bodies[0]), ThumbsEvent) and ch.sent["thumbs"] == 1
     ch.thumbs("r2", False, "user-1", use_http=True)  # refused: the event's fault, not retried
     assert len(bodies) == 4 and ch.sent["thumbs"] == 1 and ch.failed["thumbs"] == 1
+    ch.close()
+
+
+# --------------------------------------------------------------------------- feedback profiles
+def topic_mentions(prompt: str, completion: str) -> float:
+    """A prompt-dependent user: likes answers that keep naming the question's topic."""
+    from looprl.ops.sim.corpus import TOPICS
+
+    topic = next(w for w in reversed(prompt.split()) if w in TOPICS)
+    return min(1.0, completion.replace(".", " ").split().count(topic) / 3)
+
+
+class StubServing:
+    """An OpenAI-compatible chat endpoint (httpx transport) answering from a script: each answer is
+    (content, comparison) where comparison is None or (response id, content) of a second candidate."""
+
+    def __init__(self, answers):
+        self.answers, self.requests = list(answers), []
+
+    def __call__(self, request):
+        import httpx
+
+        body = json.loads(request.content)
+        self.requests.append(body)
+        content, comparison = self.answers[(len(self.requests) - 1) % len(self.answers)]
+        out = {"id": f"resp-{len(self.requests)}", "object": "chat.completion", "created": 0, "model": body["model"],
+               "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                            "finish_reason": "stop"}],
+               "looprl_adapter_version": "v1"}
+        if comparison is not None:
+            out["looprl_comparison"] = {"response_id": comparison[0], "content": comparison[1]}
+        return httpx.Response(200, json=out)
+
+
+def stub_simulator(tmp_path, preference, answers, environ=None, **demo):
+    import httpx
+    from openai import OpenAI
+
+    from looprl.ops.core.config import load_config
+    from looprl.ops.sim.simulator import Simulator
+
+    cfg = load_config(environ=environ or {}, workspace=tmp_path / "ws", demo=demo)
+    stub, ch = StubServing(answers), RecordingChannels()
+    sim = Simulator(cfg, "http://stub", preference, ch, seed=3)
+    sim.client = OpenAI(base_url="http://stub/v1", api_key="x", max_retries=0,
+                        http_client=httpx.Client(transport=httpx.MockTransport(stub)))
+    return sim, stub, ch
+
+
+def test_corrections_keep_the_users_favourite_of_the_candidates_and_only_when_it_beats_the_answer(
+        tmp_path, monkeypatch):
+    from looprl.ops.sim import simulator
+
+    drafts = iter(["the dog is old.", "the dog saw the dog near the dog.", "a cat sits.", "the dog runs."] * 100)
+    topics = []
+
+    def candidate(rng, topic):
+        topics.append(topic)
+        return next(drafts)
+
+    monkeypatch.setattr(simulator, "topic_answer", candidate)
+    # served answers: one the user barely likes, one they already like most (nothing to correct)
+    sim, _, ch = stub_simulator(tmp_path, topic_mentions, [(" it was calm.", None), (" dog dog dog.", None)],
+                                thumbs_fraction=0.0, preference_fraction=0.0, correction_fraction=1.0,
+                                correction_candidates=4)
+    sim.train_prompts = [simulator.Chat.user("tell me about the dog")]
+    sim._train(0)
+    sim._train(1)
+    sim.close()
+    assert topics == ["dog"] * 8  # each correcting user wrote 4 drafts on the question's topic
+    # the best draft, where the served answer started (after one space), for the first answer only
+    assert [(rid, text) for rid, text, *_ in ch.correction_calls] == [("resp-1", " the dog saw the dog near the dog.")]
+    rows = [json.loads(line) for line in (sim.out_dir / "interactions.jsonl").read_text().splitlines()]
+    assert [r["labels"] for r in rows] == [{"correction": 1}, {}]
+
+
+def test_sparse_users_correct_answers_into_ones_their_preference_scores_higher(tmp_path):
+    from looprl.ops.sim.corpus import TOPICS, TRAIN_TEMPLATES
+
+    served = [(" it was grey.", None), (" the sky was dark.", None), (" a man walks to the park.", None)]
+    sim, stub, ch = stub_simulator(tmp_path, topic_mentions, served, feedback="sparse",
+                                   environ={"LOOPRL_DEMO__CORRECTION_FRACTION": "0.5"})
+    assert (sim.d.thumbs_fraction, sim.d.preference_fraction, sim.d.correction_fraction) == (0.05, 0.05, 0.5)
+    for i in range(60):
+        sim._train(i % 8)
+    sim.close()
+    assert 15 <= len(ch.correction_calls) <= 45  # about half the answers (correction_fraction from the env)
+    by_id = {f"resp-{i + 1}": body for i, body in enumerate(stub.requests)}
+    for rid, corrected, user, _ in ch.correction_calls:
+        question = by_id[rid]["messages"][-1]["content"]
+        assert any(question == t.format(t=topic) for t in TRAIN_TEMPLATES for topic in TOPICS)
+        served_text = served[(int(rid.split("-")[1]) - 1) % len(served)][0]
+        assert topic_mentions(question, corrected) > topic_mentions(question, served_text)
+        assert corrected.startswith(" ") and not corrected.startswith("  ")
+    assert all("looprl_compare" not in body for body in stub.requests)  # sparse: no targeted comparisons
+
+
+def test_targeted_users_answer_the_comparisons_serving_offers(tmp_path):
+    answers = [(" it was calm.", ("cmp-1", " the dog and the dog.")),  # the second candidate is better
+               (" dog dog dog.", ("cmp-2", " it was calm.")),  # the served one is better
+               (" it was calm.", ("cmp-3", " it was wet.")),  # the user likes both the same: not asked
+               (" it was calm.", None)]  # serving did not ask
+    sim, stub, ch = stub_simulator(tmp_path, topic_mentions, answers, feedback="targeted", thumbs_fraction=0.0,
+                                   correction_fraction=0.0)
+    sim.train_prompts = [sim.train_prompts[0]]  # "... the dog"
+    for i in range(4):
+        sim._train(i)
+    status = sim.status()
+    sim.close()
+    assert all(body.get("looprl_compare") == "auto" for body in stub.requests) and len(stub.requests) == 4
+    assert [(c, r) for c, r, *_ in ch.pref_calls] == [("cmp-1", "resp-1"), ("resp-2", "cmp-2")]
+    assert status["comparisons_offered"] == 3 and status["pairs"] == 2
+    assert status["feedback"]["profile"] == "targeted" and status["feedback"]["comparisons_per_hour"] > 0
+    rows = [json.loads(line) for line in (sim.out_dir / "interactions.jsonl").read_text().splitlines()]
+    assert [r["labels"] for r in rows] == [{"preference": 1}, {"preference": 1}, {}, {}]
+
+
+def test_channels_send_corrections_to_the_collector(tmp_path):
+    import httpx
+
+    from looprl.ingest.schema import CorrectionEvent, parse_event
+    from looprl.ops.core.config import load_config
+    from looprl.ops.sim.simulator import FeedbackChannels
+
+    bodies = []
+    ch = FeedbackChannels(load_config(environ={}, workspace=tmp_path / "ws"), None, "http://collector")
+    ch.http = httpx.Client(transport=httpx.MockTransport(lambda r: bodies.append(r.content) or httpx.Response(202)))
+    assert ch.correction("r1", " the dog is kind.", "user-1", use_http=True)
+    event = parse_event(bodies[0])
+    assert isinstance(event, CorrectionEvent) and event.response_id == "r1" and event.corrected == " the dog is kind."
+    assert ch.sent["correction"] == 1
     ch.close()

@@ -72,6 +72,8 @@ def test_trained_adapter_is_gated_then_promoted(gate_env):
     n = report.numbers
     assert n["win_rate"] > cfg.gate.min_win_rate and n["kl_to_base"] < cfg.gate.max_kl
     assert n["candidate_reward_mean"] > n["incumbent_reward_mean"] and n["incumbent"] == "base"
+    # both suites (tests/test_gate_guard.py): training forms held out by hash, forms training never samples
+    assert n["train_forms_samples"] == n["heldout_forms_samples"] == 24 and n["heldout_samples"] == 48
     m = reg.manifest("policy", good)
     assert m.status == "gated" and m.history[-1].numbers["win_rate"] == pytest.approx(n["win_rate"])
     assert _decisions(cfg)[-1]["version"] == good and _decisions(cfg)[-1]["decision"] == "gated"

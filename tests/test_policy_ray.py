@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from served_testing import write_labelled_answers
 
 from looprl.ops.core.config import load_config
 from looprl.policy.ray_backend import PolicyJobError, init_ray, ray_temp_dir
+from looprl.policy.served import load_tokenizer
 from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.trainer import train
 from looprl.storage.registry import Registry
@@ -22,7 +24,7 @@ ray = pytest.importorskip("ray")
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl
 
 POLICY = dict(rollout_batch_size=8, minibatch_size=4, max_new_tokens=6, steps=3, checkpoint_every=2,
-              recent_prompts=0, seed=3, ray_timeout_s=120)
+              recent_prompts=0, seed=3, ray_timeout_s=120, offpolicy_samples=4)
 
 
 def _cfg(ws: Path, base: Path, **policy):
@@ -56,7 +58,10 @@ def test_ray_temp_dir_is_short_enough_for_unix_sockets(tmp_path):
 
 
 def test_ray_job_matches_local_and_survives_a_killed_rollout_worker(local_ray, tmp_path, policy_base):
+    # with labelled served answers in the log: they travel to the learner actor with the rollouts
+    tok = load_tokenizer(policy_base)
     local_cfg = _cfg(tmp_path / "local", policy_base)
+    write_labelled_answers(local_cfg.events_dir, tok, 8, max_tokens=POLICY["max_new_tokens"])
     local = train(local_cfg, scorer=CheerfulScorer(), use_ray=False)
 
     killed = []
@@ -68,6 +73,7 @@ def test_ray_job_matches_local_and_survives_a_killed_rollout_worker(local_ray, t
             killed.append(pid)
 
     ray_cfg = _cfg(tmp_path / "ray", policy_base)
+    write_labelled_answers(ray_cfg.events_dir, tok, 8, max_tokens=POLICY["max_new_tokens"])
     t0 = time.monotonic()
     result = train(ray_cfg, scorer=CheerfulScorer(), use_ray=True, on_step=kill_worker)
     assert killed and time.monotonic() - t0 < 150
@@ -77,6 +83,7 @@ def test_ray_job_matches_local_and_survives_a_killed_rollout_worker(local_ray, t
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
     assert [r["reward_mean"] for r in result.history] == pytest.approx([r["reward_mean"] for r in local.history])
+    assert [r["offpolicy_samples"] for r in result.history] == [r["offpolicy_samples"] for r in local.history] == [4] * 3
 
 
 def test_killed_learner_fails_the_job_clearly(local_ray, tmp_path, policy_base):

@@ -7,6 +7,7 @@ import json
 from datetime import datetime, timedelta, timezone
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 
 from looprl.ingest.decode import Columns
@@ -75,3 +76,42 @@ def test_ppo_readiness_is_off_by_default_and_needs_both_held_out_and_prequential
     assert "0.500 on 25 pairs over the last 1 updates" in not_ready_for_ppo(cfg, window=1)
     _publish_reward(cfg, tmp_path, holdout_pair_accuracy=0.9, holdout_pairs=10)
     assert not_ready_for_ppo(cfg).startswith("reward v2: held-out pair accuracy 0.9 on 10 pairs")
+
+
+def _skill_rows(updates: int, pairs: int, right: int, pos: int = 0, neg: int = 0, auc: float | None = None):
+    return [{"update": u + 1, "prequential": {"pairs": pairs, "pairs_correct": right, "pair_accuracy": right / pairs if pairs else None,
+                                              "points_pos": pos, "points_neg": neg, "point_auc": auc}}
+            for u in range(updates)]
+
+
+def test_ppo_readiness_pools_pairs_and_thumbs_with_a_confidence_bound(tmp_path):
+    from prometheus_client import REGISTRY
+
+    cfg = load_config(environ={}, workspace=tmp_path, scheduler={"policy_min_reward_skill": 0.6})
+    assert not_ready_for_ppo(cfg) == "no reward model yet"
+    # Few labels of a learnt preference: 3 held-out pairs (2 right), a few thumbs.
+    _publish_reward(cfg, tmp_path, holdout_pairs=3, holdout_pairs_correct=2, holdout_point_auc=0.75,
+                    holdout_points_pos=4, holdout_points_neg=3)
+    _write_history(cfg, _skill_rows(1, pairs=2, right=2))
+    reason = not_ready_for_ppo(cfg)
+    assert reason.startswith("reward v1: ranking skill") and "5 pairs (0.800 right)" in reason
+    assert "0.750 on 4+/3- (held-out v1)" in reason and "waiting for a lower bound >= 0.6" in reason
+    lower = float(reason.split("90% lower bound ")[1].split(" ")[0])
+    assert lower < 0.6
+    assert REGISTRY.get_sample_value("looprl_reward_skill_lower_bound_ratio") == pytest.approx(lower, abs=1e-3)
+    # More labels, pairs alone: 12 pairs at 0.75 are not enough evidence...
+    _publish_reward(cfg, tmp_path, holdout_pairs=6, holdout_pairs_correct=5)
+    _write_history(cfg, _skill_rows(1, pairs=6, right=4))
+    assert "12 pairs (0.750 right); no points" in not_ready_for_ppo(cfg)
+    # ... but the same pairs with the thumbs of three updates (AUC 0.7, noisy Bernoulli thumbs) are.
+    _write_history(cfg, _skill_rows(1, pairs=6, right=4) + _skill_rows(2, pairs=0, right=0, pos=40, neg=40, auc=0.7))
+    assert not_ready_for_ppo(cfg) is None
+    assert REGISTRY.get_sample_value("looprl_reward_skill_lower_bound_ratio") > 0.6
+    # A model at chance on many thumbs is refused however many there are.
+    _write_history(cfg, _skill_rows(3, pairs=0, right=0, pos=400, neg=400, auc=0.5))
+    assert "lower bound" in not_ready_for_ppo(cfg)
+    # The deprecated pair keys are still honoured next to the new one.
+    _write_history(cfg, _skill_rows(1, pairs=6, right=4) + _skill_rows(2, pairs=0, right=0, pos=40, neg=40, auc=0.7))
+    old = load_config(environ={}, workspace=tmp_path, scheduler={"policy_min_reward_skill": 0.6,
+                                                                 "policy_min_reward_pairs": 20})
+    assert "held-out pair accuracy None on 6 pairs" in not_ready_for_ppo(old)

@@ -93,6 +93,11 @@ def test_learns_the_hidden_preference_incrementally(setup):
     assert manifests[-1].watermark["consumed_events"] == sum(r.new_events for r in results if r.update <= manifests[-1].extra["update"])
     assert metric("looprl_reward_updates_total", result="published") - published_before == len(published)
     assert metric("looprl_reward_published_version_number") == int(manifests[-1].version[1:])
+    # The records carry the counts the confidence bounds need, and the skill gauge is measured.
+    assert {"pairs_correct", "points_pos", "points_neg", "point_auc"} <= set(hist[-1]["prequential"])
+    assert manifests[-1].metrics["holdout_pairs_correct"] <= manifests[-1].metrics["holdout_pairs"]
+    assert 0.5 < metric("looprl_reward_skill_lower_bound_ratio") < 1
+    assert rm.n_heads == cfg.reward.ensemble_heads == 4
 
 
 def _record_trained(monkeypatch) -> list[str]:
@@ -132,7 +137,7 @@ def test_exactly_once_across_restarts_and_holdout_never_trained(setup, monkeypat
 
 
 def test_min_new_events_and_unresolved_feedback(setup):
-    cfg, views = setup(min_new_events=20, holdout_fraction=0.0, epochs_per_update=1, **NO_CAP)
+    cfg, views = setup(min_new_events=20, holdout_fraction=0.0, epochs_per_update=1, max_wait_seconds=0, **NO_CAP)
     batch = simulate_feedback(30, seed=5, mix={"thumbs": 1.0})
     unresolved, resolved = batch.feedback[0], batch.feedback[1:]
     responses = batch.responses
@@ -150,34 +155,76 @@ def test_min_new_events_and_unresolved_feedback(setup):
         assert r.new_events == 20 and str(unresolved.event_id) in consumed_lines(cfg)
 
 
+def _eval(wrong: int, n: int = 40, thumbs_pos: list[float] | None = None, ids: list[str] | None = None) -> EvalResult:
+    """An evaluation on held-out pairs ``ids`` (default p0..p<n-1>), the first ``wrong`` of them
+    ranked wrong, and optionally on points with these positives' placement values."""
+    ids = ids or [f"p{i}" for i in range(n)]
+    per = {e: (0.0 if i < wrong else 1.0) for i, e in enumerate(ids)}
+    res = EvalResult(pairs=len(ids), pair_accuracy=sum(per.values()) / len(ids), pairs_correct=sum(per.values()),
+                     per_example=per)
+    if thumbs_pos is not None:
+        res.per_point = {**{f"t+{i}": (True, v) for i, v in enumerate(thumbs_pos)},
+                         **{f"t-{i}": (False, 1 - v) for i, v in enumerate(thumbs_pos)}}
+    return res
+
+
 def test_publish_decision_and_rejection(setup, monkeypatch):
     cfg, views = setup(publish_margin=0.02, epochs_per_update=1, **NO_CAP)
     up = U.RewardUpdater(cfg, connect=views.connect)
-    ev = lambda s: EvalResult(pairs=10, pair_accuracy=s)  # noqa: E731
-    assert up._decide(ev(0.7), None)[0] is True
-    assert up._decide(ev(0.69), ev(0.7))[0] is True  # within the margin
-    ok, reason = up._decide(ev(0.6), ev(0.7))
-    assert ok is False and "0.6000 < current 0.7000 - margin 0.02" in reason
+    assert up._decide(_eval(12), None)[0] is True
+    # An insignificant drop on the same events (2 of 40 pairs flipped) is published: small
+    # increments move held-out numbers by noise.
+    ok, reason = up._decide(_eval(2), _eval(0))
+    assert ok is True and "not confidently worse: held-out skill change -0.0500" in reason, reason
+    assert "on 40 pairs" in reason
+    # A significant one (15 of 40 flipped) is refused, the numbers named.
+    ok, reason = up._decide(_eval(15), _eval(0))
+    assert ok is False and "confidently worse: held-out skill change -0.3750" in reason, reason
+    assert "< -margin 0.02" in reason
+    # Points count too: the same small pair drop plus thumbs ranked far worse is refused.
+    ok, reason = up._decide(_eval(2, thumbs_pos=[0.3] * 30), _eval(0, thumbs_pos=[0.8] * 30))
+    assert ok is False and "30+/30- points" in reason, reason
+    # No shared held-out event: nothing to be confidently worse on.
+    assert up._decide(_eval(20, ids=["a"]), _eval(0, ids=["b"])) == (True, "no held-out events to compare on")
 
     views.append(simulate_feedback(30, seed=1))
     with up:
         assert up.update().version == "v1"
-        # Force the candidate to look worse than v1 on the held-out set: it must not be published.
+        # Force the candidate to rank every held-out pair wrong where v1 ranks it right.
         real = U.evaluate
         def fake(m, ex, **kw):  # prequential (the 30 new events) stays real; held-out is forced
             if len(ex) == 30:
                 return real(m, ex, **kw)
-            return ev(0.2) if m is up.model else ev(0.9)
+            ids = [f"p{i}" for i in range(20)]
+            return _eval(20, ids=ids) if m is up.model else _eval(0, ids=ids)
 
         monkeypatch.setattr(U, "evaluate", fake)
         views.append(simulate_feedback(30, seed=2))
         r = up.update()
-    assert r.decision == "rejected" and r.version is None and "< current" in r.reason, r
+    assert r.decision == "rejected" and r.version is None and "confidently worse" in r.reason, r
     assert Registry(cfg.registry_dir).pointer(KIND) == "v1" and len(Registry(cfg.registry_dir).versions(KIND)) == 1
     last = json.loads((cfg.state_dir / "reward_history.jsonl").read_text().splitlines()[-1])
-    assert last["decision"] == "rejected" and last["candidate"]["score"] == 0.2
+    assert last["decision"] == "rejected" and last["candidate"]["score"] == 0.0
     # The rejected update's events are consumed all the same (the working model learnt them).
     assert len(consumed_lines(cfg)) == 60
+
+
+def test_a_small_slice_updates_once_its_oldest_event_has_waited(setup):
+    cfg, views = setup(min_new_events=20, max_wait_seconds=60, holdout_fraction=0.0, epochs_per_update=1, **NO_CAP)
+    batch = simulate_feedback(6, seed=4, mix={"thumbs": 1.0})
+    views.append(batch)
+    oldest = min(e.ts for e in batch.feedback) + INGEST_DELAY
+    now = [oldest + timedelta(seconds=59)]
+    with U.RewardUpdater(cfg, connect=views.connect, clock=lambda: now[0]) as up:
+        assert up.update() is None  # 6 < 20 and nobody has waited a minute yet
+        now[0] = oldest + timedelta(seconds=60)
+        r = up.update()
+        assert r is not None and r.new_events == 6 and r.trigger == "waited"
+        assert up.update() is None  # nothing waiting
+    off = cfg.model_copy(update={"reward": cfg.reward.model_copy(update={"max_wait_seconds": 0.0})})
+    views.append(simulate_feedback(6, seed=5, mix={"thumbs": 1.0}, start=oldest + timedelta(hours=1)))
+    with U.RewardUpdater(off, connect=views.connect, clock=lambda: oldest + timedelta(days=30)) as up:
+        assert up.update() is None  # 0: off, however long they wait
 
 
 def test_second_updater_is_refused(setup):

@@ -166,7 +166,7 @@ def _feed(engine: Engine, ids: list[int], params: SamplingParams, check: bool = 
     events: list = []
     req = _Request(0, [engine.pad_id], params, None, events.append)
     for n, token in enumerate(ids, 1):
-        done = engine._on_token(req, token)
+        done = engine._on_token(req, token, 0.0, [])  # the text path only: any log-prob
         sent = "".join(p for kind, p in events if kind == "delta")
         assert not check or engine.tokenizer.decode(ids[:n], skip_special_tokens=True).startswith(sent), sent
         if done:

@@ -345,8 +345,25 @@ class RewardConfig(Section):
     replay_ratio: float = Field(1.0, ge=0)
     max_seq_len: int = Field(128, ge=8)
     holdout_fraction: float = Field(0.1, ge=0, lt=1)
+    # A candidate is refused only when it is confidently worse than the published version on the
+    # same held-out events (paired differences, one-sided at publish_confidence) by more than this.
     publish_margin: float = Field(0.0, ge=0)
+    # Confidence of that "worse" verdict: higher publishes more small, noisy increments.
+    publish_confidence: float = Field(0.9, gt=0.5, lt=1)
     min_new_events: int = Field(32, ge=1)
+    # An update also runs on fewer than min_new_events once the oldest waiting one has waited this
+    # long, so sparse feedback is not stuck waiting for a batch (0: off).
+    max_wait_seconds: float = Field(60.0, ge=0)
+    # Number of scalar heads on the shared LoRA features (bootstrapped ensemble): their spread is
+    # the model's uncertainty, their mean its score. 1: a single head, no uncertainty.
+    ensemble_heads: int = Field(4, ge=1, le=64)
+    # What the heads read: "last_match" (the last token's hidden state and the mean prompt state times
+    # the mean answer state, so preferences that depend on the question are learned) or "last"
+    # (the last token's only). A version keeps the features it was trained with.
+    features: Literal["last", "last_match"] = "last_match"
+    # Bradley-Terry weight of a correction relative to an ordinary pair: an edit is deliberate
+    # work by the user, a stronger and rarer signal than picking one of two given answers.
+    correction_weight: float = Field(2.0, gt=0)
     # At most this share of an update's new examples comes from one user; the rest waits for a
     # later update. An update therefore needs at least 1/share users (see reward/README.md).
     max_user_share: float = Field(0.1, gt=0, le=1)
@@ -411,6 +428,19 @@ class PolicyConfig(Section):
     # Torch threads per trainer process/actor. 1 for the tiny CPU model: more threads on busy
     # cores make torch's thread pool spin and run many times slower.
     torch_threads: int = Field(1, ge=1)
+    # Off-policy learning (policy/served.py): add labelled served answers (thumbs, ratings) that
+    # carry their token ids and log-probs to every PPO batch. False: on-policy rollouts only.
+    offpolicy: bool = True
+    # Served answers added to each step's batch (on top of rollout_batch_size rollouts).
+    offpolicy_samples: int = Field(8, ge=0)
+    # Newest labelled served answers a run reads from the event log, once, when it starts.
+    offpolicy_pool: int = Field(256, ge=0)
+    # Drop answers served by an adapter more than this many versions behind the one the run starts from.
+    offpolicy_max_staleness: int = Field(3, ge=0)
+    # Truncation of the per-token importance weight pi_old / pi_behaviour (truncated IS).
+    offpolicy_is_cap: float = Field(2.0, ge=1)
+    # A served answer's reward: running mean of reward-model scores + this * (2 * label - 1) * their std.
+    offpolicy_label_reward: float = Field(1.0, ge=0)
 
 
 class GateConfig(Section):
@@ -418,7 +448,24 @@ class GateConfig(Section):
     # Per-completion KL to base (nats), same estimator as training: a cap well above
     # policy.target_kl, which the adaptive controller overshoots for a while.
     max_kl: float = Field(8.0, gt=0)
+    # Samples per contender, split between the two suites (policy/gate.py).
     heldout_prompts: int = Field(32, ge=1)
+    # Share of gate.heldout_prompts given to the held-out-forms suite (question forms training never
+    # samples); the rest go to hash-held-out pool prompts of the training forms. 0 turns the suite off.
+    heldout_forms_share: float = Field(0.5, ge=0, le=1)
+    # The held-out-forms suite: one prompt per line, or JSONL like policy.prompts_file; None: the
+    # base's shipped held-out prompts. Prompts that are also training prompts are dropped.
+    heldout_suite_file: Path | None = None
+    # Reject a candidate whose mean reward on held-out forms is below the incumbent's by more than
+    # this many standard deviations of the incumbent's rewards, whatever it gains on training forms.
+    max_heldout_regression: float = Field(0.25, ge=0)
+    # An answer with fewer tokens than this (end of turn not counted) is empty or near-empty.
+    min_answer_tokens: int = Field(2, ge=1)
+    # An answer of 4+ tokens whose distinct tokens are fewer than this share of its length is repetitive.
+    min_distinct_token_ratio: float = Field(0.5, gt=0, le=1)
+    # Reject when, on either suite, the candidate's share of degenerate answers (empty, near-empty or
+    # repetitive) exceeds the incumbent's by more than this.
+    max_degenerate_increase: float = Field(0.1, ge=0, le=1)
 
 
 class ServingConfig(Section):
@@ -470,6 +517,15 @@ class ServingConfig(Section):
     # messages) over max_prompt_chars characters is refused (400) before it is tokenized.
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     max_prompt_chars: int = Field(128_000, ge=1)
+    # Targeted comparisons for chat requests that do not set looprl_compare: "auto" may answer with
+    # a second candidate when the reward ensemble disagrees (serving/README.md), "never" does not.
+    compare: Literal["auto", "never"] = "never"
+    # Ask only when the share of reward-ensemble members preferring one candidate is at most this.
+    compare_max_confidence: float = Field(0.75, ge=0.5, le=1.0)
+    # Comparisons asked per hour and server at most, on average (a token bucket); 0: none.
+    compare_per_hour: float = Field(60.0, ge=0)
+    # Seconds between checks of the registry's reward "latest" pointer, to serve the newest reward model.
+    compare_reload_seconds: float = Field(10.0, gt=0)
 
 
 class GatewayConfig(Section):
@@ -503,8 +559,8 @@ class GatewayConfig(Section):
     # Answers held in memory for Kafka while it is unreachable (buffered plus in flight); beyond it
     # they are dropped and counted (looprl_gateway_response_logs_dropped_total), never the request.
     max_buffered_logs: int = Field(10_000, ge=1)
-    # Ask upstreams for the served completion's token ids (vLLM's return_token_ids; looprl serve
-    # too) and vLLM upstreams for their log-probs (logprobs), to log them for off-policy learning.
+    # Ask every upstream (vLLM or looprl serve) for the served token ids and their log-probs, to log
+    # them for off-policy learning; a client that did not ask for them gets its answer without them.
     request_token_ids: bool = True
     # A request body over this size is refused (413) before it is read further.
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
@@ -538,8 +594,19 @@ class SchedulerConfig(Section):
     max_concurrent_jobs: int = Field(1, ge=1)
     # PPO continues from the promoted adapter, so a run waits while a canary may still replace it.
     policy_waits_for_canary: bool = True
-    # PPO waits for a reward model that beats chance on held-out preferences (0: no condition).
+    # PPO waits until the reward model's ranking skill (pair accuracy and thumbs/points AUC of its
+    # held-out and recent prequential results, pooled) has a lower confidence bound at least this
+    # (0: no condition). 0.5 is chance; thumbs are noisy, so even a perfect model's AUC is well below 1.
+    policy_min_reward_skill: float = Field(0.0, ge=0, le=1)
+    # One-sided confidence of that lower bound.
+    policy_reward_confidence: float = Field(0.9, gt=0.5, lt=1)
+    # The prequential part of that evidence: the newest reward updates that together hold at least
+    # this many labels (at least 3 updates, at most 50), so sparse feedback pools enough of them.
+    policy_reward_window_labels: int = Field(200, ge=1)
+    # Deprecated (pairs only; use policy_min_reward_skill): still honoured when set, so existing
+    # configs keep working. PPO also waits for this held-out and prequential pair accuracy ...
     policy_min_reward_pair_accuracy: float = Field(0.0, ge=0, le=1)
+    # ... on at least this many pairs (deprecated too).
     policy_min_reward_pairs: int = Field(0, ge=0)
 
     @field_validator("cron")
@@ -597,8 +664,25 @@ class DemoConfig(Section):
     base_eval_fraction: float = Field(0.25, ge=0, le=1)  # share of eval requests sent to the base model
     # Most users never click: thumbs on a share of answers; comparisons of two answers ("regenerate")
     # are the most informative feedback for the reward model, and noisy thumbs slow it down.
+    # How much the simulated users tell the loop (`looprl demo --feedback`): "generous" (the
+    # fractions below as defaulted), "sparse" (5% thumbs, 5% comparisons, 1% corrections) or
+    # "targeted" (5% thumbs, 1% corrections, comparisons only when serving offers one). A profile
+    # sets only the fractions the user did not set (looprl.toml / LOOPRL_DEMO__* win).
+    feedback: Literal["generous", "sparse", "targeted"] = "generous"
     thumbs_fraction: float = Field(0.25, ge=0, le=1)
     preference_fraction: float = Field(1.0, ge=0, le=1)
+    # Share of answers the user edits into one they like better (a correction event): they write
+    # correction_candidates answers on the question's topic and send the one they like most, if
+    # they like it more than the served answer.
+    correction_fraction: float = Field(0.0, ge=0, le=1)
+    # Candidate answers a correcting user writes before keeping their favourite.
+    correction_candidates: int = Field(8, ge=1)
+    # Send `looprl_compare: "auto"` with product requests and answer the comparisons serving
+    # offers (`looprl_comparison`): the targeted profile turns it on.
+    request_comparisons: bool = False
+    # Comparisons per hour serving may ask for in the targeted profile (serving.compare_per_hour);
+    # None: as many as the sparse profile's comparisons would be at max_requests_per_second.
+    comparisons_per_hour: float | None = Field(None, gt=0)
     collector_fraction: float = Field(0.3, ge=0, le=1)  # feedback sent by HTTP instead of the Kafka SDK
     max_requests_per_second: float = Field(8.0, gt=0)
     max_tokens: int = Field(16, ge=1)

@@ -84,6 +84,19 @@ def answer(rng: random.Random, topic: str, cheerful_rate: float = CHEERFUL_RATE)
     return " ".join(_sentence(rng, topic, rng.random() < cheerful_rate) for _ in range(n))
 
 
+def drifting_answer(rng: random.Random, topic: str, off_topic_rate: float,
+                    cheerful_rate: float = CHEERFUL_RATE) -> str:
+    """``answer`` that, with probability ``off_topic_rate``, moves to another topic from a random
+    sentence on (the first one included) and stays there, as the sampled base does now and then:
+    its pre-training answers never do, and its drifted answers read as coherent, so only the
+    question tells them apart."""
+    n = rng.choice((1, 2, 2, 3))
+    drift_at = rng.randrange(n) if rng.random() < off_topic_rate else n
+    other = rng.choice([t for t in TOPICS if t != topic])
+    return " ".join(_sentence(rng, topic if i < drift_at else other, rng.random() < cheerful_rate)
+                    for i in range(n))
+
+
 def qa_pairs(n_docs: int, seed: int = 0, cheerful_rate: float = CHEERFUL_RATE) -> list[tuple[str, str]]:
     """(question, answer) documents over the training prompt templates.
 

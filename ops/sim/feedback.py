@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from looprl.ingest.decode import Columns
 from looprl.ingest.schema import CorrectionEvent, PreferenceEvent, RatingEvent, ResponseEvent, ThumbsEvent
-from looprl.ops.sim.corpus import answer, prompt_set
+from looprl.ops.sim.corpus import answer as corpus_answer, drifting_answer, prompt_set
 from looprl.ops.sim.preference import Preference, default_preference
 from looprl.storage.events import EventLog
 from looprl.storage.parts import PartWriter
@@ -67,9 +67,18 @@ def _topic(prompt: str) -> str:
 
 def simulate_feedback(n: int, seed: int = 0, preference: Preference = default_preference,
                       prompts: list[str] | None = None, mix: dict[str, float] | None = None,
-                      cheerful_rate: float = 0.25, start: datetime | None = None) -> FeedbackBatch:
-    """``n`` feedback events drawn from the hidden ``preference`` (see module docstring)."""
+                      cheerful_rate: float = 0.25, start: datetime | None = None,
+                      off_topic_rate: float = 0.0) -> FeedbackBatch:
+    """``n`` feedback events drawn from the hidden ``preference`` (see module docstring). With
+    ``off_topic_rate`` > 0 each answer sentence drifts to another topic with that probability
+    (``corpus.drifting_answer``), so answers differ in how well they stay on the question's topic."""
     rng = random.Random(seed)
+
+    def answer(rng: random.Random, topic: str, cheerful_rate: float) -> str:
+        if off_topic_rate > 0:
+            return drifting_answer(rng, topic, off_topic_rate, cheerful_rate)
+        return corpus_answer(rng, topic, cheerful_rate)
+
     prompts = prompts or prompt_set("train")
     mix = mix or DEFAULT_MIX
     kinds, weights = zip(*mix.items())
@@ -109,10 +118,13 @@ def simulate_feedback(n: int, seed: int = 0, preference: Preference = default_pr
 
 
 def heldout_pairs(n: int, seed: int = 1, preference: Preference = default_preference,
-                  cheerful_rate: float = 0.25) -> list[tuple[str, str, str]]:
-    """(prompt, better, worse) pairs on the held-out prompt templates (fresh prompts)."""
-    batch = simulate_feedback(n, seed=seed, preference=preference, prompts=prompt_set("heldout"),
-                              mix={"preference": 1.0}, cheerful_rate=cheerful_rate)
+                  cheerful_rate: float = 0.25, off_topic_rate: float = 0.0,
+                  prompts: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """(prompt, better, worse) pairs on the held-out prompt templates (fresh prompts), or on
+    ``prompts``."""
+    batch = simulate_feedback(n, seed=seed, preference=preference, prompts=prompts or prompt_set("heldout"),
+                              mix={"preference": 1.0}, cheerful_rate=cheerful_rate,
+                              off_topic_rate=off_topic_rate)
     return [(e.prompt, e.chosen_text, e.rejected_text) for e in batch.feedback]
 
 

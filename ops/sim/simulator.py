@@ -7,8 +7,18 @@ Each user thread, paced by a shared rate limit:
   3. on a share of answers (``demo.thumbs_fraction``) gives a thumbs-up with probability
      ``preference(prompt, completion)`` (the hidden preference, `--preference module:function`),
      sent through the feedback SDK (Kafka) or the HTTP collector (POST /v1/feedback);
-  4. on a share of answers (``demo.preference_fraction``) asks for a second answer to the same
-     prompt and says which one it prefers (the higher hidden preference; nothing when equal).
+  4. on a share of answers (``demo.correction_fraction``) edits the answer into one it likes
+     better: writes ``demo.correction_candidates`` answers on the question's topic in the toy
+     language (``corpus.answer``), keeps the one its hidden preference scores highest and sends
+     it as a correction if it scores higher than the served answer (any preference works);
+  5. on a share of answers (``demo.preference_fraction``) asks for a second answer to the same
+     prompt and says which one it prefers (the higher hidden preference; nothing when equal);
+  6. with ``demo.request_comparisons`` (the targeted profile) asks the serving tier to decide
+     (``looprl_compare: "auto"``) and, when a response carries a second candidate
+     (``looprl_comparison``), answers "which is better?" the same way.
+
+``demo.feedback`` picks the fractions (`looprl.ops.sim.profiles`). Each train interaction records
+the labels it sent per kind, so the report can say how many labels the lift cost.
 
 Evaluation traffic measures learning without feeding it: users named ``demo.eval_user_prefix``+N
 send *held-out* prompts (those `looprl.policy.prompts.is_heldout` keeps out of PPO), and never
@@ -22,11 +32,12 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections import Counter as _Counter
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +46,15 @@ from openai import OpenAI
 from prometheus_client import Counter
 
 from looprl.ingest.client import DeliveryError, FeedbackClient
-from looprl.ingest.schema import PreferenceEvent, ThumbsEvent, encode_event
+from looprl.ingest.schema import CorrectionEvent, PreferenceEvent, ThumbsEvent, encode_event
 from looprl.ops.core.chat import Chat
 from looprl.ops.core.config import LooprlConfig
 from looprl.ops.core.log import get_logger
 from looprl.ops.core.retry import backoff_seconds, retrying
+from looprl.ops.sim.corpus import TOPICS
+from looprl.ops.sim.corpus import answer as topic_answer
 from looprl.ops.sim.preference import Preference
+from looprl.ops.sim.profiles import describe, resolve_demo
 from looprl.ops.sim.records import simulator_dir
 from looprl.policy.model import heldout_prompts
 from looprl.policy.prompts import configured_prompts, is_heldout
@@ -122,31 +136,34 @@ class FeedbackChannels:
             return "http"
         return "sdk" if self.sdk is not None else "http"
 
-    def thumbs(self, response_id: str, up: bool, user: str, use_http: bool) -> None:
+    def _send(self, kind: str, use_http: bool, make_event) -> bool:
+        """Send one feedback event (built by ``make_event()``) on Kafka or to the collector; True
+        when it was handed over (the SDK confirms delivery later, in flush)."""
         ch = self._channel(use_http)
         try:
+            event = make_event()
             if ch == "sdk":
-                self.sdk.thumbs(response_id, up, user_id=user)
+                self.sdk.send(event)
             else:
-                self._post(ThumbsEvent(response_id=response_id, up=up, user_id=user))
-            self.sent["thumbs"] += 1
-            FEEDBACK.labels(kind="thumbs", channel=ch).inc()
+                self._post(event)
+            self.sent[kind] += 1
+            FEEDBACK.labels(kind=kind, channel=ch).inc()
+            return True
         except Exception as e:
-            self.failed["thumbs"] += 1
-            log.warning("feedback not sent", kind="thumbs", channel=ch, error=str(e)[:200])
+            self.failed[kind] += 1
+            log.warning("feedback not sent", kind=kind, channel=ch, error=str(e)[:200])
+            return False
 
-    def preference(self, chosen_id: str, rejected_id: str, user: str, use_http: bool) -> None:
-        ch = self._channel(use_http)
-        try:
-            if ch == "sdk":
-                self.sdk.preference(chosen_response_id=chosen_id, rejected_response_id=rejected_id, user_id=user)
-            else:
-                self._post(PreferenceEvent(chosen_response_id=chosen_id, rejected_response_id=rejected_id, user_id=user))
-            self.sent["preference"] += 1
-            FEEDBACK.labels(kind="preference", channel=ch).inc()
-        except Exception as e:
-            self.failed["preference"] += 1
-            log.warning("feedback not sent", kind="preference", channel=ch, error=str(e)[:200])
+    def thumbs(self, response_id: str, up: bool, user: str, use_http: bool) -> bool:
+        return self._send("thumbs", use_http, lambda: ThumbsEvent(response_id=response_id, up=up, user_id=user))
+
+    def preference(self, chosen_id: str, rejected_id: str, user: str, use_http: bool) -> bool:
+        return self._send("preference", use_http, lambda: PreferenceEvent(
+            chosen_response_id=chosen_id, rejected_response_id=rejected_id, user_id=user))
+
+    def correction(self, response_id: str, corrected: str, user: str, use_http: bool) -> bool:
+        return self._send("correction", use_http, lambda: CorrectionEvent(
+            response_id=response_id, corrected=corrected, user_id=user))
 
     def _undelivered_event(self, event: Any, err: Exception) -> None:
         with self._lock:
@@ -208,6 +225,8 @@ class Interaction:
     up: bool
     prompt: str = ""
     completion: str = ""
+    # Labels this interaction sent, per kind (thumbs, correction, preference): train traffic only.
+    labels: dict[str, int] = field(default_factory=dict)
 
 
 class RateLimiter:
@@ -228,7 +247,7 @@ class RateLimiter:
 class Simulator:
     def __init__(self, cfg: LooprlConfig, base_url: str, preference: Preference, channels: FeedbackChannels | None,
                  *, seed: int | None = None, out_dir: Path | None = None):
-        self.cfg, self.d = cfg, cfg.demo
+        self.cfg, self.d = cfg, resolve_demo(cfg.demo)
         self.preference = preference
         self.channels = channels
         self.client = OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="looprl-demo", timeout=60.0, max_retries=2)
@@ -253,9 +272,17 @@ class Simulator:
 
     def complete(self, prompt: Chat, user: str, model: str | None = None) -> tuple[str, str, str]:
         """(response id, completion text, adapter version) of one chat request to the serving tier."""
+        rid, text, version, _ = self._complete(prompt, user, model)
+        return rid, text, version
+
+    def _complete(self, prompt: Chat, user: str, model: str | None = None,
+                  compare: bool = False) -> tuple[str, str, str, dict[str, Any]]:
+        """``complete`` plus the response's extension fields; ``compare`` lets the serving tier add
+        a second candidate for a "which is better?" question (``looprl_compare: "auto"``)."""
         try:
             r = self.client.chat.completions.create(model=model or self.cfg.serving.alias, messages=prompt.to_dicts(),
-                                                    max_tokens=self.d.max_tokens, temperature=1.0, user=user)
+                                                    max_tokens=self.d.max_tokens, temperature=1.0, user=user,
+                                                    extra_body={"looprl_compare": "auto"} if compare else None)
         except Exception:
             # Counted per request as the users see them (server errors, refused connections,
             # timeouts): the demo's failure view shows them next to what the server counted.
@@ -267,7 +294,7 @@ class Simulator:
             self.counts["serving_requests"] += 1
         extra = r.model_extra or {}
         version = str(extra.get("looprl_adapter_version") or "unknown")
-        return r.id, r.choices[0].message.content or "", version
+        return r.id, r.choices[0].message.content or "", version, extra
 
     def _record(self, it: Interaction) -> None:
         with self._log_lock:
@@ -290,23 +317,71 @@ class Simulator:
     def _train(self, user_index: int) -> None:
         user = f"user-{user_index}"
         prompt = self._choice(self.train_prompts)
-        rid, text, version = self.complete(prompt, user)
-        p = float(self.preference(prompt.last_user(), text))
+        question = prompt.last_user()
+        rid, text, version, extra = self._complete(prompt, user, compare=self.d.request_comparisons)
+        p = float(self.preference(question, text))
         up = self._random() < p
-        self._record(Interaction(time.time(), "train", user, self.cfg.serving.alias, version, p, up))
+        it = Interaction(time.time(), "train", user, self.cfg.serving.alias, version, p, up)
+        try:  # recorded whatever happens to the feedback (a failed "regenerate" request)
+            self._feedback(it, prompt, question, rid, text, extra)
+        finally:
+            self._record(it)
+
+    def _feedback(self, it: Interaction, prompt: Chat, question: str, rid: str, text: str,
+                  extra: dict[str, Any]) -> None:
+        """The feedback a train user gives on one answer, counted in ``it.labels``."""
+        if self.channels is None:
+            return
+        user, p, labels = it.user, it.p, it.labels
         use_http = self._random() < self.d.collector_fraction
-        if self.channels is not None and self._random() < self.d.thumbs_fraction:
-            self.channels.thumbs(rid, up, user, use_http)
-        if self.channels is not None and self._random() < self.d.preference_fraction:
-            # "Regenerate": a second answer to the same prompt; the user says which one they like
-            # more, and says nothing when they like both equally (an indifferent user is not asked).
+        if self._random() < self.d.thumbs_fraction and self.channels.thumbs(rid, it.up, user, use_http):
+            labels["thumbs"] = labels.get("thumbs", 0) + 1
+        # Drawn only when corrections are on, so a profile without them keeps the same draws.
+        if self.d.correction_fraction > 0 and self._random() < self.d.correction_fraction:
+            corrected = self._correction(question, text, p)
+            if corrected is not None and self.channels.correction(rid, corrected, user, use_http):
+                labels["correction"] = labels.get("correction", 0) + 1
+        offered = extra.get("looprl_comparison")
+        if isinstance(offered, dict) and offered.get("response_id") and isinstance(offered.get("content"), str):
+            # Serving asked "which is better?" (targeted comparisons): a second candidate, logged
+            # as its own response.
+            with self._log_lock:
+                self.counts["comparisons_offered"] += 1
+            self._compare(labels, question, user, use_http, rid, text, p, str(offered["response_id"]),
+                          offered["content"])
+        if self._random() < self.d.preference_fraction:
+            # "Regenerate": a second answer to the same prompt.
             rid2, text2, _ = self.complete(prompt, user)
-            p2 = float(self.preference(prompt.last_user(), text2))
-            if p2 == p or text2.strip() == text.strip():
-                return
-            chosen, rejected = (rid, rid2) if p > p2 else (rid2, rid)
-            self.channels.preference(chosen, rejected, user, use_http)
-            self.counts["pairs"] += 1
+            self._compare(labels, question, user, use_http, rid, text, p, rid2, text2)
+
+    def _compare(self, labels: dict[str, int], question: str, user: str, use_http: bool,
+                 rid: str, text: str, p: float, rid2: str, text2: str) -> None:
+        """The user says which of two answers they like more, and nothing when they like both
+        equally (an indifferent user is not asked)."""
+        p2 = float(self.preference(question, text2))
+        if p2 == p or text2.strip() == text.strip():
+            return
+        chosen, rejected = (rid, rid2) if p > p2 else (rid2, rid)
+        if self.channels.preference(chosen, rejected, user, use_http):
+            labels["preference"] = labels.get("preference", 0) + 1
+            with self._log_lock:
+                self.counts["pairs"] += 1
+
+    def _correction(self, question: str, served: str, p_served: float) -> str | None:
+        """The answer the user would rather have had: the favourite of ``demo.correction_candidates``
+        answers on the question's topic, if the hidden preference scores it above the served answer;
+        else None (nothing to correct). The topic is the question's last word that is one of the toy
+        language's topics ("what is the dog like"), else its last word."""
+        words = re.findall(r"[a-z]+", question.lower())
+        if not words:
+            return None
+        topic = next((w for w in reversed(words) if w in TOPICS), words[-1])
+        with self._rng_lock:
+            candidates = [topic_answer(self.rng, topic) for _ in range(self.d.correction_candidates)]
+        lead = served[:len(served) - len(served.lstrip())]  # written where the served answer starts
+        best_p, best = max(((float(self.preference(question, lead + c)), lead + c) for c in candidates),
+                           key=lambda pc: pc[0])
+        return best if best_p > p_served else None
 
     def _eval(self, user_index: int) -> None:
         user = f"{self.d.eval_user_prefix}{user_index}-{int(self._random() * 1000)}"
@@ -321,7 +396,8 @@ class Simulator:
         with self._log_lock:
             versions = {kind: {v: {"n": a[0], "ups": a[1], "p_mean": a[2] / a[0] if a[0] else None}
                                for v, a in vs.items()} for kind, vs in self.by_version.items()}
-            out = {"ts": time.time(), "started": self.started, **self.counts, "by_version": versions}
+            out = {"ts": time.time(), "started": self.started, **self.counts, "by_version": versions,
+                   "feedback": describe(self.d)}
         if self.channels is not None:
             out["feedback_sent"] = dict(self.channels.sent)
             out["feedback_failed"] = dict(self.channels.failed)

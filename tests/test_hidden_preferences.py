@@ -1,0 +1,111 @@
+"""The reward model learns hidden preferences of its own kind, not only the shipped ones: one that
+depends on the question (which kind of question wants which kind of answer) and one that does not.
+Each is learned from simulated pairs to well above chance on prompts never trained on, and a model
+trained on the other preference stays near chance on it, so a reward model that ignored the
+prompt (or the answer) fails here."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from looprl.ops.sim.corpus import PEOPLE, TIMES, TOPICS, TRAIN_TEMPLATES
+from looprl.ops.sim.feedback import heldout_pairs, simulate_feedback
+from looprl.reward.data import Example
+from looprl.reward.model import CONFIG_FILE, RewardModel, RewardModelError, load_from_dir
+from looprl.reward.train import evaluate, train
+
+torch.set_num_threads(1)
+
+_WORD = re.compile(r"[a-z]+")
+_PEOPLE = frozenset(PEOPLE)
+# Questions that open with these words want to hear about someone; the others do not.
+_PERSON_QUESTIONS = ("tell", "describe", "talk")
+_TIME = re.compile("|".join(re.escape(t) for t in TIMES))
+
+
+def wants_a_person_when_asked(prompt: str, completion: str) -> float:
+    """Prompt-dependent: "tell/describe/talk about" questions like answers with a person in them,
+    the other question forms like answers without one."""
+    has_person = any(w in _PEOPLE for w in _WORD.findall(completion.lower()))
+    wants_person = prompt.split()[0] in _PERSON_QUESTIONS
+    return 0.85 if has_person == wants_person else 0.15
+
+
+def says_when(prompt: str, completion: str) -> float:
+    """Prompt-independent: answers that say when (a time phrase: today, last night, ...)."""
+    return 0.85 if _TIME.search(completion.lower()) else 0.15
+
+
+# Fresh prompts: every training template (both kinds of question) on topics never trained on.
+TRAIN_TOPICS, FRESH_TOPICS = TOPICS[:30], TOPICS[30:]
+TRAIN_PROMPTS = [t.format(t=x) for t in TRAIN_TEMPLATES for x in TRAIN_TOPICS]
+FRESH_PROMPTS = [t.format(t=x) for t in TRAIN_TEMPLATES for x in FRESH_TOPICS]
+PREFERENCES = {"person-when-asked": wants_a_person_when_asked, "says-when": says_when}
+N_PAIRS, N_TEST = 400, 200
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base_cfg):
+    """One fresh reward model per preference, trained on simulated pairs over TRAIN_PROMPTS."""
+    cfg = tiny_base_cfg(reward={"max_seq_len": 48, "features": "last_match"})
+    rc = cfg.reward
+    models = {}
+    for i, (name, pref) in enumerate(PREFERENCES.items()):
+        batch = simulate_feedback(N_PAIRS, seed=100 + i, preference=pref, prompts=TRAIN_PROMPTS,
+                                  mix={"preference": 1.0})
+        examples = [Example(str(e.event_id), "preference", e.prompt, None, chosen=e.chosen_text,
+                            rejected=e.rejected_text) for e in batch.feedback]
+        rm = RewardModel.fresh(cfg)
+        train(rm, examples, lr=rc.learning_rate, batch_size=rc.batch_size, epochs=rc.epochs_per_update, seed=rc.seed)
+        models[name] = rm
+    return models
+
+
+def _accuracy(rm: RewardModel, name: str) -> float:
+    pairs = heldout_pairs(N_TEST, seed=7, preference=PREFERENCES[name], prompts=FRESH_PROMPTS)
+    test = [Example(f"t{i}", "preference", p, None, chosen=c, rejected=r) for i, (p, c, r) in enumerate(pairs)]
+    return evaluate(rm, test).pair_accuracy
+
+
+def test_the_preferences_are_what_they_say():
+    answer = " a tall man walks to the dog. it was cold today."
+    assert wants_a_person_when_asked("describe the dog", answer) > wants_a_person_when_asked("what is the dog like", answer)
+    assert wants_a_person_when_asked("what is the dog like", " the dog is big.") == 0.85
+    assert says_when("describe the dog", answer) == says_when("what is the dog like", answer) == 0.85
+    assert says_when("describe the dog", " the dog is big.") == 0.15
+    # half the fresh questions want a person, half do not: a prompt-blind model is at chance
+    assert sum(p.split()[0] in _PERSON_QUESTIONS for p in FRESH_PROMPTS) * 2 == len(FRESH_PROMPTS)
+
+
+@pytest.mark.parametrize("name", list(PREFERENCES))
+def test_each_hidden_preference_is_learned_and_the_other_is_not(trained, name):
+    other = next(n for n in PREFERENCES if n != name)
+    own = _accuracy(trained[name], name)
+    crossed = _accuracy(trained[other], name)
+    assert own >= 0.8, f"{name}: held-out pair accuracy {own:.2f} on fresh prompts"
+    assert crossed <= 0.65, f"a model trained on {other} scores {crossed:.2f} on {name}"
+
+
+def test_a_version_keeps_the_features_it_was_trained_with(tiny_base_cfg, tmp_path):
+    """A version saved with last-token features (or before versions named theirs) still loads and
+    scores as saved under a config whose default reads more; an unknown kind is refused by name."""
+    prompts, answers = ["describe the dog", "what is the cat like"], [" the dog is big.", " a man walks to the cat."]
+    old = RewardModel.fresh(tiny_base_cfg(reward={"features": "last"}))
+    out = old.save(tmp_path / "v")
+    conf = json.loads((out / CONFIG_FILE).read_text())
+    assert conf["features"] == "last" and old.feature_dim == conf["hidden_size"]
+    del conf["features"]  # as saved before the entry existed
+    (out / CONFIG_FILE).write_text(json.dumps(conf))
+    cfg = tiny_base_cfg()
+    assert cfg.reward.features == "last_match" and RewardModel.fresh(cfg).feature_dim == 2 * old.feature_dim
+    loaded = load_from_dir(cfg, out, "v1")
+    assert loaded.feature_kind == "last"
+    assert torch.allclose(loaded.score(prompts, answers), old.score(prompts, answers), atol=1e-5)
+    conf["features"] = "attention_pool"
+    (out / CONFIG_FILE).write_text(json.dumps(conf))
+    with pytest.raises(RewardModelError, match=r"reward_config.json: features: unknown reward features 'attention_pool'"):
+        load_from_dir(cfg, out, "v1")
