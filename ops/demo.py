@@ -109,9 +109,11 @@ PROFILE_TUNING: dict[str, dict[str, Any]] = {
     "generous": {},
     # Labels are scarce and compute is not: each update replays four times its slice of history.
     # Thumbs are noisy and pairs rare: PPO starts once the reward model beats chance with 90%
-    # confidence by a smaller margin than the generous profile asks for.
+    # confidence by a smaller margin than the generous profile asks for, judged on its recent
+    # updates (a fresh model's first prequential results would hold the estimate down for long).
     "sparse": {"reward.min_new_events": 16, "reward.replay_ratio": 4.0, "reward.epochs_per_update": 4,
-               "canary.min_samples": 10, "canary.max_samples": 30, "scheduler.policy_min_reward_skill": 0.55},
+               "canary.min_samples": 10, "canary.max_samples": 30, "scheduler.policy_min_reward_skill": 0.55,
+               "scheduler.policy_reward_window_labels": 100},
 }
 PROFILE_TUNING["targeted"] = dict(PROFILE_TUNING["sparse"])
 
