@@ -4,6 +4,8 @@ against. Reads the event log, the registry and the updater's history; no torch."
 
 from __future__ import annotations
 
+import json
+from datetime import datetime, timezone
 from typing import Any
 
 from prometheus_client import Gauge
@@ -12,7 +14,7 @@ from looprl.ops.core.config import LooprlConfig
 from looprl.reward.history import read_history, reward_history_path
 from looprl.reward.skill import Evidence, Skill, ranking_skill
 from looprl.storage.events import EventLog
-from looprl.storage.registry import Registry
+from looprl.storage.registry import Registry, atomic_write_text
 
 _ACCURACY_KEYS = ("pair_accuracy", "score", "thumbs_auc")
 
@@ -104,13 +106,30 @@ def reward_skill(cfg: LooprlConfig, window: int | None = None, manifest: Any = N
     return skill
 
 
+def _ready_path(cfg: LooprlConfig):
+    return cfg.state_dir / "scheduler" / "reward_ready.json"
+
+
+def ready_since(cfg: LooprlConfig) -> dict[str, Any] | None:
+    """The record of the first reward version that passed the skill condition (None: none yet)."""
+    try:
+        return json.loads(_ready_path(cfg).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def not_ready_for_ppo(cfg: LooprlConfig, window: int | None = None) -> str | None:
     """Why PPO should not train against the newest reward model yet, or None when it may.
 
     PPO against a reward model that has not learnt the users yet optimises noise (and drifts the
     policy away from the base for nothing). The condition: the lower confidence bound of the
     ranking skill from all labels (``reward_skill``: held-out and the last ``window`` prequential
-    results, pairs and thumbs/points AUC) reaches ``scheduler.policy_min_reward_skill``.
+    results, pairs and thumbs/points AUC) reaches ``scheduler.policy_min_reward_skill``. It is a
+    start condition: once a version has met it (recorded in ``<state>/scheduler/reward_ready.json``),
+    PPO keeps training against the newer versions, which the updater publishes only when they are
+    not confidently worse than the one before on the same held-out events; the bound of a few
+    dozen sparse labels wanders around the threshold, and holding PPO each time it dips would stop
+    a loop that already learns.
 
     Deprecated, still honoured when set: ``scheduler.policy_min_reward_pair_accuracy`` on at least
     ``scheduler.policy_min_reward_pairs``, for the held-out pairs of the newest version and for
@@ -124,9 +143,15 @@ def not_ready_for_ppo(cfg: LooprlConfig, window: int | None = None) -> str | Non
         return "no reward model yet"
     if min_skill > 0:
         skill = reward_skill(cfg, window, manifest=m)
+        passed = ready_since(cfg)
         if skill.lower is None or skill.lower < min_skill:
-            return (f"reward {m.version}: {skill.describe()} over its held-out events and recent updates; "
-                    f"waiting for a lower bound >= {min_skill}")
+            if passed is None:
+                return (f"reward {m.version}: {skill.describe()} over its held-out events and recent updates; "
+                        f"waiting for a lower bound >= {min_skill}")
+        elif passed is None:
+            atomic_write_text(_ready_path(cfg), json.dumps({
+                "version": m.version, "at": datetime.now(timezone.utc).isoformat(), "estimate": skill.estimate,
+                "lower": skill.lower, "min_skill": min_skill}))
     if want <= 0 and min_pairs <= 0:
         return None
     acc, pairs = m.metrics.get("holdout_pair_accuracy"), m.metrics.get("holdout_pairs") or 0

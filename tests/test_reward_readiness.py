@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from looprl.ingest.decode import Columns
 from looprl.ingest.schema import ThumbsEvent
 from looprl.ops.core.config import load_config
-from looprl.reward.readiness import new_feedback_count, not_ready_for_ppo, prequential_accuracies
+from looprl.reward.readiness import new_feedback_count, not_ready_for_ppo, prequential_accuracies, ready_since
 from looprl.storage.parts import PartWriter
 from looprl.storage.registry import Registry
 
@@ -107,9 +107,13 @@ def test_ppo_readiness_pools_pairs_and_thumbs_with_a_confidence_bound(tmp_path):
     _write_history(cfg, _skill_rows(1, pairs=6, right=4) + _skill_rows(2, pairs=0, right=0, pos=40, neg=40, auc=0.7))
     assert not_ready_for_ppo(cfg) is None
     assert REGISTRY.get_sample_value("looprl_reward_skill_lower_bound_ratio") > 0.6
-    # A model at chance on many thumbs is refused however many there are.
+    # Met once, the start condition stays met (recorded): a later dip of the bound does not hold PPO.
+    assert ready_since(cfg)["lower"] > 0.6
     _write_history(cfg, _skill_rows(3, pairs=0, right=0, pos=400, neg=400, auc=0.5))
-    assert "lower bound" in not_ready_for_ppo(cfg)
+    assert not_ready_for_ppo(cfg) is None
+    # Before it was ever met, a model at chance on many thumbs is refused however many there are.
+    (cfg.state_dir / "scheduler" / "reward_ready.json").unlink()
+    assert "lower bound" in not_ready_for_ppo(cfg) and ready_since(cfg) is None
     # The deprecated pair keys are still honoured next to the new one.
     _write_history(cfg, _skill_rows(1, pairs=6, right=4) + _skill_rows(2, pairs=0, right=0, pos=40, neg=40, auc=0.7))
     old = load_config(environ={}, workspace=tmp_path, scheduler={"policy_min_reward_skill": 0.6,
