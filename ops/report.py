@@ -377,9 +377,10 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
         cur = "-" if p.get("current_score") is None else f"{_fmt(p['current_score'])} ({p.get('current_version') or '?'})"
         lines.append(f"| {p['update']} | {_fmt(p['new_events'])} | {_fmt(p['pair_accuracy'])} | {_fmt(p['thumbs_auc'])} "
                      f"| {_fmt(p['holdout_score'])} | {cur} | {p['decision']} | {p['version'] or '-'} |")
-    lines += ["", "A candidate is published when its held-out score is at least the published version's score on "
-              f"the same held-out set minus {cfg.reward.publish_margin}; the held-out set grows with every update, "
-              "so the published version is re-scored each time.",
+    lines += ["", "A candidate is published unless it is confidently worse than the published version on the same "
+              f"held-out events (a paired test at {cfg.reward.publish_confidence:.0%} confidence, margin "
+              f"{cfg.reward.publish_margin}); the held-out set grows with every update, so the published version is "
+              "re-scored each time.",
               "", "![reward accuracy](reward_accuracy.png)", "", "## Policy versions", "",
               "| version | status | reward model | steps | final KL |", "|---|---|---|---|---|"]
     for c in curves:
