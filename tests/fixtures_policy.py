@@ -46,3 +46,18 @@ def ppo_trained(tmp_path_factory, policy_base):
                       model={"base_path": str(policy_base)},
                       policy=dict(steps=PPO_TRAINED_STEPS, checkpoint_every=10, recent_prompts=0))
     return cfg, train(cfg, scorer=CheerfulScorer(), use_ray=False, resume=False)
+
+
+def trained_registry_copy(tmp_path_factory, ppo_trained, name: str, **sections):
+    """A workspace holding a copy of ``ppo_trained``'s registry (tests that publish or gate write
+    to it), on the same base and PPO settings, plus config ``sections``: (cfg, trained version)."""
+    import shutil
+
+    from looprl.ops.core.config import load_config
+
+    trained_cfg, result = ppo_trained
+    ws = tmp_path_factory.mktemp(name)
+    shutil.copytree(trained_cfg.registry_dir, ws / "registry")
+    cfg = load_config(environ={}, workspace=ws, model={"base_path": str(trained_cfg.base_path)},
+                      policy=trained_cfg.policy.model_dump(), **sections)
+    return cfg, result.manifest.version

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from looprl.ops.core.config import PolicyConfig, load_config
+from fixtures_policy import trained_registry_copy
+from looprl.ops.core.config import PolicyConfig
 from looprl.policy.model import base_checksum, load_base
 from looprl.policy.gate import run_gate
 from looprl.policy.lora import attach_lora, save_adapter
@@ -28,13 +29,8 @@ SCORER = CheerfulScorer()
 @pytest.fixture(scope="module")
 def gate_env(tmp_path_factory, ppo_trained):
     """A workspace whose registry holds the session's trained candidate (a copy: the gate writes)."""
-    trained_cfg, result = ppo_trained
-    ws = tmp_path_factory.mktemp("gate")
-    shutil.copytree(trained_cfg.registry_dir, ws / "registry")
-    cfg = load_config(environ={}, workspace=ws, model={"base_path": str(trained_cfg.base_path)},
-                      policy=trained_cfg.policy.model_dump(), gate=dict(heldout_prompts=48),
-                      serving=dict(max_lora_rank=8))
-    return cfg, result.manifest.version
+    return trained_registry_copy(tmp_path_factory, ppo_trained, "gate", gate=dict(heldout_prompts=48),
+                                 serving=dict(max_lora_rank=8))
 
 
 def _publish_dir(cfg, d: Path, reason: str) -> str:

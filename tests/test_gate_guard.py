@@ -4,12 +4,12 @@ forms but answers the held-out forms with empty answers, or regresses there beyo
 rejected with a reason naming the held-out suite; the report carries both suites' numbers."""
 
 import json
-import shutil
 
 import pytest
 import torch
 from peft import PeftModel
 
+from fixtures_policy import trained_registry_copy
 from looprl.ops.core.chat import Chat
 from looprl.ops.core.config import load_config
 from looprl.ops.sim.scoring import CheerfulScorer
@@ -41,12 +41,7 @@ class FormScorer:
 @pytest.fixture(scope="module")
 def guard_env(tmp_path_factory, ppo_trained):
     """A workspace whose registry holds the session's cheerful-trained candidate (a copy: tests publish)."""
-    trained_cfg, result = ppo_trained
-    ws = tmp_path_factory.mktemp("gate-guard")
-    shutil.copytree(trained_cfg.registry_dir, ws / "registry")
-    cfg = load_config(environ={}, workspace=ws, model={"base_path": str(trained_cfg.base_path)},
-                      policy=trained_cfg.policy.model_dump(), gate=dict(heldout_prompts=32))
-    return cfg, result.manifest.version
+    return trained_registry_copy(tmp_path_factory, ppo_trained, "gate-guard", gate=dict(heldout_prompts=32))
 
 
 def _mute_on_heldout_forms(cfg, version: str, out, steps: int = 10, lr: float = 3e-3):
