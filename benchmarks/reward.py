@@ -10,7 +10,8 @@ once (same number of epochs, same optimiser settings) and compares:
   accuracy (test-then-train, second half of the stream) vs the offline model's held-out accuracy.
 
 Usage: ``python benchmarks/reward.py [--updates 8] [--events 100] [--base DIR] [--preference
-module:function] [--off-topic-rate R] [--features last|last_match]``. Without --base a base is built
+module:function] [--off-topic-rate R] [--features last|last_match] [--learning-rate LR]
+[--replay-ratio R] [--epochs N] [--mix JSON] [--cheerful-rate R] [--eval-every N]``. Without --base a base is built
 first (default model config). ``--preference looprl.ops.sim.preference:on_topic --off-topic-rate
 0.3`` measures a preference that depends on the question (answers drift off the asked topic as the
 sampled base's do). Human lines first, then one JSON line of figures.
@@ -43,6 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--off-topic-rate", type=float, default=0.0,
                     help="share of simulated answers that drift to another topic (ops/sim/corpus.drifting_answer)")
     ap.add_argument("--features", default=None, help="reward.features (default: the config's)")
+    ap.add_argument("--learning-rate", type=float, default=None, help="reward.learning_rate (default: the config's)")
+    ap.add_argument("--replay-ratio", type=float, default=None, help="reward.replay_ratio (default: the config's)")
+    ap.add_argument("--epochs", type=int, default=None, help="reward.epochs_per_update (default: the config's)")
+    ap.add_argument("--mix", default=None,
+                    help='label kinds as JSON, e.g. \'{"thumbs": 0.65, "preference": 0.28, "correction": 0.07}\' '
+                         "(default: ops/sim/feedback.DEFAULT_MIX)")
+    ap.add_argument("--cheerful-rate", type=float, default=0.25,
+                    help="share of cheerful sentences in simulated answers (lower: fewer informative labels)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="also score the held-out pairs after every N-th update (0: only at the end)")
     args = ap.parse_args(argv)
 
     tmp = Path(tempfile.mkdtemp(prefix="looprl-bench-reward-"))
@@ -75,26 +86,34 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     cfg = load_config(environ={}, workspace=tmp / "ws", model={"base_path": str(base)},
                       # 8 simulated users: uncapped, so both runs train on every event
                       reward={"min_new_events": 1, "seed": args.seed, "max_user_share": 1.0,
-                              **({"features": args.features} if args.features else {})})
+                              **{key: value for key, value in (("features", args.features),
+                                                                ("learning_rate", args.learning_rate),
+                                                                ("replay_ratio", args.replay_ratio),
+                                                                ("epochs_per_update", args.epochs))
+                                 if value is not None}})
     rc = cfg.reward
     views = SimulatedLog(tmp / "events")
     pref = load_preference(args.preference)
-    sim = dict(preference=pref, off_topic_rate=args.off_topic_rate)
+    sim = dict(preference=pref, off_topic_rate=args.off_topic_rate, cheerful_rate=args.cheerful_rate)
+    mix = json.loads(args.mix) if args.mix else None
     pairs = heldout_pairs(args.heldout_pairs, seed=10_000 + args.seed, **sim)
     test = [Example(f"h{i}", "preference", p, None, chosen=c, rejected=r) for i, (p, c, r) in enumerate(pairs)]
 
     # ---- incremental ----
-    results, train_seconds_total = [], 0.0
+    results, curve = [], {}
     with RewardUpdater(cfg, connect=views.connect) as up:
         for i in range(args.updates):
-            views.append(simulate_feedback(args.events, seed=args.seed * 1000 + i, **sim))
+            views.append(simulate_feedback(args.events, seed=args.seed * 1000 + i, mix=mix, **sim))
             r = up.update()
             results.append(r)
             print(f"update {r.update}: {r.new_events} new + {r.replay} replay, prequential pair acc "
                   f"{r.prequential['pair_accuracy']}, thumbs AUC {r.prequential['thumbs_auc']}, "
                   f"holdout {r.candidate['score']} -> {r.decision} {r.version or ''} ({r.seconds:.1f}s)")
+            if args.eval_every and (i + 1) % args.eval_every == 0 and i + 1 < args.updates:
+                curve[i + 1] = round(evaluate(up.model, test).pair_accuracy, 4)
         incr_model = up.model
         incr_acc = evaluate(incr_model, test).pair_accuracy
+        curve[args.updates] = round(incr_acc, 4)
     inc_examples = sum((r.trained_new + r.replay) * rc.epochs_per_update for r in results)
     inc_seconds = sum(r.seconds for r in results)
     half = results[len(results) // 2:]
@@ -121,6 +140,8 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     print(json.dumps({
         "benchmark": "reward_updater", "threads": args.threads, "updates": args.updates, "events": events_total,
         "preference": args.preference, "off_topic_rate": args.off_topic_rate, "features": rc.features,
+        "learning_rate": rc.learning_rate, "replay_ratio": rc.replay_ratio, "epochs_per_update": rc.epochs_per_update,
+        "mix": mix, "cheerful_rate": args.cheerful_rate, "heldout_acc_after_updates": curve,
         "seconds_per_update": round(inc_seconds / args.updates, 2),
         "incremental_examples_per_s": round(inc_rate, 2), "offline_examples_per_s": round(off_rate, 2),
         "throughput_ratio_incremental_vs_offline": round(inc_rate / off_rate, 3),
