@@ -66,10 +66,6 @@ DEMO_TUNING: dict[str, Any] = {
     "serving.controller_poll_seconds": 1.0,
     "reward.poll_seconds": 3.0,
     "reward.min_new_events": 48,
-    # Each update starts a fresh AdamW, whose first steps move every parameter by about the
-    # learning rate whatever the gradient; with the demo's small, frequent slices 1e-3 ranks held-out
-    # pairs better and more steadily than the schema's 5e-3 (reward/README.md, "Learning rate").
-    "reward.learning_rate": 1e-3,
     "policy.steps": 40,
     "policy.checkpoint_every": 10,
     "policy.rollout_batch_size": 16,
