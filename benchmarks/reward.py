@@ -11,8 +11,8 @@ once (same number of epochs, same optimiser settings) and compares:
 
 Usage: ``python benchmarks/reward.py [--updates 8] [--events 100] [--base DIR] [--preference
 module:function] [--off-topic-rate R] [--features last|last_match] [--learning-rate LR]
-[--replay-ratio R] [--epochs N] [--mix JSON] [--cheerful-rate R] [--eval-every N]``. Without --base a base is built
-first (default model config). ``--preference looprl.ops.sim.preference:on_topic --off-topic-rate
+[--replay-ratio R] [--epochs N] [--mix JSON] [--cheerful-rate R] [--eval-every N]``. Without
+--base a base is built first (default model config). ``--preference looprl.ops.sim.preference:on_topic --off-topic-rate
 0.3`` measures a preference that depends on the question (answers drift off the asked topic as the
 sampled base's do). Human lines first, then one JSON line of figures.
 """
@@ -55,6 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-every", type=int, default=0,
                     help="also score the held-out pairs after every N-th update (0: only at the end)")
     args = ap.parse_args(argv)
+    if args.mix is not None:
+        try:
+            mix = json.loads(args.mix)
+        except json.JSONDecodeError as e:
+            ap.error(f"--mix: not JSON ({e})")
+        kinds = {"thumbs", "preference", "rating", "correction"}
+        if (not isinstance(mix, dict) or not mix or set(mix) - kinds
+                or not all(isinstance(w, (int, float)) and w >= 0 for w in mix.values()) or not sum(mix.values())):
+            ap.error(f"--mix: expected an object of non-negative weights over {sorted(kinds)}, got {args.mix}")
 
     tmp = Path(tempfile.mkdtemp(prefix="looprl-bench-reward-"))
     try:
