@@ -12,9 +12,10 @@ once (same number of epochs, same optimiser settings) and compares:
 Usage: ``python benchmarks/reward.py [--updates 8] [--events 100] [--base DIR] [--preference
 module:function] [--off-topic-rate R] [--features last|last_match] [--learning-rate LR]
 [--replay-ratio R] [--epochs N] [--mix JSON] [--cheerful-rate R] [--eval-every N]``. Without
---base a base is built first (default model config). ``--preference looprl.ops.sim.preference:on_topic --off-topic-rate
-0.3`` measures a preference that depends on the question (answers drift off the asked topic as the
-sampled base's do). Human lines first, then one JSON line of figures.
+--base a base is built first (default model config). ``--preference
+looprl.ops.sim.preference:on_topic --off-topic-rate 0.3`` measures a preference that depends on
+the question (answers drift off the asked topic as the sampled base's do). Human lines first,
+then one JSON line of figures.
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ def main(argv: list[str] | None = None) -> int:
             mix = json.loads(args.mix)
         except json.JSONDecodeError as e:
             ap.error(f"--mix: not JSON ({e})")
-        kinds = {"thumbs", "preference", "rating", "correction"}
-        if (not isinstance(mix, dict) or not mix or set(mix) - kinds
+        from looprl.ops.sim.feedback import DEFAULT_MIX  # the label kinds the simulator draws
+
+        if (not isinstance(mix, dict) or not mix or set(mix) - set(DEFAULT_MIX)
                 or not all(isinstance(w, (int, float)) and w >= 0 for w in mix.values()) or not sum(mix.values())):
-            ap.error(f"--mix: expected an object of non-negative weights over {sorted(kinds)}, got {args.mix}")
+            ap.error(f"--mix: expected an object of non-negative weights over {sorted(DEFAULT_MIX)}, got {args.mix}")
+        args.mix = mix  # parsed once, here
 
     tmp = Path(tempfile.mkdtemp(prefix="looprl-bench-reward-"))
     try:
@@ -104,7 +107,7 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
     views = SimulatedLog(tmp / "events")
     pref = load_preference(args.preference)
     sim = dict(preference=pref, off_topic_rate=args.off_topic_rate, cheerful_rate=args.cheerful_rate)
-    mix = json.loads(args.mix) if args.mix else None
+    mix = args.mix  # None or the table main() checked
     pairs = heldout_pairs(args.heldout_pairs, seed=10_000 + args.seed, **sim)
     test = [Example(f"h{i}", "preference", p, None, chosen=c, rejected=r) for i, (p, c, r) in enumerate(pairs)]
 
