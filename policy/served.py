@@ -1,7 +1,7 @@
 """Labelled served answers as off-policy PPO samples.
 
-Every answer the serving tier gave that a user labelled (a thumbs or a rating) and that was logged
-with its token ids and their sampling log-probs (``responses.completion_token_ids`` /
+Every answer the serving tier gave that a user labelled and that was logged with its token ids and
+their sampling log-probs (``responses.completion_token_ids`` /
 ``completion_logprobs``) is a sample of the policy version that served it, with a reward attached.
 A PPO run reads the newest of them once, when it starts (``load_pool``), keeps them in its run
 directory (``served.json``: a resumed run trains on the same samples), and adds
@@ -27,8 +27,18 @@ itself samples at ``policy.temperature`` 1. Dropped, each counted by reason and 
   rendered prompt over ``policy.max_prompt_tokens`` (rollouts would cut it: other log-probs);
 - ``over_pool``: older than the ``policy.offpolicy_pool`` newest usable ones (not looked at).
 
-A response labelled several times (a thumbs and a rating, or several voters) counts once, with
-the mean of its labels (thumbs up 1 / down 0, rating r -> (r - 1) / 4, as the reward data reads them).
+Labels, per kind (``policy.offpolicy_kinds`` names the kinds a run reads):
+
+- ``thumbs``: up 1, down 0; ``rating``: r stars -> (r - 1) / 4, as the reward data reads them;
+- ``preference``: a comparison of two served answers (by response ids) labels both: the chosen one
+  1, the rejected one 0. Both were sampled for the same prompt by the serving version, so in one
+  batch the pair pushes the policy towards the chosen tokens and away from the rejected ones, the
+  same contrast a DPO pair makes, corrected for the sampling policy like any served answer;
+- ``correction``: the user rewrote the answer, so the served answer gets 0. The rewritten text is
+  not a sample of any policy (no behaviour log-probs), so it is the reward model's to learn from.
+
+A response labelled several times (a thumbs and a rating, a comparison, several voters) counts
+once, with the mean of its labels.
 """
 
 from __future__ import annotations
@@ -54,18 +64,31 @@ log = get_logger(__name__)
 
 SERVED_FILE = "served.json"
 
-# One row per labelled response, newest served first. feedback_votes holds one vote per voter.
+# One row per labelled response, newest served first. feedback_votes and preference_votes hold one
+# vote per voter; a comparison names both its answers, so it is read once for each.
 _SERVED_SQL = """
-WITH labels AS (
-    SELECT response_id,
-           avg(CASE WHEN kind = 'thumbs' THEN (CASE WHEN up THEN 1.0 ELSE 0.0 END)
-                    ELSE (CAST(rating AS DOUBLE) - 1.0) / 4.0 END) AS label,
+WITH votes AS (
+    SELECT response_id, kind, user_id, voter,
+           CASE WHEN kind = 'thumbs' THEN (CASE WHEN up THEN 1.0 ELSE 0.0 END)
+                WHEN kind = 'rating' THEN (CAST(rating AS DOUBLE) - 1.0) / 4.0
+                ELSE 0.0 END AS label
+    FROM feedback_votes
+    WHERE response_id IS NOT NULL
+      AND ((kind = 'thumbs' AND up IS NOT NULL) OR (kind = 'rating' AND rating BETWEEN 1 AND 5)
+           OR (kind = 'correction' AND corrected IS NOT NULL))
+    UNION ALL
+    SELECT chosen_response_id, 'preference', user_id, voter, 1.0 FROM preference_votes
+    WHERE chosen_response_id IS NOT NULL AND rejected_response_id IS NOT NULL
+    UNION ALL
+    SELECT rejected_response_id, 'preference', user_id, voter, 0.0 FROM preference_votes
+    WHERE chosen_response_id IS NOT NULL AND rejected_response_id IS NOT NULL
+), labels AS (
+    SELECT response_id, avg(label) AS label,
            bool_or(CASE WHEN $prefix = '' THEN false
                         ELSE coalesce(starts_with(user_id, $prefix), false)
                              OR coalesce(starts_with(voter, $prefix), false) END) AS eval_user
-    FROM feedback_votes
-    WHERE response_id IS NOT NULL
-      AND ((kind = 'thumbs' AND up IS NOT NULL) OR (kind = 'rating' AND rating BETWEEN 1 AND 5))
+    FROM votes
+    WHERE list_contains($kinds, kind)
     GROUP BY response_id
 )
 SELECT l.response_id, l.label, l.eval_user, r.prompt, r.messages, r.completion, r.adapter_version,
@@ -127,6 +150,8 @@ def offpolicy_disabled(cfg: LooprlConfig) -> str | None:
         return "policy.offpolicy is false"
     if p.offpolicy_samples == 0 or p.offpolicy_pool == 0:
         return "policy.offpolicy_samples or policy.offpolicy_pool is 0"
+    if not p.offpolicy_kinds:
+        return "policy.offpolicy_kinds is empty"
     if p.temperature != 1.0:
         return (f"policy.temperature is {p.temperature}: served log-probs are at temperature 1, so the "
                 "importance weights would compare different distributions")
@@ -152,7 +177,8 @@ def read_served(cfg: LooprlConfig, start_version: int, tok=None) -> tuple[list[S
         return [], drops
     con = EventLog(cfg.events_dir).connect()
     try:
-        reader = con.sql(_SERVED_SQL, params={"prefix": cfg.demo.eval_user_prefix or ""}).to_arrow_reader(256)
+        reader = con.sql(_SERVED_SQL, params={"prefix": cfg.demo.eval_user_prefix or "",
+                                              "kinds": list(p.offpolicy_kinds)}).to_arrow_reader(256)
         out: list[ServedSample] = []
         for batch in reader:
             for row in batch.to_pylist():

@@ -21,6 +21,7 @@ def test_tuning_applies_only_where_the_user_kept_the_default(tmp_path):
     # every tuned key is a real config key with a valid value
     tuned = load_config(environ=tuning_env(cfg), workspace=tmp_path)
     assert tuned.policy.steps == DEMO_TUNING["policy.steps"] and tuned.scheduler.jobs == ["policy"]
+    assert tuned.canary.promote_on_no_regression is False  # a bool survives the environment as one
 
 
 def test_children_get_free_ports_and_the_workspace(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 import torch
 from served_testing import T0, rating, served_response, thumb, train_prompts, write_labelled_answers
 
-from looprl.ingest.schema import Sampling
+from looprl.ingest.schema import CorrectionEvent, PreferenceEvent, Sampling
 from looprl.ops.core.config import load_config
 from looprl.ops.sim.feedback import SimulatedLog
 from looprl.ops.sim.scoring import CheerfulScorer
@@ -121,6 +121,43 @@ def test_served_answers_are_filtered_and_counted_by_reason(tiny_base_cfg, tok, t
         assert ro.input_ids[i, ro.prompt_len:ro.prompt_len + n].tolist() == s.token_ids
         assert ro.input_ids[i, ro.prompt_len - len(s.prompt_ids):ro.prompt_len].tolist() == s.prompt_ids
         assert ro.response_mask[i].sum() == n and ro.behaviour_logprobs[i, :n].tolist() == s.logprobs
+
+
+def test_comparisons_and_corrections_label_served_answers(tiny_base_cfg, tok, tmp_path):
+    cfg = tiny_base_cfg(tmp_path / "ws", policy=dict(max_new_tokens=16))
+    p = train_prompts()
+    answers = {"a": " the sun is warm.", "b": " the sun is good.", "c": " a dog runs.", "d": " a cat sits.",
+               "e": " the sea is blue.", "f": " the tree is tall.", "g": " a bird sings.", "h": " the day ends."}
+    events = [served_response(tok, p[i], text, response_id=rid, ts=T0 + timedelta(minutes=i), user_id=f"user-{i}",
+                              adapter_version="v2")
+              for i, (rid, text) in enumerate(answers.items())]
+    at = T0 + timedelta(hours=1)
+    events += [
+        PreferenceEvent(ts=at, user_id="user-0", chosen_response_id="a", rejected_response_id="b"),
+        # a changed mind replaces the first vote on the same pair: c over d stands
+        PreferenceEvent(ts=at, user_id="user-2", chosen_response_id="d", rejected_response_id="c"),
+        PreferenceEvent(ts=at + timedelta(seconds=5), user_id="user-2", chosen_response_id="c",
+                        rejected_response_id="d"),
+        CorrectionEvent(ts=at, user_id="user-4", response_id="e", corrected=" the sea is great."),
+        thumb("e", True, at, "user-4"),  # thumbs up and corrected: the mean of 1 and 0
+        # a pair of texts names no served answer: nothing to sample
+        PreferenceEvent(ts=at, user_id="user-5", prompt=p[5], chosen_text=" yes.", rejected_text=" no."),
+        PreferenceEvent(ts=at, user_id="eval-1", chosen_response_id="g", rejected_response_id="h"),
+    ]
+    SimulatedLog(cfg.events_dir).append(events)
+
+    labels = {s.response_id: s.label for s in served.read_served(cfg, start_version=2, tok=tok)[0]}
+    assert labels == {"a": 1.0, "b": 0.0, "c": 1.0, "d": 0.0, "e": 0.5}  # f: unlabelled; g, h: an eval user's pair
+
+    # policy.offpolicy_kinds picks the labels that count
+    only = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"offpolicy_kinds": ["thumbs", "correction"]})})
+    assert {s.response_id: s.label for s in served.read_served(only, start_version=2, tok=tok)[0]} == {"e": 0.5}
+    only = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"offpolicy_kinds": ["thumbs"]})})
+    assert {s.response_id: s.label for s in served.read_served(only, start_version=2, tok=tok)[0]} == {"e": 1.0}
+    none = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"offpolicy_kinds": []})})
+    assert "offpolicy_kinds" in served.offpolicy_disabled(none) and served.load_pool(none, 2) == []
+    with pytest.raises(ValueError, match="offpolicy_kinds"):
+        load_config(environ={}, workspace=tmp_path / "bad", policy=dict(offpolicy_kinds=["thumbs", "stars"]))
 
 
 def test_offpolicy_is_off_unless_the_logprobs_match_the_run(tiny_base_cfg, tok, tmp_path):

@@ -428,9 +428,13 @@ class PolicyConfig(Section):
     # Torch threads per trainer process/actor. 1 for the tiny CPU model: more threads on busy
     # cores make torch's thread pool spin and run many times slower.
     torch_threads: int = Field(1, ge=1)
-    # Off-policy learning (policy/served.py): add labelled served answers (thumbs, ratings) that
-    # carry their token ids and log-probs to every PPO batch. False: on-policy rollouts only.
+    # Off-policy learning (policy/served.py): add labelled served answers that carry their token
+    # ids and log-probs to every PPO batch. False: on-policy rollouts only.
     offpolicy: bool = True
+    # The labels that make a served answer a sample: thumbs, ratings, comparisons of two served
+    # answers (chosen 1, rejected 0), corrections (the corrected answer 0).
+    offpolicy_kinds: list[Literal["thumbs", "rating", "preference", "correction"]] = Field(
+        default_factory=lambda: ["thumbs", "rating", "preference", "correction"])
     # Served answers added to each step's batch (on top of rollout_batch_size rollouts).
     offpolicy_samples: int = Field(8, ge=0)
     # Newest labelled served answers a run reads from the event log, once, when it starts.
