@@ -102,6 +102,7 @@ def test_sparse_profiles_tune_the_loop_for_fewer_labels_and_targeted_sets_a_comp
     assert sparse.demo.feedback == "sparse"
     assert sparse.reward.min_new_events == PROFILE_TUNING["sparse"]["reward.min_new_events"] < 48
     assert sparse.canary.min_samples < DEMO_TUNING["canary.min_samples"]
+    assert sparse.canary.promote_on_no_regression is True  # the profile's own value beats the demo's
     # targeted: serve's budget equals the sparse profile's 5% comparisons at the demo's request rate
     cfg = load_config(environ={"LOOPRL_DEMO__FEEDBACK": "targeted"}, workspace=tmp_path,
                       demo={"max_requests_per_second": 4.0, "eval_fraction": 0.5})
