@@ -104,10 +104,10 @@ DEMO_TUNING: dict[str, Any] = {
     "policy.target_kl": 7.0,
     # The gate's cap stays well above target_kl, which the controller overshoots for a while.
     "gate.max_kl": 10.0,
-    # Each run continues its parent's KL coefficient, which the controller brings to 0.04-0.08
-    # here. Starting the first run from the base at the schema's 0.3 spent its 40 steps bringing
-    # the coefficient down: the first version ended at KL 1.7-4.8 against the target's 7, and
-    # served 31-40% where the next ones served 55-62%.
+    # Each run continues its parent's KL coefficient, which the controller brings to about 0.05
+    # here. A first run starting from the base at the schema's 0.3 spent its 40 steps bringing the
+    # coefficient down and ended well short of target_kl: the first version, the one the canary
+    # judges first, learned far less than the next ones (ops/README.md has the runs).
     "policy.init_kl_coef": 0.08,
 }
 
