@@ -18,7 +18,10 @@ keeps prefix-cache entries per name). One reconcile pass, for all endpoints in
 4. only if *every reachable endpoint* has them: flip the alias (embedded server,
    ``POST /v1/looprl/alias``), so endpoints never split between versions because one refused a load;
 5. unload ``policy-v*`` names no longer needed, keeping ``serving.keep_previous`` previously
-   promoted versions loaded for instant rollback.
+   promoted versions loaded for instant rollback. A name the routing file (below) named is
+   unloaded only in a later pass, ``serving.unload_grace_seconds`` after a routing file without it
+   was written: a gateway routes by that file, so unloading with the flip would answer the
+   requests it still sends there with 404.
 
 An adapter that an embedded server reports unhealthy (``serving.unhealthy_after`` failed requests
 in a row) is treated as failing before step 1: a canary is rolled back, a promoted version gives
@@ -244,6 +247,10 @@ class AdapterController:
         self.routing_path = cfg.state_dir / ROUTING_FILE
         self.history, self.applied = self._load_state()  # promoted versions (oldest first), last applied
         self.last: PassReport | None = None
+        self.unload_grace = s.unload_grace_seconds
+        # Served names in the routing file last written, and when each name left it (monotonic).
+        self.routed: set[str] = self._routed_on_disk()
+        self.left_routing: dict[str, float] = {}
 
     def close(self) -> None:
         for c in self.clients:
@@ -268,6 +275,21 @@ class AdapterController:
                     Desired(**applied) if isinstance(applied, dict) else None)
         except (FileNotFoundError, ValueError, TypeError):
             return [], None
+
+    def _routed_on_disk(self) -> set[str]:
+        """The adapter names a routing file left by an earlier controller sends traffic to."""
+        try:
+            doc = json.loads(self.routing_path.read_text())
+            return {n for n in (doc.get("primary"), doc.get("canary")) if isinstance(n, str) and version_of_lora(n)}
+        except (FileNotFoundError, ValueError, TypeError, AttributeError):
+            return set()
+
+    def _may_unload(self, name: str) -> bool:
+        """Whether no gateway may still send traffic to ``name`` (see step 5)."""
+        if name in self.routed:
+            return False
+        left = self.left_routing.get(name)
+        return left is None or time.monotonic() - left >= self.unload_grace
 
     def _remember(self, promoted: str | None) -> None:
         if promoted is None or (self.history and self.history[-1] == promoted):
@@ -318,7 +340,7 @@ class AdapterController:
             o = observed[c.url]
             routed = {o.primary, o.canary}
             for name in list(o.loaded):
-                if version_of_lora(name) and name not in keep and name not in routed:
+                if version_of_lora(name) and name not in keep and name not in routed and self._may_unload(name):
                     if self._try(c, "unload", errors, lambda: c.unload(name)):
                         o.loaded.remove(name)
 
@@ -361,7 +383,8 @@ class AdapterController:
             for c in reachable:
                 o = observed[c.url]
                 for name in list(o.loaded):
-                    if version_of_lora(name) and name not in keep and name not in (o.primary, o.canary):
+                    if (version_of_lora(name) and name not in keep and name not in (o.primary, o.canary)
+                            and self._may_unload(name)):
                         if self._try(c, "unload", errors, lambda: c.unload(name)):
                             o.loaded.remove(name)
         else:
@@ -475,6 +498,13 @@ class AdapterController:
         }
         try:
             atomic_write_text(self.routing_path, json.dumps(routing, indent=2, default=str))
+            now_routed = {n for n in (routing["primary"], routing["canary"]) if n and version_of_lora(n)}
+            now = time.monotonic()
+            for name in self.routed - now_routed:
+                self.left_routing[name] = now
+            for name in now_routed:
+                self.left_routing.pop(name, None)
+            self.routed = now_routed
             atomic_write_text(self.state_path, json.dumps(
                 {"history": self.history, "applied": asdict(self.applied) if self.applied else None}, indent=2))
         except OSError as e:

@@ -99,7 +99,7 @@ def serving_config(workspace: Path, base: Path, **serving: Any):
 
     s = {"max_lora_rank": MAX_LORA_RANK, "admin_token": ADMIN_TOKEN, "max_batch_size": 16, "torch_threads": 1,
          "controller_poll_seconds": 0.2, "controller_retries": 2, "controller_timeout_seconds": 10.0,
-         "default_max_tokens": 16, **serving}
+         "default_max_tokens": 16, "unload_grace_seconds": 0.0, **serving}
     return load_config(environ={}, workspace=workspace, model={"base_path": str(base)}, serving=s)
 
 

@@ -264,6 +264,41 @@ def test_vllm_endpoint_gets_loads_and_unloads_and_routing_names_the_adapter(env)
         vllm.stop()
 
 
+def test_a_version_leaving_the_routing_stays_loaded_until_gateways_have_moved(env):
+    """A gateway routes by the routing file, re-read every gateway.routing_poll_seconds: a canary
+    rolled back is unloaded only unload_grace_seconds after a routing file without it was written,
+    never in the pass that flips the route (its requests would get 404)."""
+    reg, ad = env["reg"], env["adapters"]
+    v1, v2, _ = ad.good
+    vllm = _FakeVllm()
+    ctl = _controller(env, [vllm.url], unload_grace_seconds=0.6)
+    routing_path = env["ws"] / "state" / "serving_routing.json"
+    try:
+        _set(reg, v1, v2)
+        assert ctl.reconcile().converged and json.loads(routing_path.read_text())["canary"] == f"policy-{v2}"
+        _set(reg, v1, None)  # the canary is rolled back
+        assert ctl.reconcile().converged
+        assert json.loads(routing_path.read_text())["canary"] is None  # gateways stop sending there...
+        assert f"policy-{v2}" in vllm.loaded  # ...and until they have, it still answers
+        ctl.reconcile()
+        assert f"policy-{v2}" in vllm.loaded and f"unload policy-{v2}" not in vllm.calls
+        time.sleep(0.7)
+        assert ctl.reconcile().converged
+        assert f"policy-{v2}" not in vllm.loaded and f"unload policy-{v2}" in vllm.calls
+        assert set(vllm.loaded) == {f"policy-{v1}"}
+
+        # A restarted controller knows what the routing file on disk routes to: no early unload.
+        _set(reg, v1, v2)
+        assert ctl.reconcile().converged
+        ctl.close()
+        ctl = _controller(env, [vllm.url], unload_grace_seconds=0.6)
+        _set(reg, v1, None)
+        assert ctl.reconcile().converged and f"policy-{v2}" in vllm.loaded
+    finally:
+        ctl.close()
+        vllm.stop()
+
+
 def test_vllm_gets_the_inference_key_and_never_the_admin_token(env):
     """Separate credentials: vLLM checks its one --api-key (serving.vllm_api_key, the key every
     inference client holds) on every /v1 route, its adapter load/unload included; the embedded

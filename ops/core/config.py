@@ -506,6 +506,10 @@ class ServingConfig(Section):
     controller_timeout_seconds: float = Field(10.0, gt=0)
     controller_retries: int = Field(3, ge=1)
     keep_previous: int = Field(1, ge=0)
+    # A version the routing file stopped naming (a canary rolled back, a promoted one replaced)
+    # stays loaded this much longer, so gateways, which re-read that file every
+    # gateway.routing_poll_seconds, and requests they already sent to it are answered, not 404.
+    unload_grace_seconds: float = Field(2.0, ge=0)
     # LoRA on fused MoE experts at serving time: "torch"/"triton" = looprl.kernels fused side path
     # (fast, mixed-adapter batches), "peft" = peft's re-parametrised weights (reference); "auto":
     # triton on a CUDA model when triton is installed, else torch.
