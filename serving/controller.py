@@ -73,6 +73,11 @@ ROLLBACKS = Counter("looprl_controller_rollbacks_total", "Versions rolled back b
 LAST_SUCCESS = Gauge("looprl_controller_last_success_timestamp_seconds", "End of the last pass where all endpoints converged")
 
 
+def _routed_adapters(routing: dict) -> set[str]:
+    """The ``policy-v*`` names a routing document sends traffic to (the base is no adapter)."""
+    return {n for n in (routing.get("primary"), routing.get("canary")) if isinstance(n, str) and version_of_lora(n)}
+
+
 def _num(version: str | None, none: int = -1) -> int:
     """A version as a gauge value: its number (base 0), ``none`` when there is none."""
     return none if version is None else version_number(version)
@@ -279,8 +284,7 @@ class AdapterController:
     def _routed_on_disk(self) -> set[str]:
         """The adapter names a routing file left by an earlier controller sends traffic to."""
         try:
-            doc = json.loads(self.routing_path.read_text())
-            return {n for n in (doc.get("primary"), doc.get("canary")) if isinstance(n, str) and version_of_lora(n)}
+            return _routed_adapters(json.loads(self.routing_path.read_text()))
         except (FileNotFoundError, ValueError, TypeError, AttributeError):
             return set()
 
@@ -498,7 +502,7 @@ class AdapterController:
         }
         try:
             atomic_write_text(self.routing_path, json.dumps(routing, indent=2, default=str))
-            now_routed = {n for n in (routing["primary"], routing["canary"]) if n and version_of_lora(n)}
+            now_routed = _routed_adapters(routing)
             now = time.monotonic()
             for name in self.routed - now_routed:
                 self.left_routing[name] = now
