@@ -128,9 +128,10 @@ def _run(args: argparse.Namespace, tmp: Path) -> int:
         curve[args.updates] = round(incr_acc, 4)
     inc_examples = sum((r.trained_new + r.replay) * rc.epochs_per_update for r in results)
     inc_seconds = sum(r.seconds for r in results)
-    half = results[len(results) // 2:]
-    preq_late = sum(r.prequential["pair_accuracy"] * r.prequential["pairs"] for r in half) / sum(
-        r.prequential["pairs"] for r in half)
+    # an update whose slice held no pair has no pair accuracy (sparse mixes)
+    half = [r for r in results[len(results) // 2:] if r.prequential["pairs"]]
+    preq_late = sum(r.prequential["pair_accuracy"] * r.prequential["pairs"] for r in half) / max(
+        1, sum(r.prequential["pairs"] for r in half))
     events_total = sum(r.new_events for r in results)
 
     # ---- offline: all (non-held-out) data at once ----

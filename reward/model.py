@@ -61,8 +61,12 @@ TEXT_FORMAT = "chat_template(prompt, add_generation_prompt) + completion + end_o
 #   last        the hidden state of the last token (the end of turn);
 #   last_match  that, and the mean prompt hidden state times the mean answer hidden state
 #               (elementwise): a term where the question and the answer meet directly, so what the
-#               user likes can depend on what they asked (reward/README.md, "Features").
-FEATURES = {"last": 1, "last_match": 2}
+#               user likes can depend on what they asked (reward/README.md, "Features");
+#   echo        last_match, and the answer's hidden states summed over the tokens that echo the
+#               question (their id occurs in the prompt) and over the others, each divided by the
+#               answer's length: whether the answer stays with what was asked, or what it says that
+#               was not asked, is read token by token, where a mean over the answer dilutes it.
+FEATURES = {"last": 1, "last_match": 2, "echo": 4}
 # encode()'s mask: 0 padding, then the segment of each real token
 PROMPT_TOKEN, ANSWER_TOKEN = 1, 2
 
@@ -202,8 +206,9 @@ class RewardModel(nn.Module):
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The pooled float32 features (B, F) the heads read (F = ``self.feature_dim``), on the
         model's device, as ``self.feature_kind`` says (``FEATURES``): the hidden state of the last
-        real token (the end of turn), and for "last_match" the mean prompt hidden state times the
-        mean answer hidden state. ``attention_mask`` is ``encode``'s (segments marked)."""
+        real token (the end of turn), for "last_match" and "echo" the mean prompt hidden state times
+        the mean answer hidden state, for "echo" the answer's hidden states summed over the tokens
+        whose id occurs in the prompt and over the rest, each over the answer's length. ``attention_mask`` is ``encode``'s (segments marked)."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         attend = (attention_mask > 0).long()
         hidden = _decoder(self.backbone)(input_ids=input_ids, attention_mask=attend).last_hidden_state.float()
@@ -216,9 +221,17 @@ class RewardModel(nn.Module):
         if not bool(answer.any(dim=1).all()):
             raise ValueError("reward features: every row needs its answer tokens marked in the mask "
                              "(RewardModel.encode's ANSWER_TOKEN)")
+        length = answer.sum(dim=1)
         u = (hidden * prompt).sum(dim=1) / prompt.sum(dim=1).clamp_min(1.0)
-        v = (hidden * answer).sum(dim=1) / answer.sum(dim=1)
-        return torch.cat([last, u * v], dim=-1)
+        v = (hidden * answer).sum(dim=1) / length
+        if self.feature_kind == "last_match":
+            return torch.cat([last, u * v], dim=-1)
+        # (B, T, T) id comparisons: a few thousand per row at reward.max_seq_len, cheap next to the backbone
+        same = (input_ids.unsqueeze(2) == input_ids.unsqueeze(1)) & (attention_mask == PROMPT_TOKEN).unsqueeze(1)
+        echo = (same.any(dim=2).unsqueeze(-1) & (answer > 0)).float()
+        echoed = (hidden * echo).sum(dim=1) / length
+        other = (hidden * (answer - echo)).sum(dim=1) / length
+        return torch.cat([last, u * v, echoed, other], dim=-1)
 
     def members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Every head's float32 reward, (B, K), with gradients to the LoRA and the heads."""

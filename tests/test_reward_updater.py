@@ -59,11 +59,11 @@ def test_learns_the_hidden_preference_incrementally(setup):
     published_before = metric("looprl_reward_updates_total", result="published")
     results = []
     with U.RewardUpdater(cfg, connect=views.connect) as up:
-        for i in range(6):
+        for i in range(8):
             views.append(simulate_feedback(100, seed=i))
             results.append(up.update())
         assert up.update() is None  # nothing new: no update, no version
-    assert [r.update for r in results] == list(range(1, 7))
+    assert [r.update for r in results] == list(range(1, 9))
     first = results[0].prequential["pair_accuracy"]
     late = [r.prequential["pair_accuracy"] for r in results[-2:]]
     # Chance is 0.5 (the untrained head ranks pairs at random: measured 0.4-0.6). The hidden
@@ -79,12 +79,12 @@ def test_learns_the_hidden_preference_incrementally(setup):
     good = rm.score([p for p, _, _ in pairs], [c for _, c, _ in pairs])
     bad = rm.score([p for p, _, _ in pairs], [r for _, _, r in pairs])
     acc = (good > bad).float().mean().item()
-    assert acc >= 0.75, acc  # measured 0.85-0.9
+    assert acc >= 0.75, acc  # measured 0.80 here; 0.67-0.89 over reward.seed 0-3 (0.58-0.78 with "last_match")
     # Every event consumed exactly once; the history and the manifests record every decision.
     ids = consumed_lines(cfg)
     assert len(ids) == len(set(ids)) == sum(r.new_events for r in results)
     hist = [json.loads(x) for x in (cfg.state_dir / "reward_history.jsonl").read_text().splitlines()]
-    assert [h["update"] for h in hist] == list(range(1, 7))
+    assert [h["update"] for h in hist] == list(range(1, 9))
     assert all(h["decision"] in ("published", "rejected") and h["reason"] for h in hist)
     published = [r for r in results if r.decision == "published"]
     manifests = Registry(cfg.registry_dir).list(KIND)

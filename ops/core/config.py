@@ -357,10 +357,11 @@ class RewardConfig(Section):
     # Number of scalar heads on the shared LoRA features (bootstrapped ensemble): their spread is
     # the model's uncertainty, their mean its score. 1: a single head, no uncertainty.
     ensemble_heads: int = Field(4, ge=1, le=64)
-    # What the heads read: "last_match" (the last token's hidden state and the mean prompt state times
-    # the mean answer state, so preferences that depend on the question are learned) or "last"
+    # What the heads read: "echo" (the last token's hidden state, the mean prompt state times the mean
+    # answer state, and the answer's states split by whether their token occurs in the question, so
+    # preferences that depend on the question are learned), "last_match" (the first two) or "last"
     # (the last token's only). A version keeps the features it was trained with.
-    features: Literal["last", "last_match"] = "last_match"
+    features: Literal["last", "last_match", "echo"] = "echo"
     # Bradley-Terry weight of a correction relative to an ordinary pair: an edit is deliberate
     # work by the user, a stronger and rarer signal than picking one of two given answers.
     correction_weight: float = Field(2.0, gt=0)
