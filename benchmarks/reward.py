@@ -10,7 +10,7 @@ once (same number of epochs, same optimiser settings) and compares:
   accuracy (test-then-train, second half of the stream) vs the offline model's held-out accuracy.
 
 Usage: ``python benchmarks/reward.py [--updates 8] [--events 100] [--base DIR] [--preference
-module:function] [--off-topic-rate R] [--features last|last_match] [--learning-rate LR]
+module:function] [--off-topic-rate R] [--features last|last_match|echo] [--learning-rate LR]
 [--replay-ratio R] [--epochs N] [--mix JSON] [--cheerful-rate R] [--eval-every N]``. Without
 --base a base is built first (default model config). ``--preference
 looprl.ops.sim.preference:on_topic --off-topic-rate 0.3`` measures a preference that depends on
