@@ -208,7 +208,8 @@ class RewardModel(nn.Module):
         model's device, as ``self.feature_kind`` says (``FEATURES``): the hidden state of the last
         real token (the end of turn), for "last_match" and "echo" the mean prompt hidden state times
         the mean answer hidden state, for "echo" the answer's hidden states summed over the tokens
-        whose id occurs in the prompt and over the rest, each over the answer's length. ``attention_mask`` is ``encode``'s (segments marked)."""
+        whose id occurs in the prompt and over the rest, each over the answer's length.
+        ``attention_mask`` is ``encode``'s (segments marked)."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         attend = (attention_mask > 0).long()
         hidden = _decoder(self.backbone)(input_ids=input_ids, attention_mask=attend).last_hidden_state.float()
