@@ -1,0 +1,132 @@
+"""Replay a demo workspace's feedback through a fresh reward model and measure its true skill.
+
+The demo's reward model is judged live on the labels themselves (prequential pair accuracy, thumbs
+AUC), which are noisy coin flips of the users' hidden preference; with a few hundred labels that
+estimate cannot tell a weak model from a good one. The simulator, though, records the hidden
+preference's P(thumbs-up) of every answer it asked for (``state/simulator/interactions.jsonl``).
+This script streams the workspace's event log, oldest first, through a fresh reward model in
+slices as the updater does (test, then train on the slice plus ``--replay`` times as many replayed
+earlier examples, ``--epochs`` epochs; no per-user cap, no publish decision), and after every
+``--every`` slices scores the eval users' answers from the base model: the *true skill* is the
+share of answer pairs with different P that the model orders as P does (0.5: chance).
+
+Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label kind out.
+
+Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
+[--epochs 4] [--every 2] [--seed 0] [--answers 400] [--threads 1]``. The defaults are the sparse
+profile's reward tuning. Human lines first, then one JSON line: the true skill after each
+``--every`` slices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def true_skill(scores: list[float], p: list[float]) -> float | None:
+    """Share of pairs with different hidden P that ``scores`` orders the same way (ties: half)."""
+    agree = n = 0.0
+    for i in range(len(p)):
+        for j in range(i + 1, len(p)):
+            dp = p[i] - p[j]
+            if dp == 0:
+                continue
+            ds = scores[i] - scores[j]
+            n += 1
+            agree += 1.0 if ds * dp > 0 else (0.5 if ds == 0 else 0.0)
+    return agree / n if n else None
+
+
+def eval_answers(workspace: Path, limit: int) -> list[tuple[str, str, float]]:
+    """(prompt, completion, hidden P) of the eval users' answers from the base model."""
+    path = workspace / "state" / "simulator" / "interactions.jsonl"
+    if not path.is_file():
+        raise SystemExit(f"{path} not found: pass the workspace of a `looprl demo` run")
+    out = []
+    with path.open() as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "eval" and r.get("version") == "base" and r.get("p") is not None:
+                out.append((r["prompt"], r["completion"], float(r["p"])))
+    random.Random(0).shuffle(out)
+    return out[:limit]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workspace", type=Path)
+    ap.add_argument("--drop", default="", help="label kinds to leave out, comma-separated")
+    ap.add_argument("--slice", type=int, default=16, help="new examples per update")
+    ap.add_argument("--replay", type=float, default=4.0, help="replayed examples per new one")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--every", type=int, default=2, help="measure the true skill every N updates")
+    ap.add_argument("--max-updates", type=int, default=30)
+    ap.add_argument("--answers", type=int, default=400, help="eval answers scored for the true skill")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from looprl.ops.core.config import load_config
+    from looprl.reward.data import FeedbackSource, connect_event_log, is_holdout
+    from looprl.reward.model import RewardModel
+    from looprl.reward.train import evaluate, train
+
+    torch.set_num_threads(args.threads)
+    cfg = load_config(environ={}, workspace=args.workspace)
+    rc = cfg.reward
+    answers = eval_answers(args.workspace, args.answers)
+    if len({a[2] for a in answers}) < 2:
+        raise SystemExit("the eval answers' hidden P does not vary: nothing to rank")
+    con = connect_event_log(cfg.events_dir)
+    try:
+        examples = FeedbackSource(con).new_examples([])
+    finally:
+        con.close()
+    drop = {k for k in args.drop.split(",") if k}
+    examples = [e for e in examples if e.kind not in drop]
+    stream = [e for e in examples if not is_holdout(e.event_id, rc.holdout_fraction)]
+    kinds: dict[str, int] = {}
+    for e in stream:
+        kinds[e.kind] = kinds.get(e.kind, 0) + 1
+    print(f"{len(stream)} training examples {kinds}, {len(answers)} eval answers")
+
+    model = RewardModel.fresh(cfg, seed=args.seed)
+
+    def skill() -> float | None:
+        return true_skill(model.score([a[0] for a in answers], [a[1] for a in answers]).tolist(),
+                          [a[2] for a in answers])
+
+    curve, history = [], []
+    print(f"update 0: true skill {skill():.3f}")
+    for n in range(min(args.max_updates, -(-len(stream) // args.slice))):
+        new = stream[n * args.slice:(n + 1) * args.slice]
+        preq = evaluate(model, new)
+        k = min(len(history), round(args.replay * len(new)))
+        replay = random.Random(f"{args.seed}:replay:{n}").sample(history, k) if k else []
+        train(model, new + replay, lr=rc.learning_rate, batch_size=rc.batch_size, epochs=args.epochs,
+              seed=rc.seed + n + 1, correction_weight=rc.correction_weight, bootstrap_seed=rc.seed)
+        history += new
+        if (n + 1) % args.every == 0:
+            s = skill()
+            curve.append({"update": n + 1, "labels": len(history), "true_skill": round(s, 3),
+                          "prequential_pair_accuracy": preq.pair_accuracy, "prequential_thumbs_auc": preq.thumbs_auc})
+            print(f"update {n + 1} ({len(history)} labels): true skill {s:.3f}; prequential pairs "
+                  f"{'-' if preq.pair_accuracy is None else round(preq.pair_accuracy, 3)} thumbs AUC "
+                  f"{'-' if preq.thumbs_auc is None else round(preq.thumbs_auc, 3)} on this slice")
+    print(json.dumps({"workspace": str(args.workspace), "drop": sorted(drop), "seed": args.seed,
+                      "true_skill": [c["true_skill"] for c in curve], "curve": curve}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
