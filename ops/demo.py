@@ -148,9 +148,9 @@ STAGE_COMMANDS: dict[str, tuple[str, ...]] = {
 CHAOS_ORDER = ("ingest", "serve", "reward", "scheduler", "collector", "controller", "gateway")
 
 
-def _get(cfg: LooprlConfig, dotted: str) -> Any:
+def _user_set(cfg: LooprlConfig, dotted: str) -> bool:
     section, key = dotted.split(".")
-    return getattr(getattr(cfg, section), key)
+    return key in getattr(cfg, section).model_fields_set
 
 
 def _env_name(dotted: str) -> str:
@@ -164,12 +164,12 @@ def _env_value(v: Any) -> str:
 
 def tuning_env(cfg: LooprlConfig) -> dict[str, str]:
     """LOOPRL_* variables for the demo tuning and its feedback profile's (``demo.feedback``),
-    skipping keys the user configured. The profile's own ``demo.*`` fractions are applied by the
-    simulator (`looprl.ops.sim.profiles`), which reads the same config."""
-    defaults = LooprlConfig()
+    skipping keys the user configured (looprl.toml, LOOPRL_*, keyword overrides), also where they
+    set the schema's default: pydantic's ``model_fields_set`` tells, as for the profiles' own
+    ``demo.*`` fractions, which the simulator applies (`looprl.ops.sim.profiles`)."""
     out = {_env_name("demo.feedback"): cfg.demo.feedback}
     for key, value in {**DEMO_TUNING, **PROFILE_TUNING[cfg.demo.feedback], **comparison_tuning(cfg)}.items():
-        if _get(cfg, key) == _get(defaults, key):
+        if not _user_set(cfg, key):
             out[_env_name(key)] = _env_value(value)
     return out
 

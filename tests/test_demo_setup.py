@@ -18,6 +18,14 @@ def test_tuning_applies_only_where_the_user_kept_the_default(tmp_path):
     mine = load_config(environ={"LOOPRL_POLICY__STEPS": "7"}, workspace=tmp_path, canary={"min_samples": 99})
     env = tuning_env(mine)
     assert "LOOPRL_POLICY__STEPS" not in env and "LOOPRL_CANARY__MIN_SAMPLES" not in env
+    assert {f"LOOPRL_{k.split('.')[0].upper()}__{k.split('.')[1].upper()}" for k in DEMO_TUNING} <= set(tuning_env(cfg))
+    # a value the user set wins also where it is the schema's default, which the demo tunes away
+    same = {"LOOPRL_CANARY__PROMOTE_ON_NO_REGRESSION": "true", "LOOPRL_POLICY__TARGET_KL": "3.0"}
+    env = tuning_env(load_config(environ=same, workspace=tmp_path))
+    assert "LOOPRL_CANARY__PROMOTE_ON_NO_REGRESSION" not in env and "LOOPRL_POLICY__TARGET_KL" not in env
+    child = load_config(environ={**same, **env}, workspace=tmp_path)
+    assert child.canary.promote_on_no_regression is True and child.policy.target_kl == 3.0
+    assert child.policy.steps == DEMO_TUNING["policy.steps"]  # the rest is still tuned
     # every tuned key is a real config key with a valid value
     tuned = load_config(environ=tuning_env(cfg), workspace=tmp_path)
     assert tuned.policy.steps == DEMO_TUNING["policy.steps"] and tuned.scheduler.jobs == ["policy"]
