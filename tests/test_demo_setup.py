@@ -7,7 +7,7 @@ import json
 import pytest
 
 from looprl.ops.core.config import ConfigError, load_config
-from looprl.ops.demo import DEMO_TUNING, allocate_ports, demo_env, prepare_workspace, tuning_env
+from looprl.ops.demo import DEMO_TUNING, _env_name, allocate_ports, demo_env, prepare_workspace, tuning_env
 
 
 def test_tuning_applies_only_where_the_user_kept_the_default(tmp_path):
@@ -18,7 +18,7 @@ def test_tuning_applies_only_where_the_user_kept_the_default(tmp_path):
     mine = load_config(environ={"LOOPRL_POLICY__STEPS": "7"}, workspace=tmp_path, canary={"min_samples": 99})
     env = tuning_env(mine)
     assert "LOOPRL_POLICY__STEPS" not in env and "LOOPRL_CANARY__MIN_SAMPLES" not in env
-    assert {f"LOOPRL_{k.split('.')[0].upper()}__{k.split('.')[1].upper()}" for k in DEMO_TUNING} <= set(tuning_env(cfg))
+    assert {_env_name(k) for k in DEMO_TUNING} <= set(tuning_env(cfg))
     # a value the user set wins also where it is the schema's default, which the demo tunes away
     same = {"LOOPRL_CANARY__PROMOTE_ON_NO_REGRESSION": "true", "LOOPRL_POLICY__TARGET_KL": "3.0"}
     env = tuning_env(load_config(environ=same, workspace=tmp_path))
