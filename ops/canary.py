@@ -7,8 +7,11 @@ after every poll we compute P(candidate rate > control rate) exactly (no samplin
 
     P(better) >= canary.promote_probability   -> promote (pointer ``promoted``, all traffic)
     P(worse)  >= canary.rollback_probability  -> roll back (pointer ``canary`` cleared)
-    either arm reaches canary.max_samples     -> promote: no significant regression in that many votes
+    both arms reach canary.max_samples        -> promote: no significant regression in that many votes
                                                  (canary.promote_on_no_regression; else P(better) >= 0.5)
+
+``max_samples`` counts on the smaller arm, the candidate's at a traffic share under one half: counted
+on the larger one, a 10 % canary would stop at a tenth of the votes it was configured for.
 
 Feedback is attributed by the adapter version that produced the answer (storage view
 ``feedback_votes.adapter_version``), so the two arms never mix even while the controller is
@@ -149,7 +152,7 @@ def decide(candidate: Arm, control: Arm, cfg: CanaryConfig) -> Decision:
     if 1.0 - p >= cfg.rollback_probability:
         return Decision("rollback", f"P(worse)={1 - p:.3f} >= {cfg.rollback_probability}: significant regression",
                         numbers)
-    if max(candidate.n, control.n) >= cfg.max_samples:
+    if min(candidate.n, control.n) >= cfg.max_samples:
         if cfg.promote_on_no_regression or p >= 0.5:
             return Decision("promote", f"max_samples reached without a significant regression (P(better)={p:.3f})",
                             numbers)

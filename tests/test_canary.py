@@ -74,6 +74,14 @@ def test_decide_is_inconclusive_on_equal_rates_until_max_samples():
     assert decide(Arm(110, 300), Arm(150, 300), CFG).action == "rollback"
 
 
+def test_max_samples_counts_on_the_smaller_arm():
+    # A 10 % canary: the control arm fills nine times faster. The candidate's 100 votes are a third
+    # of max_samples, so the test goes on, though the control has ten times max_samples.
+    d = decide(Arm(60, 100), Arm(1800, 3000), CFG)
+    assert d.action == "wait" and "inconclusive" in d.reason
+    assert decide(Arm(180, 300), Arm(1800, 3000), CFG).action == "promote"
+
+
 def test_sequential_test_error_rates_by_simulation():
     """Looking after every batch of votes: a truly worse candidate is rolled back far more often
     than it is promoted, and an equal one is rarely rolled back."""

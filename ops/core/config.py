@@ -636,6 +636,8 @@ class CanaryConfig(Section):
     promote_probability: float = Field(0.9, gt=0.5, lt=1)
     # 0.99: with a look every 10 votes, ~7% false rollbacks of an equal candidate (0.95: ~23%).
     rollback_probability: float = Field(0.99, gt=0.5, lt=1)
+    # The test ends when both arms have this many votes (the smaller arm decides: at traffic_share
+    # 0.2 the control has four times as many by then).
     max_samples: int = Field(400, ge=1)
     # At max_samples without a significant regression: True promotes (a guardrail canary: the
     # offline gate already judged the candidate better), False decides by P(better) >= 0.5.

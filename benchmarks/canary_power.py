@@ -1,0 +1,89 @@
+"""How often the online canary promotes a candidate, by how much better or worse it truly is.
+
+The canary (``looprl.ops.canary``) decides on thumbs from product traffic. How many votes it gets
+per arm bounds what it can tell apart, whatever its thresholds: this script measures that. It
+simulates canaries whose candidate's true thumbs-up rate differs from the control's by each of
+``--diffs`` (absolute points), votes split between the arms as ``canary.traffic_share`` splits
+traffic, the test looking once per ``LOOK_EVERY_VOTES`` new votes as the canary manager does, and
+each look decided by the canary's own ``decide``. It reports, per configuration and difference,
+the share of canaries that ended in a promotion and the mean number of votes to a decision.
+
+Configurations: the schema's defaults (``production``), the demo's generous tuning (``demo``) and
+the sparse profiles' (``demo-sparse``), both read from ``looprl.ops.demo``, so the figures follow
+the code. A promotion rate at a negative difference is the chance that a worse version replaces
+a better one.
+
+Usage: ``python benchmarks/canary_power.py [--control 0.65] [--diffs=-0.1,-0.05,0,0.05,0.1]
+[--trials 400] [--seed 0]``. Human lines first, then one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from typing import Any
+
+from looprl.ops.canary import LOOK_EVERY_VOTES, Arm, decide
+from looprl.ops.core.config import CanaryConfig
+from looprl.ops.demo import DEMO_TUNING, PROFILE_TUNING
+
+
+def canary_configs() -> dict[str, CanaryConfig]:
+    def tuned(*tunings: dict[str, Any]) -> CanaryConfig:
+        fields: dict[str, Any] = {}
+        for tuning in tunings:
+            fields.update({k.split(".", 1)[1]: v for k, v in tuning.items() if k.startswith("canary.")})
+        return CanaryConfig(**fields)
+
+    return {"production": CanaryConfig(), "demo": tuned(DEMO_TUNING),
+            "demo-sparse": tuned(DEMO_TUNING, PROFILE_TUNING["sparse"])}
+
+
+def simulate(cfg: CanaryConfig, candidate_rate: float, control_rate: float, rng: random.Random) -> tuple[str, int]:
+    """One canary to its decision: (action, votes counted on both arms)."""
+    ups, n = [0, 0], [0, 0]  # candidate, control
+    while True:
+        for _ in range(LOOK_EVERY_VOTES):
+            arm = 0 if rng.random() < cfg.traffic_share else 1
+            n[arm] += 1
+            ups[arm] += rng.random() < (candidate_rate, control_rate)[arm]
+        d = decide(Arm(ups[0], n[0]), Arm(ups[1], n[1]), cfg)
+        if d.action != "wait":
+            return d.action, n[0] + n[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--control", type=float, default=0.65, help="the control's true thumbs-up rate")
+    ap.add_argument("--diffs", default="-0.1,-0.05,-0.02,0,0.02,0.05,0.1",
+                    help="candidate minus control, true rates, comma-separated")
+    ap.add_argument("--trials", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    diffs = [float(x) for x in args.diffs.split(",")]
+    if not all(0 <= args.control + d <= 1 for d in diffs):
+        raise SystemExit(f"--control {args.control} plus every --diffs value must be a rate in [0, 1]")
+    rng = random.Random(args.seed)
+    results: dict[str, Any] = {"control_rate": args.control, "trials": args.trials, "configs": {}}
+    print(f"control thumbs-up rate {args.control:.2f}; {args.trials} simulated canaries per cell")
+    print(f"{'config':12s} {'votes/arm':>9s}  " + "  ".join(f"{d:+.2f}" for d in diffs) + "   (promote share by true difference)")
+    for name, cfg in canary_configs().items():
+        rows = []
+        for d in diffs:
+            runs = [simulate(cfg, args.control + d, args.control, rng) for _ in range(args.trials)]
+            rows.append({"diff": d, "promote_share": sum(a == "promote" for a, _ in runs) / len(runs),
+                         "mean_votes": sum(v for _, v in runs) / len(runs)})
+        results["configs"][name] = {"min_samples": cfg.min_samples, "max_samples": cfg.max_samples,
+                                    "promote_probability": cfg.promote_probability,
+                                    "rollback_probability": cfg.rollback_probability,
+                                    "promote_on_no_regression": cfg.promote_on_no_regression,
+                                    "traffic_share": cfg.traffic_share, "by_diff": rows}
+        print(f"{name:12s} {cfg.min_samples:>4d}-{cfg.max_samples:<4d}  "
+              + "  ".join(f"{r['promote_share']:5.2f}" for r in rows)
+              + "   mean votes " + "/".join(f"{r['mean_votes']:.0f}" for r in rows))
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
