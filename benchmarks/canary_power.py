@@ -6,7 +6,10 @@ simulates canaries whose candidate's true thumbs-up rate differs from the contro
 ``--diffs`` (absolute points), votes split between the arms as ``canary.traffic_share`` splits
 traffic, the test looking once per ``LOOK_EVERY_VOTES`` new votes as the canary manager does, and
 each look decided by the canary's own ``decide``. It reports, per configuration and difference,
-the share of canaries that ended in a promotion and the mean number of votes to a decision.
+the share of canaries that ended in a promotion and the mean number of votes to a decision. Votes
+are independent coin flips: real ones come from fewer users, each capped at
+``canary.max_user_share`` of an arm, and vary with the prompt, so a real canary sees less than
+this.
 
 Configurations: the schema's defaults (``production``), the demo's generous tuning (``demo``) and
 the sparse profiles' (``demo-sparse``), both read from ``looprl.ops.demo``, so the figures follow
