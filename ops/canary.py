@@ -11,7 +11,7 @@ after every poll we compute P(candidate rate > control rate) exactly (no samplin
                                                  (canary.promote_on_no_regression; else P(better) >= 0.5)
 
 ``max_samples`` counts on the smaller arm, the candidate's at a traffic share under one half: counted
-on the larger one, a 10 % canary would stop at a tenth of the votes it was configured for.
+on the larger one, a 10 % canary would stop at about a ninth of the votes it was configured for.
 
 Feedback is attributed by the adapter version that produced the answer (storage view
 ``feedback_votes.adapter_version``), so the two arms never mix even while the controller is
