@@ -12,8 +12,7 @@ are independent coin flips: real ones come from fewer users, each capped at
 this.
 
 Configurations: the schema's defaults (``production``), the demo's generous tuning (``demo``) and
-the sparse profiles' (``demo-sparse``), both read from ``looprl.ops.demo``, so the figures follow
-the code. A promotion rate at a negative difference is the chance that a worse version replaces
+the sparse profiles' (``demo-sparse``), both as ``looprl.ops.demo`` tunes them. A promotion rate at a negative difference is the chance that a worse version replaces
 a better one.
 
 Usage: ``python benchmarks/canary_power.py [--control 0.65] [--diffs=-0.1,-0.05,0,0.05,0.1]
@@ -28,19 +27,19 @@ import random
 from typing import Any
 
 from looprl.ops.canary import LOOK_EVERY_VOTES, Arm, decide
-from looprl.ops.core.config import CanaryConfig
-from looprl.ops.demo import DEMO_TUNING, PROFILE_TUNING
+from looprl.ops.core.config import CanaryConfig, load_config
+from looprl.ops.demo import tuning_env
 
 
 def canary_configs() -> dict[str, CanaryConfig]:
-    def tuned(*tunings: dict[str, Any]) -> CanaryConfig:
-        fields: dict[str, Any] = {}
-        for tuning in tunings:
-            fields.update({k.split(".", 1)[1]: v for k, v in tuning.items() if k.startswith("canary.")})
-        return CanaryConfig(**fields)
+    """The canary settings a plain deployment and each demo profile run with, through the demo's own
+    tuning (``looprl.ops.demo.tuning_env``), so the figures follow the code."""
+    def demo_canary(feedback: str) -> CanaryConfig:
+        profile = {"LOOPRL_DEMO__FEEDBACK": feedback}
+        return load_config(environ={**profile, **tuning_env(load_config(environ=profile))}).canary
 
-    return {"production": CanaryConfig(), "demo": tuned(DEMO_TUNING),
-            "demo-sparse": tuned(DEMO_TUNING, PROFILE_TUNING["sparse"])}
+    return {"production": load_config(environ={}).canary, "demo": demo_canary("generous"),
+            "demo-sparse": demo_canary("sparse")}
 
 
 def simulate(cfg: CanaryConfig, candidate_rate: float, control_rate: float, rng: random.Random) -> tuple[str, int]:

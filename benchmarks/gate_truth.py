@@ -34,21 +34,24 @@ from looprl.ops.core.config import load_config
 from looprl.ops.sim.preference import load_preference
 from looprl.policy import gate
 from looprl.policy.scoring import registry_scorer
+from looprl.reward.model import load_reward_model
 from looprl.storage.registry import Registry
 
 
 class RecordingScorer:
     """The reward model, keeping every member's scores of what it was asked."""
 
+    loads_reward_model = True  # for the gate's memory plan
+
     def __init__(self, cfg, version: str | None):
-        self.inner = registry_scorer(cfg, version)
-        self.version = self.inner.version
+        self.version = registry_scorer(cfg, version).version  # the newest when None
+        self.model = load_reward_model(cfg, version=self.version)
         self.calls: list[tuple[list, list[str], torch.Tensor]] = []
 
     def score(self, prompts, completions):
-        mean = self.inner.score(prompts, completions)  # loads the model
-        self.calls.append((prompts, completions, self.inner._model.score_members(prompts, completions)))
-        return mean
+        members = self.model.score_members(prompts, completions)
+        self.calls.append((prompts, completions, members))
+        return members.mean(dim=0)  # what RewardModel.score returns
 
 
 def main() -> None:
@@ -75,9 +78,10 @@ def main() -> None:
         versions = (args.versions.split(",") if args.versions
                     else [m.version for m in Registry(cfg.registry_dir).list("policy")])
         slices = gate.gate_suites(cfg).slices()
+        scorer = RecordingScorer(cfg, args.reward)
         results = []
         for version in versions:
-            scorer = RecordingScorer(cfg, args.reward)
+            scorer.calls.clear()
             report = gate.evaluate(cfg, version, scorer=scorer)
             if len(scorer.calls) != 2:
                 print(f"{version}: not evaluated ({report.reason})")
