@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from looprl.ops.sim.corpus import prompt_set
+from looprl.ops.sim.corpus import TOPICS, prompt_set
 from looprl.ops.sim.feedback import SimulatedLog, heldout_pairs, simulate_feedback
-from looprl.ops.sim.preference import default_preference
+from looprl.ops.sim.preference import default_preference, on_topic, topic_of
 
 ROOT = Path(__file__).parents[1]
 STAGES = ("ingest", "storage", "reward", "policy", "serving", "kernels")
@@ -58,3 +58,15 @@ def test_heldout_pairs_use_fresh_prompt_templates():
     pairs = heldout_pairs(20, seed=1)
     assert len(pairs) == 20 and {p for p, _, _ in pairs} <= set(prompt_set("heldout"))
     assert simulate_feedback(10, seed=5).event_ids == simulate_feedback(10, seed=5).event_ids  # seeded
+
+
+def test_on_topic_reads_the_topic_of_every_question_form():
+    """Every shipped question form, train and held-out: an answer on the asked topic is liked, the
+    same answer about another topic is not ("what is the dog like" asks about the dog, not "like")."""
+    for prompt in prompt_set("all"):
+        asked = topic_of(prompt)
+        assert asked in TOPICS and asked in prompt.split(), prompt
+        elsewhere = next(t for t in TOPICS if t != asked)
+        assert on_topic(prompt, f"the {asked} is old. we saw the {asked} today.") == 0.95, prompt
+        assert on_topic(prompt, f"the {elsewhere} is old.") == 0.05, prompt
+        assert on_topic(prompt, f"the {asked} is old. it was cold today.") == 0.5, prompt  # half the sentences

@@ -43,9 +43,11 @@ _TIME_PHRASES = re.compile("|".join(re.escape(t) for t in sorted(TIMES, key=len,
 
 
 def topic_of(prompt: str) -> str:
-    """The topic a question asks about: its last word (every shipped prompt ends with it)."""
+    """The topic a question asks about: its last word that is a topic ("what is the dog like" asks
+    about the dog), else its last word (a question on no known topic)."""
     words = _WORD.findall(prompt.lower())
-    return words[-1] if words else ""
+    topics = [w for w in words if w in _TOPICS]
+    return topics[-1] if topics else (words[-1] if words else "")
 
 
 def on_topic(prompt: str, completion: str) -> float:
