@@ -40,7 +40,7 @@ def wants_a_person_when_asked(prompt: str, completion: str) -> float:
 def opens_on_the_asked_topic(prompt: str, completion: str) -> float:
     """Prompt-dependent, and only the question tells the answers apart: the first sentence names
     the topic asked about and no other (the shipped ``on_topic`` weighs every sentence)."""
-    topic = prompt.split()[-1]
+    topic = [w for w in prompt.split() if w in _TOPICS][-1]  # "what is the dog like" asks about the dog
     words = set(_WORD.findall(completion.lower().split(".")[0]))
     return 0.85 if topic in words and not words & (_TOPICS - {topic}) else 0.15
 
@@ -90,6 +90,7 @@ def test_the_preferences_are_what_they_say():
     answer = " the dog is big. the cat is old."
     assert opens_on_the_asked_topic("describe the dog", answer) == 0.85
     assert opens_on_the_asked_topic("describe the cat", answer) == 0.15  # same answer, other question
+    assert opens_on_the_asked_topic("what is the dog like", answer) == 0.85
     # half the fresh questions want a person, half do not: a prompt-blind model is at chance
     assert sum(p.split()[0] in _PERSON_QUESTIONS for p in FRESH_PROMPTS) * 2 == len(FRESH_PROMPTS)
 
@@ -169,5 +170,5 @@ def test_a_preference_only_the_question_decides_is_learned_on_fresh_topics(tiny_
                               off_topic_rate=0.5)
         test = [Example(f"t{i}", "preference", p, None, chosen=c, rejected=r) for i, (p, c, r) in enumerate(pairs)]
         accuracy[features] = evaluate(rm, test).pair_accuracy
-    # measured: echo 0.99-1.0, last_match 0.83-0.86 (three simulated data seeds)
+    # measured: echo 0.97-1.0, last_match 0.73-0.78 (simulated data seeds 103-105)
     assert accuracy["echo"] >= 0.9 and accuracy["echo"] > accuracy["last_match"] + 0.05, accuracy
