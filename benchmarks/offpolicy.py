@@ -113,8 +113,9 @@ def serve_from_base(cfg, n: int, seed: int) -> dict:
     return {"served": n, "thumbs_up_rate": ups / max(n, 1)}
 
 
-def thumbs_up_rate(model, tok, cfg, prompts: list[str], seed: int) -> float:
-    """Mean hidden-preference P(thumbs-up) of the policy's answers to ``prompts`` (temperature 1)."""
+def thumbs_up_rate(model, tok, cfg, prompts: list[str], seed: int, preference=None) -> float:
+    """Mean hidden-preference P(thumbs-up) of the policy's answers to ``prompts`` (temperature 1);
+    the default user's (cheerful words) unless ``preference`` is given."""
     from looprl.ops.sim.preference import default_preference
     from looprl.policy.model import stop_token_ids
     from looprl.policy.prompts import generator
@@ -126,7 +127,7 @@ def thumbs_up_rate(model, tok, cfg, prompts: list[str], seed: int) -> float:
         batch = prompts[start:start + 32]
         ro = sample(model, tok, batch, cfg.policy.max_new_tokens, 1.0, generator(seed, start, "eval"),
                     cfg.policy.max_prompt_tokens, stops)
-        total += sum(default_preference(p, c) for p, c in zip(batch, ro.completions))
+        total += sum((preference or default_preference)(p, c) for p, c in zip(batch, ro.completions))
     return total / len(prompts)
 
 

@@ -70,3 +70,19 @@ def test_on_topic_reads_the_topic_of_every_question_form():
         assert on_topic(prompt, f"the {asked} is old. we saw the {asked} today.") == 0.95, prompt
         assert on_topic(prompt, f"the {elsewhere} is old.") == 0.05, prompt
         assert on_topic(prompt, f"the {asked} is old. it was cold today.") == 0.5, prompt  # half the sentences
+
+
+def test_a_preference_scores_as_a_reward_in_its_own_order():
+    """The oracle reward of benchmarks/transfer.py: the log-odds of the hidden P, so PPO ranks answers
+    as the users would; a preference that says 0 or 1 still gives a finite reward."""
+    from looprl.ops.core.chat import Chat
+    from looprl.ops.sim.scoring import PreferenceScorer
+
+    scorer = PreferenceScorer(on_topic, "on_topic")
+    answers = ["the dog is old.", "the dog is old. it was cold today.", "the cat is old."]
+    r = scorer.score([Chat.user("how is the dog")] * 3, answers)
+    assert r[0] > r[1] > r[2] and abs(r[1]) < 1e-6  # P 0.95, 0.5, 0.05
+    assert scorer.score(["how is the cat"], ["the cat is old."])[0] == r[0]  # plain prompts too
+    sure = PreferenceScorer(lambda prompt, completion: float("dog" in completion), "dog")
+    s = sure.score(["x", "x"], ["a dog", "a cat"])
+    assert s.isfinite().all() and s[0] > 0 > s[1]
