@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 
 from looprl.ops import demo
 from looprl.ops.core.config import load_config
-from looprl.ops.sim.preference import load_preference
+from looprl.ops.sim.preference import load_preference, topic_of
 from looprl.policy import gate
 from looprl.policy.scoring import registry_scorer
 from looprl.reward.model import load_reward_model
@@ -52,6 +53,17 @@ class RecordingScorer:
         members = self.model.score_members(prompts, completions)
         self.calls.append((prompts, completions, members))
         return members.mean(dim=0)  # what RewardModel.score returns
+
+
+def by_form(prompts: list[str], p_cand: list[float], p_base: list[float]) -> dict[str, dict]:
+    """The hidden preference's means per question form: the prompt with its topic written {topic}."""
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for prompt, c, b in zip(prompts, p_cand, p_base):
+        topic = topic_of(prompt)
+        form = re.sub(rf"\b{re.escape(topic)}\b", "{topic}", prompt) if topic else prompt
+        groups.setdefault(form, []).append((c, b))
+    return {form: {"samples": len(v), "hidden_candidate": round(sum(c for c, _ in v) / len(v), 3),
+                   "hidden_base": round(sum(b for _, b in v) / len(v), 3)} for form, v in groups.items()}
 
 
 def main() -> None:
@@ -99,6 +111,10 @@ def main() -> None:
                 r = row[suite]
                 print(f"{version} {suite:14s} hidden P {r['hidden_candidate']:.2f} vs base {r['hidden_base']:.2f} "
                       f"| reward gain {r['reward_gain']:+.2f} (members {r['reward_gain_members']}) n={r['samples']}")
+                r["by_form"] = by_form([p.last_user() for p in prompts[sl]], p_cand, p_base)
+                for form, f in r["by_form"].items():
+                    print(f"    {form!r:32s} hidden P {f['hidden_candidate']:.2f} vs base {f['hidden_base']:.2f} "
+                          f"n={f['samples']}")
             results.append(row)
     print(json.dumps({"workspace": str(args.workspace), "preference": args.preference, "samples": args.samples,
                       "suite_file": str(args.suite_file) if args.suite_file else None, "versions": results}))

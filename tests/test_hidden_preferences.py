@@ -15,6 +15,7 @@ import torch
 
 from looprl.ops.sim.corpus import PEOPLE, TIMES, TOPICS, TRAIN_TEMPLATES
 from looprl.ops.sim.feedback import heldout_pairs, simulate_feedback
+from looprl.ops.sim.preference import topic_of
 from looprl.reward.data import Example
 from looprl.reward.model import ANSWER_TOKEN, CONFIG_FILE, PROMPT_TOKEN, RewardModel, RewardModelError, _decoder, load_from_dir
 from looprl.reward.train import evaluate, train
@@ -40,7 +41,7 @@ def wants_a_person_when_asked(prompt: str, completion: str) -> float:
 def opens_on_the_asked_topic(prompt: str, completion: str) -> float:
     """Prompt-dependent, and only the question tells the answers apart: the first sentence names
     the topic asked about and no other (the shipped ``on_topic`` weighs every sentence)."""
-    topic = [w for w in prompt.split() if w in _TOPICS][-1]  # "what is the dog like" asks about the dog
+    topic = topic_of(prompt)  # "what is the dog like" asks about the dog
     words = set(_WORD.findall(completion.lower().split(".")[0]))
     return 0.85 if topic in words and not words & (_TOPICS - {topic}) else 0.15
 
