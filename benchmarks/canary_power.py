@@ -12,8 +12,8 @@ are independent coin flips: real ones come from fewer users, each capped at
 this.
 
 Configurations: the schema's defaults (``production``), the demo's generous tuning (``demo``) and
-the sparse profiles' (``demo-sparse``), both as ``looprl.ops.demo`` tunes them. A promotion rate at a negative difference is the chance that a worse version replaces
-a better one.
+the sparse profiles' (``demo-sparse``), both as ``looprl.ops.demo`` tunes them. A promotion rate
+at a negative difference is the chance that a worse version replaces a better one.
 
 Usage: ``python benchmarks/canary_power.py [--control 0.65] [--diffs=-0.1,-0.05,0,0.05,0.1]
 [--trials 400] [--seed 0]``. Human lines first, then one JSON line with every figure.
