@@ -15,11 +15,13 @@ a few hundred KB, instead of the model.
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from looprl.ops.core.config import PolicyConfig
@@ -62,6 +64,26 @@ def attach_lora(model: nn.Module, pcfg: PolicyConfig) -> PeftModel:
         raise ValueError(f"LoRA targets reach the MoE router, which must stay frozen: {router[:3]}")
     peft_model.eval()  # no dropout anywhere; PPO needs identical old/new forward passes
     return peft_model
+
+
+def reset_lora(model: PeftModel, seed: int) -> None:
+    """Make the adapter fresh again, as a function of ``seed`` alone: every A drawn as peft draws it
+    (Kaiming-uniform, a=sqrt(5), the default of ``nn.Linear``), every B zero, so the delta is zero.
+
+    The draws come from one CPU generator in module order and are then copied to the factors'
+    device: the same seed gives the same adapter on any device, on a new model or on one that has
+    trained before (a kept trainer actor starting its next job)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, module in model.named_modules():
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+                a, b = module.lora_A[ADAPTER].weight, module.lora_B[ADAPTER].weight
+                fresh = torch.empty(a.shape, dtype=torch.float32)
+                nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=g)
+                a.copy_(fresh)
+                b.zero_()
+                if module.lora_B[ADAPTER].bias is not None:
+                    module.lora_B[ADAPTER].bias.zero_()
 
 
 def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:

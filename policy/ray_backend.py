@@ -19,11 +19,21 @@ Two layouts, chosen by `ray_plan` from ``model.device`` and the GPUs the cluster
 The learner is not restartable: its death fails the job with a message naming the last checkpoint,
 and re-running the job resumes from it. Every `ray.get` has a timeout, so nothing waits forever on
 a dead node.
+
+Kept actors (``policy.keep_actors``). Starting the actors (a process each, imports, a copy of the
+base) takes longer than a short job's PPO steps on a small CPU machine. When the job runs on a
+local Ray that it did not start (the scheduler's: every job there is a task on one cluster), the
+actors are named, detached and left running when the job ends well; the next job with the same
+`actor_key` (base, model, kernels, LoRA shape, worker count) finds them and `start_job` resets them
+to its settings, seed and reward, so it computes what new actors would. A job that fails kills
+them; a job with another key kills the kept ones first. They end with the cluster. A remote
+cluster (``policy.ray_address``) never keeps actors: its lifetime is not the scheduler's.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import secrets
@@ -38,9 +48,9 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from looprl.ops.core.config import ConfigError, LooprlConfig
 from looprl.ops.core.log import get_logger
-from looprl.policy.model import MemoryBudgetError
+from looprl.policy.model import MemoryBudgetError, base_checksum
 from looprl.policy.rollout import Rollout
-from looprl.policy.workers import ColocatedLearner, Learner, RolloutWorker
+from looprl.policy.workers import ColocatedLearner, Learner, PPOJob, RolloutWorker
 
 log = get_logger(__name__)
 
@@ -48,6 +58,9 @@ log = get_logger(__name__)
 # (~70 bytes) under its temp dir.
 _MAX_TEMP_DIR_CHARS = 36
 LOOPBACK = "127.0.0.1"
+# Kept actors live in this namespace, named KEPT_PREFIX + role + "-" + actor_key.
+KEPT_NAMESPACE = "looprl"
+KEPT_PREFIX = "looprl-ppo-"
 
 
 class PolicyJobError(RuntimeError):
@@ -151,6 +164,48 @@ def ray_plan(device: str, cluster_resources: Mapping[str, float]) -> RayPlan:
                       f"({dict(cluster_resources)}): set model.device to \"auto\" or \"cpu\", or add GPU nodes")
 
 
+def actor_key(cfg: LooprlConfig) -> str:
+    """What a kept actor was built for: the base, the model and kernel settings, the LoRA shape and
+    the number of workers. Everything else in cfg is per job (`workers.PPOJob`)."""
+    p = cfg.policy
+    built_for = {
+        "base": base_checksum(cfg.base_path), "model": cfg.model.model_dump(mode="json"),
+        "kernels": cfg.kernels.model_dump(mode="json"), "workers": p.num_rollout_workers,
+        "lora": [p.lora_rank, p.lora_alpha, p.target_modules, p.target_parameters], "threads": p.torch_threads,
+    }
+    return hashlib.sha1(json.dumps(built_for, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def keeps_actors(cfg: LooprlConfig) -> bool:
+    """Whether a job now would keep its actors: asked, and on a local Ray that is already up."""
+    return cfg.policy.keep_actors and cfg.policy.ray_address is None and ray.is_initialized()
+
+
+def kept_actors(key: str | None = None) -> list[str]:
+    """Names of the kept actors alive on the connected cluster (of one `actor_key`, or all)."""
+    if not ray.is_initialized():
+        return []
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a.get("namespace") == KEPT_NAMESPACE and a["name"].startswith(KEPT_PREFIX)]
+    return sorted(n for n in names if key is None or n.endswith("-" + key))
+
+
+def kill_kept_actors(keep_key: str | None = None) -> list[str]:
+    """Kill the kept actors, except those of ``keep_key``; their names."""
+    killed = []
+    for name in kept_actors():
+        if keep_key is not None and name.endswith("-" + keep_key):
+            continue
+        try:
+            ray.kill(ray.get_actor(name, namespace=KEPT_NAMESPACE), no_restart=True)
+            killed.append(name)
+        except ValueError:  # died in between
+            pass
+    if killed:
+        log.info("killed kept ppo actors", names=killed)
+    return killed
+
+
 class RayBackend:
     """Learner + N rollout workers (or one colocated learner on a GPU) as Ray actors; same
     interface as `trainer.LocalBackend`."""
@@ -158,24 +213,61 @@ class RayBackend:
     def __init__(self, cfg: LooprlConfig, scorer):
         self.cfg, self.timeout = cfg, cfg.policy.ray_timeout_s
         n = cfg.policy.num_rollout_workers
+        self.keep = keeps_actors(cfg)  # before init_ray: a Ray this job starts ends with it
         self.started = init_ray(cfg, num_cpus=max(2, n + 1))
-        threads = cfg.policy.torch_threads
         self.plan = ray_plan(cfg.model.device, ray.cluster_resources())
         cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"device": self.plan.device})})
-        log.info("ray placement", colocated=self.plan.colocated, num_gpus=self.plan.num_gpus, device=self.plan.device)
+        self.job = PPOJob(secrets.token_hex(8), cfg, scorer)
+        log.info("ray placement", colocated=self.plan.colocated, num_gpus=self.plan.num_gpus, device=self.plan.device,
+                 keep_actors=self.keep)
+        self.learner, self.workers, self.key = None, [], None
+        try:
+            if not self.keep:
+                self._start_actors(cfg, scorer, None)
+                return
+            key = self.key = actor_key(self.cfg)  # the configured device: what users and tests ask about
+            kill_kept_actors(keep_key=key)
+            reused = bool(kept_actors(key))
+            try:
+                self._start_actors(cfg, scorer, key)
+            except PolicyJobError:
+                if not reused:
+                    raise
+                # a kept actor that cannot start the job (dead, stuck): new ones, once
+                log.warning("kept ppo actors did not answer; starting new ones", key=key)
+                kill_kept_actors()
+                self._start_actors(cfg, scorer, key)
+            log.info("ppo actors", reused=reused, key=key)
+        except BaseException:
+            self.close(keep=False)  # detached actors outlive this process: never leave them half-started
+            raise
+
+    def _start_actors(self, cfg: LooprlConfig, scorer, key: str | None) -> None:
+        threads = cfg.policy.torch_threads
+
+        def remote(cls, role: str, **opts):
+            actor = ray.remote(**opts)(cls)
+            if key is None:
+                return actor
+            return actor.options(name=f"{KEPT_PREFIX}{role}-{key}", namespace=KEPT_NAMESPACE,
+                                 lifetime="detached", get_if_exists=True)
+
         if self.plan.colocated:
-            learner_cls = ray.remote(num_cpus=1, num_gpus=self.plan.num_gpus, max_restarts=0)(ColocatedLearner)
+            learner_cls = remote(ColocatedLearner, "learner", num_cpus=1, num_gpus=self.plan.num_gpus, max_restarts=0)
             self.learner = learner_cls.remote(cfg, scorer, threads=threads)
             self.workers = []
         else:
-            learner_cls = ray.remote(num_cpus=1, max_restarts=0)(Learner)
-            worker_cls = ray.remote(num_cpus=1, max_restarts=2, max_task_retries=2)(RolloutWorker)
+            learner_cls = remote(Learner, "learner", num_cpus=1, max_restarts=0)
             self.learner = learner_cls.remote(cfg, threads=threads)
-            self.workers = [worker_cls.remote(cfg, scorer, threads=threads) for _ in range(n)]
+            self.workers = [remote(RolloutWorker, f"rollout{i}", num_cpus=1, max_restarts=2,
+                                   max_task_retries=2).remote(cfg, scorer, threads=threads)
+                            for i in range(cfg.policy.num_rollout_workers)]
         # Actor start (imports, model load) gets its own allowance: a short per-call timeout must
-        # not fail a job whose actors are merely slow to boot on busy cores.
-        self._get([self.learner.pid.remote()] + [w.pid.remote() for w in self.workers], "actor start",
-                  timeout=max(self.timeout, 300.0))
+        # not fail a job whose actors are merely slow to boot on busy cores. The job begins on
+        # every actor (a kept one resets to it), the workers' calls carry it too (a restarted
+        # worker is built with its first job's settings).
+        self._get([self.learner.start_job.remote(self.job)] + [w.start_job.remote(self.job) for w in self.workers],
+                  "actor start", timeout=max(self.timeout, 300.0))
 
     def _get(self, refs, what: str, timeout: float | None = None):
         timeout = self.timeout if timeout is None else timeout
@@ -203,8 +295,8 @@ class RayBackend:
         if self.plan.colocated:  # the learner's own model samples: no weights to broadcast
             return self._get(self.learner.rollout_shards.remote(shards, seeds), "rollout")
         weights = ray.put(self._get(self.learner.lora_state.remote(), "learner weights"))
-        return self._get([w.rollout.remote(weights, s, seed) for w, s, seed in zip(self.workers, shards, seeds)],
-                         "rollout")
+        return self._get([w.rollout.remote(weights, s, seed, self.job)
+                          for w, s, seed in zip(self.workers, shards, seeds)], "rollout")
 
     def learn(self, rollouts: list[Rollout], step: int) -> dict:
         return self._get(self.learner.learn.remote(rollouts, step), f"learn step {step}")
@@ -226,11 +318,17 @@ class RayBackend:
             (out_dir / Path(name).name).write_bytes(data)
         return sorted(files)
 
-    def close(self) -> None:
-        for a in [self.learner, *self.workers]:
-            try:
-                ray.kill(a)
-            except Exception:  # already dead
-                pass
+    def close(self, keep: bool = True) -> None:
+        """End the job: kept actors stay for the next one when it ended well (``keep``)."""
+        if self.keep and keep:
+            log.info("ppo actors kept for the next job", names=kept_actors(self.key))
+        else:
+            for a in [self.learner, *self.workers]:
+                if a is None:
+                    continue
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # already dead
+                    pass
         if self.started:
             ray.shutdown()

@@ -79,7 +79,7 @@ class LocalBackend:
     def export(self, out_dir: Path) -> list[str]:
         return self.learner.export(out_dir)
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
         pass
 
 
@@ -220,6 +220,7 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
         served_answers.read_pool(run.path) if served_answers.offpolicy_disabled(cfg) is None else [], p.seed)
 
     backend = None
+    ended_well = False
     history: list[dict] = []
     try:
         if use_ray:
@@ -264,6 +265,7 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
         manifest = _publish(cfg, backend, run, meta, history) if publish else None
         run.mark_done({"version": manifest.version if manifest else None,
                        "finished_at": datetime.now(timezone.utc).isoformat()})
+        ended_well = True
         return TrainResult(run.run_id, manifest, history)
     except Exception as e:
         metrics.RUN_FAILURES.labels(reason=type(e).__name__).inc()
@@ -272,7 +274,7 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
         raise
     finally:
         if backend is not None:
-            backend.close()
+            backend.close(keep=ended_well)  # kept Ray actors stay only after a job that ended well
 
 
 def _check_memory(cfg: LooprlConfig, scorer, use_ray: bool) -> None:
@@ -284,8 +286,12 @@ def _check_memory(cfg: LooprlConfig, scorer, use_ray: bool) -> None:
     if not use_ray:
         check_memory(cfg, "policy", reward_copies=loads)
     elif cfg.policy.ray_address is None and resolve_device(cfg.model.device).type == "cpu":
+        from looprl.policy.ray_backend import actor_key, kept_actors, keeps_actors
+
         n = cfg.policy.num_rollout_workers
-        check_memory(cfg, "policy", policy_copies=1 + n, reward_copies=n * loads)
+        # kept actors already hold their copies of the base (counted as used, not as available)
+        new = 0 if keeps_actors(cfg) and kept_actors(actor_key(cfg)) else 1 + n
+        check_memory(cfg, "policy", policy_copies=new, reward_copies=n * loads)
 
 
 def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | None:

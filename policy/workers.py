@@ -2,9 +2,12 @@
 
 Both are plain classes so the PPO loop runs and is tested without Ray; `policy/ray_backend.py`
 wraps the same classes as Ray actors. A rollout worker is stateless between calls: each call
-brings the adapter weights to use, so a restarted worker (after a crash) can redo a call
-exactly. The learner owns everything that must survive a restart, and `state_dict()` is what the
-checkpoint stores.
+brings the adapter weights to use (and, on Ray, the job: its settings and reward), so a restarted
+worker (after a crash) can redo a call exactly. The learner owns everything that must survive a
+restart, and `state_dict()` is what the checkpoint stores.
+
+Loading the base is what makes an actor slow to start, so an actor may serve job after job
+(``policy.keep_actors``): `start_job` makes it start a job exactly as a new actor would.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from looprl.policy.model import (
     check_memory, enable_gradient_checkpointing, load_base, model_device, resolve_placement, stop_token_ids,
 )
 from looprl.policy.forward import ValueHead, apply_kernels, expert_load, policy_forward
-from looprl.policy.lora import attach_lora, load_lora_state, lora_state, save_adapter, trainable_lora_parameters
+from looprl.policy.lora import (
+    attach_lora, load_lora_state, lora_state, reset_lora, save_adapter, trainable_lora_parameters,
+)
 from looprl.policy.prompts import generator
 from looprl.policy.rollout import Rollout, sample
 
@@ -35,16 +40,25 @@ log = get_logger(__name__)
 VALUE_HEAD_FILE = "value_head.safetensors"
 
 
+@dataclass(frozen=True)
+class PPOJob:
+    """One PPO job as an actor sees it: its settings and its reward. ``token`` tells a kept actor
+    that a new job has begun."""
+
+    token: str
+    cfg: LooprlConfig
+    scorer: object
+
+
 def build_policy(cfg: LooprlConfig):
-    """Base model from cfg.base_path + a fresh LoRA adapter + the configured expert kernel, on
-    cfg.model's device and dtype (LoRA in float32), decoder layers checkpointed when
-    cfg.model.gradient_checkpointing is set."""
+    """Base model from cfg.base_path + a fresh LoRA adapter (drawn from cfg.policy.seed) + the
+    configured expert kernel, on cfg.model's device and dtype (LoRA in float32), decoder layers
+    checkpointed when cfg.model.gradient_checkpointing is set."""
     placement = resolve_placement(cfg.model)
     base, tok = load_base(cfg.base_path, device=placement.device, dtype=placement.dtype)
-    # LoRA A init: a function of the seed (peft initialises on the CPU, then moves), global RNG untouched
-    with torch.random.fork_rng(devices=_cuda_indices(placement.device)):
-        torch.manual_seed(cfg.policy.seed)
+    with torch.random.fork_rng(devices=_cuda_indices(placement.device)):  # peft's own draws: global RNG untouched
         model = attach_lora(base, cfg.policy)
+    reset_lora(model, cfg.policy.seed)
     if cfg.model.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     apply_kernels(model, cfg.kernels)
@@ -60,11 +74,21 @@ class RolloutWorker:
             model, tok = build_policy(cfg)
         self.cfg, self.scorer, self.model, self.tok = cfg, scorer, model, tok
         self.stop_ids = stop_token_ids(tok, model, cfg.model.stop_tokens)
+        self.job_token: str | None = None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def rollout(self, lora: dict[str, torch.Tensor] | None, prompts: list[str], seed_parts: tuple) -> Rollout:
+    def start_job(self, job: PPOJob) -> None:
+        """Serve ``job`` from now on: its sampling settings and its reward model (the previous
+        job's reward model is let go)."""
+        if job.token != self.job_token:
+            self.cfg, self.scorer, self.job_token = job.cfg, job.scorer, job.token
+
+    def rollout(self, lora: dict[str, torch.Tensor] | None, prompts: list[str], seed_parts: tuple,
+                job: PPOJob | None = None) -> Rollout:
+        if job is not None:
+            self.start_job(job)
         p = self.cfg.policy
         if lora is not None:
             load_lora_state(self.model, lora)
@@ -129,9 +153,19 @@ class Learner:
             torch.set_num_threads(threads)
         if model is None:
             model, tok = build_policy(cfg)
-        self.cfg, self.model, self.tok = cfg, model, tok
+        self.model, self.tok = model, tok
         self.device = model_device(self.model)
+        self.top_k = int(getattr(self.model.get_base_model().config, "num_experts_per_tok", 1))
+        self.job_token: str | None = None
+        self.reset(cfg)
+
+    def reset(self, cfg: LooprlConfig) -> None:
+        """A fresh start on the loaded base with cfg.policy's settings: a new adapter and value
+        head drawn from its seed, a new optimizer, KL controller and score statistics. Every
+        learner starts here, so a kept one starts its next job exactly as a new one would."""
+        self.cfg = cfg
         p = cfg.policy
+        reset_lora(self.model, p.seed)
         hidden = self.model.get_base_model().config.hidden_size
         with torch.random.fork_rng(devices=_cuda_indices(self.device)):  # value-head init: same numbers every run
             torch.manual_seed(p.seed + 1)
@@ -140,7 +174,12 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.params, lr=p.learning_rate, weight_decay=0.0, eps=1e-6)
         self.kl_ctl = ppo.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon)
         self.score_stats = ppo.RunningMoments()
-        self.top_k = int(getattr(self.model.get_base_model().config, "num_experts_per_tok", 1))
+
+    def start_job(self, job: PPOJob) -> None:
+        """Begin ``job`` (once per token): `reset` to its settings."""
+        if job.token != self.job_token:
+            self.reset(job.cfg)
+            self.job_token = job.token
 
     def pid(self) -> int:
         return os.getpid()
@@ -335,6 +374,10 @@ class ColocatedLearner(Learner):
         check_memory(cfg, "policy", reward_copies=int(getattr(scorer, "loads_reward_model", False)))
         super().__init__(cfg, threads=threads)
         self.worker = RolloutWorker(cfg, scorer, model=self.model, tok=self.tok)
+
+    def start_job(self, job: PPOJob) -> None:
+        super().start_job(job)
+        self.worker.start_job(job)
 
     def rollout_shards(self, shards: list[list], seeds: list[tuple]) -> list[Rollout]:
         return [self.worker.rollout(None, s, seed) for s, seed in zip(shards, seeds)]

@@ -44,9 +44,10 @@ def guard_env(tmp_path_factory, ppo_trained):
     return trained_registry_copy(tmp_path_factory, ppo_trained, "gate-guard", gate=dict(heldout_prompts=32))
 
 
-def _mute_on_heldout_forms(cfg, version: str, out, steps: int = 10, lr: float = 3e-3):
+def _mute_on_heldout_forms(cfg, version: str, out, steps: int = 20, lr: float = 3e-3):
     """The trained adapter, fine-tuned to end its turn at once on the held-out forms' prompts and not
-    on the training forms': still better on training forms, empty answers on the others."""
+    on the training forms': still better on training forms, empty answers on the others. 20 steps:
+    after 10 the muting still spilled onto 6-21% of the training forms' answers on some bases."""
     base, tok = load_base(cfg.base_path)
     model = PeftModel.from_pretrained(base, Registry(cfg.registry_dir).version_dir("policy", version),
                                       is_trainable=True)

@@ -1,6 +1,7 @@
 """The PPO job on Ray (one local Ray for the module: starting Ray costs seconds on 2 cores):
 same numbers as the in-process loop, a killed rollout worker is restarted and its call retried,
-a killed learner fails the job with a clear error instead of hanging."""
+a killed learner fails the job with a clear error instead of hanging, and actors kept between
+jobs (the test's Ray is not the job's own, as the scheduler's is not) compute what new ones would."""
 
 import os
 import shutil
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from served_testing import write_labelled_answers
 
 from looprl.ops.core.config import load_config
-from looprl.policy.ray_backend import PolicyJobError, init_ray, ray_temp_dir
+from looprl.policy.ray_backend import PolicyJobError, init_ray, kept_actors, ray_temp_dir
 from looprl.policy.served import load_tokenizer
 from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.trainer import train
@@ -97,6 +98,7 @@ def test_killed_learner_fails_the_job_clearly(local_ray, tmp_path, policy_base):
         train(cfg, scorer=CheerfulScorer(), use_ray=True, on_step=kill_learner)
     assert time.monotonic() - t0 < 120
     assert not list(Registry(cfg.registry_dir).versions("policy"))  # no half-trained candidate
+    assert kept_actors() == []  # a failed job leaves no actor for the next one
 
 
 def test_stuck_rollout_times_out_instead_of_hanging(local_ray, tmp_path, policy_base):
@@ -112,3 +114,67 @@ def test_stuck_rollout_times_out_instead_of_hanging(local_ray, tmp_path, policy_
     with pytest.raises(PolicyJobError, match=r"^rollout: no answer within 4"):
         train(cfg, scorer=StuckScorer(), use_ray=True)
     assert time.monotonic() - t0 < 45  # actor start + one timeout, never the scorer's 60 s
+    assert kept_actors() == []
+
+
+def test_a_learner_that_trained_starts_its_next_job_as_a_new_one(policy_base, tmp_path):
+    from looprl.policy.workers import Learner, PPOJob, RolloutWorker
+
+    def learner_and_batch(learner, cfg):
+        worker = RolloutWorker(cfg, CheerfulScorer(), model=learner.model, tok=learner.tok)
+        return worker.rollout(None, ["what is the sky like", "tell me about cats"] * 2, (1, 2, "rollout", 0))
+
+    first, second = _cfg(tmp_path / "a", policy_base, seed=11), _cfg(tmp_path / "b", policy_base, seed=4)
+    new = Learner(second)
+    kept = Learner(first)
+    kept.learn([learner_and_batch(kept, first)], 0)  # trained: adapter, value head, optimizer, KL all moved
+    assert kept.kl_ctl.value != pytest.approx(new.kl_ctl.value)
+    kept.start_job(PPOJob("job-2", second, CheerfulScorer()))
+
+    for name, a in new.lora_state().items():
+        torch.testing.assert_close(kept.lora_state()[name], a, atol=0, rtol=0, msg=name)
+    for name, a in new.value_head.state_dict().items():
+        torch.testing.assert_close(kept.value_head.state_dict()[name], a, atol=0, rtol=0, msg=name)
+    assert kept.optimizer.state_dict()["state"] == {} and kept.kl_ctl.value == new.kl_ctl.value
+    # and the job computes the same numbers from there
+    a, b = new.learn([learner_and_batch(new, second)], 0), kept.learn([learner_and_batch(kept, second)], 0)
+    for k in ("reward_mean", "kl", "policy_loss", "value_loss", "kl_coef_next"):
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-7), k
+    kept.start_job(PPOJob("job-2", second, CheerfulScorer()))  # the same job again: nothing is reset
+    assert kept.optimizer.state_dict()["state"] != {}
+
+
+def test_kept_actors_serve_the_next_job_as_new_ones_would(local_ray, tmp_path, policy_base):
+    from looprl.policy.ray_backend import actor_key, kept_actors, kill_kept_actors
+
+    pids = []
+
+    def learner_pid(step, stats, backend):
+        if step == 0:
+            pids.append(backend.learner_pid())
+
+    first = _cfg(tmp_path / "first", policy_base, seed=21)
+    train(first, scorer=CheerfulScorer(), use_ray=True, on_step=learner_pid)
+    key = actor_key(first)
+    assert len(kept_actors(key)) == 2  # learner + one rollout worker, alive after the job ended
+
+    second = _cfg(tmp_path / "second", policy_base, seed=5)
+    assert actor_key(second) == key  # another seed and workspace: the same actors serve it
+    warm = train(second, scorer=CheerfulScorer(), use_ray=True, on_step=learner_pid)
+    assert pids[1] == pids[0]
+
+    kill_kept_actors()
+    assert kept_actors() == []
+    third = _cfg(tmp_path / "third", policy_base, seed=5)
+    cold = train(third, scorer=CheerfulScorer(), use_ray=True, on_step=learner_pid)
+    assert pids[2] != pids[0]
+    assert [r["reward_mean"] for r in warm.history] == pytest.approx([r["reward_mean"] for r in cold.history])
+    assert [r["kl"] for r in warm.history] == pytest.approx([r["kl"] for r in cold.history], rel=1e-4)
+    a, b = _adapter(second, warm.manifest.version), _adapter(third, cold.manifest.version)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
+
+    # another LoRA shape cannot reuse them: the kept ones go, the new ones stay
+    other = _cfg(tmp_path / "other", policy_base, lora_rank=4, steps=1)
+    train(other, scorer=CheerfulScorer(), use_ray=True)
+    assert kept_actors(key) == [] and len(kept_actors(actor_key(other))) == 2

@@ -24,8 +24,11 @@ def test_ppo_with_registry_reward_model_raises_true_preference(tmp_path, policy_
                       policy=dict(steps=60, checkpoint_every=20, recent_prompts=0),
                       gate=dict(heldout_prompts=96))
     views = SimulatedLog(tmp_path / "events")
+    # 1,200 events: on 600 the reward model held out 0.94 of its pairs yet PPO found its blind spots
+    # (cheerful-word gain -0.03 to +0.20 over five PPO seeds, on a base pre-trained on another CPU);
+    # on 1,200, +0.41 to +0.69 over four.
     with reward_updater.RewardUpdater(cfg, connect=views.connect) as up:
-        for seed in range(3):
+        for seed in range(6):
             views.append(simulate_feedback(200, seed=seed))
             up.update()
     reward = Registry(cfg.registry_dir).latest("reward")

@@ -423,6 +423,10 @@ class PolicyConfig(Section):
     # Every ray.get waits at most this long: a dead or stuck worker fails the job, never hangs it.
     ray_timeout_s: float = Field(600.0, gt=0)
     ray_object_store_mb: int = Field(128, ge=64)
+    # Keep the learner and rollout actors (each with its copy of the base) between jobs that run on a
+    # local Ray the job did not start (the scheduler's), so the next job skips their start and model
+    # loads (policy/ray_backend.py). Never on a remote cluster (ray_address).
+    keep_actors: bool = True
     metrics_port: int = Field(9103, ge=0, le=65535)
     # Start from the promoted adapter (same rank/targets) so training is continual across runs.
     init_from_promoted: bool = True
