@@ -81,7 +81,8 @@ DEMO_TUNING: dict[str, Any] = {
     "scheduler.policy_min_reward_skill": 0.6,
     "scheduler.poll_seconds": 1.0,
     # Train continually: a run starts after each new reward version and 60 s after the last one
-    # began (a run takes ~45 s; jobs run one at a time), still held while a canary is deciding.
+    # began (a run is shorter: its actors are kept between runs, benchmarks/policy_jobs.py; jobs
+    # run one at a time), still held while a canary is deciding.
     "scheduler.interval_seconds": 60.0,
     "scheduler.job_timeout_seconds": 600.0,
     "scheduler.backoff_seconds": 2.0,
