@@ -110,6 +110,11 @@ DEMO_TUNING: dict[str, Any] = {
     # coefficient down and ended well short of target_kl: the first version, the one the canary
     # judges first, learned far less than the next ones (ops/README.md has the runs).
     "policy.init_kl_coef": 0.08,
+    # Without a floor the coefficient decayed from run to run, each continuing its parent's, until
+    # the children of a promoted version started with almost no leash, overshot the gate's KL cap
+    # and were rejected run after run (ops/README.md has the run). About where the first continued
+    # runs stayed in budget:
+    "policy.min_kl_coef": 0.02,
 }
 
 # Per feedback profile (`--feedback`, demo.feedback), tuning that replaces DEMO_TUNING's, under the

@@ -57,16 +57,25 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 class AdaptiveKLController:
     """Ziegler et al. (2019): nudge the KL coefficient so the per-episode KL tracks `target`.
 
-    coef <- coef * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon)
+    coef <- max(floor, coef * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon))
+
+    The floor keeps a leash on runs that continue one another: each starts from its parent's
+    coefficient, which the controller lowers while the KL is under target, and a child that starts
+    near no leash at all overshoots the target faster than the clipped update can raise it.
     """
 
-    def __init__(self, init_kl_coef: float, target: float, horizon: int):
-        self.value, self.target, self.horizon = float(init_kl_coef), float(target), int(horizon)
+    def __init__(self, init_kl_coef: float, target: float, horizon: int, floor: float = 0.0):
+        self.floor = float(floor)
+        self.value, self.target, self.horizon = max(float(init_kl_coef), self.floor), float(target), int(horizon)
 
     def update(self, current_kl: float, n_steps: int) -> float:
         error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + error * n_steps / self.horizon
+        self.value = max(self.value * (1.0 + error * n_steps / self.horizon), self.floor)
         return self.value
+
+    def start_at(self, coef: float) -> None:
+        """Continue from another run's coefficient (never below the floor)."""
+        self.value = max(float(coef), self.floor)
 
     def state_dict(self) -> dict[str, float]:
         return {"value": self.value, "target": self.target, "horizon": self.horizon}

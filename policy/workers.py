@@ -172,7 +172,7 @@ class Learner:
             self.value_head = ValueHead(hidden).to(self.device)  # float32 whatever the model's dtype
         self.params = [q for _, q in trainable_lora_parameters(self.model)] + list(self.value_head.parameters())
         self.optimizer = torch.optim.AdamW(self.params, lr=p.learning_rate, weight_decay=0.0, eps=1e-6)
-        self.kl_ctl = ppo.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon)
+        self.kl_ctl = ppo.AdaptiveKLController(p.init_kl_coef, p.target_kl, p.kl_horizon, p.min_kl_coef)
         self.score_stats = ppo.RunningMoments()
 
     def start_job(self, job: PPOJob) -> None:
@@ -337,7 +337,7 @@ class Learner:
         if value_head is not None:
             self.value_head.load_state_dict(value_head)
         if kl_coef is not None:
-            self.kl_ctl.value = float(kl_coef)
+            self.kl_ctl.start_at(kl_coef)
 
     def load_state_dict(self, state: dict) -> None:
         load_lora_state(self.model, state["lora"])

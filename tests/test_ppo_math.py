@@ -93,6 +93,23 @@ def test_adaptive_kl_controller_tracks_target():
     assert ctl3.value == ctl.value
 
 
+def test_the_kl_floor_holds_within_a_run_and_across_continued_runs():
+    parent = ppo.AdaptiveKLController(0.08, target=7.0, horizon=100, floor=0.02)
+    for _ in range(200):  # KL far under target: the controller keeps lowering the coefficient
+        parent.update(current_kl=1.0, n_steps=16)
+    assert parent.value == pytest.approx(0.02)
+    unfloored = ppo.AdaptiveKLController(0.08, target=7.0, horizon=100)
+    for _ in range(200):
+        unfloored.update(current_kl=1.0, n_steps=16)
+    assert unfloored.value < 0.001
+    child = ppo.AdaptiveKLController(0.08, target=7.0, horizon=100, floor=0.02)
+    child.start_at(unfloored.value)  # a parent that ran without the floor
+    assert child.value == pytest.approx(0.02)
+    child.start_at(0.05)
+    assert child.value == pytest.approx(0.05)
+    assert ppo.AdaptiveKLController(0.0, 7.0, 100, floor=0.02).value == pytest.approx(0.02)
+
+
 def test_whiten_and_explained_variance():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
