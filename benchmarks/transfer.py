@@ -2,11 +2,12 @@
 with a perfect reward model: what the policy side can do when the reward is right.
 
     python benchmarks/transfer.py [--base DIR] [--preference MODULE:FUNCTION] [--steps 120]
-        [--seeds 3] [--eval 240] [--out FILE]
+        [--seeds 3] [--eval 240] [--set policy.KEY=VALUE ...] [--out FILE]
 
 1. The base: ``--base`` (e.g. a demo workspace's ``ws/base``), else the ``looprl init`` base, built
    in a temporary directory.
-2. PPO from the base with the demo's policy settings (``ops.demo.DEMO_TUNING``), ``--steps`` steps
+2. PPO from the base with the demo's policy settings (``ops.demo.DEMO_TUNING``, then each ``--set``;
+   a value is read as JSON where it parses, so ``--set policy.target_modules='["q_proj"]'``), ``--steps`` steps
    on the shipped training prompts, the reward being the hidden preference's log-odds
    (``ops.sim.scoring.PreferenceScorer``; default ``on_topic``, a preference that depends on the
    question), for each of ``--seeds`` seeds.
@@ -41,6 +42,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from offpolicy import build_base, thumbs_up_rate  # noqa: E402  (benchmarks/ is the script's directory)
 
 
+def policy_overrides(items: list[str]) -> dict:
+    """``policy.KEY=VALUE`` items as a dict of policy settings; VALUE is JSON where it parses."""
+    out = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.startswith("policy.") or key == "policy.":
+            raise SystemExit(f"--set {item!r}: expected policy.KEY=VALUE")
+        try:
+            out[key.removeprefix("policy.")] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key.removeprefix("policy.")] = raw
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, help="a base model directory (default: build the looprl init base)")
@@ -49,6 +64,8 @@ def main() -> int:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--eval", type=int, default=240, help="answers judged per suite and policy")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="policy.KEY=VALUE",
+                    help="a policy setting on top of the demo's (repeatable)")
     ap.add_argument("--out", type=Path, help="also write the JSON figures here")
     args = ap.parse_args()
 
@@ -72,6 +89,7 @@ def main() -> int:
     suites = {"train_forms": [train_forms[i % len(train_forms)] for i in range(args.eval)],
               "heldout_forms": [heldout_forms[i % len(heldout_forms)] for i in range(args.eval)]}
     demo_policy = {k.split(".", 1)[1]: v for k, v in DEMO_TUNING.items() if k.startswith("policy.")}
+    demo_policy.update(policy_overrides(args.overrides))
     marks = sorted({max(args.steps * k // 3, 1) for k in (1, 2, 3)})
 
     work = Path(tempfile.mkdtemp(prefix="looprl-bench-transfer-"))

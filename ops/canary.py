@@ -277,12 +277,19 @@ class CanaryManager:
         return m.created_at.timestamp(), self.promoted() or BASE
 
     def next_candidate(self) -> Manifest | None:
-        """The newest gated version newer than what serves all traffic."""
-        floor = version_number(self.promoted())
+        """The newest gated version newer than what serves all traffic, and gated against it.
+
+        A candidate the gate judged against another incumbent is stale: with
+        ``scheduler.policy_waits_for_canary`` off, runs go on while a canary is judged, and once that
+        canary is promoted, the candidates gated meanwhile were judged against (and trained from)
+        the version it replaced. Re-gating one (``looprl policy gate``) makes it current again. A
+        version gated before the gate recorded its incumbent is taken as current."""
+        promoted = self.promoted()
+        floor = version_number(promoted)
         for m in reversed(self.registry.list(KIND)):
             if m.number <= floor:
                 return None
-            if m.status == "gated":
+            if m.status == "gated" and releases.gated_against(m) in (None, promoted or BASE):
                 return m
         return None
 

@@ -184,6 +184,16 @@ def version_of_lora(name: str | None) -> str | None:
     return str(v) if v is not None else None
 
 
+def gated_against(m: Manifest) -> str | None:
+    """The incumbent ``m`` was last gated against (the gate records it; ``BASE`` for the bare base),
+    or None for a version never gated or gated before the gate recorded it."""
+    for h in reversed(m.history):
+        if h.status == "gated":
+            incumbent = h.numbers.get("incumbent")
+            return str(incumbent) if incumbent else None
+    return None
+
+
 def previous_promoted(reg: Registry, current: str) -> str | None:
     """The newest version before ``current`` that was promoted and not rolled back since."""
     for m in reversed(reg.list(KIND)):

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from looprl.ops.canary import Arm, CanaryManager, decide, prob_better
 from looprl.ops.core.config import CanaryConfig, load_config
 from looprl.storage.registry import Registry, RegistryError
+from looprl.storage import releases
 
 
 def mc_prob_better(c: Arm, k: Arm, n: int = 200_000, seed: int = 0) -> float:
@@ -195,6 +196,38 @@ def test_older_gated_versions_than_the_promoted_one_are_ignored(manager, tmp_pat
     mgr.manual_promote(v2, by="test")
     mgr.step()
     assert reg.pointer("policy", "canary") is None
+
+
+def test_a_candidate_gated_against_a_replaced_incumbent_waits_for_its_re_gating(manager, tmp_path):
+    """Runs that went on during a canary were gated against (and trained from) the version that
+    canary replaced: the next canary takes the newest candidate gated against the new one."""
+    mgr, counts, reg = manager
+    v1 = publish(reg, tmp_path, "candidate")
+    releases.record_gate(reg, v1, "gated", "test", {"incumbent": "base"})
+    mgr.step()
+    v2, v3, v4 = (publish(reg, tmp_path, "candidate") for _ in range(3))
+    for v in (v2, v3, v4):  # gated while v1 was on canary, against the base
+        releases.record_gate(reg, v, "gated", "test", {"incumbent": "base"})
+    counts.by_version = {v1: Arm(20, 30), "base": Arm(6, 30)}
+    assert mgr.step().action == "promote"
+    releases.record_gate(reg, v2, "gated", "test: re-gated", {"incumbent": v1})
+    mgr.step()
+    assert reg.pointer("policy", "canary") == v2  # not the newer v3 and v4, judged against the base
+    assert releases.gated_against(reg.manifest("policy", v4)) == "base"
+    assert releases.gated_against(reg.manifest("policy", v2)) == v1
+
+
+def test_a_stale_candidate_alone_starts_no_canary(manager, tmp_path):
+    mgr, counts, reg = manager
+    v1 = publish(reg, tmp_path, "gated")
+    mgr.manual_promote(v1, by="test")
+    v2 = publish(reg, tmp_path, "candidate")
+    releases.record_gate(reg, v2, "gated", "test", {"incumbent": "base"})
+    mgr.step()
+    assert reg.pointer("policy", "canary") is None
+    releases.record_gate(reg, v2, "gated", "test: re-gated", {"incumbent": v1})
+    mgr.step()
+    assert reg.pointer("policy", "canary") == v2
 
 
 def test_manual_rollback_restores_the_previous_promoted_version(manager, tmp_path):
