@@ -82,8 +82,13 @@ DEMO_TUNING: dict[str, Any] = {
     "scheduler.poll_seconds": 1.0,
     # Train continually: a run starts after each new reward version and 60 s after the last one
     # began (a run is shorter: its actors are kept between runs, benchmarks/policy_jobs.py; jobs
-    # run one at a time), still held while a canary is deciding.
+    # run one at a time).
     "scheduler.interval_seconds": 60.0,
+    # ... also while a canary is deciding, which takes most of the demo (80 votes per arm: about
+    # 100 s). A candidate gated meanwhile against the same promoted version is ready the moment the
+    # canary rolls back; once it promotes, the next canary waits for a candidate gated against
+    # the new version (ops/canary.py). Held, PPO sat idle about two thirds of an on-topic run.
+    "scheduler.policy_waits_for_canary": False,
     "scheduler.job_timeout_seconds": 600.0,
     "scheduler.backoff_seconds": 2.0,
     "canary.traffic_share": 0.5,
