@@ -63,6 +63,8 @@ def test_a_canary_without_votes_ends_at_its_deadline_and_ppo_runs_again(loop, tm
     assert mgr.step().action == "wait"
     assert reg.pointer("policy", "canary") == v
     assert canary_being_judged(cfg) == f"canary {v} is being judged" and policy_hold(cfg)() is not None
+    going_on = cfg.model_copy(update={"scheduler": cfg.scheduler.model_copy(update={"policy_waits_for_canary": False})})
+    assert policy_hold(going_on)() is None  # unless PPO goes on while a canary is judged
 
     ended_before = sample("looprl_canary_decisions_total", decision="end") or 0.0
     clock.now += 61  # past the deadline, still no vote at all
