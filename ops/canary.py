@@ -30,7 +30,7 @@ decided by then, for want of votes or because they stay inconclusive, is taken o
 ``canary.on_deadline`` says: ``end`` (decision ``end``: no verdict on the candidate) or
 ``rollback`` (decision ``rollback``: counted, and alerted on, as a failed canary). Either way the
 candidate is rolled back through the release contract, the promoted version serves all traffic
-again, and PPO, which waits while a canary is judged, runs again.
+again, and PPO, where it waits while a canary is judged, runs again.
 
 Every release decision, whoever made it (this canary, an operator, the controller), is exported
 from the decisions log as ``looprl_canary_last_decision_timestamp_seconds{decision}``: the
