@@ -84,10 +84,10 @@ DEMO_TUNING: dict[str, Any] = {
     # began (a run is shorter: its actors are kept between runs, benchmarks/policy_jobs.py; jobs
     # run one at a time).
     "scheduler.interval_seconds": 60.0,
-    # ... also while a canary is deciding, which takes most of the demo (80 votes per arm: about
-    # 100 s). A candidate gated meanwhile against the same promoted version is ready the moment the
-    # canary rolls back; once it promotes, the next canary waits for a candidate gated against
-    # the new version (ops/canary.py). Held, PPO sat idle about two thirds of an on-topic run.
+    # ... also while a canary is deciding, which takes most of the demo: held, PPO sat idle then
+    # (ops/README.md has the runs). A candidate gated meanwhile against the same promoted version
+    # is ready the moment the canary rolls back; once it promotes, the next canary waits for a
+    # candidate gated against the new version (ops/canary.py).
     "scheduler.policy_waits_for_canary": False,
     "scheduler.job_timeout_seconds": 600.0,
     "scheduler.backoff_seconds": 2.0,
