@@ -13,7 +13,7 @@ share of answer pairs with different P that the model orders as P does (0.5: cha
 Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label kind out.
 
 Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
-[--epochs 4] [--every 2] [--seed 0] [--answers 400] [--threads 1]``. The defaults are the sparse
+[--epochs 16] [--every 2] [--seed 0] [--answers 400] [--threads 1]``. The defaults are the sparse
 profile's reward tuning. Human lines first, then one JSON line: the true skill after each
 ``--every`` slices.
 """
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--drop", default="", help="label kinds to leave out, comma-separated")
     ap.add_argument("--slice", type=int, default=16, help="new examples per update")
     ap.add_argument("--replay", type=float, default=4.0, help="replayed examples per new one")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--every", type=int, default=2, help="measure the true skill every N updates")
     ap.add_argument("--max-updates", type=int, default=30)
     ap.add_argument("--answers", type=int, default=400, help="eval answers scored for the true skill")
