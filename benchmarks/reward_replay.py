@@ -10,10 +10,11 @@ earlier examples, ``--epochs`` epochs; no per-user cap, no publish decision), an
 ``--every`` slices scores the eval users' answers from the base model: the *true skill* is the
 share of answer pairs with different P that the model orders as P does (0.5: chance).
 
-Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label kind out.
+Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label kind out;
+``--adapters 1`` trains one LoRA adapter instead of the sparse profile's independent ones.
 
 Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
-[--epochs 16] [--every 2] [--seed 0] [--answers 400] [--threads 1]``. The defaults are the sparse
+[--epochs 16] [--adapters 4] [--every 2] [--seed 0] [--answers 400] [--threads 1]``. The defaults are the sparse
 profile's reward tuning. Human lines first, then one JSON line: the true skill after each
 ``--every`` slices.
 """
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slice", type=int, default=16, help="new examples per update")
     ap.add_argument("--replay", type=float, default=4.0, help="replayed examples per new one")
     ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--adapters", type=int, default=4, help="reward.ensemble_adapters")
     ap.add_argument("--every", type=int, default=2, help="measure the true skill every N updates")
     ap.add_argument("--max-updates", type=int, default=30)
     ap.add_argument("--answers", type=int, default=400, help="eval answers scored for the true skill")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
     print(f"{len(stream)} training examples {kinds}, {len(answers)} eval answers")
 
-    model = RewardModel.fresh(cfg, seed=args.seed)
+    model = RewardModel.fresh(cfg, seed=args.seed, adapters=args.adapters)
 
     def skill() -> float | None:
         return true_skill(model.score([a[0] for a in answers], [a[1] for a in answers]).tolist(),
@@ -124,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'-' if preq.pair_accuracy is None else round(preq.pair_accuracy, 3)} thumbs AUC "
                   f"{'-' if preq.thumbs_auc is None else round(preq.thumbs_auc, 3)} on this slice")
     print(json.dumps({"workspace": str(args.workspace), "drop": sorted(drop), "seed": args.seed,
+                      "adapters": args.adapters, "epochs": args.epochs,
                       "true_skill": [c["true_skill"] for c in curve], "curve": curve}))
     return 0
 

@@ -276,10 +276,14 @@ def plan(cfg: LooprlConfig, stage: Stage, placement: Placement | None = None, *,
         learn = _train_bytes(base, b, seqs * rc.max_seq_len, ckpt) \
             + (_peft_experts_bytes(base, b, grad=True) if peft_experts else 0)
         score = 64 * rc.max_seq_len * base.infer_elems() * b  # RewardModel.score's batches of 64
-        parts = {"weights (working + published model)": 2 * base.params * b, "LoRA + head + optimizer": 16 * lora,
+        # every adapter's weights and gradients; the optimizer's moments of the one adapter training
+        adapters = rc.ensemble_adapters
+        parts = {"weights (working + published model)": 2 * base.params * b,
+                 "LoRA + head + optimizer": (8 * adapters + 8) * lora,
                  "activations": max(learn, score)}
         keys = {"reward.batch_size": rc.batch_size, "reward.max_seq_len": rc.max_seq_len,
-                "model.gradient_checkpointing": ckpt, "reward.target_parameters": list(rc.target_parameters), **mkeys}
+                "model.gradient_checkpointing": ckpt, "reward.target_parameters": list(rc.target_parameters),
+                "reward.ensemble_adapters": adapters, **mkeys}
     elif stage == "gate":
         n, t = cfg.gate.heldout_prompts, p.max_prompt_tokens + p.max_new_tokens
         lora = base.lora_params(p.lora_rank, p.target_modules, p.target_parameters, "policy")

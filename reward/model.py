@@ -3,14 +3,18 @@
 Default form: the frozen base MoE, its own LoRA adapter (by default on the targets
 ``looprl.policy.families`` discovers for the base's family: attention, routed and shared experts)
 and an ensemble of K scalar heads (``reward.ensemble_heads``) on the pooled features
-(``RewardModel.features``): the score is the heads' mean, their spread the model's uncertainty. It
+(``RewardModel.features``): the score is the heads' mean, their spread the model's uncertainty.
+With ``reward.ensemble_adapters`` A > 1 the model holds A independent LoRA adapters on the one
+frozen base (peft adapters "default", "adapter1", ...), each with its own K heads, trained apart
+from different random starts: the score is the mean of all A x K heads. It
 reads an answer as it was served: the conversation rendered with the base's chat template
 (``render_prompt_ids``), the completion's tokens, and the end-of-turn token that closes the answer
 (``end_of_turn_id``). A version in the registry (kind ``reward``) holds only what was trained:
 
     reward_model.safetensors   LoRA tensors ("lora.<name>") + heads ("head.weight" (K, F), "head.bias" (K,);
-                               a version saved with one head, (1, F), loads as a one-head ensemble)
-    reward_config.json         LoRA settings, max_seq_len, text format, base checksum
+                               a version saved with one head, (1, F), loads as a one-head ensemble);
+                               adapter i > 0 of an A-adapter model: "adapter<i>.lora.<name>", "adapter<i>.head.*"
+    reward_config.json         LoRA settings, max_seq_len, text format, base checksum, ensemble_adapters
 
 and it is tied to the base checkpoint's checksum: loading it on another base is refused.
 
@@ -21,7 +25,7 @@ updater does not train it).
 Public API (used by the policy trainer and the promotion gate):
 ``load_reward_model(cfg, version=None) -> RewardModel``; ``RewardModel.score(prompts,
 completions) -> torch.Tensor`` (float32, shape (n,), no grad; the ensemble mean);
-``RewardModel.version``. Uncertainty: ``score_members`` (K, n) and ``score_with_uncertainty``
+``RewardModel.version``. Uncertainty: ``score_members`` (A x K, n) and ``score_with_uncertainty``
 (mean, std).
 """
 
@@ -29,8 +33,9 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import transformers
@@ -69,6 +74,17 @@ TEXT_FORMAT = "chat_template(prompt, add_generation_prompt) + completion + end_o
 FEATURES = {"last": 1, "last_match": 2, "echo": 4}
 # encode()'s mask: 0 padding, then the segment of each real token
 PROMPT_TOKEN, ANSWER_TOKEN = 1, 2
+
+
+def adapter_name(i: int) -> str:
+    """peft's name of the reward model's adapter ``i`` (the first keeps peft's "default", so a
+    one-adapter model is the model of versions saved before ensemble adapters)."""
+    return "default" if i == 0 else f"adapter{i}"
+
+
+def _state_prefix(i: int) -> str:
+    """Where adapter ``i``'s tensors live in a version's safetensors ("" for the first)."""
+    return "" if i == 0 else f"{adapter_name(i)}."
 
 
 class RewardModelError(RegistryError):
@@ -132,42 +148,99 @@ class EnsembleHead(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """Frozen base + LoRA + an ensemble of scalar heads (or a fixed sequence-classification checkpoint)."""
+    """Frozen base + LoRA adapter(s) + an ensemble of scalar heads per adapter (or a fixed
+    sequence-classification checkpoint).
 
-    def __init__(self, backbone: nn.Module, tokenizer: Any, head: EnsembleHead | None, *, version: str | None,
-                 base_checksum: str | None, max_seq_len: int, lora_settings: dict[str, Any] | None = None,
-                 classifier: bool = False, features: str = "last"):
+    ``heads[i]`` reads the features of peft adapter ``adapter_name(i)``. ``features`` and ``head``
+    are those of the active adapter (``using(i)``; the first outside it), so the training loop sees
+    one adapter at a time; ``members`` and the scores read every adapter."""
+
+    def __init__(self, backbone: nn.Module, tokenizer: Any, head: EnsembleHead | list[EnsembleHead] | None, *,
+                 version: str | None, base_checksum: str | None, max_seq_len: int,
+                 lora_settings: dict[str, Any] | None = None, classifier: bool = False, features: str = "last"):
         super().__init__()
         self.feature_kind = features  # a FEATURES name; the heads read self.feature_dim of them
         self.backbone = backbone
         self.tokenizer = tokenizer
-        self.head = head
+        self.heads = nn.ModuleList([] if head is None else [head] if isinstance(head, EnsembleHead) else head)
+        self._active = 0
         self.version = version
         self.base_checksum = base_checksum
         self.max_seq_len = max_seq_len
         self.lora_settings = lora_settings or {}
         self.classifier = classifier
 
+    # ---- adapters ----
+    @property
+    def head(self) -> EnsembleHead | None:
+        """The active adapter's heads (None for a sequence-classification checkpoint)."""
+        return self.heads[self._active] if len(self.heads) else None
+
+    @property
+    def n_adapters(self) -> int:
+        return max(1, len(self.heads))
+
+    @property
+    def active_adapter(self) -> int:
+        """The adapter ``features``/``head`` read now (``using``)."""
+        return self._active
+
+    @contextmanager
+    def using(self, i: int) -> Iterator[None]:
+        """Make adapter ``i`` the one ``features``/``head``/``batch_loss`` see, then switch back.
+        peft's ``set_adapter`` also marks the active adapter trainable and the others frozen;
+        which parameters train is this model's business (all adapters while the updater owns it,
+        none once loaded for scoring), so every flag is put back as it was."""
+        if not 0 <= i < self.n_adapters:
+            raise IndexError(f"reward model adapter {i}: it has {self.n_adapters}")
+        if self.n_adapters == 1:  # nothing to switch (and a checkpoint classifier has no adapters)
+            yield
+            return
+        flags = [(p, p.requires_grad) for p in self.backbone.parameters()]
+        previous = self._active
+        self.backbone.set_adapter(adapter_name(i))
+        self._active = i
+        try:
+            yield
+        finally:
+            self.backbone.set_adapter(adapter_name(previous))
+            self._active = previous
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def adapter_parameters(self, i: int) -> list[nn.Parameter]:
+        """Adapter ``i``'s trainable parameters: its LoRA tensors and its heads."""
+        if self.n_adapters == 1:
+            return self.trainable_parameters()
+        tag = f".{adapter_name(i)}."
+        lora = [p for n, p in self.backbone.named_parameters() if "lora_" in n and tag in n and p.requires_grad]
+        return lora + [p for p in self.heads[i].parameters() if p.requires_grad]
+
     # ---- construction ----
     @classmethod
-    def fresh(cls, cfg: LooprlConfig, seed: int | None = None, features: str | None = None) -> "RewardModel":
+    def fresh(cls, cfg: LooprlConfig, seed: int | None = None, features: str | None = None,
+              adapters: int | None = None) -> "RewardModel":
         """A new reward model on the configured base: LoRA at init (a no-op) and random heads,
-        reading ``features`` (None: ``reward.features``)."""
+        reading ``features`` (None: ``reward.features``), with ``adapters`` independent adapters
+        (None: ``reward.ensemble_adapters``), each from its own random start."""
         rc = cfg.reward
         features = rc.features if features is None else features
+        adapters = rc.ensemble_adapters if adapters is None else adapters
         torch.manual_seed(rc.seed if seed is None else seed)
         placement = resolve_placement(cfg.model)
         base, tok = load_base(cfg.base_path, device=placement.device, dtype=placement.dtype)
         if cfg.model.gradient_checkpointing:  # the updater trains this model
             enable_gradient_checkpointing(base)
         settings = lora_settings(rc, base)
-        backbone = _attach_lora(base, settings)
+        backbone = _attach_lora(base, settings, adapters)
         use_kernels(backbone, cfg)
-        # float32 whatever the backbone's dtype
-        head = EnsembleHead(feature_size(base, features), rc.ensemble_heads, device=placement.device)
-        with torch.no_grad():  # the question-answer term starts silent: a fresh model scores as "last" does
-            head.weight[:, base.config.hidden_size:] = 0.0
-        return cls(backbone, tok, head, version=None, base_checksum=base_checksum(cfg.base_path),
+        heads = []
+        for _ in range(adapters):  # float32 whatever the backbone's dtype
+            head = EnsembleHead(feature_size(base, features), rc.ensemble_heads, device=placement.device)
+            with torch.no_grad():  # the question-answer term starts silent: a fresh model scores as "last" does
+                head.weight[:, base.config.hidden_size:] = 0.0
+            heads.append(head)
+        return cls(backbone, tok, heads, version=None, base_checksum=base_checksum(cfg.base_path),
                    max_seq_len=rc.max_seq_len, lora_settings=settings, features=features)
 
     # ---- encoding ----
@@ -196,7 +269,8 @@ class RewardModel(nn.Module):
 
     @property
     def n_heads(self) -> int:
-        return 1 if self.head is None else self.head.n_heads
+        """Heads over all adapters: the rows of ``members``/``score_members``."""
+        return 1 if not len(self.heads) else sum(h.n_heads for h in self.heads)
 
     @property
     def feature_dim(self) -> int:
@@ -235,11 +309,18 @@ class RewardModel(nn.Module):
         return torch.cat([last, u * v, echoed, other], dim=-1)
 
     def members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Every head's float32 reward, (B, K), with gradients to the LoRA and the heads."""
+        """Every head's float32 reward, (B, A x K) (adapter by adapter), with gradients to the LoRA
+        and the heads."""
         if self.classifier:
             input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
             return self.backbone(input_ids=input_ids, attention_mask=attention_mask).logits[:, :1].float()
-        return self.head(self.features(input_ids, attention_mask))
+        if self.n_adapters == 1:
+            return self.head(self.features(input_ids, attention_mask))
+        out = []
+        for i in range(self.n_adapters):
+            with self.using(i):
+                out.append(self.head(self.features(input_ids, attention_mask)))
+        return torch.cat(out, dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Scalar float32 rewards (B,): the ensemble's mean, on the model's device, with gradients
@@ -248,7 +329,7 @@ class RewardModel(nn.Module):
 
     @torch.no_grad()
     def score_members(self, prompts: list[Chat | str], completions: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Every head's float32 reward, shape (K, len(prompts)), batched, no grad, on the CPU."""
+        """Every head's float32 reward, shape (A x K, len(prompts)), batched, no grad, on the CPU."""
         if len(prompts) != len(completions):
             raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
         was_training = self.training
@@ -268,45 +349,53 @@ class RewardModel(nn.Module):
 
     def score_with_uncertainty(self, prompts: list[Chat | str], completions: list[str],
                                batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean, std) over the heads, each float32 (n,); the std is 0 with one head."""
+        """(mean, std) over all heads, each float32 (n,); the std is 0 with one head."""
         members = self.score_members(prompts, completions, batch_size)
         return members.mean(dim=0), members.std(dim=0, correction=0)
 
     # ---- trainable state ----
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """The tensors a version stores: LoRA ("lora.<name>") and head ("head.<name>")."""
+        """The tensors a version stores: LoRA ("lora.<name>") and head ("head.<name>"), those of
+        adapter i > 0 under "adapter<i>."."""
         if self.classifier:
             raise RewardModelError("a sequence-classification checkpoint reward model is fixed; it has no trainable state")
-        state = {f"lora.{k}": v.detach().to("cpu", copy=True).contiguous()
-                 for k, v in get_peft_model_state_dict(self.backbone).items()}
-        state.update({f"head.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in self.head.state_dict().items()})
+        state = {}
+        for i, head in enumerate(self.heads):
+            pre = _state_prefix(i)
+            lora = get_peft_model_state_dict(self.backbone, adapter_name=adapter_name(i))
+            state.update({f"{pre}lora.{k}": v.detach().to("cpu", copy=True).contiguous() for k, v in lora.items()})
+            state.update({f"{pre}head.{k}": v.detach().to("cpu", copy=True).contiguous()
+                          for k, v in head.state_dict().items()})
         return state
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state") -> None:
         _check_finite(state, source)
-        lora = {k[len("lora."):]: v for k, v in state.items() if k.startswith("lora.")}
-        head = {k[len("head."):]: v for k, v in state.items() if k.startswith("head.")}
         expected = set(self.trainable_state())
         if set(state) != expected:
             missing, extra = sorted(expected - set(state)), sorted(set(state) - expected)
             raise RewardModelError(f"{source}: tensors do not match the reward model "
                                    f"(missing {missing[:3]}, unexpected {extra[:3]})")
-        w = head["weight"]
-        if w.ndim != 2 or w.shape[1] != self.head.in_features or head["bias"].shape != (w.shape[0],):
-            raise RewardModelError(f"{source}: head.weight {tuple(w.shape)} / head.bias {tuple(head['bias'].shape)} "
-                                   f"do not fit heads on {self.head.in_features} features (K, F) / (K,)")
-        result = set_peft_model_state_dict(self.backbone, lora)
-        unexpected = getattr(result, "unexpected_keys", None)
-        if unexpected:
-            raise RewardModelError(f"{source}: unexpected LoRA tensors {unexpected[:3]}")
-        if w.shape[0] != self.head.n_heads:  # a version with another number of heads (e.g. one)
-            self.head = EnsembleHead(self.head.in_features, w.shape[0], device=self.head.weight.device)
-        self.head.load_state_dict(head)
+        for i in range(self.n_adapters):
+            pre = _state_prefix(i)
+            lora = {k[len(pre + "lora."):]: v for k, v in state.items() if k.startswith(pre + "lora.")}
+            head = {k[len(pre + "head."):]: v for k, v in state.items() if k.startswith(pre + "head.")}
+            w, f = head["weight"], self.heads[i].in_features
+            if w.ndim != 2 or w.shape[1] != f or head["bias"].shape != (w.shape[0],):
+                raise RewardModelError(f"{source}: {pre}head.weight {tuple(w.shape)} / {pre}head.bias "
+                                       f"{tuple(head['bias'].shape)} do not fit heads on {f} features (K, F) / (K,)")
+            result = set_peft_model_state_dict(self.backbone, lora, adapter_name=adapter_name(i))
+            unexpected = getattr(result, "unexpected_keys", None)
+            if unexpected:
+                raise RewardModelError(f"{source}: unexpected LoRA tensors {unexpected[:3]}")
+            if w.shape[0] != self.heads[i].n_heads:  # a version with another number of heads (e.g. one)
+                self.heads[i] = EnsembleHead(f, w.shape[0], device=self.heads[i].weight.device)
+            self.heads[i].load_state_dict(head)
 
     def resize_heads(self, n_heads: int) -> None:
-        """Use ``n_heads`` heads from now on (see ``EnsembleHead.resized``)."""
-        if self.head is not None and n_heads != self.head.n_heads:
-            self.head = self.head.resized(n_heads)
+        """Use ``n_heads`` heads per adapter from now on (see ``EnsembleHead.resized``)."""
+        for i, head in enumerate(self.heads):
+            if n_heads != head.n_heads:
+                self.heads[i] = head.resized(n_heads)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -322,7 +411,7 @@ class RewardModel(nn.Module):
         conf = {"format": "looprl-reward-v1", "text_format": TEXT_FORMAT, "max_seq_len": self.max_seq_len,
                 "base_checksum": self.base_checksum, "lora": self.lora_settings,
                 "hidden_size": self.head.in_features, "features": self.feature_kind,
-                "ensemble_heads": self.head.n_heads, **(extra_config or {})}
+                "ensemble_heads": self.head.n_heads, "ensemble_adapters": self.n_adapters, **(extra_config or {})}
         (out / CONFIG_FILE).write_text(json.dumps(conf, indent=2, sort_keys=True))
         return out
 
@@ -342,7 +431,9 @@ def lora_settings(rc: RewardConfig, base: nn.Module) -> dict[str, Any]:
     return {"r": rc.lora_rank, "lora_alpha": rc.lora_alpha, **targets.as_config()}
 
 
-def _attach_lora(base: nn.Module, settings: dict[str, Any]) -> nn.Module:
+def _attach_lora(base: nn.Module, settings: dict[str, Any], adapters: int = 1) -> nn.Module:
+    """``base`` wrapped by peft with ``adapters`` LoRA adapters of ``settings`` (each its own random
+    start), all trainable, the first active."""
     for p in base.parameters():
         p.requires_grad_(False)
     # stored targets are checked against this base too: each must match, none may reach a router
@@ -353,7 +444,12 @@ def _attach_lora(base: nn.Module, settings: dict[str, Any]) -> nn.Module:
                     target_parameters=targets.target_parameters or None, bias="none")
     with warnings.catch_warnings():  # peft calls a transformers API deprecated in v5 (harmless)
         warnings.simplefilter("ignore", FutureWarning)
-        return get_peft_model(base, lc)
+        model = get_peft_model(base, lc)
+        for i in range(1, adapters):
+            model.add_adapter(adapter_name(i), lc)
+    if adapters > 1:
+        model.set_requires_grad([adapter_name(i) for i in range(adapters)], True)
+    return model
 
 
 def use_kernels(backbone: nn.Module, cfg: LooprlConfig) -> None:
@@ -398,6 +494,9 @@ def load_from_dir(cfg: LooprlConfig, version_dir: Path, version: str | None,
         max_seq_len = int(conf["max_seq_len"])
         stored_base = conf["base_checksum"]
         features = conf.get("features", "last")  # versions saved before the entry read the last token
+        adapters = int(conf.get("ensemble_adapters", 1))  # versions saved before the entry have one
+        if adapters < 1:
+            raise ValueError(f"ensemble_adapters {adapters} < 1")
     except (ValueError, KeyError, TypeError) as e:
         raise RewardModelError(f"{conf_path}: invalid reward config ({e!r})") from e
     current_base = expected_base or base_checksum(cfg.base_path)
@@ -408,15 +507,17 @@ def load_from_dir(cfg: LooprlConfig, version_dir: Path, version: str | None,
     _check_finite(state, str(version_dir / WEIGHTS_FILE))
     placement = resolve_placement(cfg.model)
     base, tok = load_base(cfg.base_path, device=placement.device, dtype=placement.dtype)
-    head_w = state.get("head.weight")
     n_features = feature_size(base, features, source=f"{conf_path}: features")
-    if head_w is None or head_w.ndim != 2 or head_w.shape[0] < 1 or head_w.shape[1] != n_features:
-        raise RewardModelError(f"{version_dir / WEIGHTS_FILE}: head.weight missing or not of shape "
-                               f"(K, {n_features})")
-    backbone = _attach_lora(base, settings)
+    heads = []
+    for i in range(adapters):
+        head_w = state.get(f"{_state_prefix(i)}head.weight")
+        if head_w is None or head_w.ndim != 2 or head_w.shape[0] < 1 or head_w.shape[1] != n_features:
+            raise RewardModelError(f"{version_dir / WEIGHTS_FILE}: {_state_prefix(i)}head.weight missing or not of "
+                                   f"shape (K, {n_features})")
+        heads.append(EnsembleHead(n_features, head_w.shape[0], device=placement.device))
+    backbone = _attach_lora(base, settings, adapters)
     use_kernels(backbone, cfg)
-    model = RewardModel(backbone, tok, EnsembleHead(n_features, head_w.shape[0], device=placement.device),
-                        version=version,
+    model = RewardModel(backbone, tok, heads, version=version,
                         base_checksum=current_base, max_seq_len=max_seq_len, lora_settings=settings,
                         features=features)
     model.load_trainable_state(state, source=str(version_dir / WEIGHTS_FILE))

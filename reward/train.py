@@ -8,7 +8,9 @@ Both kinds mix in one minibatch; a minibatch is one forward over all its sequenc
 ensemble of K heads the shared features learn from the heads' mean score, and each head has its
 own loss on the (detached) features, every example weighted by that head's bootstrap weight
 (Poisson(1), fixed per (seed, event id, head), so a replayed example keeps its weight); see
-``batch_loss``. One head: the plain loss.
+``batch_loss``. One head: the plain loss. A model with several LoRA adapters
+(``reward.ensemble_adapters``) trains each adapter and its heads on its own, as a separate model
+from its own random start and its own shuffle: ``train``.
 """
 
 from __future__ import annotations
@@ -60,11 +62,13 @@ def bootstrap_weight(event_id: str, head: int, seed: int) -> int:
     return k
 
 
-def example_weights(batch: list[Example], n_heads: int, seed: int) -> torch.Tensor:
-    """(B, K) bootstrap weights; all ones for a single head (no bootstrap: today's plain loss)."""
+def example_weights(batch: list[Example], n_heads: int, seed: int, first_head: int = 0) -> torch.Tensor:
+    """(B, K) bootstrap weights of heads ``first_head`` .. ``first_head + K - 1`` (an adapter's
+    heads are numbered after the previous adapters'); all ones for a single head (no bootstrap)."""
     if n_heads == 1:
         return torch.ones(len(batch), 1)
-    return torch.tensor([[float(bootstrap_weight(ex.event_id, k, seed)) for k in range(n_heads)] for ex in batch])
+    return torch.tensor([[float(bootstrap_weight(ex.event_id, first_head + k, seed)) for k in range(n_heads)]
+                         for ex in batch])
 
 
 def _losses(scores: torch.Tensor, batch: list[Example]) -> torch.Tensor:
@@ -83,8 +87,8 @@ def _losses(scores: torch.Tensor, batch: list[Example]) -> torch.Tensor:
 
 def batch_loss(model: RewardModel, batch: list[Example], *, correction_weight: float = 1.0,
                bootstrap_seed: int = 0) -> torch.Tensor:
-    """Loss of a mixed minibatch (one forward pass over all sequences), each example weighted
-    ``correction_weight`` if it is a correction.
+    """Loss of a mixed minibatch (one forward pass over all sequences) for the model's active
+    adapter (``RewardModel.using``), each example weighted ``correction_weight`` if it is a correction.
 
     The shared features (LoRA) learn from the ensemble's mean score, as one head would: K heads
     pulling the features each their own way learn them slower, which sparse feedback cannot afford.
@@ -100,7 +104,7 @@ def batch_loss(model: RewardModel, batch: list[Example], *, correction_weight: f
     kind_w = kind_w.to(feats.device)
     shared = (_losses(model.head(feats).mean(dim=-1, keepdim=True), batch)[:, 0] * kind_w).mean()
     per = _losses(model.head(feats.detach()), batch)  # (B, K)
-    w = example_weights(batch, per.shape[1], bootstrap_seed).to(per.device)
+    w = example_weights(batch, per.shape[1], bootstrap_seed, first_head=model.active_adapter * per.shape[1]).to(per.device)
     return shared + (per * w * kind_w[:, None]).mean(dim=0).mean()
 
 
@@ -114,40 +118,48 @@ class TrainStats:
 def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size: int, epochs: int, seed: int,
           max_grad_norm: float = 1.0, progress: bool = False, desc: str = "reward update",
           correction_weight: float = 1.0, bootstrap_seed: int = 0) -> TrainStats:
-    """A few epochs of AdamW over ``examples`` (shuffled with ``seed``); returns the last-epoch loss.
-    ``bootstrap_seed`` keys the heads' bootstrap weights: keep it fixed across updates."""
+    """A few epochs of AdamW over ``examples`` (shuffled with ``seed``); returns the last-epoch loss
+    (the adapters' mean). ``bootstrap_seed`` keys the heads' bootstrap weights: keep it fixed
+    across updates. Each adapter trains on its own, with its own optimizer and shuffle."""
     stats = TrainStats()
     if not examples:
         return stats
-    params = model.trainable_parameters()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    rng = random.Random(seed)
-    order = list(examples)
-    n_batches = math.ceil(len(order) / batch_size)
+    n_batches = math.ceil(len(examples) / batch_size)
     bar = None
     if progress:
-        bar = tqdm(total=epochs * n_batches, desc=desc, unit="batch", leave=False)
+        bar = tqdm(total=model.n_adapters * epochs * n_batches, desc=desc, unit="batch", leave=False)
+    losses = []
     model.train()
     try:
-        for _ in range(epochs):
-            rng.shuffle(order)
-            total, count = 0.0, 0
-            for b in range(n_batches):
-                batch = order[b * batch_size: (b + 1) * batch_size]
-                loss = batch_loss(model, batch, correction_weight=correction_weight, bootstrap_seed=bootstrap_seed)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"reward training loss became {loss.item()} (learning rate too high?)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                opt.step()
-                total += loss.item() * len(batch)
-                count += len(batch)
-                stats.steps += 1
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.3f}")
-            stats.loss = total / max(1, count)
+        for i in range(model.n_adapters):
+            with model.using(i):
+                params = model.adapter_parameters(i)
+                opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+                # adapter 0 keeps the shuffle of a one-adapter model; the others get their own
+                rng = random.Random(seed if i == 0 else f"{seed}:adapter{i}")
+                order = list(examples)
+                for _ in range(epochs):
+                    rng.shuffle(order)
+                    total, count = 0.0, 0
+                    for b in range(n_batches):
+                        batch = order[b * batch_size: (b + 1) * batch_size]
+                        loss = batch_loss(model, batch, correction_weight=correction_weight,
+                                          bootstrap_seed=bootstrap_seed)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"reward training loss became {loss.item()} "
+                                                     "(learning rate too high?)")
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                        opt.step()
+                        total += loss.item() * len(batch)
+                        count += len(batch)
+                        stats.steps += 1
+                        if bar is not None:
+                            bar.update(1)
+                            bar.set_postfix(loss=f"{loss.item():.3f}")
+                losses.append(total / max(1, count))
+        stats.loss = sum(losses) / len(losses)
         stats.examples = len(examples)
     finally:
         model.eval()

@@ -132,9 +132,10 @@ class RewardUpdater:
         self.base_family = family_of_dir(self.cfg.base_path)
         check_memory(self.cfg, "reward")  # before loading: refuse a configuration that cannot fit
         work = self.store.work_dir(self.state)
-        # the working model keeps the features it was trained with (reward.features applies to a new one)
-        features = self._check_work_base(work) if work is not None else None
-        self.model = RewardModel.fresh(self.cfg, features=features)
+        # the working model keeps the features and adapters it was trained with (reward.features and
+        # reward.ensemble_adapters apply to a new one)
+        features, adapters = self._check_work_base(work) if work is not None else (None, None)
+        self.model = RewardModel.fresh(self.cfg, features=features, adapters=adapters)
         if work is not None:
             self.model.load_trainable_state(load_weights_file(work / WEIGHTS_FILE), source=str(work / WEIGHTS_FILE))
             # a working model saved with another number of heads (e.g. one, before ensembles)
@@ -164,8 +165,9 @@ class RewardUpdater:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _check_work_base(self, work: Path) -> str:
-        """Refuse a working model of another base; return its features (saved before they were named: "last")."""
+    def _check_work_base(self, work: Path) -> tuple[str, int]:
+        """Refuse a working model of another base; return its features (saved before they were
+        named: "last") and its number of adapters (saved before ensemble adapters: 1)."""
         conf = json.loads((work / CONFIG_FILE).read_text())
         if conf.get("base_checksum") != self.base:
             raise RewardModelError(
@@ -176,7 +178,12 @@ class RewardUpdater:
             log.warning("the reward updater's working model keeps its features; reward.features applies to a "
                         f"new one (move {self.store.dir} away to start over)", features=features,
                         configured=self.cfg.reward.features)
-        return features
+        adapters = int(conf.get("ensemble_adapters", 1))
+        if adapters != self.cfg.reward.ensemble_adapters:
+            log.warning("the reward updater's working model keeps its adapters; reward.ensemble_adapters applies "
+                        f"to a new one (move {self.store.dir} away to start over)", adapters=adapters,
+                        configured=self.cfg.reward.ensemble_adapters)
+        return features, adapters
 
     # ---- the update ----
     def backlog(self) -> int:

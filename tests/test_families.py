@@ -212,7 +212,7 @@ def test_reward_model_lora_on_a_family_round_trips(family_checkpoint, tmp_path):
     assert "mlp.shared_experts.gate_proj.weight" in settings["target_parameters"]
     assert "kv_b_proj" in settings["target_modules"] and "experts.gate_up_proj" in settings["target_parameters"]
     trainable = [n for n, p in rm.named_parameters() if p.requires_grad]
-    assert all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert all("lora_" in n or n.startswith("heads.") for n in trainable)
     assert not any(is_router(n.split(".lora_")[0].replace(".base_layer", "")) for n in trainable)
     _randomize_lora(rm.backbone, seed=3)
     prompts, answers = [CHAT[:2], CHAT], ["a cat.", "a dog, a big one."]

@@ -116,8 +116,8 @@ def test_bf16_reward_model_scores_and_trains_in_fp32_heads(tiny_base_cfg):
     cfg = _cfg(tiny_base_cfg, dtype="bfloat16")
     rm = RewardModel.fresh(cfg)
     dtypes = {n: p.dtype for n, p in rm.named_parameters()}
-    assert {d for n, d in dtypes.items() if "lora_" not in n and not n.startswith("head.")} == {torch.bfloat16}
-    assert {d for n, d in dtypes.items() if "lora_" in n or n.startswith("head.")} == {torch.float32}
+    assert {d for n, d in dtypes.items() if "lora_" not in n and not n.startswith("heads.")} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n or n.startswith("heads.")} == {torch.float32}
     prompts = [Chat.user(p) for p in PROMPTS]
     scores = rm.score(prompts, [" a happy dog.", " the sky.", " rain.", " sun."])
     assert scores.dtype == torch.float32 and scores.device.type == "cpu" and torch.isfinite(scores).all()

@@ -62,7 +62,7 @@ def test_score_shapes_and_encoding(cfg):
 def test_only_lora_and_head_train(cfg):
     rm = RewardModel.fresh(cfg)
     names = [n for n, p in rm.named_parameters() if p.requires_grad]
-    assert names and all("lora" in n or n.startswith("head.") for n in names)
+    assert names and all("lora" in n or n.startswith("heads.") for n in names)
     assert any("experts" in n for n in names)  # experts adapted through target_parameters
     before = {n: p.detach().clone() for n, p in rm.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW(rm.trainable_parameters(), lr=1e-2)

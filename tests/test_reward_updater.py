@@ -136,6 +136,25 @@ def test_exactly_once_across_restarts_and_holdout_never_trained(setup, monkeypat
     assert r2.replay > 0 and r1.replay == 0
 
 
+def test_the_working_model_keeps_its_adapters_across_restarts(setup):
+    cfg, views = setup(epochs_per_update=1, ensemble_heads=2, ensemble_adapters=2, **NO_CAP)
+    views.append(simulate_feedback(30, seed=3))
+    with U.RewardUpdater(cfg, connect=views.connect) as up:
+        r1 = up.update()
+        assert up.model.n_adapters == 2
+        state = up.model.trainable_state()
+    assert r1.decision == "published" and load_reward_model(cfg).n_adapters == 2
+    # Restarted with a configuration that now says three: the trained working model is kept as
+    # it is (three would load two trained adapters and a fresh one), and trains on.
+    cfg3, _ = setup(epochs_per_update=1, ensemble_heads=2, ensemble_adapters=3, **NO_CAP)
+    views.append(simulate_feedback(30, seed=4))
+    with U.RewardUpdater(cfg3, connect=views.connect) as up:
+        assert up.model.n_adapters == 2
+        assert all(torch.equal(v, up.model.trainable_state()[k]) for k, v in state.items())
+        r2 = up.update()
+        assert r2.update == 2 and up.model.n_adapters == 2
+
+
 def test_min_new_events_and_unresolved_feedback(setup):
     cfg, views = setup(min_new_events=20, holdout_fraction=0.0, epochs_per_update=1, max_wait_seconds=0, **NO_CAP)
     batch = simulate_feedback(30, seed=5, mix={"thumbs": 1.0})

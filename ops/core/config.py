@@ -357,6 +357,11 @@ class RewardConfig(Section):
     # Number of scalar heads on the shared LoRA features (bootstrapped ensemble): their spread is
     # the model's uncertainty, their mean its score. 1: a single head, no uncertainty.
     ensemble_heads: int = Field(4, ge=1, le=64)
+    # Independent LoRA adapters on the one frozen base, each with its own ensemble_heads heads,
+    # trained apart from their own random starts; the score is the mean of all their heads. Heads
+    # that share one LoRA agree too readily: separate adapters rank answers better from a few
+    # hundred labels (reward/README.md), at A times the training and scoring compute.
+    ensemble_adapters: int = Field(1, ge=1, le=16)
     # What the heads read: "echo" (the last token's hidden state, the mean prompt state times the mean
     # answer state, and the answer's states split by whether their token occurs in the question, so
     # preferences that depend on the question are learned), "last_match" (the first two) or "last"
