@@ -190,7 +190,9 @@ class RewardModel(nn.Module):
         """Make adapter ``i`` the one ``features``/``head``/``batch_loss`` see, then switch back.
         peft's ``set_adapter`` also marks the active adapter trainable and the others frozen;
         which parameters train is this model's business (all adapters while the updater owns it,
-        none once loaded for scoring), so every flag is put back as it was."""
+        none once loaded for scoring), so every flag is put back as it was. The active adapter is
+        the model's state: one thread scores or trains a model at a time (serving's comparer
+        holds a lock)."""
         if not 0 <= i < self.n_adapters:
             raise IndexError(f"reward model adapter {i}: it has {self.n_adapters}")
         if self.n_adapters == 1:  # nothing to switch (and a checkpoint classifier has no adapters)
