@@ -133,32 +133,11 @@ def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size:
     try:
         for i in range(model.n_adapters):
             with model.using(i):
-                params = model.adapter_parameters(i)
-                opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
                 # adapter 0 keeps the shuffle of a one-adapter model; the others get their own
                 rng = random.Random(seed if i == 0 else f"{seed}:adapter{i}")
-                order = list(examples)
-                for _ in range(epochs):
-                    rng.shuffle(order)
-                    total, count = 0.0, 0
-                    for b in range(n_batches):
-                        batch = order[b * batch_size: (b + 1) * batch_size]
-                        loss = batch_loss(model, batch, correction_weight=correction_weight,
-                                          bootstrap_seed=bootstrap_seed)
-                        if not torch.isfinite(loss):
-                            raise FloatingPointError(f"reward training loss became {loss.item()} "
-                                                     "(learning rate too high?)")
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                        opt.step()
-                        total += loss.item() * len(batch)
-                        count += len(batch)
-                        stats.steps += 1
-                        if bar is not None:
-                            bar.update(1)
-                            bar.set_postfix(loss=f"{loss.item():.3f}")
-                losses.append(total / max(1, count))
+                losses.append(_train_active(model, examples, stats, bar, lr=lr, batch_size=batch_size, epochs=epochs,
+                                            rng=rng, max_grad_norm=max_grad_norm, correction_weight=correction_weight,
+                                            bootstrap_seed=bootstrap_seed))
         stats.loss = sum(losses) / len(losses)
         stats.examples = len(examples)
     finally:
@@ -166,6 +145,36 @@ def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size:
         if bar is not None:
             bar.close()
     return stats
+
+
+def _train_active(model: RewardModel, examples: list[Example], stats: TrainStats, bar: tqdm | None, *, lr: float,
+                  batch_size: int, epochs: int, rng: random.Random, max_grad_norm: float, correction_weight: float,
+                  bootstrap_seed: int) -> float:
+    """``epochs`` epochs of a fresh AdamW on the active adapter; its last-epoch loss (steps counted in ``stats``)."""
+    params = model.adapter_parameters(model.active_adapter)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    order = list(examples)
+    n_batches = math.ceil(len(order) / batch_size)
+    total, count = 0.0, 0
+    for _ in range(epochs):
+        rng.shuffle(order)
+        total, count = 0.0, 0
+        for b in range(n_batches):
+            batch = order[b * batch_size: (b + 1) * batch_size]
+            loss = batch_loss(model, batch, correction_weight=correction_weight, bootstrap_seed=bootstrap_seed)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"reward training loss became {loss.item()} (learning rate too high?)")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            opt.step()
+            total += loss.item() * len(batch)
+            count += len(batch)
+            stats.steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    return total / max(1, count)
 
 
 # ---------------------------------------------------------------------------------------------
