@@ -111,6 +111,10 @@ def test_sparse_profiles_tune_the_loop_for_fewer_labels_and_targeted_sets_a_comp
     assert sparse.reward.min_new_events == PROFILE_TUNING["sparse"]["reward.min_new_events"] < 48
     assert sparse.canary.min_samples < DEMO_TUNING["canary.min_samples"]
     assert sparse.canary.promote_on_no_regression is True  # the profile's own value beats the demo's
+    # a shorter KL leash on a reward model read from few labels, the demo's on generous labels
+    g = load_config(environ=generous, workspace=tmp_path)
+    assert sparse.policy.target_kl < g.policy.target_kl == DEMO_TUNING["policy.target_kl"]
+    assert sparse.gate.max_kl < g.gate.max_kl and sparse.policy.target_kl < sparse.gate.max_kl
     # targeted: serve's budget equals the sparse profile's 5% comparisons at the demo's request rate
     cfg = load_config(environ={"LOOPRL_DEMO__FEEDBACK": "targeted"}, workspace=tmp_path,
                       demo={"max_requests_per_second": 4.0, "eval_fraction": 0.5})
