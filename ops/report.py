@@ -310,7 +310,9 @@ def _label_lines(summary: dict[str, Any]) -> list[str]:
         if fb.get(k) is not None)
     if fb.get("request_comparisons"):
         shares += f", comparisons when serving asks (up to {_fmt(fb.get('comparisons_per_hour'))} per hour)"
-    return [f"Feedback profile: **{fb.get('profile', '-')}** ({shares}).", "",
+    seed = summary.get("simulator_seed")
+    users = [] if seed is None else [f"Simulated users' seed: {seed} (`demo.seed={seed}` replays their draws).", ""]
+    return [f"Feedback profile: **{fb.get('profile', '-')}** ({shares}).", "", *users,
             "| labels | thumbs | comparisons | corrections | lift | lift per 1,000 labels |",
             "|---|---|---|---|---|---|",
             f"| {labels['total']} | {labels.get('thumbs', 0)} | {labels.get('preference', 0)} "
@@ -336,7 +338,8 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
     gates = gate_decisions(cfg)
     status = read_status(cfg)
     labels = label_counts(interactions, status)
-    summary.update(feedback=status.get("feedback") or describe(cfg.demo), labels=labels,
+    summary.update(feedback=status.get("feedback") or describe(cfg.demo), simulator_seed=status.get("seed"),
+                   labels=labels,
                    lift_per_1000_labels=per_1000_labels(imp, labels["total"]),
                    expected_lift_per_1000_labels=per_1000_labels(summary["improvement_p"], labels["total"]),
                    gate=gates)

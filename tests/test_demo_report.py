@@ -107,7 +107,7 @@ def test_report_shows_the_labels_spent_and_the_lift_per_1000_labels(tmp_path):
         r["labels"] = labels[i % 4]  # 100 each of the four: 200 thumbs, 200 comparisons, 100 corrections
     (sim / "interactions.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     # the status counts this simulator process only (a restart starts it again): the rows win
-    (sim / "status.json").write_text(json.dumps({"feedback_sent": {"thumbs": 3}, "feedback": {
+    (sim / "status.json").write_text(json.dumps({"feedback_sent": {"thumbs": 3}, "seed": 123457, "feedback": {
         "profile": "sparse", "thumbs_fraction": 0.05, "preference_fraction": 0.05, "correction_fraction": 0.01}}))
     gate = cfg.state_dir / "gate"
     gate.mkdir()
@@ -125,6 +125,7 @@ def test_report_shows_the_labels_spent_and_the_lift_per_1000_labels(tmp_path):
     assert [g["numbers"].get("heldout_forms_win_rate") for g in saved["gate"]] == [0.61, None]
     md = (out / "report.md").read_text()
     assert "Feedback profile: **sparse** (5.0% thumbs, 5.0% comparisons, 1.0% corrections)" in md
+    assert saved["simulator_seed"] == 123457 and "Simulated users' seed: 123457 (`demo.seed=123457`" in md
     assert f"| 500 | 200 | 200 | 100 | {saved['improvement_rate']:.3f} | {saved['lift_per_1000_labels']:.3f} |" in md
     assert ("| version | decision | win rate | train forms win rate | heldout forms win rate | "
             "heldout forms degenerate share |") in md

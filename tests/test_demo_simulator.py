@@ -309,3 +309,23 @@ def test_channels_send_corrections_to_the_collector(tmp_path):
     assert isinstance(event, CorrectionEvent) and event.response_id == "r1" and event.corrected == " the dog is kind."
     assert ch.sent["correction"] == 1
     ch.close()
+
+
+def test_each_simulator_draws_its_own_users_unless_demo_seed_is_set(tmp_path):
+    from looprl.ops.core.config import load_config
+    from looprl.ops.sim.simulator import Simulator
+
+    def draws(**demo):
+        cfg = load_config(environ={}, workspace=tmp_path / "ws", demo=demo)
+        sim = Simulator(cfg, "http://stub", likes_the, RecordingChannels())
+        out = (sim.status()["seed"], [sim._random() for _ in range(8)], [sim._choice(sim.eval_prompts) for _ in range(8)])
+        sim.close()
+        return out
+
+    # the default: two starts are two samples of users (one fixed seed made every fresh demo's eval
+    # arms flip the same coins); the seed each drew is in its status, for the report
+    (seed_a, coins_a, asks_a), (seed_b, coins_b, asks_b) = draws(), draws()
+    assert seed_a != seed_b and coins_a != coins_b and asks_a != asks_b
+    # a configured seed replays the draws, and so does the one a run reported
+    assert draws(seed=7) == draws(seed=7) and draws(seed=7)[0] == 7
+    assert draws(seed=seed_a)[1:] == (coins_a, asks_a)

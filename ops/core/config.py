@@ -710,7 +710,9 @@ class DemoConfig(Section):
     max_requests_per_second: float = Field(8.0, gt=0)
     max_tokens: int = Field(16, ge=1)
     target_improvement: float = Field(0.25, ge=0, le=1)
-    seed: int = 0
+    # The simulated users' random draws (eval prompts, coin flips, feedback); None: drawn afresh
+    # each time the simulator starts, and shown in the report (set it to replay a run's draws).
+    seed: int | None = None
     # Failure watch (ops/health.py): the demo stops with a non-zero exit, printing the first error
     # line and the log path, when serving answers more than failure_rate of its requests with an
     # error for failure_seconds, or a stage restarts more than max_restarts times within

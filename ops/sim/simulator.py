@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import secrets
 import threading
 import time
 from collections import Counter as _Counter
@@ -252,7 +253,13 @@ class Simulator:
         self.channels = channels
         self.client = OpenAI(base_url=base_url.rstrip("/") + "/v1", api_key="looprl-demo", timeout=60.0, max_retries=2)
         self.train_prompts, self.eval_prompts = prompt_sets(cfg)
-        self.rng = random.Random(self.d.seed if seed is None else seed)
+        # demo.seed None (the default): each start draws its users' luck afresh, so two demos are
+        # two samples, not one sample twice (with one fixed seed, fresh runs drew the same eval
+        # prompts and coin flips: their base arms missed the expected rate by the same few points).
+        if seed is None:
+            seed = self.d.seed if self.d.seed is not None else secrets.randbits(31)
+        self.seed = seed
+        self.rng = random.Random(self.seed)
         self._rng_lock = threading.Lock()
         self.out_dir = Path(out_dir or simulator_dir(cfg))
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -396,8 +403,8 @@ class Simulator:
         with self._log_lock:
             versions = {kind: {v: {"n": a[0], "ups": a[1], "p_mean": a[2] / a[0] if a[0] else None}
                                for v, a in vs.items()} for kind, vs in self.by_version.items()}
-            out = {"ts": time.time(), "started": self.started, **self.counts, "by_version": versions,
-                   "feedback": describe(self.d)}
+            out = {"ts": time.time(), "started": self.started, "seed": self.seed, **self.counts,
+                   "by_version": versions, "feedback": describe(self.d)}
         if self.channels is not None:
             out["feedback_sent"] = dict(self.channels.sent)
             out["feedback_failed"] = dict(self.channels.failed)
