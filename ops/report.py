@@ -50,8 +50,13 @@ def _rate_stats(rows: list[dict]) -> dict[str, Any]:
     return {"n": n, "ups": ups, "rate": rate, "p_mean": p_mean, "ci95": half}
 
 
-def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 20) -> dict[str, Any]:
-    """Per-version eval stats and the improvement of the served model over the base."""
+def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 100,
+              promotions: list[str] | None = None) -> dict[str, Any]:
+    """Per-version eval stats and the improvement of the served model over the base.
+
+    The served model is ``promoted`` if it has ``min_eval`` eval answers, else the newest of
+    ``promotions`` (the versions promoted, in order) that has: the one users were served before it.
+    Without ``promotions``, the newest version with enough answers."""
     evals = [r for r in interactions if r.get("kind") == "eval"]
     trains = [r for r in interactions if r.get("kind") == "train"]
     by_version: dict[str, list[dict]] = defaultdict(list)
@@ -63,16 +68,18 @@ def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 20
         train_by_version[r["version"]].append(r)
     train_stats = {v: _rate_stats(rows) for v, rows in sorted(train_by_version.items(), key=lambda kv: version_sort_key(kv[0]))}
 
+    def measured(v: str) -> bool:
+        return v != BASE and eval_stats.get(v, {}).get("n", 0) >= min_eval
+
     base = eval_stats.get(BASE)
-    # The served model: the promoted version if it has enough eval samples, else the newest that has.
-    served = promoted if promoted and eval_stats.get(promoted, {}).get("n", 0) >= min_eval else None
+    served = promoted if promoted and measured(promoted) else None
     if served is None:
-        candidates = [v for v, s in eval_stats.items() if v != BASE and s["n"] >= min_eval]
-        served = max(candidates, key=version_sort_key) if candidates else None
+        earlier = [v for v in promotions if v != promoted] if promotions is not None else list(eval_stats)
+        served = next((v for v in reversed(earlier) if measured(v)), None)
     out: dict[str, Any] = {
         "eval": eval_stats, "train": train_stats, "base": base, "served_version": served,
         "promoted": promoted, "eval_requests": len(evals), "train_requests": len(trains),
-        "improvement_rate": None, "improvement_p": None,
+        "improvement_rate": None, "improvement_p": None, "min_eval": min_eval,
     }
     if base and served:
         s = eval_stats[served]
@@ -302,6 +309,17 @@ def _failure_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _served_lines(summary: dict[str, Any]) -> list[str]:
+    """Why the measured version is not the one promoted last, when it is not."""
+    promoted, served = summary.get("promoted"), summary.get("served_version")
+    if not promoted or promoted == served:
+        return []
+    n = (summary["eval"].get(promoted) or {}).get("n", 0)
+    instead = f"measured: {served}, promoted before it" if served else "no promoted version has that many"
+    return [f"{promoted} was promoted last, with {n} eval answers, fewer than the {summary['min_eval']} a served "
+            f"version's rate needs here; {instead}.", ""]
+
+
 def _label_lines(summary: dict[str, Any]) -> list[str]:
     """The feedback profile, the labels it cost, and the lift per 1,000 labels."""
     fb, labels = summary.get("feedback") or {}, summary["labels"]
@@ -321,19 +339,21 @@ def _label_lines(summary: dict[str, Any]) -> list[str]:
 
 
 def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str, Any] | None = None,
-                 min_eval: int = 20) -> tuple[Path, dict[str, Any]]:
-    """Write the report folder; returns (folder, summary)."""
+                 min_eval: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """Write the report folder; returns (folder, summary). ``min_eval``: ``demo.report_min_eval``."""
     out = Path(out_dir or cfg.reports_dir / time.strftime("demo-%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     interactions = read_interactions(cfg)
     promoted = promoted_version(Registry(cfg.registry_dir))
-    summary = summarize(interactions, promoted, min_eval=min_eval)
+    decisions = read_decisions(cfg)
+    promotions = [d["version"] for d in sorted(decisions, key=lambda d: d["at"])
+                  if d["action"] in ("promote", "manual_promote")]
+    summary = summarize(interactions, promoted, min_eval=min_eval or cfg.demo.report_min_eval, promotions=promotions)
     summary["target_improvement"] = cfg.demo.target_improvement
     imp = summary["improvement_rate"]
     summary["target_met"] = bool(imp is not None and imp >= cfg.demo.target_improvement)
     reward_pts = reward_accuracy_points(cfg)
     curves = policy_curves(cfg)
-    decisions = read_decisions(cfg)
     runs = History(history_path(cfg)).runs(limit=200) if history_path(cfg).is_file() else []
     gates = gate_decisions(cfg)
     status = read_status(cfg)
@@ -365,6 +385,7 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
         f"| {_fmt(served.get('p_mean'), True)} |", "",
         f"**Improvement: {_fmt(summary['improvement_rate'])}** (expected: {_fmt(summary['improvement_p'])}); "
         f"target {cfg.demo.target_improvement:.2f}: **{'met' if summary['target_met'] else 'not met'}**.", "",
+        *_served_lines(summary),
         *_label_lines(summary),
         "![thumbs-up rate](thumbs_up.png)", "",
         "### Per adapter version (eval traffic)", "",

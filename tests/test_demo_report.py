@@ -44,6 +44,14 @@ def test_summary_falls_back_when_the_promoted_version_has_few_eval_samples():
     rows = fake_interactions({"base": 0.2, "v2": 0.5}) + fake_interactions({"v4": 0.9}, n=5, t0=5000)
     s = summarize(rows, promoted="v4", min_eval=20)
     assert s["served_version"] == "v2"
+    # promoted late, after a canary that was rolled back: the version users had before it, not the
+    # newest with enough answers
+    rows = (fake_interactions({"base": 0.2, "v2": 0.5, "v3": 0.3}, n=150)
+            + fake_interactions({"v5": 0.9}, n=60, t0=5000))
+    s = summarize(rows, promoted="v5", promotions=["v1", "v2", "v5"])
+    assert s["served_version"] == "v2" and s["min_eval"] == 100
+    assert summarize(rows, promoted="v5", promotions=["v1", "v2", "v5"], min_eval=60)["served_version"] == "v5"
+    assert summarize(rows, promoted="v5", promotions=["v5"])["served_version"] is None
     s = summarize(fake_interactions({"v2": 0.5}), promoted="v2")
     assert s["improvement_rate"] is None  # no base measurement: no claim
 
@@ -89,6 +97,12 @@ def test_write_report(tmp_path):
     assert saved["reward_updates"] == 4 and saved["policy_versions"] == 1 and saved["decisions"] == 2
     md = (out / "report.md").read_text()
     assert "Improvement: 0." in md and "manual_promote" in md and "| 3 | 50 | 0.650 |" in md
+    assert "was promoted last" not in md
+    # too few answers for the report's bar, and nothing promoted before it: no claim, and why
+    out, summary = write_report(cfg, tmp_path / "strict", min_eval=300)
+    assert summary["served_version"] is None and summary["improvement_rate"] is None
+    assert ("v1 was promoted last, with 200 eval answers, fewer than the 300 a served version's rate needs here; "
+            "no promoted version has that many.") in (out / "report.md").read_text()
     # A rejection is explained by the published version's score on the same held-out set.
     assert "| 4 | 40 | - | - | 0.720 | 0.781 (v3) | rejected | - |" in md
     assert "![thumbs-up rate](thumbs_up.png)" in md
@@ -109,6 +123,9 @@ def test_report_shows_the_labels_spent_and_the_lift_per_1000_labels(tmp_path):
     # the status counts this simulator process only (a restart starts it again): the rows win
     (sim / "status.json").write_text(json.dumps({"feedback_sent": {"thumbs": 3}, "seed": 123457, "feedback": {
         "profile": "sparse", "thumbs_fraction": 0.05, "preference_fraction": 0.05, "correction_fraction": 0.01}}))
+    (cfg.state_dir / "canary").mkdir()  # v1 was promoted (what the report measures)
+    (cfg.state_dir / "canary" / "decisions.jsonl").write_text(json.dumps(
+        {"at": 1.0, "action": "promote", "version": "v1", "control": "base", "reason": "test"}) + "\n")
     gate = cfg.state_dir / "gate"
     gate.mkdir()
     (gate / "decisions.jsonl").write_text(json.dumps({"version": "v1", "decision": "gated", "reasons": [], "numbers": {

@@ -318,7 +318,8 @@ def test_each_simulator_draws_its_own_users_unless_demo_seed_is_set(tmp_path):
     def draws(**demo):
         cfg = load_config(environ={}, workspace=tmp_path / "ws", demo=demo)
         sim = Simulator(cfg, "http://stub", likes_the, RecordingChannels())
-        out = (sim.status()["seed"], [sim._random() for _ in range(8)], [sim._choice(sim.eval_prompts) for _ in range(8)])
+        out = (sim.status()["seed"], [sim._random() for _ in range(8)],
+               [sim._choice(sim.eval_prompts) for _ in range(8)])
         sim.close()
         return out
 

@@ -710,6 +710,10 @@ class DemoConfig(Section):
     max_requests_per_second: float = Field(8.0, gt=0)
     max_tokens: int = Field(16, ge=1)
     target_improvement: float = Field(0.25, ge=0, le=1)
+    # Eval answers a version needs before the report calls its rate the served model's (about +-9
+    # points at 95%); one promoted in the last minute has a few dozen: the report then measures
+    # the version promoted before it, and says so.
+    report_min_eval: int = Field(100, ge=1)
     # The simulated users' random draws (eval prompts, coin flips, feedback); None: drawn afresh
     # each time the simulator starts, and shown in the report (set it to replay a run's draws).
     seed: int | None = None
