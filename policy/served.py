@@ -20,8 +20,9 @@ itself samples at ``policy.temperature`` 1. Dropped, each counted by reason and 
 - ``sampling``: sampled with temperature, top_p, top_k or penalties the log-probs do not describe;
 - ``bad_prompt`` / ``heldout_prompt``: a prompt that is no conversation, or one the gate holds out;
 - ``unknown_version`` / ``stale``: served by an adapter whose version is unreadable, or more than
-  ``policy.offpolicy_max_staleness`` versions behind the version the run starts from (no adapter,
-  the base, is version 0);
+  ``policy.offpolicy_max_staleness`` versions behind the version the run starts from: generations
+  back along the start's line (its parent is 1 behind, whatever was published in between), else
+  by version number (no adapter, the base, is version 0);
 - ``bad_tokens``: a token id outside the base's vocabulary (another model's answer);
 - ``too_long`` / ``prompt_too_long``: more completion tokens than ``policy.max_new_tokens``, or a
   rendered prompt over ``policy.max_prompt_tokens`` (rollouts would cut it: other log-probs);
@@ -168,9 +169,14 @@ def load_tokenizer(base_path: Path):
     return tok
 
 
-def read_served(cfg: LooprlConfig, start_version: int, tok=None) -> tuple[list[ServedSample], Counter]:
+def read_served(cfg: LooprlConfig, start_version: int, tok=None,
+                generations: dict[int, int] | None = None) -> tuple[list[ServedSample], Counter]:
     """The newest ``policy.offpolicy_pool`` usable served answers (see the module docstring) and the
-    drops by reason; ``start_version``: the version the run starts from (0: the base)."""
+    drops by reason; ``start_version``: the version the run starts from (0: the base).
+
+    An answer is stale when its version lies more than ``policy.offpolicy_max_staleness`` versions
+    behind the start: counted in ``generations`` (version number -> generations back on the start's
+    line: the start 0, its parent 1, ...) when it holds the version, else by version number."""
     p = cfg.policy
     drops: Counter = Counter()
     if not cfg.events_dir.exists():
@@ -187,7 +193,7 @@ def read_served(cfg: LooprlConfig, start_version: int, tok=None) -> tuple[list[S
                     continue
                 if tok is None:
                     tok = load_tokenizer(cfg.base_path)
-                sample, reason = _check(row, cfg, start_version, tok)
+                sample, reason = _check(row, cfg, start_version, tok, generations or {})
                 if sample is None:
                     drops[reason] += 1
                 else:
@@ -197,7 +203,8 @@ def read_served(cfg: LooprlConfig, start_version: int, tok=None) -> tuple[list[S
     return out, drops
 
 
-def _check(row: dict, cfg: LooprlConfig, start_version: int, tok) -> tuple[ServedSample | None, str]:
+def _check(row: dict, cfg: LooprlConfig, start_version: int, tok,
+           generations: dict[int, int]) -> tuple[ServedSample | None, str]:
     p = cfg.policy
     if row["eval_user"]:
         return None, "eval_user"
@@ -220,7 +227,7 @@ def _check(row: dict, cfg: LooprlConfig, start_version: int, tok) -> tuple[Serve
     version = served_version(row["adapter_version"])
     if version is None:
         return None, "unknown_version"
-    if start_version - version > p.offpolicy_max_staleness:
+    if generations.get(version, start_version - version) > p.offpolicy_max_staleness:
         return None, "stale"
     if any(i is None or i >= len(tok) for i in ids):
         return None, "bad_tokens"
@@ -234,16 +241,17 @@ def _check(row: dict, cfg: LooprlConfig, start_version: int, tok) -> tuple[Serve
                         [float(x) for x in lps], label, version), ""
 
 
-def load_pool(cfg: LooprlConfig, start_version: int) -> list[ServedSample]:
+def load_pool(cfg: LooprlConfig, start_version: int,
+              generations: dict[int, int] | None = None) -> list[ServedSample]:
     """The served answers a new run trains on (empty when off-policy learning is off, with the
-    reason logged); drops per reason are logged."""
+    reason logged); drops per reason are logged. ``generations``: as in ``read_served``."""
     why = offpolicy_disabled(cfg)
     if why is not None:
         if cfg.policy.offpolicy:  # switched on but unusable: say so; off by choice: nothing to say
             log.warning("off-policy learning is off for this run", reason=why)
         return []
     try:
-        samples, drops = read_served(cfg, start_version)
+        samples, drops = read_served(cfg, start_version, generations=generations)
     except Exception as e:  # an unreadable log must not stop on-policy training
         log.warning("could not read served answers from the event log; training on-policy only", error=str(e))
         return []

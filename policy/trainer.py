@@ -42,7 +42,7 @@ from looprl.policy.scoring import RegistryScorer, registry_scorer
 from looprl.policy.vllm_layout import LayoutError, export_vllm
 from looprl.policy.workers import Learner, RolloutWorker
 from looprl.storage.registry import Manifest, Registry
-from looprl.storage.releases import KIND, VLLM_DIR, promoted_version
+from looprl.storage.releases import KIND, VLLM_DIR, continue_point, lineage
 
 log = get_logger(__name__)
 
@@ -191,7 +191,8 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"steps": steps})})
         scorer = scorer if scorer is not None else registry_scorer(cfg)
         pool, watermark = build_pool(cfg)
-        parent = promoted_version(Registry(cfg.registry_dir))
+        reg = Registry(cfg.registry_dir)
+        parent = continue_point(reg, cfg.policy.continue_from)
         meta = {
             "run_id": run.run_id,
             "created_at": datetime.now(timezone.utc).isoformat(),
@@ -210,7 +211,10 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             if isinstance(last, (int, float)) and last > 0:
                 meta["init_kl_coef"] = float(last)
         # before run.json: a run that exists has its served answers (resuming never re-reads the log)
-        served_pool = served_answers.load_pool(cfg, version_number(meta["init_from"]))
+        # staleness counts the generations an answer's version lies behind the start on its line
+        line = lineage(reg, meta["init_from"])
+        generations = {version_number(v): i for i, v in enumerate(line)} | {0: len(line)}
+        served_pool = served_answers.load_pool(cfg, version_number(meta["init_from"]), generations)
         if served_pool:
             served_answers.save_pool(run.path, served_pool)
         run.write_meta(meta, pool)
@@ -295,7 +299,8 @@ def _check_memory(cfg: LooprlConfig, scorer, use_ray: bool) -> None:
 
 
 def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | None:
-    """The promoted version to continue from, if it is a LoRA of the same shape on the same base."""
+    """The version to continue from (``policy.continue_from``), if it is a LoRA of the same shape
+    on the same base."""
     if not cfg.policy.init_from_promoted or parent is None:
         return None
     reg = Registry(cfg.registry_dir)
@@ -303,7 +308,7 @@ def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | 
         _, d = reg.open(KIND, parent, base_checksum=checksum)
         acfg = json.loads((d / "adapter_config.json").read_text())
     except Exception as e:  # a broken promoted version must not block training from scratch
-        log.warning("cannot continue from the promoted adapter; starting fresh", parent=parent, error=str(e))
+        log.warning("cannot continue from the parent adapter; starting fresh", parent=parent, error=str(e))
         return None
     p = cfg.policy
     targets = base_policy_targets(cfg.base_path, p)  # "auto" resolved for this base, as attach_lora does
@@ -311,7 +316,7 @@ def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | 
             and set(acfg.get("target_modules") or []) == set(targets.target_modules)
             and set(acfg.get("target_parameters") or []) == set(targets.target_parameters))
     if not same:
-        log.info("promoted adapter has another LoRA shape; starting fresh", parent=parent)
+        log.info("parent adapter has another LoRA shape; starting fresh", parent=parent)
         return None
     return parent
 

@@ -41,7 +41,8 @@ from looprl.storage.registry import Manifest, Registry, RegistryError, Status
 
 __all__ = [
     "BASE", "CANARY", "KIND", "LIFECYCLE", "PROMOTED", "DecisionRecord", "Expected", "StaleDecision",
-    "TransitionError", "Version", "canary_version", "check_transition", "decisions_path", "drop_stale_canary",
+    "TransitionError", "Version", "canary_version", "check_transition", "continue_point", "decisions_path",
+    "drop_stale_canary", "lineage",
     "VLLM_DIR", "adapter_dir", "lora_name", "previous_promoted", "promote", "promoted_version", "read_decisions",
     "record_decision",
     "record_gate", "require", "roll_back_canary", "roll_back_promoted", "sources", "start_canary",
@@ -200,6 +201,53 @@ def previous_promoted(reg: Registry, current: str) -> str | None:
         if m.number < version_number(current) and m.status == "promoted":
             return m.version
     return None
+
+
+# A trainer's line runs through versions that passed the gate and that users have not refused.
+_ON_LINE: frozenset[str] = frozenset({"gated", "canary"})
+
+
+def lineage(reg: Registry, version: str | None) -> list[str]:
+    """``version`` and the versions it was trained from (manifest ``parent``), newest first; the
+    base model ends it (a missing version or a loop ends it early)."""
+    out: list[str] = []
+    while version is not None and version not in out:
+        out.append(version)
+        try:
+            version = reg.manifest(KIND, version).parent
+        except RegistryError:
+            break
+    return out
+
+
+def continue_point(reg: Registry, how: str = "promoted") -> str | None:
+    """The version a new training run continues from (``policy.continue_from``; None: the base).
+
+    ``"promoted"``: the version serving all traffic. ``"newest_gated"``: the newest version whose
+    parents lead to the promoted one through gated (or canary) versions only, else the promoted
+    one. A rollback or a rejection on the way ends that line, and so does a promotion elsewhere."""
+    promoted = promoted_version(reg)
+    if how == "promoted":
+        return promoted
+    if how != "newest_gated":
+        raise ValueError(f"continue from {how!r}: expected 'promoted' or 'newest_gated'")
+    manifests = {m.version: m for m in reg.list(KIND)}
+
+    def on_line(version: str) -> bool:
+        seen: set[str] = set()
+        v: str | None = version
+        while v != promoted:
+            m = manifests.get(v) if v is not None else None
+            if m is None or m.status not in _ON_LINE or v in seen:
+                return False
+            seen.add(v)
+            v = m.parent
+        return True
+
+    for m in sorted(manifests.values(), key=lambda m: m.number, reverse=True):
+        if m.status in _ON_LINE and on_line(m.version):
+            return m.version
+    return promoted
 
 
 # --------------------------------------------------------------------------- the decisions log

@@ -150,3 +150,25 @@ def test_next_run_continues_from_the_promoted_adapter(gate_env):
     for k in (k for k in a if "lora_B" in k):
         # one PPO step from the promoted weights: much closer to them than to a fresh (zero) B
         assert (b[k] - a[k]).norm() < 0.5 * a[k].norm(), k
+
+
+def test_a_run_continues_the_trainer_line_when_asked(gate_env):
+    cfg, good = gate_env
+    reg = Registry(cfg.registry_dir)
+    if reg.pointer("policy", "promoted") != good:
+        assert run_gate(cfg, good, SCORER).passed
+        promote(cfg, good)
+    line = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"steps": 1, "continue_from": "newest_gated"})})
+    first = train(line, scorer=SCORER, use_ray=False, resume=False).manifest
+    releases.record_gate(reg, first.version, "gated", "test: passed")
+    second = train(line, scorer=SCORER, use_ray=False, resume=False).manifest
+    assert second.parent == first.version  # not the promoted version: the line's newest gated one
+    a = load_file(str(reg.version_dir("policy", first.version) / "adapter_model.safetensors"))
+    b = load_file(str(reg.version_dir("policy", second.version) / "adapter_model.safetensors"))
+    assert all((b[k] - a[k]).norm() < 0.5 * a[k].norm() for k in a if "lora_B" in k)
+    releases.record_gate(reg, second.version, "rejected", "test: refused")
+    third = train(line, scorer=SCORER, use_ray=False, resume=False).manifest
+    assert third.parent == first.version  # a rejected version ends nothing but itself
+    promoted = train(line.model_copy(update={"policy": line.policy.model_copy(update={"continue_from": "promoted"})}),
+                     scorer=SCORER, use_ray=False, resume=False).manifest
+    assert promoted.parent == good

@@ -107,6 +107,12 @@ def test_served_answers_are_filtered_and_counted_by_reason(tiny_base_cfg, tok, t
     assert ok_new.token_ids == served_response(tok, train_p[6], answer, response_id="x", ts=T0).completion_token_ids
     assert ok_new.logprobs == [-0.5] * len(ok_new.token_ids)
 
+    # counted along the run's line instead: v2 is the start's parent (1 back, v3 and v4 were published
+    # in between), the base 3 generations back; v3, not on the line, by version number (2 back)
+    samples, drops = served.read_served(cfg, start_version=5, tok=tok, generations={5: 0, 2: 1, 0: 3})
+    assert [s.response_id for s in samples] == ["ok-new", "ok-rated", "ok-old", "stale"]
+    assert drops["stale"] == 1 and drops["sampling"] == 4
+
     # the pool keeps the newest: with room for 2, the 12 older answers are not even looked at
     small = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"offpolicy_pool": 2})})
     samples, drops = served.read_served(small, start_version=5, tok=tok)

@@ -178,6 +178,33 @@ def test_canary_roll_back_keeps_the_promoted_version(reg, tmp_path):
         releases.roll_back_canary(reg, state, v2, "again", by="op", action="manual_rollback")
 
 
+def test_a_trainer_line_runs_on_through_gated_versions_until_users_refuse_one(reg, tmp_path):
+    state = tmp_path / "state"
+    line = lambda: releases.continue_point(reg, "newest_gated")  # noqa: E731
+    assert line() is None and releases.continue_point(reg, "promoted") is None  # nothing yet: the base
+    v1 = publish(reg, tmp_path, "gated")  # trained from the base
+    assert line() == v1 and releases.continue_point(reg, "promoted") is None
+    publish(reg, tmp_path, "rejected", parent=v1)  # the gate refused it: the line stays at v1
+    assert line() == v1
+    v3 = publish(reg, tmp_path, "gated", parent=v1)
+    releases.start_canary(reg, state, v1, traffic_share=0.5)  # users judge v1 while the line runs on
+    assert line() == v3
+    releases.promote(reg, state, v1, "P(better)=0.95", by="canary", action="promote")
+    assert line() == v3 and releases.continue_point(reg, "promoted") == v1
+    v4 = publish(reg, tmp_path, "gated", parent=v3)
+    assert releases.lineage(reg, v4) == [v4, v3, v1]
+    releases.start_canary(reg, state, v3, traffic_share=0.5)
+    assert line() == v4
+    releases.roll_back_canary(reg, state, v3, "P(worse)=0.97", by="canary", action="rollback")
+    assert line() == v1  # the users refused v3: v4 descends from it, so the line restarts at v1
+    publish(reg, tmp_path, "gated")  # from the base: no line to the promoted v1
+    assert line() == v1
+    v6 = publish(reg, tmp_path, "gated", parent=v1)
+    assert line() == v6
+    with pytest.raises(ValueError, match="expected 'promoted' or 'newest_gated'"):
+        releases.continue_point(reg, "newest")
+
+
 def test_a_gated_version_is_not_rolled_back(reg, tmp_path):
     v1 = publish(reg, tmp_path, "gated")
     with pytest.raises(TransitionError, match="policy/v1 is gated: only the canary or the promoted version"):

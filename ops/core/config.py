@@ -436,8 +436,14 @@ class PolicyConfig(Section):
     # loads (policy/ray_backend.py). Never on a remote cluster (ray_address).
     keep_actors: bool = True
     metrics_port: int = Field(9103, ge=0, le=65535)
-    # Start from the promoted adapter (same rank/targets) so training is continual across runs.
+    # Start from an earlier adapter (same rank/targets) so training is continual across runs.
     init_from_promoted: bool = True
+    # Which one (storage/releases.py `continue_point`): "promoted", the version serving all traffic;
+    # "newest_gated", the trainer's own line: the newest version that passed the gate and descends
+    # from the promoted one through gated versions only (one the users rolled back ends its line),
+    # else the promoted one. Serving follows the line through the gate and the canary, so a run
+    # builds on the runs before it while users still judge an older one.
+    continue_from: Literal["promoted", "newest_gated"] = "promoted"
     # Torch threads per trainer process/actor. 1 for the tiny CPU model: more threads on busy
     # cores make torch's thread pool spin and run many times slower.
     torch_threads: int = Field(1, ge=1)
@@ -452,7 +458,8 @@ class PolicyConfig(Section):
     offpolicy_samples: int = Field(8, ge=0)
     # Newest labelled served answers a run reads from the event log, once, when it starts.
     offpolicy_pool: int = Field(256, ge=0)
-    # Drop answers served by an adapter more than this many versions behind the one the run starts from.
+    # Drop answers served by an adapter more than this many versions behind the one the run starts
+    # from: generations back on its line (parent 1), else by version number.
     offpolicy_max_staleness: int = Field(3, ge=0)
     # Truncation of the per-token importance weight pi_old / pi_behaviour (truncated IS).
     offpolicy_is_cap: float = Field(2.0, ge=1)
