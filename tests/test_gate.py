@@ -131,12 +131,18 @@ def test_gate_refuses_missing_and_already_promoted_versions(gate_env):
             run_gate(cfg, good, SCORER)
 
 
-def test_next_run_continues_from_the_promoted_adapter(gate_env):
-    cfg, good = gate_env
+def _with_promoted(cfg, good: str) -> Registry:
+    """The registry, ``good`` promoted (gated first unless an earlier test did it)."""
     reg = Registry(cfg.registry_dir)
     if reg.pointer("policy", "promoted") != good:
         assert run_gate(cfg, good, SCORER).passed
         promote(cfg, good)
+    return reg
+
+
+def test_next_run_continues_from_the_promoted_adapter(gate_env):
+    cfg, good = gate_env
+    reg = _with_promoted(cfg, good)
     result = train(cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"steps": 1})}),
                    scorer=SCORER, use_ray=False, resume=False)
     m = result.manifest
@@ -154,10 +160,7 @@ def test_next_run_continues_from_the_promoted_adapter(gate_env):
 
 def test_a_run_continues_the_trainer_line_when_asked(gate_env):
     cfg, good = gate_env
-    reg = Registry(cfg.registry_dir)
-    if reg.pointer("policy", "promoted") != good:
-        assert run_gate(cfg, good, SCORER).passed
-        promote(cfg, good)
+    reg = _with_promoted(cfg, good)
     line = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"steps": 1, "continue_from": "newest_gated"})})
     first = train(line, scorer=SCORER, use_ray=False, resume=False).manifest
     releases.record_gate(reg, first.version, "gated", "test: passed")
