@@ -151,7 +151,10 @@ PROFILE_TUNING: dict[str, dict[str, Any]] = {
                "scheduler.policy_reward_window_labels": 100,
                # A reward model read from a few hundred labels is wrong more often: the sparse runs
                # were measured with the leash the generous profile had before (7 nats, cap 10).
-               "policy.target_kl": 7.0, "gate.max_kl": 10.0},
+               "policy.target_kl": 7.0, "gate.max_kl": 10.0,
+               # ... and each run starts from the promoted version: a line of versions the users
+               # have not judged compounds that reward model's errors (s23 in ops/README.md).
+               "policy.continue_from": "promoted"},
 }
 PROFILE_TUNING["targeted"] = dict(PROFILE_TUNING["sparse"])
 

@@ -115,6 +115,8 @@ def test_sparse_profiles_tune_the_loop_for_fewer_labels_and_targeted_sets_a_comp
     g = load_config(environ=generous, workspace=tmp_path)
     assert sparse.policy.target_kl < g.policy.target_kl == DEMO_TUNING["policy.target_kl"]
     assert sparse.gate.max_kl < g.gate.max_kl and sparse.policy.target_kl < sparse.gate.max_kl
+    # generous runs continue the trainer's line; sparse ones the version the users approved
+    assert (g.policy.continue_from, sparse.policy.continue_from) == ("newest_gated", "promoted")
     # targeted: serve's budget equals the sparse profile's 5% comparisons at the demo's request rate
     cfg = load_config(environ={"LOOPRL_DEMO__FEEDBACK": "targeted"}, workspace=tmp_path,
                       demo={"max_requests_per_second": 4.0, "eval_fraction": 0.5})
