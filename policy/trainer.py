@@ -307,7 +307,7 @@ def _init_source(cfg: LooprlConfig, parent: str | None, checksum: str) -> str | 
     try:
         _, d = reg.open(KIND, parent, base_checksum=checksum)
         acfg = json.loads((d / "adapter_config.json").read_text())
-    except Exception as e:  # a broken promoted version must not block training from scratch
+    except Exception as e:  # a broken parent version must not block training from scratch
         log.warning("cannot continue from the parent adapter; starting fresh", parent=parent, error=str(e))
         return None
     p = cfg.policy
