@@ -10,11 +10,15 @@ earlier examples, ``--epochs`` epochs; no per-user cap, no publish decision), an
 ``--every`` slices scores the eval users' answers from the base model: the *true skill* is the
 share of answer pairs with different P that the model orders as P does (0.5: chance).
 
+``--published v2,v9,...`` instead scores those reward versions as the demo published them (from
+the workspace's registry), so the live models' true skill can be set beside the replay's.
+
 Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label kind out;
 ``--adapters 1`` trains one LoRA adapter instead of the sparse profile's independent ones.
 
 Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
-[--epochs 16] [--adapters 4] [--every 2] [--seed 0] [--answers 400] [--threads 1]``. The defaults are the sparse
+[--epochs 16] [--adapters 4] [--every 2] [--seed 0] [--answers 400] [--threads 1] [--published
+v2,v9]``. The defaults are the sparse
 profile's reward tuning. Human lines first, then one JSON line: the true skill after each
 ``--every`` slices.
 """
@@ -61,6 +65,22 @@ def eval_answers(workspace: Path, limit: int) -> list[tuple[str, str, float]]:
     return out[:limit]
 
 
+def published_skill(cfg, answers: list[tuple[str, str, float]], versions: list[str]) -> int:
+    """The true skill of reward versions as the demo published them, with the events each had read."""
+    from looprl.reward.model import load_reward_model
+    from looprl.storage.registry import Registry
+
+    reg, rows = Registry(cfg.registry_dir), []
+    for v in versions:
+        events = reg.manifest("reward", v).watermark.get("consumed_events")
+        s = true_skill(load_reward_model(cfg, v).score([a[0] for a in answers], [a[1] for a in answers]).tolist(),
+                       [a[2] for a in answers])
+        rows.append({"version": v, "events": events, "true_skill": round(s, 3)})
+        print(f"{v} ({events} events read): true skill {s:.3f}")
+    print(json.dumps({"workspace": str(cfg.workspace), "published": rows}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workspace", type=Path)
@@ -74,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--answers", type=int, default=400, help="eval answers scored for the true skill")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--published", default="", help="score these published reward versions instead, comma-separated")
     args = ap.parse_args(argv)
 
     import torch
@@ -89,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     answers = eval_answers(args.workspace, args.answers)
     if len({a[2] for a in answers}) < 2:
         raise SystemExit("the eval answers' hidden P does not vary: nothing to rank")
+    if args.published:
+        return published_skill(cfg, answers, [v for v in args.published.split(",") if v])
     con = connect_event_log(cfg.events_dir)
     try:
         examples = FeedbackSource(con).new_examples([])
