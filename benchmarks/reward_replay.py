@@ -17,9 +17,8 @@ Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label 
 ``--adapters 1`` trains one LoRA adapter instead of the sparse profile's independent ones.
 
 Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
-[--epochs 16] [--adapters 4] [--every 2] [--seed 0] [--answers 400] [--threads 1] [--published
-v2,v9]``. The defaults are the sparse
-profile's reward tuning. Human lines first, then one JSON line: the true skill after each
+[--epochs 16] [--adapters 4] [--every 2] [--seed 0] [--answers 400] [--threads 1]
+[--published v2,v9]``. The defaults are the sparse profile's reward tuning. Human lines first, then one JSON line: the true skill after each
 ``--every`` slices.
 """
 
@@ -65,6 +64,11 @@ def eval_answers(workspace: Path, limit: int) -> list[tuple[str, str, float]]:
     return out[:limit]
 
 
+def model_skill(model, answers: list[tuple[str, str, float]]) -> float | None:
+    """The true skill of a reward model on (prompt, completion, hidden P) answers."""
+    return true_skill(model.score([a[0] for a in answers], [a[1] for a in answers]).tolist(), [a[2] for a in answers])
+
+
 def published_skill(cfg, answers: list[tuple[str, str, float]], versions: list[str]) -> int:
     """The true skill of reward versions as the demo published them, with the events each had read."""
     from looprl.reward.model import load_reward_model
@@ -73,8 +77,7 @@ def published_skill(cfg, answers: list[tuple[str, str, float]], versions: list[s
     reg, rows = Registry(cfg.registry_dir), []
     for v in versions:
         events = reg.manifest("reward", v).watermark.get("consumed_events")
-        s = true_skill(load_reward_model(cfg, v).score([a[0] for a in answers], [a[1] for a in answers]).tolist(),
-                       [a[2] for a in answers])
+        s = model_skill(load_reward_model(cfg, v), answers)
         rows.append({"version": v, "events": events, "true_skill": round(s, 3)})
         print(f"{v} ({events} events read): true skill {s:.3f}")
     print(json.dumps({"workspace": str(cfg.workspace), "published": rows}))
@@ -128,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     model = RewardModel.fresh(cfg, seed=args.seed, adapters=args.adapters)
 
     def skill() -> float | None:
-        return true_skill(model.score([a[0] for a in answers], [a[1] for a in answers]).tolist(),
-                          [a[2] for a in answers])
+        return model_skill(model, answers)
 
     curve, history = [], []
     print(f"update 0: true skill {skill():.3f}")
