@@ -18,8 +18,8 @@ Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label 
 
 Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
 [--epochs 16] [--adapters 4] [--every 2] [--seed 0] [--answers 400] [--threads 1]
-[--published v2,v9]``. The defaults are the sparse profile's reward tuning. Human lines first, then one JSON line: the true skill after each
-``--every`` slices.
+[--published v2,v9]``. The defaults are the sparse profile's reward tuning. Human lines first,
+then one JSON line: the true skill after each ``--every`` slices.
 """
 
 from __future__ import annotations
@@ -71,12 +71,12 @@ def model_skill(model, answers: list[tuple[str, str, float]]) -> float | None:
 
 def published_skill(cfg, answers: list[tuple[str, str, float]], versions: list[str]) -> int:
     """The true skill of reward versions as the demo published them, with the events each had read."""
-    from looprl.reward.model import load_reward_model
+    from looprl.reward.model import KIND, load_reward_model
     from looprl.storage.registry import Registry
 
     reg, rows = Registry(cfg.registry_dir), []
     for v in versions:
-        events = reg.manifest("reward", v).watermark.get("consumed_events")
+        events = reg.manifest(KIND, v).watermark.get("consumed_events")
         s = model_skill(load_reward_model(cfg, v), answers)
         rows.append({"version": v, "events": events, "true_skill": round(s, 3)})
         print(f"{v} ({events} events read): true skill {s:.3f}")
@@ -130,11 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model = RewardModel.fresh(cfg, seed=args.seed, adapters=args.adapters)
 
-    def skill() -> float | None:
-        return model_skill(model, answers)
-
     curve, history = [], []
-    print(f"update 0: true skill {skill():.3f}")
+    print(f"update 0: true skill {model_skill(model, answers):.3f}")
     for n in range(min(args.max_updates, -(-len(stream) // args.slice))):
         new = stream[n * args.slice:(n + 1) * args.slice]
         preq = evaluate(model, new)
@@ -144,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
               seed=rc.seed + n + 1, correction_weight=rc.correction_weight, bootstrap_seed=rc.seed)
         history += new
         if (n + 1) % args.every == 0:
-            s = skill()
+            s = model_skill(model, answers)
             curve.append({"update": n + 1, "labels": len(history), "true_skill": round(s, 3),
                           "prequential_pair_accuracy": preq.pair_accuracy, "prequential_thumbs_auc": preq.thumbs_auc})
             print(f"update {n + 1} ({len(history)} labels): true skill {s:.3f}; prequential pairs "
