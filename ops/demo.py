@@ -504,7 +504,8 @@ def run_demo(cfg: LooprlConfig, minutes: float | None = None, preference: str | 
         # The live view owns the terminal; this process's own log lines (restarts, ...) still go
         # to stderr at WARNING and above; every stage logs to logs/<stage>.log.
         logging.getLogger("looprl").setLevel(logging.WARNING)
-    sup = Supervisor(services, log_dir, backoff_initial_s=1.0, backoff_max_s=20.0, stable_after_s=30.0)
+    sup = Supervisor(services, log_dir, backoff_initial_s=cfg.demo.restart_backoff_seconds, backoff_max_s=20.0,
+                     stable_after_s=30.0)
     monitor = StageMonitor(cfg, sup, metrics_urls(ports))
     t0 = time.monotonic()
     total = minutes * 60

@@ -324,7 +324,8 @@ def test_demo_whose_serving_stage_always_fails_exits_non_zero_with_the_cause(tmp
     base.mkdir()              # do not load the model
     (base / "config.json").write_text("{}")
     env = {**os.environ, "LOOPRL_MODEL__BASE_PATH": str(base),
-           "LOOPRL_SERVING__BASE_PATH": str(tmp_path / "no-such-checkpoint")}
+           "LOOPRL_SERVING__BASE_PATH": str(tmp_path / "no-such-checkpoint"),
+           "LOOPRL_DEMO__RESTART_BACKOFF_SECONDS": "0.1"}  # the restarts themselves are what is tested
     t0 = time.monotonic()
     p = subprocess.run([sys.executable, "-m", "looprl.ops.cli", "--workspace", str(ws), "demo", "--no-ui",
                         "--minutes", "2"], env=env, capture_output=True, text=True, timeout=170)

@@ -732,6 +732,9 @@ class DemoConfig(Section):
     failure_seconds: float = Field(60.0, gt=0)
     max_restarts: int = Field(3, ge=0)
     restart_window_seconds: float = Field(300.0, gt=0)
+    # A stage that died is restarted after this delay, doubled at each restart (up to 20 s) and
+    # reset once it has run for 30 s: a crash loop backs off instead of spinning.
+    restart_backoff_seconds: float = Field(1.0, gt=0)
 
 
 class LooprlConfig(Section):
