@@ -129,7 +129,10 @@ def not_ready_for_ppo(cfg: LooprlConfig, window: int | None = None) -> str | Non
     PPO keeps training against the newer versions, which the updater publishes only when they are
     not confidently worse than the one before on the same held-out events; the bound of a few
     dozen sparse labels wanders around the threshold, and holding PPO each time it dips would stop
-    a loop that already learns.
+    a loop that already learns. ``scheduler.policy_start_after_labels`` starts it too, once the newest
+    version has read that many feedback events: the bound reads the users' coin flips on a few
+    dozen sparse labels, and in replays a model that has read about 190 ranks well above chance
+    whatever its bound says (ops/README.md).
 
     Deprecated, still honoured when set: ``scheduler.policy_min_reward_pair_accuracy`` on at least
     ``scheduler.policy_min_reward_pairs``, for the held-out pairs of the newest version and for
@@ -143,15 +146,18 @@ def not_ready_for_ppo(cfg: LooprlConfig, window: int | None = None) -> str | Non
         return "no reward model yet"
     if min_skill > 0:
         skill = reward_skill(cfg, window, manifest=m)
-        passed = ready_since(cfg)
-        if skill.lower is None or skill.lower < min_skill:
-            if passed is None:
+        floor, read = s.policy_start_after_labels, int(m.watermark.get("consumed_events") or 0)
+        by_bound = skill.lower is not None and skill.lower >= min_skill
+        by_labels = 0 < floor <= read
+        if ready_since(cfg) is None:
+            if not (by_bound or by_labels):
+                or_labels = f", or {floor} labels read ({read} so far)" if floor else ""
                 return (f"reward {m.version}: {skill.describe()} over its held-out events and recent updates; "
-                        f"waiting for a lower bound >= {min_skill}")
-        elif passed is None:
+                        f"waiting for a lower bound >= {min_skill}{or_labels}")
             atomic_write_text(_ready_path(cfg), json.dumps({
                 "version": m.version, "at": datetime.now(timezone.utc).isoformat(), "estimate": skill.estimate,
-                "lower": skill.lower, "min_skill": min_skill}))
+                "lower": skill.lower, "min_skill": min_skill, "labels_read": read,
+                "by": "skill" if by_bound else "labels"}))
     if want <= 0 and min_pairs <= 0:
         return None
     acc, pairs = m.metrics.get("holdout_pair_accuracy"), m.metrics.get("holdout_pairs") or 0

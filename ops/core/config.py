@@ -626,6 +626,10 @@ class SchedulerConfig(Section):
     # held-out and recent prequential results, pooled) has a lower confidence bound at least this
     # (0: no condition). 0.5 is chance; thumbs are noisy, so even a perfect model's AUC is well below 1.
     policy_min_reward_skill: float = Field(0.0, ge=0, le=1)
+    # ... or until the newest reward version has read this many feedback events (its watermark),
+    # whichever comes first (0: the bound alone). With sparse labels the bound reads the users' coin
+    # flips on a few dozen of them and can lag a model that already ranks well by minutes.
+    policy_start_after_labels: int = Field(0, ge=0)
     # One-sided confidence of that lower bound.
     policy_reward_confidence: float = Field(0.9, gt=0.5, lt=1)
     # The prequential part of that evidence: the newest reward updates that together hold at least
