@@ -25,11 +25,11 @@ def _write_thumbs(cfg, users, at):
     PartWriter(cfg.events_dir).write_batch({"thumbs": cols.table(at)}, at)
 
 
-def _publish_reward(cfg, tmp_path, **metrics):
+def _publish_reward(cfg, tmp_path, watermark=None, **metrics):
     src = tmp_path / "head"
     src.mkdir(exist_ok=True)
     save_file({"w": np.zeros(1, np.float32)}, str(src / "head.safetensors"))
-    return Registry(cfg.registry_dir).publish("reward", src, base_checksum="x", metrics=metrics)
+    return Registry(cfg.registry_dir).publish("reward", src, base_checksum="x", metrics=metrics, watermark=watermark)
 
 
 def _write_history(cfg, rows):
@@ -125,18 +125,14 @@ def test_a_label_floor_starts_ppo_when_the_bound_lags_and_is_recorded_as_such(tm
     cfg = load_config(environ={}, workspace=tmp_path, scheduler={"policy_min_reward_skill": 0.6,
                                                                  "policy_start_after_labels": 190})
     # A model at chance on few labels: the bound holds PPO, and the reason names the floor too.
-    reg = Registry(cfg.registry_dir)
-    src = tmp_path / "head"
-    src.mkdir()
-    save_file({"w": np.zeros(1, np.float32)}, str(src / "head.safetensors"))
     weak = {"holdout_pairs": 4, "holdout_pairs_correct": 2}
-    reg.publish("reward", src, base_checksum="x", metrics=weak, watermark={"consumed_events": 189})
+    _publish_reward(cfg, tmp_path, watermark={"consumed_events": 189}, **weak)
     _write_history(cfg, _skill_rows(3, pairs=6, right=3))
     reason = not_ready_for_ppo(cfg)
     assert "waiting for a lower bound >= 0.6, or 190 labels read (189 so far)" in reason
     assert ready_since(cfg) is None
     # One more label read: the floor starts it, whatever the bound says, and the record says why.
-    reg.publish("reward", src, base_checksum="x", metrics=weak, watermark={"consumed_events": 190})
+    _publish_reward(cfg, tmp_path, watermark={"consumed_events": 190}, **weak)
     assert not_ready_for_ppo(cfg) is None
     rec = ready_since(cfg)
     assert rec["by"] == "labels" and rec["labels_read"] == 190 and rec["version"] == "v2" and rec["lower"] < 0.6
