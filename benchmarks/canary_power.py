@@ -15,8 +15,17 @@ Configurations: the schema's defaults (``production``), the demo's generous tuni
 the sparse profiles' (``demo-sparse``), both as ``looprl.ops.demo`` tunes them. A promotion rate
 at a negative difference is the chance that a worse version replaces a better one.
 
+Each configuration runs twice: on thumbs alone (the baseline), and with paired votes
+(``+pairs``: users choosing between the two arms' answers to one question, ``canary.count_pairs``).
+Pairs come at a rate per thumbs vote: the demo profiles' comparisons per thumb
+(``demo.preference_fraction / demo.thumbs_fraction``), ``--pairs-per-vote`` for production. A
+paired vote picks the candidate with probability ``1/2 + --pair-gain * difference``: an
+assumption (the demo's users, who pick the answer they like more, gain more than 1 when answers
+vary less than the rates differ), and ties, which send no vote, are not modelled.
+
 Usage: ``python benchmarks/canary_power.py [--control 0.65] [--diffs=-0.1,-0.05,0,0.05,0.1]
-[--trials 400] [--seed 0]``. Human lines first, then one JSON line with every figure.
+[--trials 400] [--seed 0] [--pairs-per-vote 1] [--pair-gain 1]``. Human lines first, then one
+JSON line with every figure.
 """
 
 from __future__ import annotations
@@ -26,31 +35,44 @@ import json
 import random
 from typing import Any
 
-from looprl.ops.canary import LOOK_EVERY_VOTES, Arm, decide
+from looprl.ops.canary import LOOK_EVERY_VOTES, Arm, Pairs, decide
 from looprl.ops.core.config import CanaryConfig, load_config
 from looprl.ops.demo import tuning_env
+from looprl.ops.sim.profiles import resolve_demo
 
 
-def canary_configs() -> dict[str, CanaryConfig]:
+def canary_configs(production_pairs: float) -> dict[str, tuple[CanaryConfig, float]]:
     """The canary settings a plain deployment and each demo profile run with, through the demo's own
-    tuning (``looprl.ops.demo.tuning_env``), so the figures follow the code."""
-    def demo_canary(feedback: str) -> CanaryConfig:
+    tuning (``looprl.ops.demo.tuning_env``), so the figures follow the code; with each, the paired
+    votes that come per thumbs vote."""
+    def demo_canary(feedback: str) -> tuple[CanaryConfig, float]:
         profile = {"LOOPRL_DEMO__FEEDBACK": feedback}
-        return load_config(environ={**profile, **tuning_env(load_config(environ=profile))}).canary
+        cfg = load_config(environ={**profile, **tuning_env(load_config(environ=profile))})
+        demo = resolve_demo(cfg.demo)
+        return cfg.canary, demo.preference_fraction / demo.thumbs_fraction
 
-    return {"production": load_config(environ={}).canary, "demo": demo_canary("generous"),
+    return {"production": (load_config(environ={}).canary, production_pairs), "demo": demo_canary("generous"),
             "demo-sparse": demo_canary("sparse")}
 
 
-def simulate(cfg: CanaryConfig, candidate_rate: float, control_rate: float, rng: random.Random) -> tuple[str, int]:
-    """One canary to its decision: (action, votes counted on both arms)."""
+def simulate(cfg: CanaryConfig, candidate_rate: float, control_rate: float, rng: random.Random,
+             pairs_per_vote: float = 0.0, pair_gain: float = 1.0) -> tuple[str, int]:
+    """One canary to its decision: (action, thumbs votes counted on both arms)."""
     ups, n = [0, 0], [0, 0]  # candidate, control
+    wins = paired = 0
+    q = min(1.0, max(0.0, 0.5 + pair_gain * (candidate_rate - control_rate)))
+    carry = 0.0
     while True:
         for _ in range(LOOK_EVERY_VOTES):
             arm = 0 if rng.random() < cfg.traffic_share else 1
             n[arm] += 1
             ups[arm] += rng.random() < (candidate_rate, control_rate)[arm]
-        d = decide(Arm(ups[0], n[0]), Arm(ups[1], n[1]), cfg)
+        carry += pairs_per_vote * LOOK_EVERY_VOTES
+        while carry >= 1.0:
+            carry -= 1.0
+            paired += 1
+            wins += rng.random() < q
+        d = decide(Arm(ups[0], n[0]), Arm(ups[1], n[1]), cfg, Pairs(wins, paired))
         if d.action != "wait":
             return d.action, n[0] + n[1]
 
@@ -62,28 +84,37 @@ def main() -> None:
                     help="candidate minus control, true rates, comma-separated")
     ap.add_argument("--trials", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs-per-vote", type=float, default=1.0,
+                    help="production: paired votes per thumbs vote (the demo profiles' follow their fractions)")
+    ap.add_argument("--pair-gain", type=float, default=1.0,
+                    help="a paired vote picks the candidate with probability 1/2 + gain * difference")
     args = ap.parse_args()
     diffs = [float(x) for x in args.diffs.split(",")]
     if not all(0 <= args.control + d <= 1 for d in diffs):
         raise SystemExit(f"--control {args.control} plus every --diffs value must be a rate in [0, 1]")
     rng = random.Random(args.seed)
-    results: dict[str, Any] = {"control_rate": args.control, "trials": args.trials, "configs": {}}
+    results: dict[str, Any] = {"control_rate": args.control, "trials": args.trials, "pair_gain": args.pair_gain,
+                               "configs": {}}
     print(f"control thumbs-up rate {args.control:.2f}; {args.trials} simulated canaries per cell")
-    print(f"{'config':12s} {'votes/arm':>9s}  " + "  ".join(f"{d:+.2f}" for d in diffs) + "   (promote share by true difference)")
-    for name, cfg in canary_configs().items():
-        rows = []
-        for d in diffs:
-            runs = [simulate(cfg, args.control + d, args.control, rng) for _ in range(args.trials)]
-            rows.append({"diff": d, "promote_share": sum(a == "promote" for a, _ in runs) / len(runs),
-                         "mean_votes": sum(v for _, v in runs) / len(runs)})
-        results["configs"][name] = {"min_samples": cfg.min_samples, "max_samples": cfg.max_samples,
-                                    "promote_probability": cfg.promote_probability,
-                                    "rollback_probability": cfg.rollback_probability,
-                                    "promote_on_no_regression": cfg.promote_on_no_regression,
-                                    "traffic_share": cfg.traffic_share, "by_diff": rows}
-        print(f"{name:12s} {cfg.min_samples:>4d}-{cfg.max_samples:<4d}  "
-              + "  ".join(f"{r['promote_share']:5.2f}" for r in rows)
-              + "   mean votes " + "/".join(f"{r['mean_votes']:.0f}" for r in rows))
+    print(f"{'config':18s} {'votes/arm':>9s}  " + "  ".join(f"{d:+.2f}" for d in diffs)
+          + "   (promote share by true difference)")
+    for base_name, (cfg, pairs_per_vote) in canary_configs(args.pairs_per_vote).items():
+        for name, per_vote in ((base_name, 0.0), (f"{base_name}+pairs", pairs_per_vote)):
+            rows = []
+            for d in diffs:
+                runs = [simulate(cfg, args.control + d, args.control, rng, per_vote, args.pair_gain)
+                        for _ in range(args.trials)]
+                rows.append({"diff": d, "promote_share": sum(a == "promote" for a, _ in runs) / len(runs),
+                             "mean_votes": sum(v for _, v in runs) / len(runs)})
+            results["configs"][name] = {"min_samples": cfg.min_samples, "max_samples": cfg.max_samples,
+                                        "promote_probability": cfg.promote_probability,
+                                        "rollback_probability": cfg.rollback_probability,
+                                        "promote_on_no_regression": cfg.promote_on_no_regression,
+                                        "traffic_share": cfg.traffic_share, "pairs_per_vote": per_vote,
+                                        "by_diff": rows}
+            print(f"{name:18s} {cfg.min_samples:>4d}-{cfg.max_samples:<4d}  "
+                  + "  ".join(f"{r['promote_share']:5.2f}" for r in rows)
+                  + "   mean votes " + "/".join(f"{r['mean_votes']:.0f}" for r in rows))
     print(json.dumps(results))
 
 

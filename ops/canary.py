@@ -10,6 +10,16 @@ after every poll we compute P(candidate rate > control rate) exactly (no samplin
     both arms reach canary.max_samples        -> promote: no significant regression in that many votes
                                                  (canary.promote_on_no_regression; else P(better) >= 0.5)
 
+Paired votes (``canary.count_pairs``): while a canary runs, a comparison's two answers come from
+the two arms (``serving.compare_across_canary``), and the user's choice between them judges both
+versions on the same question: no question or user mix between the arms to average out, so each
+such vote tells more than a thumb. The candidate's share of these choices has a Beta(1 + wins,
+1 + losses) posterior, and P(share > 1/2) is exact too. The two posteriors are combined as
+independent evidence on one question, "do users like the candidate more?", each from an even
+prior: their odds multiply. The sample bounds stay on thumbs per arm, so pairs make each look
+sharper, not the test shorter (a look still comes every ``LOOK_EVERY_VOTES`` new votes, pairs
+included); the promote and rollback thresholds apply to the combined probability.
+
 ``max_samples`` counts on the smaller arm, the candidate's at a traffic share under one half: counted
 on the larger one, a 10 % canary would stop at about a ninth of the votes it was configured for.
 
@@ -45,6 +55,7 @@ step reports ``refused``; the person's decision stands.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -69,6 +80,9 @@ LOOK_EVERY_VOTES = 10
 
 DECISIONS = Counter("looprl_canary_decisions_total", "Canary decisions", ["decision"])
 SAMPLES = Gauge("looprl_canary_samples", "Thumbs votes counted for the current canary test", ["arm"])
+PAIRS = Gauge("looprl_canary_pair_votes", "Paired votes (a choice between the two arms' answers) counted for the "
+              "current canary test")
+PAIR_WINS = Gauge("looprl_canary_pair_win_ratio", "Share of the current canary test's paired votes won by the candidate")
 RATE = Gauge("looprl_canary_thumbs_up_ratio", "Thumbs-up rate of each arm of the current canary test", ["arm"])
 PROB_BETTER = Gauge("looprl_canary_prob_better_ratio", "Posterior P(candidate rate > control rate)")
 ACTIVE = Gauge("looprl_canary_active_version", "Version number on canary (0: none)")
@@ -123,6 +137,48 @@ def prob_better(candidate: Arm, control: Arm, prior: tuple[int, int] = (1, 1)) -
     return min(1.0, max(0.0, total))
 
 
+@dataclass(frozen=True)
+class Pairs:
+    """Paired votes: users shown both arms' answers to one question chose the candidate's ``wins``
+    times of ``n``."""
+
+    wins: int = 0
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n < 0 or not 0 <= self.wins <= self.n:
+            raise ValueError(f"invalid pair counts wins={self.wins} n={self.n}")
+
+
+def prob_preferred(pairs: Pairs, prior: tuple[int, int] = (1, 1)) -> float:
+    """P(q > 1/2) for the candidate's share of paired choices q ~ Beta(prior + (wins, losses)),
+    exactly: for integer a, b, P(Beta(a, b) > x) = P(Binomial(a + b - 1, x) <= a - 1), whose terms
+    are summed in log space (thousands of votes are fine)."""
+    a, b = prior[0] + pairs.wins, prior[1] + pairs.n - pairs.wins
+    if not all(isinstance(x, int) and x > 0 for x in (a, b)):
+        raise ValueError("prior must be positive integers")
+    return _binomial_half_cdf(a + b - 1, a - 1)
+
+
+@functools.lru_cache(maxsize=65536)
+def _binomial_half_cdf(m: int, j: int) -> float:
+    """P(Binomial(m, 1/2) <= j). Terms more than 20 standard deviations below the mean (each under
+    e^-800 of the largest) are left out, so a look at thousands of votes costs a few hundred terms."""
+    lo = max(0, int(min(j, m / 2) - 10 * math.sqrt(m)))
+    log_terms = [math.lgamma(m + 1) - math.lgamma(k + 1) - math.lgamma(m - k + 1) - m * math.log(2)
+                 for k in range(lo, j + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in log_terms))
+
+
+def combine(*probabilities: float) -> float:
+    """Posterior probabilities of one hypothesis from independent evidence, each from an even
+    prior: the odds multiply (log-odds add). Clipped off 0 and 1 so one source cannot veto."""
+    clipped = [min(max(p, 1e-12), 1.0 - 1e-12) for p in probabilities]
+    log_odds = sum(math.log(p / (1.0 - p)) for p in clipped)
+    return 1.0 / (1.0 + math.exp(-log_odds))
+
+
 # "end": taken off traffic at its deadline without a verdict. "refused": the step decided, but
 # someone else decided first (see the module docstring).
 Action = Literal["wait", "promote", "rollback", "end", "refused"]
@@ -135,9 +191,11 @@ class Decision:
     numbers: dict[str, Any] = field(default_factory=dict)
 
 
-def decide(candidate: Arm, control: Arm, cfg: CanaryConfig) -> Decision:
-    """One look of the sequential test (pure: counts and config in, decision out)."""
-    p = prob_better(candidate, control)
+def decide(candidate: Arm, control: Arm, cfg: CanaryConfig, pairs: Pairs = Pairs()) -> Decision:
+    """One look of the sequential test (pure: counts and config in, decision out). ``pairs``: the
+    paired votes between the arms, evidence beside the thumbs (none: thumbs alone)."""
+    p_thumbs = prob_better(candidate, control)
+    p = combine(p_thumbs, prob_preferred(pairs)) if pairs.n else p_thumbs
     numbers = {
         "candidate_ups": candidate.ups, "candidate_n": candidate.n,
         "control_ups": control.ups, "control_n": control.n,
@@ -145,6 +203,9 @@ def decide(candidate: Arm, control: Arm, cfg: CanaryConfig) -> Decision:
         "control_rate": round(control.rate, 4) if control.n else None,
         "prob_better": round(p, 4), "min_samples": cfg.min_samples,
     }
+    if pairs.n:
+        numbers.update(pair_wins=pairs.wins, pair_n=pairs.n, prob_better_thumbs=round(p_thumbs, 4),
+                       prob_better_pairs=round(prob_preferred(pairs), 4))
     if min(candidate.n, control.n) < cfg.min_samples:
         return Decision("wait", f"need {cfg.min_samples} votes per arm", numbers)
     if p >= cfg.promote_probability:
@@ -175,6 +236,7 @@ def at_deadline(candidate: Arm, control: Arm, cfg: CanaryConfig, age_seconds: fl
 
 # --------------------------------------------------------------------------- feedback counts
 CountsFn = Callable[[list[str], float], dict[str, Arm]]
+PairsFn = Callable[[str, str, float], Pairs]  # (candidate, control, since) -> paired votes
 
 
 def event_log_counts(cfg: LooprlConfig) -> CountsFn:
@@ -209,6 +271,31 @@ def event_log_counts(cfg: LooprlConfig) -> CountsFn:
     return counts
 
 
+def event_log_pairs(cfg: LooprlConfig) -> PairsFn:
+    """Paired votes since a time from the event log's ``preference_votes`` view: comparisons whose
+    two answers were served by the candidate and the control (in either order), a voter's latest
+    per pair; each voter keeps its earliest votes up to ``canary.max_user_share``, as for thumbs."""
+
+    def pairs(candidate: str, control: str, since: float) -> Pairs:
+        if not cfg.events_dir.exists():
+            return Pairs()
+        c, k = ("'" + v.replace("'", "''") + "'" for v in (candidate, control))
+        try:
+            table = EventLog(cfg.events_dir).query(
+                "SELECT chosen_adapter_version = " + c + " AS won, voter FROM preference_votes "
+                f"WHERE epoch(ingested_at) >= {float(since)} AND ("
+                f"(chosen_adapter_version = {c} AND rejected_adapter_version = {k}) OR "
+                f"(chosen_adapter_version = {k} AND rejected_adapter_version = {c})) ORDER BY ts, ingested_at, event_id"
+            )
+        except Exception as e:  # an empty or still-initialising log: nothing to count yet
+            log.warning("canary: cannot count paired votes yet", error=str(e)[:200])
+            return Pairs()
+        kept = cap_by_voter(table.to_pylist(), lambda r: r["voter"], cfg.canary.max_user_share)
+        return Pairs(sum(bool(r["won"]) for r in kept), len(kept))
+
+    return pairs
+
+
 # --------------------------------------------------------------------------- the manager
 def _no_canary() -> None:
     for gauge in (ACTIVE, STARTED, DEADLINE):
@@ -218,10 +305,13 @@ def _no_canary() -> None:
 class CanaryManager:
     """Starts, judges and ends canaries. ``step()`` is called by the scheduler every poll."""
 
-    def __init__(self, cfg: LooprlConfig, counts: CountsFn | None = None, clock: Callable[[], float] = time.time):
+    def __init__(self, cfg: LooprlConfig, counts: CountsFn | None = None, clock: Callable[[], float] = time.time,
+                 pairs: PairsFn | None = None):
         self.cfg = cfg
         self.registry = Registry(cfg.registry_dir)
         self.counts = counts or event_log_counts(cfg)
+        # Paired votes count only when configured; a given counter is used as given (tests).
+        self.pairs = pairs or (event_log_pairs(cfg) if cfg.canary.count_pairs and counts is None else None)
         self.clock = clock
         self.log_path = releases.decisions_path(cfg.state_dir)
         self._looked: tuple[str, int] | None = None  # (canary version, votes at the last look)
@@ -331,14 +421,17 @@ class CanaryManager:
                                 action="end")
         counts = self.counts([canary, control], since)
         cand_arm, ctrl_arm = counts.get(canary, Arm(0, 0)), counts.get(control, Arm(0, 0))
-        votes = cand_arm.n + ctrl_arm.n
+        pairs = self.pairs(canary, control, since) if self.pairs is not None else Pairs()
+        votes = cand_arm.n + ctrl_arm.n + pairs.n
         now = self.clock()
         expired = now >= deadline
         if (not expired and self._looked is not None and self._looked[0] == canary
                 and votes < self._looked[1] + LOOK_EVERY_VOTES):
             return Decision("wait", f"{votes} votes; next look at {self._looked[1] + LOOK_EVERY_VOTES}")
         self._looked = (canary, votes)
-        d = decide(cand_arm, ctrl_arm, self.cfg.canary)
+        d = decide(cand_arm, ctrl_arm, self.cfg.canary, pairs)
+        PAIRS.set(pairs.n)
+        PAIR_WINS.set(pairs.wins / pairs.n if pairs.n else 0.0)
         SAMPLES.labels(arm="candidate").set(cand_arm.n)
         SAMPLES.labels(arm="control").set(ctrl_arm.n)
         RATE.labels(arm="candidate").set(cand_arm.rate if cand_arm.n else 0.0)
@@ -425,7 +518,8 @@ class CanaryManager:
             m = self.registry.manifest(KIND, c)
             since, control = self._canary_started(m)
             counts = self.counts([c, control], since)
-            d = decide(counts.get(c, Arm(0, 0)), counts.get(control, Arm(0, 0)), self.cfg.canary)
+            pairs = self.pairs(c, control, since) if self.pairs is not None else Pairs()
+            d = decide(counts.get(c, Arm(0, 0)), counts.get(control, Arm(0, 0)), self.cfg.canary, pairs)
             out.update(control=control, since=since, deadline=since + self.cfg.canary.deadline_seconds,
                        on_deadline=self.cfg.canary.on_deadline, test=asdict(d))
         return out

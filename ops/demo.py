@@ -133,9 +133,11 @@ DEMO_TUNING: dict[str, Any] = {
 # same rule. Sparse labels arrive about ten times slower than generous ones: the reward model
 # updates on smaller increments, and the canary decides on fewer thumbs per arm (a thumb on 5% of
 # answers fills 25 per arm in about three minutes; the offline gate already judged the candidate).
-# 30 votes per arm get the sign of a 9-point difference wrong about 1 time in 4, while the gate's
-# reward model has read every comparison: at max_samples the gate's verdict stands unless the
-# users showed a significant regression.
+# 30 thumbs per arm alone get the sign of a 9-point difference wrong about 1 time in 4, so the
+# sparse runs before paired votes promoted at max_samples unless the users showed a significant
+# regression; their last promotions were coin flips, most of them worse (ops/README.md). The
+# comparisons on 5% of requests are now paired votes between the arms, about two per thumb on an
+# arm, and at max_samples the users' verdict decides, as in the generous profile.
 PROFILE_TUNING: dict[str, dict[str, Any]] = {
     "generous": {},
     # Labels are scarce and compute is not: each update replays four times its slice of history,
@@ -146,7 +148,7 @@ PROFILE_TUNING: dict[str, dict[str, Any]] = {
     # updates (a fresh model's first prequential results would hold the estimate down for long).
     "sparse": {"reward.min_new_events": 16, "reward.replay_ratio": 4.0, "reward.epochs_per_update": 16,
                "reward.ensemble_adapters": 4,
-               "canary.min_samples": 10, "canary.max_samples": 30, "canary.promote_on_no_regression": True,
+               "canary.min_samples": 10, "canary.max_samples": 30,
                "scheduler.policy_min_reward_skill": 0.55,
                "scheduler.policy_reward_window_labels": 100,
                # ... or once the reward model has read 190 labels: in replays of sparse demos' labels

@@ -122,6 +122,16 @@ GATE_COLUMNS = ("win_rate", "train_forms_win_rate", "heldout_forms_win_rate", "t
                 "kl_to_base")
 
 
+def _votes(numbers: dict[str, Any]) -> str:
+    """A canary decision's votes: thumbs up of n per arm (candidate, control), and the paired votes
+    the candidate won; "-" for decisions without counts (start, manual)."""
+    if "candidate_n" not in numbers:
+        return "-"
+    out = (f"thumbs {numbers['candidate_ups']}/{numbers['candidate_n']} vs "
+           f"{numbers['control_ups']}/{numbers['control_n']}")
+    return out + (f"; pairs won {numbers['pair_wins']}/{numbers['pair_n']}" if numbers.get("pair_n") else "")
+
+
 def gate_decisions(cfg: LooprlConfig) -> list[dict[str, Any]]:
     """The promotion gate's decisions (``<state>/gate/decisions.jsonl``): version, decision, reason
     and the numbers of ``GATE_COLUMNS`` it carries (plus any other ``*_degenerate_share``)."""
@@ -411,10 +421,10 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
         lines.append(f"| {c['version']} | {c['status']} | {c['reward_version'] or '-'} | {len(c['kl'])} "
                      f"| {_fmt(c['kl_last'])} |")
     lines += ["", "![KL](kl.png)", "", *_gate_lines(gates), "## Canary and promotion decisions", "",
-              "| time | action | version | control | reason |", "|---|---|---|---|---|"]
+              "| time | action | version | control | votes | reason |", "|---|---|---|---|---|---|"]
     for d in decisions:
         lines.append(f"| {time.strftime('%H:%M:%S', time.localtime(d['at']))} | {d['action']} | {d['version']} "
-                     f"| {d['control']} | {d['reason']} |")
+                     f"| {d['control']} | {_votes(d.get('numbers') or {})} | {d['reason']} |")
     lines += ["", "## Scheduler runs", "", "| id | job | trigger | attempt | status | seconds |", "|---|---|---|---|---|---|"]
     for r in reversed(runs[:50]):
         secs = (r["finished_at"] - r["started_at"]) if r.get("finished_at") else None

@@ -18,10 +18,12 @@ completions ``logprobs: k`` gives ``{"tokens", "token_logprobs", "top_logprobs",
 streamed chunks carry the entries of their own tokens. Raw log-probs, as vLLM reports by default
 (``looprl.serving.sampling.token_logprobs``); -inf is reported as -9999.0, as vLLM does.
 
-Targeted comparisons (``looprl_compare: "auto"``, ``looprl.serving.compare``): the answer may carry
-a top-level ``looprl_comparison = {"response_id", "content"}`` (plus ``token_ids`` / ``logprobs``
-when asked), a second candidate logged as its own event; streamed, in a chunk with no choices
-just before the usage chunk and ``[DONE]``.
+Comparisons (``looprl_compare: "auto"``, ``looprl.serving.compare``, or ``"always"``): the answer
+may carry (with "always": carries) a top-level ``looprl_comparison = {"response_id", "content",
+"looprl_adapter_version"}`` (plus ``token_ids`` / ``logprobs`` when asked), a second candidate
+logged as its own event; streamed, in a chunk with no choices just before the usage chunk and
+``[DONE]``. While the alias has a canary, the second candidate comes from the user's other arm
+(``serving.compare_across_canary``): the user's choice is a paired canary vote.
 
 Admin (Bearer token): vLLM's ``POST /v1/load_lora_adapter`` / ``POST /v1/unload_lora_adapter``,
 and the looprl extensions ``POST /v1/looprl/alias`` and ``GET /v1/looprl/state``.
@@ -374,7 +376,9 @@ async def _generate(
 
     default_max_tokens = request.app.state.default_max_tokens
     params = [body.to_sampling_params(default_max_tokens, i) for i in range(total)]
-    sub = _service(request).submit(body.model, body.user, prompt_ids, params, [sink_of(i) for i in range(total)])
+    sub = _service(request).submit(body.model, body.user, prompt_ids, params, [sink_of(i) for i in range(total)],
+                                   last_model=getattr(body, "looprl_compare_model", None) if second else None,
+                                   last_across_canary=second is not None and request.app.state.compare_across_canary)
     headers = {ADAPTER_HEADER: sub.version}
 
     async def next_event() -> tuple[int, tuple[str, Any]]:
@@ -612,12 +616,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
                 "usage": _usage(fins)}
 
     async def second(a: Finished, b: Finished) -> dict | None:
-        """Ask the comparison if the reward model is unsure and the budget allows; log B if so."""
-        decision = await run_in_threadpool(comparer.decide, chat, a.text, b.text)
-        if not decision.ask:
-            return None
+        """"always": log B and answer with it. "auto": ask the comparison if the reward model is
+        unsure and the budget allows; log B if so."""
+        if mode == "auto":
+            decision = await run_in_threadpool(comparer.decide, chat, a.text, b.text)
+            if not decision.ask:
+                return None
+        else:
+            m.COMPARISONS.labels(outcome="requested").inc()
         _log_response(request, rid, 1, body, logged_prompt, messages, b)
-        extra: dict[str, Any] = {"response_id": choice_response_id(rid, 1), "content": b.text}
+        extra: dict[str, Any] = {"response_id": choice_response_id(rid, 1), "content": b.text,
+                                 "looprl_adapter_version": b.version}
         if body.return_token_ids:
             extra["token_ids"] = list(b.token_ids)
         if wants:
@@ -626,11 +635,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
     comparer: Comparer | None = request.app.state.comparer
     mode = body.looprl_compare or request.app.state.compare
-    compare = mode == "auto" and body.n == 1
-    if compare and comparer is None:
+    compare = mode in ("auto", "always") and body.n == 1
+    if compare and mode == "auto" and comparer is None:
         m.COMPARISONS.labels(outcome="disabled").inc()
         compare = False
-    if compare and comparer.worth_generating() is not None:  # counted; no second candidate is generated
+    if compare and mode == "auto" and comparer.worth_generating() is not None:  # counted; no second candidate
         compare = False
 
     return await _generate(
@@ -707,9 +716,12 @@ def create_app(
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS,
     comparer: Comparer | None = None,
     compare: str = "never",
+    compare_across_canary: bool = True,
 ) -> FastAPI:
     """The server's app. ``comparer``: decides targeted comparisons (None: looprl_compare "auto"
-    never compares); ``compare``: the mode of requests that do not say (serving.compare)."""
+    never compares); ``compare``: the mode of requests that do not say (serving.compare);
+    ``compare_across_canary``: a comparison's second candidate comes from the canary split's other
+    arm (serving.compare_across_canary)."""
     app = FastAPI(title="looprl serving", version="1", docs_url=None, redoc_url=None)
     app.state.service = service
     app.state.admin_token = admin_token
@@ -722,6 +734,7 @@ def create_app(
     app.state.token_texts = TokenTexts(service.engine.tokenizer)
     app.state.comparer = comparer
     app.state.compare = compare
+    app.state.compare_across_canary = compare_across_canary
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(_RequestMetrics)  # added last: outermost, so refused bodies are counted too
     app.add_exception_handler(RequestValidationError, _bad_body)

@@ -29,7 +29,11 @@ vLLM serves adapters by name and does nothing else; the gateway in front of it (
   gateway asked for on its own (such a chunk is re-serialised without them).
 - **Targeted comparisons.** ``looprl_compare`` goes to the upstream as sent; an answer's
   ``looprl_comparison`` (the second candidate) comes back to the client, and the gateway logs it
-  as its own answer, under its own response id, when it logs the first.
+  as its own answer, under its own response id and the version the upstream names for it, when it
+  logs the first. While the alias has a canary (``serving.compare_across_canary``), the gateway
+  names the other arm's adapter for the second candidate (``looprl_compare_model``), so the user
+  compares the canary's answer with the control's: a paired canary vote (``looprl.ops.canary``).
+  Comparisons need ``looprl serve`` upstreams; vLLM answers without one.
 - **Auth.** Clients send ``Authorization: Bearer <one of gateway.client_tokens>`` (required off
   loopback); the gateway sends the upstreams ``serving.vllm_api_key``, never the client's token,
   and forwards only ``/v1/models``, ``/v1/completions`` and ``/v1/chat/completions``.
@@ -284,7 +288,7 @@ class Gateway:
                  recorder: ResponseRecorder | None = None, connect_timeout: float = 2.0,
                  read_timeout: float = 600.0, max_attempts: int = 3, max_connections: int = 512,
                  health_interval: float = 2.0, request_token_ids: bool = True,
-                 max_body_bytes: int = 1024 * 1024, seed: int | None = None):
+                 max_body_bytes: int = 1024 * 1024, seed: int | None = None, compare_across_canary: bool = True):
         if not upstreams:
             raise ValueError("gateway: no upstreams (gateway.upstreams or serving.endpoints)")
         self.upstreams = [Upstream(u.rstrip("/")) for u in dict.fromkeys(upstreams)]
@@ -313,6 +317,7 @@ class Gateway:
         self.health_interval = health_interval
         self.request_token_ids = request_token_ids
         self.max_body_bytes = max_body_bytes
+        self.compare_across_canary = compare_across_canary
         self.rng = random.Random(seed)
         self._next = 0
         self._shard = 0
@@ -456,9 +461,15 @@ class Gateway:
         requested = body["model"]
         if requested == self.alias:
             published = self.routing.current()
-            name, _role = published.route.choose(self.alias, body.get("user"), self.rng)
+            route = published.route
+            name, role = route.choose(self.alias, body.get("user"), self.rng)
             body["model"] = name or self.base_name
             version = published.version_of(name, self.base_name)
+            if (self.compare_across_canary and endpoint == "chat" and route.canary is not None
+                    and body.get("looprl_compare") in ("auto", "always") and body.get("n", 1) == 1):
+                # The comparison's second candidate from the other arm: a paired canary vote.
+                other = route.primary if role == "canary" else route.canary
+                body["looprl_compare_model"] = other or self.base_name
         else:
             version = served_version(requested, self.base_name)
         path = "/v1/chat/completions" if endpoint == "chat" else "/v1/completions"
@@ -765,10 +776,11 @@ class Gateway:
             return
         ids = b.get("token_ids") if isinstance(b.get("token_ids"), list) else None
         lps = _logprob_values(b["logprobs"], call.endpoint) if isinstance(b.get("logprobs"), dict) else None
-        self._record(call, client_body, answer, rid, text, 1, ids or None, lps)
+        version = b.get(VERSION_FIELD) if isinstance(b.get(VERSION_FIELD), str) else None
+        self._record(call, client_body, answer, rid, text, 1, ids or None, lps, version)
 
     def _record(self, call: _Call, client_body: dict, answer: _Answer, rid: str, text: str, index: int,
-                token_ids: list[int] | None, logprobs: list | None) -> None:
+                token_ids: list[int] | None, logprobs: list | None, version: str | None = None) -> None:
         """One answered choice as a ResponseEvent (choice ``index`` of a seeded request was sampled
         with seed + index, as vLLM does); an event that cannot be built is counted and dropped."""
         try:
@@ -780,7 +792,8 @@ class Gateway:
             if isinstance(client_body.get("seed"), int) and index:
                 sent = {**client_body, "seed": choice_seed(client_body["seed"], index)}
             event = response_event(
-                response_id=rid, model=str(client_body.get("model")), completion=text, version=answer.version,
+                response_id=rid, model=str(client_body.get("model")), completion=text,
+                version=version or answer.version,
                 user=client_body.get("user"), prompt=prompt, messages=messages, sampling=sampling_of(sent),
                 token_ids=token_ids, logprobs=logprobs if logprobs and None not in logprobs else None,
             )
@@ -907,6 +920,7 @@ def build_gateway(cfg: LooprlConfig, *, recorder: ResponseRecorder | None | str 
         connect_timeout=g.connect_timeout_seconds, read_timeout=g.read_timeout_seconds, max_attempts=g.max_attempts,
         max_connections=g.max_connections, health_interval=g.health_interval_seconds,
         request_token_ids=g.request_token_ids, max_body_bytes=g.max_body_bytes, seed=seed,
+        compare_across_canary=s.compare_across_canary,
     )
 
 

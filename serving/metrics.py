@@ -38,6 +38,7 @@ REQUESTS_FAILED = Counter(
 RESPONSE_LOG_FAILURES = Counter("looprl_serving_response_log_failures_total", "Responses that could not be logged")
 COMPARISONS = Counter(
     "looprl_serving_comparisons_total",
-    "Targeted comparisons considered for looprl_compare=auto requests, by outcome (asked, confident, "
-    "over_budget, no_reward_model, no_ensemble, identical, failed)", ["outcome"],
+    "Comparisons considered for looprl_compare=auto requests, by outcome (asked, confident, "
+    "over_budget, no_reward_model, no_ensemble, identical, failed), and answered for looprl_compare=always "
+    "requests (requested)", ["outcome"],
 )

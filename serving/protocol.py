@@ -12,8 +12,9 @@ Log-probs: chat's ``logprobs: true`` with ``top_logprobs`` 0..20, and the legacy
 ``logprobs`` 0..5, as OpenAI bounds them. The values are raw log-probs of the model
 (``looprl.serving.sampling.token_logprobs``), as vLLM reports them by default.
 
-looprl extension ``looprl_compare`` ("auto" | "never"; chat, n = 1): may answer with a second
-candidate for a "which is better?" question (``looprl.serving.compare``).
+looprl extension ``looprl_compare`` ("auto" | "always" | "never"; chat, n = 1): "auto" may answer
+with a second candidate for a "which is better?" question (``looprl.serving.compare``), "always"
+does (the product shows two answers and asks).
 
 Every number a client sends is bounded here, so nothing downstream (the engine, torch) ever
 sees a value it would raise on: ``seed`` is a 64-bit signed integer, as in vLLM, and floats
@@ -247,9 +248,12 @@ class ChatCompletionRequest(_OpenAIBody):
     logprobs: bool | None = None
     # Alternatives per token (0..20, OpenAI's cap); needs logprobs: true, as OpenAI requires.
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    # looprl extension: "auto" may answer with a second candidate to compare (n = 1 only); None:
-    # the server's default (serving.compare).
-    looprl_compare: Literal["auto", "never"] | None = None
+    # looprl extension: "auto" may answer with a second candidate to compare, "always" does (n = 1
+    # only); None: the server's default (serving.compare).
+    looprl_compare: Literal["auto", "always", "never"] | None = None
+    # looprl extension: the model of the comparison's second candidate (the gateway routes the alias
+    # itself and names the canary split's other arm here); None: the answer's own, or the other arm.
+    looprl_compare_model: str | None = Field(None, min_length=1, max_length=256)
 
     def answer_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens  # OpenAI deprecated max_tokens for chat
@@ -263,8 +267,9 @@ class ChatCompletionRequest(_OpenAIBody):
     def invalid(self) -> tuple[str, str] | None:
         if self.top_logprobs is not None and not self.logprobs:
             return "top_logprobs", "top_logprobs: logprobs must be set to true when top_logprobs is given"
-        if self.looprl_compare == "auto" and self.n > 1:
-            return "looprl_compare", "looprl_compare: \"auto\" needs n = 1 (the comparison is the second candidate)"
+        if self.looprl_compare in ("auto", "always") and self.n > 1:
+            return "looprl_compare", (f"looprl_compare: \"{self.looprl_compare}\" needs n = 1 "
+                                      "(the comparison is the second candidate)")
         return None
 
     def unsupported(self) -> tuple[str, str] | None:

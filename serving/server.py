@@ -108,12 +108,12 @@ class ServerThread(HttpThread):
                  admin_token: str | None = None, response_logger: Any = None, default_max_tokens: int = 32,
                  render_prompts: bool = True, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                  max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS, comparer: Comparer | None = None,
-                 compare: str = "never"):
+                 compare: str = "never", compare_across_canary: bool = True):
         self.service = service
         self.app = create_app(service, admin_token=admin_token, response_logger=response_logger,
                               default_max_tokens=default_max_tokens, render_prompts=render_prompts,
                               max_body_bytes=max_body_bytes, max_prompt_chars=max_prompt_chars,
-                              comparer=comparer, compare=compare)
+                              comparer=comparer, compare=compare, compare_across_canary=compare_across_canary)
 
         def stop() -> None:
             service.engine.stop()
@@ -136,7 +136,8 @@ def serve(cfg: LooprlConfig, host: str | None = None, port: int | None = None) -
     app = create_app(service, admin_token=token, response_logger=logger,
                      default_max_tokens=cfg.serving.default_max_tokens, render_prompts=cfg.serving.render_prompts,
                      max_body_bytes=cfg.serving.max_body_bytes, max_prompt_chars=cfg.serving.max_prompt_chars,
-                     comparer=comparer, compare=cfg.serving.compare)
+                     comparer=comparer, compare=cfg.serving.compare,
+                     compare_across_canary=cfg.serving.compare_across_canary)
     h, p = host or cfg.serving.host, cfg.serving.port if port is None else port
     try:
         # port 0: a free port, logged ("serving listening", url and port)

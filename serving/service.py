@@ -59,30 +59,60 @@ class ServingService:
 
     # ------------------------------------------------------------------ requests
     def submit(self, model: str, user: str | None, prompt_ids: list[int], params: SamplingParams | list[SamplingParams],
-               sink: Sink | list[Sink]) -> Submitted:
+               sink: Sink | list[Sink], *, last_model: str | None = None, last_across_canary: bool = False) -> Submitted:
         """Resolve ``model`` for ``user`` and queue the generation; a list of params and sinks queues
         one generation per choice, all on the adapter resolved once (a canary split never splits
-        the choices of one request)."""
+        the choices of one request).
+
+        The last of several generations may be a comparison's second candidate, from another model:
+        ``last_model`` names it (the gateway, which routed the alias itself, names the other arm);
+        ``last_across_canary`` takes the other arm of the alias's canary split when it has a healthy
+        canary. Either way the user sees the canary's answer beside the control's, to one question:
+        a paired canary vote (``looprl.ops.canary``)."""
         params_list = params if isinstance(params, list) else [params]
         sinks = sink if isinstance(sink, list) else [sink]
         with self._lock:
-            route = self._routes.get(model)
-            if route is not None:
-                adapter, role = route.choose(model, user, self._rng)
-                if role == "canary" and not self._healthy(adapter):
-                    # An unhealthy canary's users get the primary until the controller rolls it back.
-                    adapter, role = route.primary, "primary"
-            elif model == self.base_name:
-                adapter, role = None, "direct"
+            route, adapter, role = self._resolve(model, user)
+            last = adapter
+            if len(params_list) > 1 and last_model is not None:
+                try:
+                    last = self._resolve(last_model, user)[1]
+                except EngineError as e:  # unloaded meanwhile: the comparison never fails the answer
+                    log.warning("comparison candidate from the answer's own model", wanted=last_model, error=str(e))
+            elif len(params_list) > 1 and last_across_canary:
+                last = self._other_arm(route, adapter)
+            if last == adapter:
+                handles = self.engine.submit_many(prompt_ids, params_list, adapter, sinks)
             else:
-                if self.engine.resolve(model) is None:
-                    raise EngineError(
-                        f"model {model!r} does not exist; see GET /v1/models", reason="unknown_model"
-                    )
-                adapter, role = model, "direct"
-            handles = self.engine.submit_many(prompt_ids, params_list, adapter, sinks)
+                handles = self.engine.submit_many(prompt_ids, params_list[:-1], adapter, sinks[:-1])
+                try:
+                    try:
+                        handles += self.engine.submit_many(prompt_ids, params_list[-1:], last, sinks[-1:])
+                    except EngineError as e:  # the comparison never fails the answer: its own model
+                        log.warning("comparison candidate from the answer's own model", error=str(e))
+                        handles += self.engine.submit_many(prompt_ids, params_list[-1:], adapter, sinks[-1:])
+                except Exception:  # all of them, or none
+                    for h in handles:
+                        h.cancel()
+                    raise
         return Submitted(handles[0], adapter, handles[0].version, role, adapter or self.base_name,
                          handles=tuple(handles))
+
+    def _resolve(self, model: str, user: str | None) -> tuple[Route | None, str | None, str]:
+        """(the alias's route or None, adapter name or None for the base model, role) of ``model``
+        for ``user``; under the lock."""
+        route = self._routes.get(model)
+        if route is not None:
+            adapter, role = route.choose(model, user, self._rng)
+            if role == "canary" and not self._healthy(adapter):
+                # An unhealthy canary's users get the primary until the controller rolls it back.
+                adapter, role = route.primary, "primary"
+            return route, adapter, role
+        if model == self.base_name:
+            return None, None, "direct"
+        if self.engine.resolve(model) is None:
+            raise EngineError(f"model {model!r} does not exist; see GET /v1/models", reason="unknown_model")
+        return None, model, "direct"
 
     def models(self) -> list[dict[str, Any]]:
         """OpenAI/vLLM's model list. ``root`` names the model, never a path: this list is public,
@@ -149,6 +179,15 @@ class ServingService:
         log.info("alias set", alias=alias, primary=route.primary, canary=route.canary, share=route.share,
                  previous=old.primary if old else None)
         return route
+
+    def _other_arm(self, route: Route | None, adapter: str | None) -> str | None:
+        """The adapter of the canary split's other arm (None: the base model); ``adapter`` itself
+        when there is no split to cross (no alias, no canary, or an unhealthy one)."""
+        if route is None or route.canary is None or route.share <= 0 or not self._healthy(route.canary):
+            return adapter
+        if adapter == route.canary:
+            return route.primary
+        return route.canary if adapter == route.primary else adapter
 
     def _healthy(self, name: str | None) -> bool:
         info = self.engine.resolve(name) if name is not None else None

@@ -125,7 +125,9 @@ def test_report_shows_the_labels_spent_and_the_lift_per_1000_labels(tmp_path):
         "profile": "sparse", "thumbs_fraction": 0.05, "preference_fraction": 0.05, "correction_fraction": 0.01}}))
     (cfg.state_dir / "canary").mkdir()  # v1 was promoted (what the report measures)
     (cfg.state_dir / "canary" / "decisions.jsonl").write_text(json.dumps(
-        {"at": 1.0, "action": "promote", "version": "v1", "control": "base", "reason": "test"}) + "\n")
+        {"at": 1.0, "action": "promote", "version": "v1", "control": "base", "reason": "test", "numbers": {
+            "candidate_ups": 5, "candidate_n": 20, "control_ups": 4, "control_n": 15, "pair_wins": 22, "pair_n": 27}})
+        + "\n")
     gate = cfg.state_dir / "gate"
     gate.mkdir()
     (gate / "decisions.jsonl").write_text(json.dumps({"version": "v1", "decision": "gated", "reasons": [], "numbers": {
@@ -147,6 +149,7 @@ def test_report_shows_the_labels_spent_and_the_lift_per_1000_labels(tmp_path):
     assert ("| version | decision | win rate | train forms win rate | heldout forms win rate | "
             "heldout forms degenerate share |") in md
     assert "| v1 | gated | 0.700 | 0.800 | 0.610 | 0.050 |" in md and "| v2 | rejected | 0.400 | - | - | - |" in md
+    assert "| promote | v1 | base | thumbs 5/20 vs 4/15; pairs won 22/27 | test |" in md  # the canary's votes
     # a log from before interactions recorded their labels: the status's counts
     old = [{k: v for k, v in r.items() if k != "labels"} for r in rows]
     assert label_counts(old, {"feedback_sent": {"thumbs": 3, "preference": 9}}) == {

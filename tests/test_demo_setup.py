@@ -110,7 +110,8 @@ def test_sparse_profiles_tune_the_loop_for_fewer_labels_and_targeted_sets_a_comp
     assert sparse.demo.feedback == "sparse"
     assert sparse.reward.min_new_events == PROFILE_TUNING["sparse"]["reward.min_new_events"] < 48
     assert sparse.canary.min_samples < DEMO_TUNING["canary.min_samples"]
-    assert sparse.canary.promote_on_no_regression is True  # the profile's own value beats the demo's
+    # the profile's own value beats the demo's
+    assert sparse.canary.max_samples == PROFILE_TUNING["sparse"]["canary.max_samples"] < DEMO_TUNING["canary.max_samples"]
     # a shorter KL leash on a reward model read from few labels, the demo's on generous labels
     g = load_config(environ=generous, workspace=tmp_path)
     assert sparse.policy.target_kl < g.policy.target_kl == DEMO_TUNING["policy.target_kl"]

@@ -271,7 +271,8 @@ def test_sparse_users_correct_answers_into_ones_their_preference_scores_higher(t
         served_text = served[(int(rid.split("-")[1]) - 1) % len(served)][0]
         assert topic_mentions(question, corrected) > topic_mentions(question, served_text)
         assert corrected.startswith(" ") and not corrected.startswith("  ")
-    assert all("looprl_compare" not in body for body in stub.requests)  # sparse: no targeted comparisons
+    # sparse: no targeted comparisons; a comparison asked for on its 5% share, else nothing
+    assert {body.get("looprl_compare") for body in stub.requests} <= {None, "always"}
 
 
 def test_targeted_users_answer_the_comparisons_serving_offers(tmp_path):
@@ -292,6 +293,24 @@ def test_targeted_users_answer_the_comparisons_serving_offers(tmp_path):
     assert status["feedback"]["profile"] == "targeted" and status["feedback"]["comparisons_per_hour"] > 0
     rows = [json.loads(line) for line in (sim.out_dir / "interactions.jsonl").read_text().splitlines()]
     assert [r["labels"] for r in rows] == [{"preference": 1}, {"preference": 1}, {}, {}]
+
+
+def test_users_who_compare_ask_for_two_answers_in_one_request(tmp_path):
+    """A comparison is asked for (looprl_compare "always"): the second answer comes in the same
+    response (from the canary's other arm, while one runs); a serving tier that sends none gets a
+    second request, as a "regenerate" click would."""
+    answers = [(" it was calm.", ("cmp-1", " the dog and the dog.")),  # the second answer is better
+               (" dog dog dog.", None),  # no second answer: regenerate...
+               (" it was calm.", None)]  # ... which is this one, worse
+    sim, stub, ch = stub_simulator(tmp_path, topic_mentions, answers, thumbs_fraction=0.0, preference_fraction=1.0)
+    sim.train_prompts = [sim.train_prompts[0]]  # "... the dog"
+    sim._train(0)
+    sim._train(1)
+    status = sim.status()
+    sim.close()
+    assert [body.get("looprl_compare") for body in stub.requests] == ["always", "always", None]
+    assert [(c, r) for c, r, *_ in ch.pref_calls] == [("cmp-1", "resp-1"), ("resp-2", "resp-3")]
+    assert status["pairs"] == 2 and status.get("comparisons_offered", 0) == 0  # asked for, not offered
 
 
 def test_channels_send_corrections_to_the_collector(tmp_path):

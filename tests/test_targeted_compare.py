@@ -18,7 +18,7 @@ from looprl.serving.app import create_app
 from looprl.serving.attribution import ResponseRecorder
 from looprl.serving.compare import Budget, Comparer, first_better_share
 from looprl.serving.gateway import Gateway, GatewayServer
-from looprl.serving.routing import ROUTING_FILE, RoutingFile
+from looprl.serving.routing import ROUTING_FILE, RoutingFile, bucket
 
 from fixtures_serving import CapturingLogger
 
@@ -79,10 +79,10 @@ def serve(srv):
     """An app with the given comparer over the module's engine (its own logger), on a free port."""
     started = []
 
-    def make(comparer, compare="never", log=True):
+    def make(comparer, compare="never", log=True, **app):
         logger = CapturingLogger() if log else None
         th = HttpThread(create_app(srv.service, response_logger=logger, comparer=comparer, compare=compare,
-                                   default_max_tokens=16), name="compare-test", lifespan="off").start()
+                                   default_max_tokens=16, **app), name="compare-test", lifespan="off").start()
         started.append(th)
         return th.url, logger
 
@@ -237,12 +237,82 @@ def test_through_the_gateway_the_candidate_comes_back_and_is_logged_once(serve, 
         assert r.status_code == 200, r.text
         docs = _sse(r.content) if stream else [r.json()]
         (comparison,) = [d["looprl_comparison"] for d in docs if "looprl_comparison" in d]
-        assert set(comparison) == {"response_id", "content"}  # the token ids and log-probs it asked for: stripped
+        # the token ids and log-probs it asked for: stripped
+        assert set(comparison) == {"response_id", "content", "looprl_adapter_version"}
         rid = r.headers["x-looprl-response-id"]
         by_id = {e.response_id: e for e in logger.events}
         assert set(by_id) == {rid, comparison["response_id"]} and len(logger.events) == 2
         b = by_id[comparison["response_id"]]
         assert b.completion == comparison["content"] and b.sampling.seed == 4 and b.adapter_version == "base"
         assert len(b.completion_logprobs) == len(b.completion_token_ids) == 6
+    finally:
+        gw.stop()
+
+
+# ---------------------------------------------------------------------- "always", across a canary split
+@pytest.fixture(scope="module")
+def split(srv):
+    """The alias ``ab`` split half and half between two adapters: (primary's version, canary's)."""
+    primary, canary = srv.adapters.good[:2]
+    srv.service.load("ab-primary", srv.registry_path(primary))
+    srv.service.load("ab-canary", srv.registry_path(canary))
+    srv.service.set_alias("ab", "ab-primary", "ab-canary", 0.5)
+    return primary, canary
+
+
+def _user_on(canary: bool) -> str:
+    return next(u for u in (f"user-{i}" for i in range(100)) if (bucket("ab", u) < 0.5) == canary)
+
+
+@pytest.mark.parametrize("arm", ["canary", "primary"])
+def test_always_answers_with_the_other_arms_candidate_beside_the_users_own(serve, split, arm):
+    primary, canary = split
+    own, other = (canary, primary) if arm == "canary" else (primary, canary)
+    url, logger = serve(None)  # "always" needs no reward model
+    doc = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                     json={**BODY, "model": "ab", "user": _user_on(arm == "canary"), "looprl_compare": "always"}).json()
+    b = doc["looprl_comparison"]
+    assert doc["looprl_adapter_version"] == own and b["looprl_adapter_version"] == other
+    by_id = {e.response_id: e for e in logger.events}
+    assert by_id[doc["choices"][0]["looprl_response_id"]].adapter_version == own
+    assert by_id[b["response_id"]].adapter_version == other and by_id[b["response_id"]].completion == b["content"]
+    assert len(logger.events) == 2
+
+
+def test_across_the_split_can_be_turned_off_and_needs_a_split(serve, split):
+    primary, canary = split
+    url, logger = serve(None, compare_across_canary=False)
+    user = _user_on(True)
+    doc = httpx.post(f"{url}/v1/chat/completions", timeout=60,
+                     json={**BODY, "model": "ab", "user": user, "looprl_compare": "always"}).json()
+    assert doc["looprl_adapter_version"] == doc["looprl_comparison"]["looprl_adapter_version"] == canary
+    url, logger = serve(None)
+    plain = httpx.post(f"{url}/v1/chat/completions", json={**BODY, "looprl_compare": "always"}, timeout=60).json()
+    assert plain["looprl_adapter_version"] == plain["looprl_comparison"]["looprl_adapter_version"] == "base"
+    assert plain["looprl_comparison"]["content"] != plain["choices"][0]["message"]["content"]  # the next seed
+    many = httpx.post(f"{url}/v1/chat/completions", json={**BODY, "n": 2, "looprl_compare": "always"}, timeout=60)
+    assert many.status_code == 400 and "needs n = 1" in many.json()["error"]["message"]
+
+
+def test_through_the_gateway_the_other_arm_answers_the_comparison(serve, split, tmp_path):
+    primary, canary = split
+    url, _ = serve(None, log=False)
+    (tmp_path / ROUTING_FILE).write_text(json.dumps({
+        "alias": "policy", "primary": "ab-primary", "primary_version": primary, "canary": "ab-canary",
+        "canary_version": canary, "share": 0.5}))
+    routing = RoutingFile(tmp_path / ROUTING_FILE, alias="policy", base_name="base", poll_seconds=0.05)
+    logger = CapturingLogger()
+    gw = GatewayServer(Gateway([url], routing=routing, alias="policy", base_name="base",
+                               recorder=ResponseRecorder(logger), health_interval=0.5)).start()
+    try:
+        for on_canary in (True, False):
+            user = next(u for u in (f"user-{i}" for i in range(100)) if (bucket("policy", u) < 0.5) == on_canary)
+            doc = httpx.post(f"{gw.url}/v1/chat/completions", timeout=60,
+                             json={**BODY, "model": "policy", "user": user, "looprl_compare": "always"}).json()
+            own, other = (canary, primary) if on_canary else (primary, canary)
+            b = doc["looprl_comparison"]
+            assert doc["looprl_adapter_version"] == own and b["looprl_adapter_version"] == other
+            by_id = {e.response_id: e for e in logger.events}
+            assert by_id[b["response_id"]].adapter_version == other and by_id[doc["id"]].adapter_version == own
     finally:
         gw.stop()

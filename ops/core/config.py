@@ -548,6 +548,11 @@ class ServingConfig(Section):
     # Targeted comparisons for chat requests that do not set looprl_compare: "auto" may answer with
     # a second candidate when the reward ensemble disagrees (serving/README.md), "never" does not.
     compare: Literal["auto", "never"] = "never"
+    # While the alias has a canary, a comparison's second candidate comes from the other arm (the
+    # canary's answer beside the control's, to the same user and question): the canary counts the
+    # user's choice as a paired vote (canary.count_pairs). So comparisons show the canary to users
+    # beyond canary.traffic_share, as the second answer only. False: both from the user's own arm.
+    compare_across_canary: bool = True
     # Ask only when the share of reward-ensemble members preferring one candidate is at most this.
     compare_max_confidence: float = Field(0.75, ge=0.5, le=1.0)
     # Comparisons asked per hour and server at most, on average (a token bucket); 0: none.
@@ -674,6 +679,10 @@ class CanaryConfig(Section):
     # At the deadline: "end" takes the candidate off traffic without a verdict (status rolled_back,
     # decision "end"); "rollback" counts it as a failed canary (decision "rollback", which alerts).
     on_deadline: Literal["end", "rollback"] = "end"
+    # Count paired votes: users' choices between the two arms' answers to one question (a
+    # comparison while the canary runs, serving.compare_across_canary), as evidence beside the
+    # thumbs (ops/canary.py). False: thumbs alone.
+    count_pairs: bool = True
 
 
 class MetricsConfig(Section):

@@ -11,8 +11,10 @@ Each user thread, paced by a shared rate limit:
      better: writes ``demo.correction_candidates`` answers on the question's topic in the toy
      language (``corpus.answer``), keeps the one its hidden preference scores highest and sends
      it as a correction if it scores higher than the served answer (any preference works);
-  5. on a share of answers (``demo.preference_fraction``) asks for a second answer to the same
-     prompt and says which one it prefers (the higher hidden preference; nothing when equal);
+  5. on a share of requests (``demo.preference_fraction``) asks for two answers to compare
+     (``looprl_compare: "always"``: the second comes in the same response, from the other arm
+     while a canary runs) and says which one it prefers (the higher hidden preference; nothing
+     when equal); a serving tier that sends no second answer gets a second request ("regenerate");
   6. with ``demo.request_comparisons`` (the targeted profile) asks the serving tier to decide
      (``looprl_compare: "auto"``) and, when a response carries a second candidate
      (``looprl_comparison``), answers "which is better?" the same way.
@@ -283,13 +285,14 @@ class Simulator:
         return rid, text, version
 
     def _complete(self, prompt: Chat, user: str, model: str | None = None,
-                  compare: bool = False) -> tuple[str, str, str, dict[str, Any]]:
-        """``complete`` plus the response's extension fields; ``compare`` lets the serving tier add
-        a second candidate for a "which is better?" question (``looprl_compare: "auto"``)."""
+                  compare: str | None = None) -> tuple[str, str, str, dict[str, Any]]:
+        """``complete`` plus the response's extension fields; ``compare`` (``looprl_compare``):
+        "auto" lets the serving tier add a second candidate for a "which is better?" question,
+        "always" asks for one."""
         try:
             r = self.client.chat.completions.create(model=model or self.cfg.serving.alias, messages=prompt.to_dicts(),
                                                     max_tokens=self.d.max_tokens, temperature=1.0, user=user,
-                                                    extra_body={"looprl_compare": "auto"} if compare else None)
+                                                    extra_body={"looprl_compare": compare} if compare else None)
         except Exception:
             # Counted per request as the users see them (server errors, refused connections,
             # timeouts): the demo's failure view shows them next to what the server counted.
@@ -325,18 +328,22 @@ class Simulator:
         user = f"user-{user_index}"
         prompt = self._choice(self.train_prompts)
         question = prompt.last_user()
-        rid, text, version, extra = self._complete(prompt, user, compare=self.d.request_comparisons)
+        # Drawn only when comparisons are on, so a profile without them keeps the same draws.
+        pair = self.d.preference_fraction > 0 and self._random() < self.d.preference_fraction
+        mode = "always" if pair else "auto" if self.d.request_comparisons else None
+        rid, text, version, extra = self._complete(prompt, user, compare=mode)
         p = float(self.preference(question, text))
         up = self._random() < p
         it = Interaction(time.time(), "train", user, self.cfg.serving.alias, version, p, up)
         try:  # recorded whatever happens to the feedback (a failed "regenerate" request)
-            self._feedback(it, prompt, question, rid, text, extra)
+            self._feedback(it, prompt, question, rid, text, extra, pair)
         finally:
             self._record(it)
 
     def _feedback(self, it: Interaction, prompt: Chat, question: str, rid: str, text: str,
-                  extra: dict[str, Any]) -> None:
-        """The feedback a train user gives on one answer, counted in ``it.labels``."""
+                  extra: dict[str, Any], pair: bool = False) -> None:
+        """The feedback a train user gives on one answer, counted in ``it.labels``; ``pair``: the
+        user asked for two answers to compare."""
         if self.channels is None:
             return
         user, p, labels = it.user, it.p, it.labels
@@ -350,14 +357,15 @@ class Simulator:
                 labels["correction"] = labels.get("correction", 0) + 1
         offered = extra.get("looprl_comparison")
         if isinstance(offered, dict) and offered.get("response_id") and isinstance(offered.get("content"), str):
-            # Serving asked "which is better?" (targeted comparisons): a second candidate, logged
-            # as its own response.
-            with self._log_lock:
-                self.counts["comparisons_offered"] += 1
+            # A second candidate, logged as its own response: asked for, or serving asked "which is
+            # better?" (targeted comparisons).
+            if not pair:
+                with self._log_lock:
+                    self.counts["comparisons_offered"] += 1
             self._compare(labels, question, user, use_http, rid, text, p, str(offered["response_id"]),
                           offered["content"])
-        if self._random() < self.d.preference_fraction:
-            # "Regenerate": a second answer to the same prompt.
+        elif pair:
+            # A serving tier without comparisons: "regenerate", a second answer to the same prompt.
             rid2, text2, _ = self.complete(prompt, user)
             self._compare(labels, question, user, use_http, rid, text, p, rid2, text2)
 
