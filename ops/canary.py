@@ -194,8 +194,8 @@ class Decision:
 def decide(candidate: Arm, control: Arm, cfg: CanaryConfig, pairs: Pairs = Pairs()) -> Decision:
     """One look of the sequential test (pure: counts and config in, decision out). ``pairs``: the
     paired votes between the arms, evidence beside the thumbs (none: thumbs alone)."""
-    p_thumbs = prob_better(candidate, control)
-    p = combine(p_thumbs, prob_preferred(pairs)) if pairs.n else p_thumbs
+    p_thumbs, p_pairs = prob_better(candidate, control), prob_preferred(pairs)
+    p = combine(p_thumbs, p_pairs) if pairs.n else p_thumbs
     numbers = {
         "candidate_ups": candidate.ups, "candidate_n": candidate.n,
         "control_ups": control.ups, "control_n": control.n,
@@ -205,7 +205,7 @@ def decide(candidate: Arm, control: Arm, cfg: CanaryConfig, pairs: Pairs = Pairs
     }
     if pairs.n:
         numbers.update(pair_wins=pairs.wins, pair_n=pairs.n, prob_better_thumbs=round(p_thumbs, 4),
-                       prob_better_pairs=round(prob_preferred(pairs), 4))
+                       prob_better_pairs=round(p_pairs, 4))
     if min(candidate.n, control.n) < cfg.min_samples:
         return Decision("wait", f"need {cfg.min_samples} votes per arm", numbers)
     if p >= cfg.promote_probability:
@@ -239,6 +239,10 @@ CountsFn = Callable[[list[str], float], dict[str, Arm]]
 PairsFn = Callable[[str, str, float], Pairs]  # (candidate, control, since) -> paired votes
 
 
+def _sql_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
 def event_log_counts(cfg: LooprlConfig) -> CountsFn:
     """Thumbs votes per adapter version since a time, from the event log's ``feedback_votes`` view
     (a user's latest thumb per answer). In each arm every voter keeps its earliest votes up to
@@ -248,7 +252,7 @@ def event_log_counts(cfg: LooprlConfig) -> CountsFn:
     def counts(versions: list[str], since: float) -> dict[str, Arm]:
         if not cfg.events_dir.exists():
             return {}
-        quoted = ", ".join("'" + v.replace("'", "''") + "'" for v in versions)
+        quoted = ", ".join(_sql_literal(v) for v in versions)
         # The window is on ingest time (our clock), not the producer's ts, which may run ahead.
         try:
             table = EventLog(cfg.events_dir).query(
@@ -279,7 +283,7 @@ def event_log_pairs(cfg: LooprlConfig) -> PairsFn:
     def pairs(candidate: str, control: str, since: float) -> Pairs:
         if not cfg.events_dir.exists():
             return Pairs()
-        c, k = ("'" + v.replace("'", "''") + "'" for v in (candidate, control))
+        c, k = _sql_literal(candidate), _sql_literal(control)
         try:
             table = EventLog(cfg.events_dir).query(
                 "SELECT chosen_adapter_version = " + c + " AS won, voter FROM preference_votes "
