@@ -315,7 +315,8 @@ class CanaryManager:
         self.registry = Registry(cfg.registry_dir)
         self.counts = counts or event_log_counts(cfg)
         # Paired votes count only when configured; a given counter is used as given (tests).
-        self.pairs = pairs or (event_log_pairs(cfg) if cfg.canary.count_pairs and counts is None else None)
+        counted = cfg.canary.count_pairs and counts is None
+        self.pairs: PairsFn = pairs or (event_log_pairs(cfg) if counted else lambda *_: Pairs())
         self.clock = clock
         self.log_path = releases.decisions_path(cfg.state_dir)
         self._looked: tuple[str, int] | None = None  # (canary version, votes at the last look)
@@ -425,7 +426,7 @@ class CanaryManager:
                                 action="end")
         counts = self.counts([canary, control], since)
         cand_arm, ctrl_arm = counts.get(canary, Arm(0, 0)), counts.get(control, Arm(0, 0))
-        pairs = self.pairs(canary, control, since) if self.pairs is not None else Pairs()
+        pairs = self.pairs(canary, control, since)
         votes = cand_arm.n + ctrl_arm.n + pairs.n
         now = self.clock()
         expired = now >= deadline
@@ -522,7 +523,7 @@ class CanaryManager:
             m = self.registry.manifest(KIND, c)
             since, control = self._canary_started(m)
             counts = self.counts([c, control], since)
-            pairs = self.pairs(c, control, since) if self.pairs is not None else Pairs()
+            pairs = self.pairs(c, control, since)
             d = decide(counts.get(c, Arm(0, 0)), counts.get(control, Arm(0, 0)), self.cfg.canary, pairs)
             out.update(control=control, since=since, deadline=since + self.cfg.canary.deadline_seconds,
                        on_deadline=self.cfg.canary.on_deadline, test=asdict(d))
