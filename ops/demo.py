@@ -151,10 +151,11 @@ PROFILE_TUNING: dict[str, dict[str, Any]] = {
                "canary.min_samples": 10, "canary.max_samples": 30,
                "scheduler.policy_min_reward_skill": 0.55,
                "scheduler.policy_reward_window_labels": 100,
-               # ... or once the reward model has read 190 labels: in replays of sparse demos' labels
-               # four adapters rank the eval users' answers 0.72 right by then, while the live bound
-               # held PPO two to five minutes longer in half the runs (ops/README.md).
-               "scheduler.policy_start_after_labels": 190,
+               # ... or once the reward model has read 100 labels (about 3.5 minutes), whatever the
+               # bound says. Such a model ranks the eval users' answers about 0.6 right in replays, and
+               # the canary's paired votes now catch the worse versions it leads to: at 190 labels PPO
+               # started at 7-10 minutes and the good versions came too late (ops/README.md).
+               "scheduler.policy_start_after_labels": 100,
                # A reward model read from a few hundred labels is wrong more often: the sparse runs
                # were measured with the leash the generous profile had before (7 nats, cap 10).
                "policy.target_kl": 7.0, "gate.max_kl": 10.0,

@@ -112,6 +112,9 @@ def test_sparse_profiles_tune_the_loop_for_fewer_labels_and_targeted_sets_a_comp
     assert sparse.canary.min_samples < DEMO_TUNING["canary.min_samples"]
     # the profile's own value beats the demo's
     assert sparse.canary.max_samples == PROFILE_TUNING["sparse"]["canary.max_samples"] < DEMO_TUNING["canary.max_samples"]
+    # PPO starts on the label floor even where the skill bound never clears (generous: no floor)
+    assert sparse.scheduler.policy_start_after_labels == PROFILE_TUNING["sparse"]["scheduler.policy_start_after_labels"] > 0
+    assert load_config(environ=generous, workspace=tmp_path).scheduler.policy_start_after_labels == 0
     # a shorter KL leash on a reward model read from few labels, the demo's on generous labels
     g = load_config(environ=generous, workspace=tmp_path)
     assert sparse.policy.target_kl < g.policy.target_kl == DEMO_TUNING["policy.target_kl"]
