@@ -156,12 +156,10 @@ PROFILE_TUNING: dict[str, dict[str, Any]] = {
                # the canary's paired votes now catch the worse versions it leads to: at 190 labels PPO
                # started at 7-10 minutes and the good versions came too late (ops/README.md).
                "scheduler.policy_start_after_labels": 100,
-               # A reward model read from a few hundred labels is wrong more often: the sparse runs
-               # were measured with the leash the generous profile had before (7 nats, cap 10).
-               "policy.target_kl": 7.0, "gate.max_kl": 10.0,
-               # ... and each run starts from the promoted version: a line of versions the users
-               # have not judged compounds that reward model's errors (s23 in ops/README.md).
-               "policy.continue_from": "promoted"},
+               # The leash and the line are the generous profile's (10 nats, each run continuing the
+               # newest gated version): with paired canary votes the users catch a wrong step, and the
+               # 7-nat leash from the promoted version capped the sparse versions (ops/README.md).
+               },
 }
 PROFILE_TUNING["targeted"] = dict(PROFILE_TUNING["sparse"])
 

@@ -115,12 +115,18 @@ def test_sparse_profiles_tune_the_loop_for_fewer_labels_and_targeted_sets_a_comp
     # PPO starts on the label floor even where the skill bound never clears (generous: no floor)
     assert sparse.scheduler.policy_start_after_labels == PROFILE_TUNING["sparse"]["scheduler.policy_start_after_labels"] > 0
     assert load_config(environ=generous, workspace=tmp_path).scheduler.policy_start_after_labels == 0
-    # a shorter KL leash on a reward model read from few labels, the demo's on generous labels
+    # sparse and generous share the demo's leash and line (each run continues the newest gated
+    # version); a user's own choice still wins over both
     g = load_config(environ=generous, workspace=tmp_path)
-    assert sparse.policy.target_kl < g.policy.target_kl == DEMO_TUNING["policy.target_kl"]
-    assert sparse.gate.max_kl < g.gate.max_kl and sparse.policy.target_kl < sparse.gate.max_kl
-    # generous runs continue the trainer's line; sparse ones the version the users approved
-    assert (g.policy.continue_from, sparse.policy.continue_from) == ("newest_gated", "promoted")
+    for key in ("policy.target_kl", "gate.max_kl", "policy.continue_from"):
+        section, name = key.split(".")
+        assert getattr(getattr(sparse, section), name) == getattr(getattr(g, section), name) == DEMO_TUNING[key]
+    assert sparse.policy.continue_from == "newest_gated"
+    mine_cfg = load_config(environ={"LOOPRL_DEMO__FEEDBACK": "sparse", "LOOPRL_POLICY__CONTINUE_FROM": "promoted"},
+                           workspace=tmp_path)
+    assert "LOOPRL_POLICY__CONTINUE_FROM" not in tuning_env(mine_cfg)
+    assert load_config(environ={**tuning_env(mine_cfg), "LOOPRL_POLICY__CONTINUE_FROM": "promoted"},
+                       workspace=tmp_path).policy.continue_from == "promoted"
     # targeted: serve's budget equals the sparse profile's 5% comparisons at the demo's request rate
     cfg = load_config(environ={"LOOPRL_DEMO__FEEDBACK": "targeted"}, workspace=tmp_path,
                       demo={"max_requests_per_second": 4.0, "eval_fraction": 0.5})
