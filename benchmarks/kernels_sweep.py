@@ -7,9 +7,11 @@ times the 4 projections of one fused forward+backward (`gmm_lora`: each computes
 rank-r side product in its own K loop) and the `gouter` shapes under a list of tile configs,
 checks each result against the torch reference, and prints TFLOP/s per shape and config (of the
 projection alone: the rank-r work is not counted). Then it profiles one whole fused step with
-the best configs (top CUDA kernels). Each projection kind gets its own tile (pointer or TMA
-loads); the row tile is shared. `--apply` also runs `benchmarks/kernels.py`'s MoE benchmark with
-them. The defaults in `TritonGrouped` come from this script's output on an H100. Writes
+the best configs (`--profile-tokens 4096 16384` for other sizes): wall time, the host's time to
+issue the step, CUDA kernel time, synchronizing ops, top kernels and host ops. Each projection
+kind gets its own tile (pointer or TMA loads); the row tile is shared. `--apply` also runs
+`benchmarks/kernels.py`'s MoE benchmark with them (`--no-sweep`: profile the defaults only). The
+defaults in `TritonGrouped` come from this script's output on an H200. Writes
 benchmarks/results/kernels-sweep-<device>.json, rewritten after every timed config so a run cut off
 (the device's 10-minute limit) keeps what it measured (`"complete": false` until the end); last
 line: a JSON object.
@@ -19,7 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -162,32 +167,70 @@ def grouped_mm_rate(p: dict) -> dict:
     return out
 
 
-def profile_step(tokens: int) -> list[dict]:
+def profile_step(tokens: int) -> dict:
+    """One fused fwd+bwd step of the layer: its wall time, the host time to issue it (no sync inside
+    the step, so the host runs ahead unless something synchronizes), the CUDA kernel time, the ops
+    that synchronize (torch's sync debug mode), and the top kernels and host ops."""
     model = moe_layer(GPU_SHAPES, "cuda", DT)
     enable_fused_moe_lora(model, "triton")
     x = torch.randn(1, tokens, H, device="cuda", dtype=DT, requires_grad=True)
     gy = torch.randn_like(x)
-    for _ in range(3):
+
+    def step():
         model(x).backward(gy)
+
+    for _ in range(3):
+        step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(5):
-            model(x).backward(gy)
+    walls, issues = [], []
+    for _ in range(10):
         torch.cuda.synchronize()
-    events = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:20]
-    total = sum(e.device_time_total for e in prof.key_averages()) / 5 / 1e3
-    print(f"profile: {total:.2f} ms CUDA time per fused fwd+bwd step at {tokens} tokens", flush=True)
-    out = []
-    for e in events:
-        d = dict(name=e.key[:80], ms_per_step=e.device_time_total / 5 / 1e3, calls_per_step=e.count / 5)
-        out.append(d)
-        print(f"  {d['ms_per_step']:7.3f} ms  x{d['calls_per_step']:4.0f}  {d['name']}", flush=True)
+        t0 = time.perf_counter()
+        step()
+        issues.append((time.perf_counter() - t0) * 1e3)
+        torch.cuda.synchronize()
+        walls.append((time.perf_counter() - t0) * 1e3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = sorted({str(w.message).splitlines()[0][:120] for w in caught if "synchroniz" in str(w.message)})
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    # Only kernel events: a host op's self device time (an autograd Function's) repeats its kernels'.
+    kernels = [e for e in ev if e.device_type == torch.autograd.DeviceType.CUDA]
+    cuda_ms = sum(e.self_device_time_total for e in kernels) / 5 / 1e3
+    out = dict(tokens=tokens, wall_ms=statistics.median(walls), issue_ms=statistics.median(issues),
+               cuda_ms=cuda_ms, syncs=syncs, kernels=[], host_ops=[])
+    print(f"profile at {tokens} tokens: wall {out['wall_ms']:.2f} ms, host issue {out['issue_ms']:.2f} ms, "
+          f"CUDA kernels {cuda_ms:.2f} ms per fused fwd+bwd step; {len(syncs)} synchronizing ops", flush=True)
+    for m in syncs:
+        print(f"  sync: {m}", flush=True)
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:12]:
+        out["kernels"].append(dict(name=e.key[:80], ms_per_step=e.self_device_time_total / 5 / 1e3,
+                                   calls_per_step=e.count / 5))
+    for e in sorted((e for e in ev if e.device_type == torch.autograd.DeviceType.CPU),
+                    key=lambda e: -e.self_cpu_time_total)[:15]:
+        out["host_ops"].append(dict(name=e.key[:80], ms_per_step=e.self_cpu_time_total / 5 / 1e3,
+                                    calls_per_step=e.count / 5))
+    for kind in ("kernels", "host_ops"):
+        print(f" top {kind}:", flush=True)
+        for d in out[kind]:
+            print(f"  {d['ms_per_step']:7.3f} ms  x{d['calls_per_step']:4.0f}  {d['name']}", flush=True)
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tokens", type=int, default=16384)
+    ap.add_argument("--profile-tokens", type=int, nargs="*", default=None,
+                    help="token counts to profile one fused step at (default: --tokens)")
     ap.add_argument("--apply", action="store_true", help="then run the MoE benchmark with the chosen tiles")
     ap.add_argument("--no-sweep", action="store_true", help="profile the current defaults only")
     ap.add_argument("--out", type=Path, default=None,
@@ -208,7 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     save()
     if not args.no_sweep:
         sweep(p, result, save)
-    result["profile"] = profile_step(args.tokens)
+    result["profile"] = [profile_step(n) for n in (args.profile_tokens or [args.tokens])]
     save()
     if args.apply:
         rows = bench_moe(dict(GPU_SHAPES), "cuda", DT, ["peft", "triton"], GPU_SHAPES["moe_tokens"])

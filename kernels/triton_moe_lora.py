@@ -257,12 +257,16 @@ class TritonGrouped:
     "wide" is a projection (N = 2I or H or I, hundreds to thousands of columns), with one tile per
     kind (`PROJECTIONS`); "narrow" a rank-r LoRA side product (N = r <= 64: the tile is only as
     wide as r, so the K loop streams x once with no wasted columns). The 16-bit values were picked
-    with benchmarks/kernels_sweep.py on an H100 at Qwen3-30B-A3B shapes (one shared tile, pointer
-    loads: the per-kind and TMA choices await a GPU run); fp32 uses IEEE dots (no TF32) and
-    smaller tiles so it matches the reference."""
+    with benchmarks/kernels_sweep.py on an H200 at Qwen3-30B-A3B shapes (128-row tiles, 256 columns,
+    TMA weight tiles; benchmarks/results/kernels-sweep-cuda-nvidia-h200.json); fp32 uses IEEE dots
+    (no TF32) and smaller tiles so it matches the reference."""
 
-    BLOCK_M = {torch.float32: 64, "16bit": 64}
-    WIDE = {torch.float32: every_kind(GemmConfig(64, 32, 4, 2)), "16bit": every_kind(GemmConfig(128, 64, 4, 3))}
+    BLOCK_M = {torch.float32: 64, "16bit": 128}
+    WIDE = {torch.float32: every_kind(GemmConfig(64, 32, 4, 2)),
+            "16bit": {PROJECTIONS["gate_up fwd"]: GemmConfig(256, 32, 8, 4, tma=True),
+                      PROJECTIONS["down fwd"]: GemmConfig(256, 64, 8, 3, tma=True),
+                      PROJECTIONS["down bwd"]: GemmConfig(256, 32, 8, 4, tma=True),
+                      PROJECTIONS["gate_up bwd"]: GemmConfig(256, 32, 8, 4, tma=True)}}
     NARROW_BLOCK_K = {torch.float32: 32, "16bit": 64}
     GOUTER = {torch.float32: dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=2),
               "16bit": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2)}
