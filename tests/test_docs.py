@@ -83,6 +83,19 @@ def test_the_readme_links_every_page_and_every_page_runs_something():
     assert readme.startswith("# looprl\n\nSet up and run the main job")  # its first lines stay the two commands
 
 
+def test_ci_runs_the_readmes_test_command():
+    """.ci/run is what CI runs on a clean clone; the README's second command is what a newcomer
+    runs. Both must run the same pytest phases, with the same options."""
+    second = re.findall(r"```bash\n(.*?)\n```", (REPO / "README.md").read_text(), re.S)[1]
+    ci = (REPO / ".ci" / "run").read_text().replace("\\\n", " ")
+
+    def phases(cmd: str) -> list[str]:
+        return [" ".join(p.split()) for p in re.findall(r"-m pytest([^&\n]*)", cmd)]
+
+    assert phases(second) == phases(ci) and len(phases(ci)) == 2, (phases(second), phases(ci))
+    assert "-c requirements.lock" in second and "-c requirements.lock" in ci
+
+
 @pytest.mark.parametrize("path", [*PAGES, REPO / "README.md"], ids=lambda p: p.name)
 def test_every_toml_block_is_a_config_that_loads(path, tmp_path):
     tomls = [(code, line) for lang, _, code, line in blocks(path) if lang == "toml"]
