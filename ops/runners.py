@@ -4,14 +4,15 @@ printed on stdout), the tail of its output (kept for failed runs) and whether it
 
 * `SubprocessRunner`: the job's argv as a local subprocess in its own session, killed with its
   process group at the timeout.
-* `RayRunner`: a Ray task on ``policy.ray_address`` or on a local cluster in the workspace. The
-  task runs the job's Python command (``python -m MODULE ARGS`` or ``python SCRIPT ARGS``) inside
-  the Ray worker, as the interpreter would: no subprocess and no second Ray driver. The PPO
-  trainer in the job finds Ray connected and puts its learner and rollout actors on the same
-  cluster. Each run gets a fresh worker that exits after it (``max_calls=1``), so the job's memory
-  (torch, the model) and its process-wide settings go with it. The task reserves no CPU (it waits
-  on the actors, which get the cluster's CPUs). At the timeout the scheduler force-cancels the
-  task, which kills the worker and the actors it owns.
+* `RayRunner`: a Ray actor on ``policy.ray_address`` or on a local cluster in the workspace. The
+  actor (`JobWorker`) runs the job's Python command (``python -m MODULE ARGS`` or ``python SCRIPT
+  ARGS``) in its own process, as the interpreter would: no subprocess and no second Ray driver.
+  The PPO trainer in the job finds Ray connected and puts its learner and rollout actors on the
+  same cluster. Each run gets a fresh worker that is killed after it, so the job's memory (torch,
+  the model) and its process-wide settings go with it; the worker was started, and imported
+  ``scheduler.preload_modules``, while the job before ran. It reserves no CPU (it waits on the
+  actors, which get the cluster's CPUs). At the timeout the scheduler kills the worker, and with it
+  the actors it owns.
 * `CallableRunner`: Python callables returning a dict of details (raise to fail), for tests.
 """
 
@@ -222,7 +223,7 @@ def _stderr_file(log_path: str | None) -> Iterator[IO[str]]:
 
 
 def run_in_worker(argv: list[str], env: dict[str, str], log_path: str | None) -> RunResult:
-    """The Ray task: the job's Python command in this (fresh, single-use) worker process."""
+    """The job's Python command in this (fresh, single-use) worker process."""
     kind, target, args = python_entry(argv)
     os.environ.update(env)
     sys.argv = [target, *args]
@@ -245,8 +246,11 @@ def _file_size(path: str | None) -> int:
 
 
 class _RayHandle:
-    def __init__(self, ray: Any, ref: Any, timeout_s: float, log_path: str | None, log_start: int):
-        self._ray, self.ref = ray, ref
+    """One run on its own `JobWorker` actor: the actor is killed when the run's result is read or
+    the run is cancelled, so the job's process, and the actors it owns, go with it."""
+
+    def __init__(self, ray: Any, actor: Any, ref: Any, timeout_s: float, log_path: str | None, log_start: int):
+        self._ray, self.actor, self.ref = ray, actor, ref
         self.deadline = time.monotonic() + timeout_s
         self.log_path, self.log_start = log_path, log_start
 
@@ -265,9 +269,17 @@ class _RayHandle:
             return self._ray.get(self.ref)
         except Exception as e:  # the worker died (OOM, node lost): a failed run
             return RunResult(1, f"{self._log_tail()}\nray task failed: {type(e).__name__}: {str(e)[:500]}".strip())
+        finally:
+            self._kill()
 
     def cancel(self) -> None:
-        self._ray.cancel(self.ref, force=True)
+        self._kill()
+
+    def _kill(self) -> None:
+        try:
+            self._ray.kill(self.actor, no_restart=True)
+        except Exception as e:  # already gone with its node: nothing left to kill
+            log.debug("job worker already gone", error=str(e)[:200])
 
     def _log_tail(self) -> str:
         """What the run wrote to its log (readable here when the log dir is local or shared)."""
@@ -281,9 +293,33 @@ class _RayHandle:
             return ""
 
 
+class JobWorker:
+    """A Ray actor that is one job's process. It imports ``preload`` when it starts, before any job
+    is given to it: the runner starts the next job's worker while the current job runs, so the
+    next job finds torch, transformers and the trainer imported instead of spending its first
+    seconds (on a busy 2-core machine, a minute) importing them. It runs one job and is killed
+    after it, so no job sees another's module state, environment or memory."""
+
+    def __init__(self, preload: list[str]):
+        import importlib
+
+        for name in preload:
+            try:
+                importlib.import_module(name)
+            except Exception as e:  # the job itself then fails with the real error, in its log
+                print(f"looprl job worker: could not preload {name}: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def run(self, argv: list[str], env: dict[str, str], log_path: str | None) -> RunResult:
+        return run_in_worker(argv, env, log_path)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
 class RayRunner:
-    """Jobs as Ray tasks that run the job's command in the worker; connects to ``policy.ray_address``
-    or starts a small local cluster in the workspace."""
+    """Jobs on Ray, each in its own `JobWorker` actor, on ``policy.ray_address`` or a small local
+    cluster in the workspace. One spare worker, with ``scheduler.preload_modules`` imported, waits
+    for the next job; it is started when the runner starts and whenever a job takes the spare."""
 
     def __init__(self, cfg: LooprlConfig, log_dir: Path | None = None):
         # Imported here: Ray, and looprl.policy.ray_backend with torch, cost seconds and hundreds of
@@ -294,15 +330,32 @@ class RayRunner:
 
         self._ray, self.log_dir = ray, log_dir
         self.started = init_ray(cfg, num_cpus=max(2, cfg.policy.num_rollout_workers + 1))
-        self._task = ray.remote(num_cpus=0, max_retries=0, max_calls=1)(run_in_worker)
-        log.info("scheduler on ray", address=ray.get_runtime_context().gcs_address, started_local=self.started)
+        # No CPU reserved: a job waits on its PPO actors, which get the cluster's CPUs.
+        self._worker = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(JobWorker)
+        self.preload = list(cfg.scheduler.preload_modules)
+        self._spare: Any = None
+        self._start_spare()
+        log.info("scheduler on ray", address=ray.get_runtime_context().gcs_address, started_local=self.started,
+                 preload=self.preload)
+
+    def _start_spare(self) -> None:
+        self._spare = self._worker.remote(self.preload)
 
     def submit(self, job: str, command: list[str], env: dict[str, str], timeout_s: float) -> Handle:
         python_entry(command)  # a command the worker cannot run fails here, not on the cluster
         log_path = _log_path(self.log_dir, job)
         start = _file_size(log_path)
-        return _RayHandle(self._ray, self._task.remote(command, env, log_path), timeout_s, log_path, start)
+        actor, self._spare = self._spare, None
+        try:
+            ref = actor.run.remote(command, env, log_path)
+        finally:
+            self._start_spare()  # imports while this job runs, ready for the next
+        return _RayHandle(self._ray, actor, ref, timeout_s, log_path, start)
 
     def close(self) -> None:
+        if self._spare is not None and self._ray.is_initialized():
+            with contextlib.suppress(Exception):
+                self._ray.kill(self._spare, no_restart=True)
+            self._spare = None
         if self.started and self._ray.is_initialized():
             self._ray.shutdown()

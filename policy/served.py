@@ -183,6 +183,7 @@ def read_served(cfg: LooprlConfig, start_version: int, tok=None,
         return [], drops
     con = EventLog(cfg.events_dir).connect()
     try:
+        EventLog.pin_labelled_responses(con)  # the query joins them four times
         reader = con.sql(_SERVED_SQL, params={"prefix": cfg.demo.eval_user_prefix or "",
                                               "kinds": list(p.offpolicy_kinds)}).to_arrow_reader(256)
         out: list[ServedSample] = []

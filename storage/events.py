@@ -165,6 +165,21 @@ QUALIFY row_number() OVER (
             con.execute(stmt)
         return con
 
+    @staticmethod
+    def pin_labelled_responses(con: duckdb.DuckDBPyConnection) -> None:
+        """Make ``con``'s ``responses_by_id`` a snapshot of the responses that feedback names, read
+        from the Parquet files once. The vote views and a query that joins labelled answers read
+        ``responses_by_id`` several times each; over a log of many small part files, reading it once
+        is the difference. Only for a connection that reads labelled answers: the others are gone
+        from it, and files written afterwards are not seen."""
+        con.execute("""
+CREATE OR REPLACE TEMP TABLE labelled_responses AS
+SELECT * FROM responses_by_id WHERE response_id IN (
+    SELECT response_id FROM feedback WHERE response_id IS NOT NULL
+    UNION SELECT chosen_response_id FROM events_preference WHERE chosen_response_id IS NOT NULL
+    UNION SELECT rejected_response_id FROM events_preference WHERE rejected_response_id IS NOT NULL)""")
+        con.execute("CREATE OR REPLACE TEMP VIEW responses_by_id AS SELECT * FROM labelled_responses")
+
     def query(self, sql: str, params: list[Any] | None = None) -> pa.Table:
         """Run one SQL statement over the views; returns an Arrow table."""
         con = self.connect()

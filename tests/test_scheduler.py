@@ -348,7 +348,8 @@ if sys.argv[1] == "fail":
 if sys.argv[1] == "hang":
     time.sleep(300)
 print(json.dumps({"pid": os.getpid(), "ray_job": ray.get_runtime_context().get_job_id(),
-                  "seed": os.environ.get("LOOPRL_POLICY__SEED")}))
+                  "seed": os.environ.get("LOOPRL_POLICY__SEED"),
+                  "preloaded": "looprl.ops.sim.corpus" in sys.modules}))
 """
 
 
@@ -375,7 +376,11 @@ def test_jobs_run_inside_ray_workers(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(RAY_PROBE)
     py, logs = sys.executable, tmp_path / "logs"
-    runner = RayRunner(load_config(environ={}, workspace=tmp_path / "ws"), logs)
+    # A module no Ray worker imports by itself shows the preload; one that does not exist must not
+    # stop the worker (the job would report the real error).
+    cfg = load_config(environ={}, workspace=tmp_path / "ws",
+                      scheduler={"preload_modules": ["looprl.ops.sim.corpus", "looprl_no_such_module"]})
+    runner = RayRunner(cfg, logs)
     try:
         s = make(tmp_path, [Job("ok", [py, str(probe), "ok"], [Fires()], seed_env="LOOPRL_POLICY__SEED"),
                             Job("bad", [py, str(probe), "fail"], [Fires()]),
@@ -388,6 +393,7 @@ def test_jobs_run_inside_ray_workers(tmp_path):
         assert ok["status"] == "success", ok
         assert ok["details"]["ray_job"] == ray.get_runtime_context().get_job_id()
         assert ok["details"]["pid"] != os.getpid() and ok["details"]["seed"] == str(ok["id"])
+        assert ok["details"]["preloaded"] is True
         assert last["bad"]["status"] == "failed" and last["bad"]["returncode"] == 3
         assert "started" in last["bad"]["error"]
         assert last["slow"]["status"] == "timeout", last["slow"]
@@ -396,6 +402,18 @@ def test_jobs_run_inside_ray_workers(tmp_path):
         assert _wait_gone(ok["details"]["pid"]) and _wait_gone(int(hung.group(1)))
         log_text = (logs / "job-ok.log").read_text()
         assert f"pid {ok['details']['pid']} started" in log_text and '"ray_job"' in log_text
+        # The next run gets the spare started while these ran: a new process, preloaded, and the
+        # spare left over when the runner closes goes with it.
+        s.jobs["ok"].triggers = [Fires()]
+        s.tick()
+        wait_idle(s, timeout=180)
+        again = s.history.last("ok")
+        assert again["status"] == "success" and again["details"]["preloaded"] is True
+        assert again["details"]["pid"] not in (ok["details"]["pid"], int(hung.group(1)))
+        assert _wait_gone(again["details"]["pid"])
+        spare = ray.get(runner._spare.pid.remote(), timeout=120)
+        runner.close()
+        assert _wait_gone(spare)
     finally:
         runner.close()
         if ray.is_initialized():

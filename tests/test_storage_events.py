@@ -87,6 +87,38 @@ def test_views_join_feedback_to_the_responses(tmp_path):
     assert st.kinds["thumbs"].last_ingested_at == T0
 
 
+def test_pinned_labelled_responses_give_the_same_votes(tmp_path):
+    """pin_labelled_responses: the vote views read the same rows from the snapshot of the responses
+    feedback names; responses nobody labelled are not in it."""
+    ev = tmp_path / "events"
+    rs = [ResponseEvent(response_id=f"r{i}", prompt=f"q{i}", completion=f"a{i}", model="policy",
+                        adapter_version="v1", user_id=f"u{i}") for i in range(6)]
+    again = ResponseEvent(response_id="r1", prompt="q1", completion="a1", model="policy", adapter_version="v1",
+                          user_id="u1")
+    fb = [ThumbsEvent(response_id="r0", up=True), ThumbsEvent(response_id="r0", up=False, user_id="x"),
+          RatingEvent(response_id="r1", rating=5), CorrectionEvent(response_id="r2", corrected="better"),
+          ThumbsEvent(response_id="r-missing", up=True)]
+    prefs = [PreferenceEvent(chosen_response_id="r3", rejected_response_id="r4"),
+             PreferenceEvent(chosen_response_id="r4", rejected_response_id="r3"),
+             PreferenceEvent(prompt="p", chosen_text="a", rejected_text="b")]
+    write(ev, [*rs, *fb, prefs[0]])
+    write(ev, [again, *prefs[1:]], at=T0 + timedelta(hours=1))
+    log = EventLog(ev)
+
+    def read(con):
+        out = {v: sorted(map(str, con.sql(f"SELECT * EXCLUDE (ingested_at) FROM {v}").fetchall()))
+               for v in ("feedback_votes", "preference_votes", "feedback_joined", "preferences_joined")}
+        return out, sorted(r[0] for r in con.sql("SELECT response_id FROM responses_by_id").fetchall())
+
+    plain, all_ids = read(log.connect())
+    pinned_con = log.connect()
+    EventLog.pin_labelled_responses(pinned_con)
+    pinned, pinned_ids = read(pinned_con)
+    assert pinned == plain
+    assert all_ids == [f"r{i}" for i in range(6)] and pinned_ids == ["r0", "r1", "r2", "r3", "r4"]
+    assert len(plain["preference_votes"]) == 2  # one vote for the pair (the latest), one text pair
+
+
 def test_layout_and_atomic_parts(tmp_path):
     ev = tmp_path / "events"
     paths = write(ev, [ThumbsEvent(response_id="r", up=True), RatingEvent(response_id="r", rating=3)])

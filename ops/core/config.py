@@ -621,6 +621,10 @@ class SchedulerConfig(Section):
     reward_command: list[str] = ["reward", "update"]
     policy_command: list[str] = ["policy", "train", "--gate"]
     runner: Literal["ray", "subprocess"] = "ray"
+    # With runner "ray": modules the next job's worker imports while the current job runs, so a job
+    # starts with them loaded ([]: nothing; the worker still starts ahead).
+    preload_modules: list[str] = ["torch", "transformers", "peft", "looprl.policy.trainer", "looprl.policy.gate",
+                                  "looprl.reward.updater"]
     job_timeout_seconds: float = Field(3600.0, gt=0)
     backoff_max_seconds: float = Field(300.0, ge=0)
     # 1: jobs run back to back (2-core machines); production may run reward and policy jobs together.
