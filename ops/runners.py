@@ -40,6 +40,7 @@ from looprl.ops.supervisor import child_preexec
 log = get_logger(__name__)
 
 TAIL_CHARS = 4000
+KILL_WAIT_S = 30.0
 
 
 @dataclass
@@ -238,6 +239,23 @@ def run_in_worker(argv: list[str], env: dict[str, str], log_path: str | None) ->
     return _result(code, stdout.getvalue(), stderr)
 
 
+def process_gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie has: its memory and sockets are freed)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc (macOS): whether the pid still exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
 def _file_size(path: str | None) -> int:
     try:
         return os.path.getsize(path) if path else 0
@@ -266,20 +284,34 @@ class _RayHandle:
             self.cancel()
             return RunResult(-9, self._log_tail(), {}, timed_out=True)
         try:
-            return self._ray.get(self.ref)
+            worker, result = self._ray.get(self.ref)
         except Exception as e:  # the worker died (OOM, node lost): a failed run
-            return RunResult(1, f"{self._log_tail()}\nray task failed: {type(e).__name__}: {str(e)[:500]}".strip())
-        finally:
             self._kill()
+            return RunResult(1, f"{self._log_tail()}\nray task failed: {type(e).__name__}: {str(e)[:500]}".strip())
+        self._kill(worker)
+        return result
 
     def cancel(self) -> None:
         self._kill()
 
-    def _kill(self) -> None:
+    def _kill(self, worker: tuple[str, int] | None = None) -> None:
+        """Kill the worker; given its (node id, pid) and on this node, wait (at most ``KILL_WAIT_S``)
+        until its process is gone: the next job starts at once on an already warm worker, and must
+        not meet this one's ports (its metrics server) or memory. Ray reports the actor dead before
+        its process has exited."""
         try:
             self._ray.kill(self.actor, no_restart=True)
         except Exception as e:  # already gone with its node: nothing left to kill
             log.debug("job worker already gone", error=str(e)[:200])
+            return
+        if worker is None or worker[0] != self._ray.get_runtime_context().get_node_id():
+            return
+        deadline = time.monotonic() + KILL_WAIT_S
+        while not process_gone(worker[1]):
+            if time.monotonic() > deadline:
+                log.warning("job worker still alive after kill", pid=worker[1], seconds=KILL_WAIT_S)
+                return
+            time.sleep(0.05)
 
     def _log_tail(self) -> str:
         """What the run wrote to its log (readable here when the log dir is local or shared)."""
@@ -309,8 +341,11 @@ class JobWorker:
             except Exception as e:  # the job itself then fails with the real error, in its log
                 print(f"looprl job worker: could not preload {name}: {type(e).__name__}: {e}", file=sys.stderr)
 
-    def run(self, argv: list[str], env: dict[str, str], log_path: str | None) -> RunResult:
-        return run_in_worker(argv, env, log_path)
+    def run(self, argv: list[str], env: dict[str, str], log_path: str | None) -> tuple[tuple[str, int], RunResult]:
+        """The job's result, with where it ran (node id, pid) for the runner to wait on its end."""
+        import ray
+
+        return (ray.get_runtime_context().get_node_id(), os.getpid()), run_in_worker(argv, env, log_path)
 
     def pid(self) -> int:
         return os.getpid()

@@ -22,6 +22,7 @@ from safetensors.numpy import save_file
 from looprl.ops.cli import main
 from looprl.ops.core.config import ConfigError, load_config
 from looprl.ops.runners import CallableRunner, RayRunner, SubprocessRunner, python_entry
+from looprl.ops.supervisor import free_port
 from looprl.ops.scheduler import (
     AccuracyDropTrigger, ChangeTrigger, CountTrigger, CronTrigger, History, IntervalTrigger, Job, JobState,
     ManualTrigger, Scheduler, build_jobs, history_path, request_trigger,
@@ -347,6 +348,13 @@ if sys.argv[1] == "fail":
     sys.exit(3)
 if sys.argv[1] == "hang":
     time.sleep(300)
+if sys.argv[1] == "listen":  # like a job's metrics server: a listener its thread keeps open
+    import socket, threading
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", int(sys.argv[2])))
+    sock.listen()
+    threading.Thread(target=sock.accept, daemon=True).start()
 print(json.dumps({"pid": os.getpid(), "ray_job": ray.get_runtime_context().get_job_id(),
                   "seed": os.environ.get("LOOPRL_POLICY__SEED"),
                   "preloaded": "looprl.ops.sim.corpus" in sys.modules}))
@@ -411,6 +419,15 @@ def test_jobs_run_inside_ray_workers(tmp_path):
         assert again["status"] == "success" and again["details"]["preloaded"] is True
         assert again["details"]["pid"] not in (ok["details"]["pid"], int(hung.group(1)))
         assert _wait_gone(again["details"]["pid"])
+        # Back to back, as the scheduler starts them: the second job's warm worker must not meet
+        # the first one's listener.
+        port = free_port()
+        listen = [py, str(probe), "listen", str(port)]
+        first = runner.submit("listen", listen, {}, 120).result()
+        assert _gone(first.details["pid"])  # when the result is back, not some time later
+        second = runner.submit("listen", listen, {}, 120).result()
+        assert (first.returncode, second.returncode) == (0, 0), second.output_tail
+        assert first.details["pid"] != second.details["pid"]
         spare = ray.get(runner._spare.pid.remote(), timeout=120)
         runner.close()
         assert _wait_gone(spare)
