@@ -1,7 +1,7 @@
 """How long a policy job takes as the scheduler runs it: new PPO actors for every job, against
 actors kept between jobs (``policy.keep_actors``).
 
-    python benchmarks/policy_jobs.py [--base DIR] [--jobs 3] [--steps 40] [--out FILE]
+    python benchmarks/policy_jobs.py [--base DIR] [--jobs 3] [--steps 40] [--no-preload] [--out FILE]
 
 1. The base: ``--base`` (e.g. a demo workspace's ``ws/base``), else the ``looprl init`` base, built
    in a temporary directory.
@@ -14,7 +14,9 @@ actors kept between jobs (``policy.keep_actors``).
 
 Prints each job's wall time (submission to result) and the time its PPO steps took (from the job's
 log); the figure is the ratio of the median wall times, new actors / kept actors (the first kept
-job excluded). Last line one JSON object.
+job excluded). Each job's worker is started, and imports ``scheduler.preload_modules``, while the job
+before it runs, as in the scheduler; ``--no-preload`` leaves the imports to each job, for the
+comparison. Last line one JSON object.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def main() -> int:
     ap.add_argument("--base", type=Path, help="a base model directory (default: build the looprl init base)")
     ap.add_argument("--jobs", type=int, default=3, help="jobs per mode (the kept mode runs one more)")
     ap.add_argument("--steps", type=int, default=40, help="PPO steps per job (the demo's policy.steps)")
+    ap.add_argument("--no-preload", action="store_true",
+                    help="scheduler.preload_modules = []: each job imports torch, transformers and the trainer itself")
     ap.add_argument("--out", type=Path, help="also write the JSON figures here")
     args = ap.parse_args()
 
@@ -68,7 +72,8 @@ def main() -> int:
     try:
         base = args.base.resolve() if args.base else build_base(work, quick=False)
         ws = work / "ws"
-        cfg = load_config(environ={}, workspace=ws, model={"base_path": str(base)})
+        cfg = load_config(environ={}, workspace=ws, model={"base_path": str(base)},
+                          **({"scheduler": {"preload_modules": []}} if args.no_preload else {}))
         env = {k: v for k, v in tuning_env(cfg).items() if k.startswith("LOOPRL_POLICY__")}
         env |= {"LOOPRL_MODEL__BASE_PATH": str(base), "LOOPRL_POLICY__STEPS": str(args.steps),
                 "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -104,6 +109,7 @@ def main() -> int:
             "benchmark": "policy_jobs",
             "machine": platform.machine(), "cpus": os.cpu_count(),
             "steps_per_job": args.steps, "jobs_per_mode": args.jobs, "ray_start_s": round(ray_start, 2),
+            "preload_modules": cfg.scheduler.preload_modules,
             "new_actors_median_s": statistics.median(new),
             "kept_actors_median_s": statistics.median(kept),
             "first_kept_job_s": [r["wall_s"] for r in rows if r["mode"] == "kept"][0],

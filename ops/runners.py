@@ -241,12 +241,7 @@ def run_in_worker(argv: list[str], env: dict[str, str], log_path: str | None) ->
 
 def process_gone(pid: int) -> bool:
     """Whether process ``pid`` has exited (a zombie has: its memory and sockets are freed)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except FileNotFoundError:
-        return True
-    except OSError:  # no /proc (macOS): whether the pid still exists
+    if not os.path.isdir("/proc"):  # macOS: whether the pid still exists
         try:
             os.kill(pid, 0)
         except ProcessLookupError:
@@ -254,6 +249,11 @@ def process_gone(pid: int) -> bool:
         except PermissionError:
             return False
         return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def _file_size(path: str | None) -> int:

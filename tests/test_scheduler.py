@@ -21,7 +21,7 @@ from safetensors.numpy import save_file
 
 from looprl.ops.cli import main
 from looprl.ops.core.config import ConfigError, load_config
-from looprl.ops.runners import CallableRunner, RayRunner, SubprocessRunner, python_entry
+from looprl.ops.runners import CallableRunner, RayRunner, SubprocessRunner, process_gone, python_entry
 from looprl.ops.supervisor import free_port
 from looprl.ops.scheduler import (
     AccuracyDropTrigger, ChangeTrigger, CountTrigger, CronTrigger, History, IntervalTrigger, Job, JobState,
@@ -361,17 +361,10 @@ print(json.dumps({"pid": os.getpid(), "ray_job": ray.get_runtime_context().get_j
 """
 
 
-def _gone(pid: int) -> bool:
-    try:
-        return "State:\tZ" in Path(f"/proc/{pid}/status").read_text()  # a zombie has freed its memory
-    except FileNotFoundError:
-        return True
-
-
 def _wait_gone(pid: int, timeout: float = 60.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _gone(pid):
+        if process_gone(pid):
             return True
         time.sleep(0.2)
     return False
@@ -424,7 +417,7 @@ def test_jobs_run_inside_ray_workers(tmp_path):
         port = free_port()
         listen = [py, str(probe), "listen", str(port)]
         first = runner.submit("listen", listen, {}, 120).result()
-        assert _gone(first.details["pid"])  # when the result is back, not some time later
+        assert process_gone(first.details["pid"])  # when the result is back, not some time later
         second = runner.submit("listen", listen, {}, 120).result()
         assert (first.returncode, second.returncode) == (0, 0), second.output_tail
         assert first.details["pid"] != second.details["pid"]
