@@ -17,6 +17,7 @@ import pytest
 
 from looprl.ops.core.config import load_config
 from looprl.ops.demo import CHAOS_ORDER
+from looprl.ops.runners import process_gone
 from looprl.ops.sim.records import read_status
 from looprl.policy.ray_backend import ray_temp_dir
 from looprl.storage.registry import Registry
@@ -46,13 +47,6 @@ def _descendants(pid: int) -> set[int]:
         frontier = {c for c, p in parent.items() if p in frontier} - out
         out |= frontier
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
@@ -99,14 +93,14 @@ def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
     out = (tmp_path / "demo.log").read_text()
     assert rc in (0, 130), out[-3000:]
     time.sleep(2)
-    left = [c for c in procs if _alive(c)]
+    left = [c for c in procs if not process_gone(c)]
     assert not left, f"processes outlived the demo: {[Path(f'/proc/{c}/cmdline').read_text()[:80] for c in left]}"
     # including a Ray cluster orphaned by the SIGKILLed scheduler (Ray's processes fate-share)
     ray_dir = str(ray_temp_dir(cfg))
     orphans = []
     for cmd in Path("/proc").glob("[0-9]*/cmdline"):
         try:
-            if ray_dir in cmd.read_bytes().decode(errors="replace") and _alive(int(cmd.parent.name)):
+            if ray_dir in cmd.read_bytes().decode(errors="replace") and not process_gone(int(cmd.parent.name)):
                 orphans.append(int(cmd.parent.name))
         except OSError:
             continue

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import REGISTRY
 
+from looprl.ops.runners import process_gone
 from looprl.ops.supervisor import Service, Supervisor, file_ready
 
 PY = sys.executable
@@ -51,17 +52,6 @@ def wait_for(pred, timeout=15.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie (exited, not yet reaped) is not alive
-        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
-    except OSError:
-        return False
-
-
 def test_sigkilled_service_is_restarted_with_backoff(tmp_path):
     svc = Service("ingest", service_script(tmp_path, "ingest"), ready=file_ready(tmp_path / "ingest.ready"))
     before = REGISTRY.get_sample_value("looprl_supervisor_restarts_total", {"service": "ingest"}) or 0.0
@@ -76,7 +66,7 @@ def test_sigkilled_service_is_restarted_with_backoff(tmp_path):
         sup.kill("ingest")  # a second quick death: the delay doubles (0.2 -> 0.4 s)
         wait_for(lambda: sup.pid("ingest") not in (None, pid2), what="second restart")
         assert sup.procs["ingest"].quick_deaths == 2
-        assert sup.restarts("ingest") == 2 and not alive(pid1) and not alive(pid2)
+        assert sup.restarts("ingest") == 2 and process_gone(pid1) and process_gone(pid2)
     after = REGISTRY.get_sample_value("looprl_supervisor_restarts_total", {"service": "ingest"})
     assert after - before == 2
     assert "==== start" in (tmp_path / "logs/ingest.log").read_text()
@@ -117,7 +107,7 @@ def test_stop_is_ordered_and_escalates(tmp_path):
     # reverse start order: the last started (serve) stops first, the broker last
     assert (tmp_path / "stops.log").read_text().split("\n")[:3] == ["stopped serve", "stopped ingest", "stopped broker"]
     assert codes["stubborn"] == -signal.SIGKILL
-    assert not any(alive(p) for p in pids.values())
+    assert all(process_gone(p) for p in pids.values())
     # nothing is restarted after a stop
     time.sleep(1.0)
     assert all(sup.pid(n) is None for n in pids)
@@ -163,14 +153,14 @@ def test_sigint_to_the_process_group_shuts_everything_down_cleanly(tmp_path, sup
     assert p.wait(timeout=30) == 0
     assert (tmp_path / "clean").read_text() == "ok"
     assert sorted((tmp_path / "stops.log").read_text().split("\n")[:2]) == ["stopped a", "stopped b"]
-    assert not any(alive(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
 
 
 def test_children_die_when_the_supervisor_is_sigkilled(tmp_path, supervisor_proc):
     p, pids = supervisor_proc
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    wait_for(lambda: not any(alive(pid) for pid in pids), timeout=10, what="orphans to exit")
+    wait_for(lambda: all(process_gone(pid) for pid in pids), timeout=10, what="orphans to exit")
 
 
 def test_a_crash_looping_service_is_restarted_while_starting_and_the_wait_can_give_up(tmp_path):
