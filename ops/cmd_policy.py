@@ -62,7 +62,8 @@ def _train(args: argparse.Namespace, cfg: LooprlConfig) -> int:
     torch.set_num_threads(cfg.policy.torch_threads)
 
     port = cfg.policy.metrics_port if args.metrics_port is None else args.metrics_port
-    serve_metrics(port, host=cfg.metrics_host, key="policy.metrics_port (or --metrics-port)")
+    # The scheduler starts a policy job as soon as the one before ends, whose server held this port.
+    serve_metrics(port, host=cfg.metrics_host, key="policy.metrics_port (or --metrics-port)", wait_s=10.0)
     try:
         # None: a new run pins the newest reward model, a resumed run re-loads the version it started with
         scorer = None if args.scorer == "registry" and not args.reward_version else _scorer(args, cfg)

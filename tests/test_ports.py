@@ -11,6 +11,8 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import httpx
 import pytest
@@ -65,6 +67,22 @@ def test_a_taken_port_names_the_key():
             bind_socket("127.0.0.1", taken, "serving.port")
         with pytest.raises(ConfigError, match=rf"127.0.0.1:{taken} .*set ingest.metrics_port to a free port"):
             serve_metrics(taken, key="ingest.metrics_port")
+
+
+def test_metrics_wait_for_a_port_that_comes_free():
+    """wait_s: a port the job before still holds is bound once it is let go; one held for longer
+    than the wait is still a clear error, after the wait."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    taken = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"127.0.0.1:{taken} .*set policy.metrics_port to a free port"):
+        serve_metrics(taken, key="policy.metrics_port", wait_s=0.5)
+    assert time.monotonic() - t0 >= 0.5
+    threading.Timer(0.5, s.close).start()
+    assert serve_metrics(taken, key="policy.metrics_port", wait_s=10.0) == taken
+    assert "python_info" in httpx.get(f"http://127.0.0.1:{taken}/metrics", timeout=5).text
 
 
 def test_the_collector_on_port_0(tmp_path, kafka_bootstrap, kafka_topics):

@@ -12,6 +12,8 @@ Prometheus scrapes with ``honor_labels``.
 from __future__ import annotations
 
 import contextlib
+import errno
+import time
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, make_asgi_app, push_to_gateway, start_http_server
@@ -26,15 +28,24 @@ PUSH_FAILURES = Counter("looprl_metrics_push_failures_total", "Pushes to the Pus
 
 
 def serve_metrics(port: int, registry: CollectorRegistry = REGISTRY, host: str = "127.0.0.1",
-                  key: str = "the metrics port") -> int:
+                  key: str = "the metrics port", wait_s: float = 0.0) -> int:
     """Start the /metrics HTTP server in a daemon thread; port 0 picks a free port, as every looprl
     port does (``looprl.ops.core.listen``). Logs "metrics listening" with the port bound; a port
-    that cannot be bound is a ``ConfigError`` naming ``key``. Returns the port."""
-    try:
-        server, _thread = start_http_server(port, addr=host, registry=registry)
-    except OSError as e:
-        raise ConfigError(f"cannot serve metrics on {host}:{port} ({e.strerror or e}): set {key} to a free port, "
-                          "or 0 for any free port") from None
+    that cannot be bound is a ``ConfigError`` naming ``key``. Returns the port.
+
+    ``wait_s``: how long a port in use may take to come free. A scheduler job starts on a warm
+    worker moments after the job before it, whose server held the same port, ended."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=registry)
+            break
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            raise ConfigError(f"cannot serve metrics on {host}:{port} ({e.strerror or e}): set {key} to a free "
+                              "port, or 0 for any free port") from None
     bound = server.server_address[1]
     log.info("metrics listening", url=url_of(host, bound, "/metrics"), port=bound)
     return bound
