@@ -18,7 +18,8 @@ with a perfect reward model: what the policy side can do when the reward is righ
    users ask). The base is judged the same way.
 
 Prints each suite's lift over the base and the transfer ratio (held-out-forms lift / training-forms
-lift); last line one JSON object. A demo's own versions, judged by ``benchmarks/gate_truth.py``
+lift), and how often the rollout KL (trailing 5-step mean) sat at or over the demo's gate cap
+``gate.max_kl``: a candidate saved there would be rejected; last line one JSON object. A demo's own versions, judged by ``benchmarks/gate_truth.py``
 with ``--suite-file`` holding the held-out forms, show how much of this its learned reward model
 let through.
 """
@@ -56,6 +57,17 @@ def policy_overrides(items: list[str]) -> dict:
     return out
 
 
+KL_WINDOW = 5  # steps: a window's mean is what a candidate saved there would show the gate, give or take
+
+
+def kl_over(kl: list[float], cap: float) -> float:
+    """The share of steps whose trailing KL_WINDOW-step mean rollout KL is at or over ``cap``: how
+    often a candidate saved at that step would fail the gate's KL check, with the adaptive
+    controller's overshoot in it."""
+    means = [statistics.fmean(kl[max(0, i - KL_WINDOW + 1):i + 1]) for i in range(len(kl))]
+    return sum(m >= cap for m in means) / len(means) if means else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, help="a base model directory (default: build the looprl init base)")
@@ -91,6 +103,7 @@ def main() -> int:
     demo_policy = {k.split(".", 1)[1]: v for k, v in DEMO_TUNING.items() if k.startswith("policy.")}
     demo_policy.update(policy_overrides(args.overrides))
     marks = sorted({max(args.steps * k // 3, 1) for k in (1, 2, 3)})
+    max_kl = DEMO_TUNING["gate.max_kl"]
 
     work = Path(tempfile.mkdtemp(prefix="looprl-bench-transfer-"))
     t_all = time.perf_counter()
@@ -115,10 +128,11 @@ def main() -> int:
             cfg = load_config(environ={}, workspace=work / f"ws-{seed}", model={"base_path": str(base)}, policy={
                 **demo_policy, "steps": args.steps, "checkpoint_every": args.steps, "recent_prompts": 0,
                 "seed": seed, "torch_threads": args.threads})
-            run: dict = {"seed": seed, "marks": {}}
+            run: dict = {"seed": seed, "marks": {}, "kl": []}
             t0 = time.perf_counter()
 
             def on_step(step: int, stats: dict, backend, run=run, t0=t0) -> None:
+                run["kl"].append(round(float(stats["kl"]), 3))
                 if step + 1 not in marks:
                     return
                 p = judge(backend.learner.model, backend.learner.tok, seed=2000 + step)
@@ -135,17 +149,21 @@ def main() -> int:
 
             train(cfg, scorer=PreferenceScorer(preference, args.preference), use_ray=False, resume=False,
                   publish=False, on_step=on_step)
+            run["kl_over_gate_share"] = kl_over(run["kl"], max_kl)
             runs.append(run)
         final = [r["marks"][marks[-1]] for r in runs]
         mean = {k: statistics.fmean(m[k] for m in final) for k in ("lift_train_forms", "lift_heldout_forms")}
         transfer = mean["lift_heldout_forms"] / mean["lift_train_forms"] if mean["lift_train_forms"] > 0.02 else None
+        over = statistics.fmean(r["kl_over_gate_share"] for r in runs)
+        print(f"share of steps whose {KL_WINDOW}-step mean rollout KL is at or over gate.max_kl={max_kl}: {over:.3f}")
         print(f"after {args.steps} steps, mean of {args.seeds} seeds: lift on training forms "
               f"{mean['lift_train_forms']:+.3f}, on held-out forms {mean['lift_heldout_forms']:+.3f}, transfer "
               + (f"{transfer:.2f}" if transfer is not None else "-"))
         result = {
             "benchmark": "transfer", "preference": args.preference, "base": str(args.base or "looprl init"),
             "steps": args.steps, "seeds": args.seeds, "eval_answers": args.eval, "policy": demo_policy,
-            "base_p": base_p, "mean_final": mean, "transfer": transfer, "runs": runs,
+            "base_p": base_p, "mean_final": mean, "transfer": transfer,
+            "max_kl": max_kl, "kl_window": KL_WINDOW, "kl_over_gate_share": over, "runs": runs,
             "seconds": time.perf_counter() - t_all,
             "machine": {"cpus": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
                         "torch": torch.__version__},

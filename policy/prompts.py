@@ -14,10 +14,13 @@ prompts are never trained on, whichever run or process looks at them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
+import duckdb
 import torch
 
 from looprl.ops.core.chat import Chat, ChatError
@@ -74,18 +77,38 @@ def read_prompt_file(path: Path, field: str = "policy.prompts_file") -> list[Cha
     return out
 
 
-def traffic_prompts(cfg: LooprlConfig, limit: int) -> tuple[list[Chat], dict]:
+@contextlib.contextmanager
+def event_log(cfg: LooprlConfig, needed: bool = True) -> Iterator[duckdb.DuckDBPyConnection | None]:
+    """One connection to the event log for a run's start, which reads it twice (the prompt pool,
+    the served answers): opening one lists and reads the footers of every part file. None when not
+    ``needed``, or when the log does not exist or cannot be opened (logged): each reader then falls
+    back to its own."""
+    con = None
+    if needed and cfg.events_dir.exists():
+        try:
+            con = EventLog(cfg.events_dir).connect()
+        except Exception as e:  # an unreadable log must not stop training
+            log.warning("could not open the event log", error=str(e))
+    try:
+        yield con
+    finally:
+        if con is not None:
+            con.close()
+
+
+def traffic_prompts(cfg: LooprlConfig, limit: int,
+                    con: duckdb.DuckDBPyConnection | None = None) -> tuple[list[Chat], dict]:
     """Distinct prompts of the most recently ingested responses, newest first, and the watermark
     they reach. Recency is ``ingested_at`` (set by ingest, increasing), never the producer's ``ts``:
-    a far-future ``ts`` would pin its prompt first forever, and one past year 9999 overflows."""
+    a far-future ``ts`` would pin its prompt first forever, and one past year 9999 overflows.
+    ``con``: an `EventLog` connection to read through (default: a new one)."""
     if limit <= 0 or not cfg.events_dir.exists():
         return [], {}
+    sql = ("SELECT prompt, messages, max(ingested_at) AS last_ingested_at FROM responses "
+           "WHERE (prompt IS NOT NULL AND length(prompt) > 0) OR messages IS NOT NULL "
+           f"GROUP BY prompt, messages ORDER BY last_ingested_at DESC, prompt LIMIT {int(limit)}")
     try:
-        table = EventLog(cfg.events_dir).query(
-            "SELECT prompt, messages, max(ingested_at) AS last_ingested_at FROM responses "
-            "WHERE (prompt IS NOT NULL AND length(prompt) > 0) OR messages IS NOT NULL "
-            f"GROUP BY prompt, messages ORDER BY last_ingested_at DESC, prompt LIMIT {int(limit)}"
-        )
+        table = EventLog(cfg.events_dir).query(sql) if con is None else con.sql(sql).to_arrow_table()
     except Exception as e:  # an empty or still-initialising log must not stop training
         log.warning("could not read recent prompts from the event log", error=str(e))
         return [], {}
@@ -106,10 +129,12 @@ def configured_prompts(cfg: LooprlConfig) -> list[Chat]:
     return [Chat.user(p) for p in shipped_prompts()]
 
 
-def build_pool(cfg: LooprlConfig, traffic_limit: int | None = None) -> tuple[list[Chat], dict]:
-    """Deduplicated prompt pool (traffic first) and the event-log watermark it was read at."""
+def build_pool(cfg: LooprlConfig, traffic_limit: int | None = None,
+               con: duckdb.DuckDBPyConnection | None = None) -> tuple[list[Chat], dict]:
+    """Deduplicated prompt pool (traffic first) and the event-log watermark it was read at.
+    ``con``: as in `traffic_prompts`."""
     limit = cfg.policy.recent_prompts if traffic_limit is None else traffic_limit
-    traffic, watermark = traffic_prompts(cfg, limit)
+    traffic, watermark = traffic_prompts(cfg, limit, con)
     seen, pool = set(), []
     for p in traffic + configured_prompts(cfg):
         if p not in seen:

@@ -49,6 +49,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import duckdb
 import torch
 
 from looprl.ops.core.chat import Chat, ChatError
@@ -169,19 +170,24 @@ def load_tokenizer(base_path: Path):
     return tok
 
 
-def read_served(cfg: LooprlConfig, start_version: int, tok=None,
-                generations: dict[int, int] | None = None) -> tuple[list[ServedSample], Counter]:
+def read_served(cfg: LooprlConfig, start_version: int, tok=None, generations: dict[int, int] | None = None,
+                con: duckdb.DuckDBPyConnection | None = None) -> tuple[list[ServedSample], Counter]:
     """The newest ``policy.offpolicy_pool`` usable served answers (see the module docstring) and the
     drops by reason; ``start_version``: the version the run starts from (0: the base).
 
     An answer is stale when its version lies more than ``policy.offpolicy_max_staleness`` versions
     behind the start: counted in ``generations`` (version number -> generations back on the start's
-    line: the start 0, its parent 1, ...) when it holds the version, else by version number."""
+    line: the start 0, its parent 1, ...) when it holds the version, else by version number.
+
+    ``con``: an `EventLog` connection to read through (default: a new one, closed at the end). Its
+    ``responses_by_id`` is left pinned to the labelled answers (`EventLog.pin_labelled_responses`)."""
     p = cfg.policy
     drops: Counter = Counter()
     if not cfg.events_dir.exists():
         return [], drops
-    con = EventLog(cfg.events_dir).connect()
+    own = con is None
+    if own:
+        con = EventLog(cfg.events_dir).connect()
     try:
         EventLog.pin_labelled_responses(con)  # the query joins them four times
         reader = con.sql(_SERVED_SQL, params={"prefix": cfg.demo.eval_user_prefix or "",
@@ -200,7 +206,8 @@ def read_served(cfg: LooprlConfig, start_version: int, tok=None,
                 else:
                     out.append(sample)
     finally:
-        con.close()
+        if own:
+            con.close()
     return out, drops
 
 
@@ -242,17 +249,17 @@ def _check(row: dict, cfg: LooprlConfig, start_version: int, tok,
                         [float(x) for x in lps], label, version), ""
 
 
-def load_pool(cfg: LooprlConfig, start_version: int,
-              generations: dict[int, int] | None = None) -> list[ServedSample]:
+def load_pool(cfg: LooprlConfig, start_version: int, generations: dict[int, int] | None = None,
+              con: duckdb.DuckDBPyConnection | None = None) -> list[ServedSample]:
     """The served answers a new run trains on (empty when off-policy learning is off, with the
-    reason logged); drops per reason are logged. ``generations``: as in ``read_served``."""
+    reason logged); drops per reason are logged. ``generations``, ``con``: as in ``read_served``."""
     why = offpolicy_disabled(cfg)
     if why is not None:
         if cfg.policy.offpolicy:  # switched on but unusable: say so; off by choice: nothing to say
             log.warning("off-policy learning is off for this run", reason=why)
         return []
     try:
-        samples, drops = read_served(cfg, start_version, generations=generations)
+        samples, drops = read_served(cfg, start_version, generations=generations, con=con)
     except Exception as e:  # an unreadable log must not stop on-policy training
         log.warning("could not read served answers from the event log; training on-policy only", error=str(e))
         return []

@@ -36,7 +36,7 @@ from looprl.policy.placement import resolve_device
 from looprl.policy.checkpoint import CheckpointError, RunDir, latest_unfinished, runs_root
 from looprl.policy.families import family_of_dir
 from looprl.policy.lora import base_policy_targets
-from looprl.policy.prompts import PromptSampler, build_pool
+from looprl.policy.prompts import PromptSampler, build_pool, event_log
 from looprl.policy.rollout import Rollout
 from looprl.policy.scoring import RegistryScorer, registry_scorer
 from looprl.policy.vllm_layout import LayoutError, export_vllm
@@ -157,6 +157,39 @@ def train(
         lock.release()
 
 
+def _start_meta(cfg: LooprlConfig, run: RunDir, scorer, checksum: str, use_ray: bool, con) -> tuple[dict, list]:
+    """A new run's metadata and prompt pool; saves its served answers (``con``: `event_log`)."""
+    pool, watermark = build_pool(cfg, con=con)
+    reg = Registry(cfg.registry_dir)
+    parent = continue_point(reg, cfg.policy.continue_from)
+    meta = {
+        "run_id": run.run_id,
+        "created_at": datetime.now(timezone.utc).isoformat(),
+        "base_checksum": checksum,
+        "reward_version": scorer.version,
+        "parent": parent,
+        "init_from": _init_source(cfg, parent, checksum),
+        "init_kl_coef": cfg.policy.init_kl_coef,
+        "watermark": watermark,
+        "policy": cfg.policy.model_dump(mode="json"),
+        "kernels": cfg.kernels.model_dump(mode="json"),
+    }
+    _check_memory(cfg, scorer, use_ray)  # before the run is recorded: a refused run is never resumed
+    if meta["init_from"]:  # continue the parent's KL controller too, not just its weights
+        last = Registry(cfg.registry_dir).manifest(KIND, meta["init_from"]).metrics.get("kl_coef_last")
+        if isinstance(last, (int, float)) and last > 0:
+            meta["init_kl_coef"] = float(last)
+    # before run.json: a run that exists has its served answers (resuming never re-reads the log)
+    # staleness counts the generations an answer's version lies behind the start on its line
+    line = lineage(reg, meta["init_from"])
+    generations = {version_number(v): i for i, v in enumerate(line)} | {0: len(line)}
+    served_pool = served_answers.load_pool(cfg, version_number(meta["init_from"]), generations,
+                                             con=con)
+    if served_pool:
+        served_answers.save_pool(run.path, served_pool)
+    return meta, pool
+
+
 def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | None, scorer, use_ray: bool,
                   progress: bool, publish: bool, on_step) -> TrainResult:
     if resuming and run.is_done():
@@ -190,33 +223,9 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
         if steps is not None:
             cfg = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"steps": steps})})
         scorer = scorer if scorer is not None else registry_scorer(cfg)
-        pool, watermark = build_pool(cfg)
-        reg = Registry(cfg.registry_dir)
-        parent = continue_point(reg, cfg.policy.continue_from)
-        meta = {
-            "run_id": run.run_id,
-            "created_at": datetime.now(timezone.utc).isoformat(),
-            "base_checksum": checksum,
-            "reward_version": scorer.version,
-            "parent": parent,
-            "init_from": _init_source(cfg, parent, checksum),
-            "init_kl_coef": cfg.policy.init_kl_coef,
-            "watermark": watermark,
-            "policy": cfg.policy.model_dump(mode="json"),
-            "kernels": cfg.kernels.model_dump(mode="json"),
-        }
-        _check_memory(cfg, scorer, use_ray)  # before the run is recorded: a refused run is never resumed
-        if meta["init_from"]:  # continue the parent's KL controller too, not just its weights
-            last = Registry(cfg.registry_dir).manifest(KIND, meta["init_from"]).metrics.get("kl_coef_last")
-            if isinstance(last, (int, float)) and last > 0:
-                meta["init_kl_coef"] = float(last)
-        # before run.json: a run that exists has its served answers (resuming never re-reads the log)
-        # staleness counts the generations an answer's version lies behind the start on its line
-        line = lineage(reg, meta["init_from"])
-        generations = {version_number(v): i for i, v in enumerate(line)} | {0: len(line)}
-        served_pool = served_answers.load_pool(cfg, version_number(meta["init_from"]), generations)
-        if served_pool:
-            served_answers.save_pool(run.path, served_pool)
+        reads_log = cfg.policy.recent_prompts > 0 or served_answers.offpolicy_disabled(cfg) is None
+        with event_log(cfg, needed=reads_log) as con:  # read twice: the prompt pool, the served answers
+            meta, pool = _start_meta(cfg, run, scorer, checksum, use_ray, con)
         run.write_meta(meta, pool)
     p = cfg.policy
     sampler = PromptSampler(pool, p.seed)

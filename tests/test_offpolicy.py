@@ -5,6 +5,7 @@ from the event log, and the learner with and without them."""
 import json
 from datetime import timedelta
 
+import duckdb
 import pytest
 import torch
 from served_testing import T0, rating, served_response, thumb, train_prompts, write_labelled_answers
@@ -16,7 +17,7 @@ from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy import ppo, served
 from looprl.policy.checkpoint import runs_root
 from looprl.policy.model import shipped_prompts
-from looprl.policy.prompts import is_heldout
+from looprl.policy.prompts import event_log, is_heldout, traffic_prompts
 from looprl.policy.trainer import train
 
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl
@@ -112,6 +113,19 @@ def test_served_answers_are_filtered_and_counted_by_reason(tiny_base_cfg, tok, t
     samples, drops = served.read_served(cfg, start_version=5, tok=tok, generations={5: 0, 2: 1, 0: 3})
     assert [s.response_id for s in samples] == ["ok-new", "ok-rated", "ok-old", "stale"]
     assert drops["stale"] == 1 and drops["sampling"] == 4
+
+    # a run's start reads the pool and the served answers through one connection (policy.prompts.event_log):
+    # the same rows, in either order, and the connection stays open for the caller, which closes it
+    alone = traffic_prompts(cfg, 50)[0]
+    with event_log(cfg) as con:
+        shared = served.read_served(cfg, start_version=5, tok=tok, generations={5: 0, 2: 1, 0: 3}, con=con)
+        assert [s.response_id for s in shared[0]] == ["ok-new", "ok-rated", "ok-old", "stale"]
+        assert shared[1] == drops
+        assert traffic_prompts(cfg, 50, con)[0] == alone and len(alone) == 9
+    with pytest.raises(duckdb.ConnectionException):
+        con.sql("SELECT 1")
+    with event_log(cfg, needed=False) as none:
+        assert none is None
 
     # the pool keeps the newest: with room for 2, the 12 older answers are not even looked at
     small = cfg.model_copy(update={"policy": cfg.policy.model_copy(update={"offpolicy_pool": 2})})

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import time
 from collections.abc import Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, make_asgi_app, push_to_gateway, start_http_server
+from tenacity import Retrying, retry_if_exception, stop_after_delay, wait_fixed
 
 from looprl.ops.core.config import ConfigError
 from looprl.ops.core.listen import url_of
@@ -35,17 +35,13 @@ def serve_metrics(port: int, registry: CollectorRegistry = REGISTRY, host: str =
 
     ``wait_s``: how long a port in use may take to come free. A scheduler job starts on a warm
     worker moments after the job before it, whose server held the same port, ended."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        try:
-            server, _thread = start_http_server(port, addr=host, registry=registry)
-            break
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE and time.monotonic() < deadline:
-                time.sleep(0.1)
-                continue
-            raise ConfigError(f"cannot serve metrics on {host}:{port} ({e.strerror or e}): set {key} to a free "
-                              "port, or 0 for any free port") from None
+    in_use = retry_if_exception(lambda e: isinstance(e, OSError) and e.errno == errno.EADDRINUSE)
+    try:
+        server, _thread = Retrying(stop=stop_after_delay(wait_s), wait=wait_fixed(0.1), retry=in_use, reraise=True)(
+            start_http_server, port, addr=host, registry=registry)
+    except OSError as e:
+        raise ConfigError(f"cannot serve metrics on {host}:{port} ({e.strerror or e}): set {key} to a free "
+                          "port, or 0 for any free port") from None
     bound = server.server_address[1]
     log.info("metrics listening", url=url_of(host, bound, "/metrics"), port=bound)
     return bound
