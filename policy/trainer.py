@@ -47,6 +47,7 @@ from looprl.storage.releases import KIND, VLLM_DIR, continue_point, lineage
 log = get_logger(__name__)
 
 # Per-step figures kept in the candidate's manifest (the curve, not every diagnostic).
+KL_STOP_WINDOW = 5  # steps
 _CURVE_KEYS = ("reward_mean", "kl", "kl_coef", "kl_coef_next", "clip_fraction", "entropy", "value_loss",
                "explained_variance", "tokens_per_s", "expert_load_max_over_mean", "offpolicy_samples",
                "offpolicy_is_weight_mean")
@@ -259,6 +260,10 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
         bar = None
         if progress:
             bar = tqdm(total=p.steps, initial=start, desc=f"ppo {run.run_id}", unit="step")
+        # KL stop (policy.stop_kl): every checkpoint saved while the trailing KL stayed under the
+        # stop is one to fall back to; `good` is the newest.
+        good = start if start > 0 and _under_stop_kl(history, p.stop_kl) else None
+        stopped = None
         for step in range(start, p.steps):
             stats = _one_step(backend, sampler, cfg, step, served)
             history.append({k: stats[k] for k in _CURVE_KEYS if k in stats} | {"step": step})
@@ -270,12 +275,21 @@ def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | N
             if on_step is not None:
                 on_step(step, stats, backend)
             done = step + 1
+            if good is not None and not _under_stop_kl(history, p.stop_kl):
+                stopped = {"step": done, "trailing_kl": _trailing_kl(history), "published_step": good}
+                log.info("KL stop: the run publishes its last checkpoint under policy.stop_kl", run_id=run.run_id,
+                         stop_kl=p.stop_kl, **stopped)
+                _, state, _ = run.load(good)
+                backend.load_weights(state["lora"], state["value_head"])  # the coefficient stays raised
+                break
             if done % p.checkpoint_every == 0 or done == p.steps:
                 run.save(done, backend.state_dict(), extra={"history": history})
+                if _under_stop_kl(history, p.stop_kl):
+                    good = done
         if bar is not None:
             bar.close()
 
-        manifest = _publish(cfg, backend, run, meta, history) if publish else None
+        manifest = _publish(cfg, backend, run, meta, history, stopped) if publish else None
         run.mark_done({"version": manifest.version if manifest else None,
                        "finished_at": datetime.now(timezone.utc).isoformat()})
         ended_well = True
@@ -370,9 +384,25 @@ def _export_vllm_copy(cfg: LooprlConfig, d: Path) -> None:
         log.warning("no vLLM-layout copy of the candidate; vLLM endpoints would get the peft layout", error=str(e))
 
 
-def _publish(cfg: LooprlConfig, backend, run: RunDir, meta: dict, history: list[dict]) -> Manifest:
-    tail = history[-3:] if history else []
+def _trailing_kl(history: list[dict]) -> float:
+    """Mean rollout KL of the last KL_STOP_WINDOW steps: one step's 16 answers swing it by several nats."""
+    kls = [h["kl"] for h in history[-KL_STOP_WINDOW:]]
+    return sum(kls) / len(kls) if kls else 0.0
+
+
+def _under_stop_kl(history: list[dict], stop_kl: float | None) -> bool:
+    return stop_kl is None or _trailing_kl(history) < stop_kl
+
+
+def _publish(cfg: LooprlConfig, backend, run: RunDir, meta: dict, history: list[dict],
+             stopped: dict | None = None) -> Manifest:
+    """``stopped``: the KL stop's record; the published weights are those of its checkpoint, so
+    the reward and KL at the end are read there (the KL coefficient is the newest: the child
+    continues with the leash the controller raised)."""
+    kept = [h for h in history if h["step"] < stopped["published_step"]] if stopped else history
+    tail = kept[-3:] if kept else []
     head = history[:3] if history else []
+    last = history[-1:] if history else []
 
     def avg(rows: list[dict], key: str) -> float | None:
         vals = [r[key] for r in rows if r.get(key) is not None]
@@ -384,9 +414,10 @@ def _publish(cfg: LooprlConfig, backend, run: RunDir, meta: dict, history: list[
         "reward_first": avg(head, "reward_mean"),
         "reward_last": avg(tail, "reward_mean"),
         "kl_last": avg(tail, "kl"),
-        "kl_coef_last": tail[-1].get("kl_coef_next", tail[-1]["kl_coef"]) if tail else None,
+        "kl_coef_last": last[-1].get("kl_coef_next", last[-1]["kl_coef"]) if last else None,
         "tokens_per_s": avg(history, "tokens_per_s"),
         "curve": history,
+        "kl_stop": stopped,
     }
     extra = {
         "reward_version": meta["reward_version"],

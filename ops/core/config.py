@@ -419,6 +419,10 @@ class PolicyConfig(Section):
     # (Ziegler et al.); horizon in completions (small so short runs adapt; production ~10_000).
     target_kl: float = Field(3.0, gt=0)
     kl_horizon: int = Field(100, ge=1)
+    # KL stop: once the mean rollout KL of the last 5 steps reaches this, the run ends and publishes
+    # its newest checkpoint saved under it (policy/trainer.py), instead of training on into a
+    # candidate the gate's gate.max_kl rejects. None: runs always take all their steps.
+    stop_kl: float | None = Field(None, gt=0)
     steps: int = Field(20, ge=1)
     checkpoint_every: int = Field(5, ge=1)
     num_rollout_workers: int = Field(1, ge=1)
