@@ -268,7 +268,8 @@ def policy_curves(cfg: LooprlConfig) -> list[dict[str, Any]]:
         out.append({"version": m.version, "status": m.status, "at": m.created_at.timestamp(),
                     "kl": [row.get("kl") for row in curve if isinstance(row, dict)],
                     "reward": [row.get("reward_mean") for row in curve if isinstance(row, dict)],
-                    "kl_last": m.metrics.get("kl_last"), "reward_version": m.extra.get("reward_version"),
+                    "kl_last": m.metrics.get("kl_last"), "kl_stop": m.metrics.get("kl_stop"),
+                    "reward_version": m.extra.get("reward_version"),
                     "history": [{"status": h.status, "reason": h.reason, "at": h.at.timestamp(), "numbers": h.numbers}
                                 for h in m.history]})
     return out
@@ -416,11 +417,14 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
               f"{cfg.reward.publish_margin}); the held-out set grows with every update, so the published version is "
               "re-scored each time.",
               "", "![reward accuracy](reward_accuracy.png)", "", "## Policy versions", "",
-              "| version | status | reward model | steps | final KL |", "|---|---|---|---|---|"]
+              "| version | status | reward model | steps | KL stop | final KL |", "|---|---|---|---|---|---|"]
     for c in curves:
+        stop = c.get("kl_stop")
+        stop_cell = f"after step {stop['step']}, published step {stop['published_step']}" if stop else "-"
         lines.append(f"| {c['version']} | {c['status']} | {c['reward_version'] or '-'} | {len(c['kl'])} "
-                     f"| {_fmt(c['kl_last'])} |")
-    lines += ["", "![KL](kl.png)", "", *_gate_lines(gates), "## Canary and promotion decisions", "",
+                     f"| {stop_cell} | {_fmt(c['kl_last'])} |")
+    lines += ["", "A run whose 5-step mean KL reached policy.stop_kl published its last checkpoint under it: the "
+              "final KL is that checkpoint's.", "", "![KL](kl.png)", "", *_gate_lines(gates), "## Canary and promotion decisions", "",
               "| time | action | version | control | votes | reason |", "|---|---|---|---|---|---|"]
     for d in decisions:
         lines.append(f"| {time.strftime('%H:%M:%S', time.localtime(d['at']))} | {d['action']} | {d['version']} "

@@ -56,11 +56,12 @@ def test_summary_falls_back_when_the_promoted_version_has_few_eval_samples():
     assert s["improvement_rate"] is None  # no base measurement: no claim
 
 
-def publish(reg, tmp_path, curve):
+def publish(reg, tmp_path, curve, **metrics):
     src = tmp_path / f"src{random.random()}"
     src.mkdir()
     save_file({"w": torch.zeros(1)}, str(src / "adapter_model.safetensors"))
-    return reg.publish("policy", src, base_checksum="b", metrics={"curve": curve, "kl_last": curve[-1]["kl"]},
+    return reg.publish("policy", src, base_checksum="b",
+                       metrics={"curve": curve, "kl_last": curve[-1]["kl"], **metrics},
                        extra={"reward_version": "v1"}).version
 
 
@@ -85,6 +86,9 @@ def test_write_report(tmp_path):
     mgr = CanaryManager(cfg, counts=lambda versions, since: {})
     mgr.step()
     mgr.manual_promote(v1, by="test")
+    # a run the KL stop ended: its row says where, and which checkpoint it published
+    publish(reg, tmp_path, [{"kl": 2.0 * i, "reward_mean": 0.3} for i in range(8)], kl_last=5.0,
+            kl_stop={"step": 8, "trailing_kl": 12.4, "published_step": 5})
 
     out, summary = write_report(cfg, tmp_path / "report")
     for name in ("thumbs_up.png", "reward_accuracy.png", "kl.png"):
@@ -94,8 +98,10 @@ def test_write_report(tmp_path):
     assert saved["served_version"] == "v1" and saved["promoted"] == "v1"
     assert saved["target_met"] == (saved["improvement_rate"] >= 0.25)
     assert saved["improvement_rate"] > 0.25  # 0.6 vs 0.2 with n=200
-    assert saved["reward_updates"] == 4 and saved["policy_versions"] == 1 and saved["decisions"] == 2
+    assert saved["reward_updates"] == 4 and saved["policy_versions"] == 2 and saved["decisions"] == 2
     md = (out / "report.md").read_text()
+    assert "| v1 | promoted | v1 | 5 | - | 0.400 |" in md
+    assert "| v2 | candidate | v1 | 8 | after step 8, published step 5 | 5.000 |" in md
     assert "Improvement: 0." in md and "manual_promote" in md and "| 3 | 50 | 0.650 |" in md
     assert "was promoted last" not in md
     # too few answers for the report's bar, and nothing promoted before it: no claim, and why
