@@ -36,12 +36,14 @@ def serve_metrics(port: int, registry: CollectorRegistry = REGISTRY, host: str =
     ``wait_s``: how long a port in use may take to come free. A scheduler job starts on a warm
     worker moments after the job before it, whose server held the same port, ended."""
     in_use = retry_if_exception(lambda e: isinstance(e, OSError) and e.errno == errno.EADDRINUSE)
+    retrying = Retrying(stop=stop_after_delay(wait_s), wait=wait_fixed(0.1), retry=in_use, reraise=True)
     try:
-        server, _thread = Retrying(stop=stop_after_delay(wait_s), wait=wait_fixed(0.1), retry=in_use, reraise=True)(
-            start_http_server, port, addr=host, registry=registry)
+        server, _thread = retrying(start_http_server, port, addr=host, registry=registry)
     except OSError as e:
         raise ConfigError(f"cannot serve metrics on {host}:{port} ({e.strerror or e}): set {key} to a free "
                           "port, or 0 for any free port") from None
+    if retrying.statistics.get("attempt_number", 1) > 1:  # how often the wait is needed, and how long
+        log.info("metrics port came free", port=port, waited_s=round(retrying.statistics["delay_since_first_attempt"], 2))
     bound = server.server_address[1]
     log.info("metrics listening", url=url_of(host, bound, "/metrics"), port=bound)
     return bound
