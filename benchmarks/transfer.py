@@ -19,10 +19,9 @@ with a perfect reward model: what the policy side can do when the reward is righ
 
 Prints each suite's lift over the base and the transfer ratio (held-out-forms lift / training-forms
 lift), and how often the rollout KL (trailing 5-step mean) sat at or over the demo's gate cap
-``gate.max_kl``: a candidate saved there would be rejected (the demo's KL stop is left out, so the
-runs take all their steps). Last line one JSON object. A demo's own versions, judged by
-``benchmarks/gate_truth.py`` with ``--suite-file`` holding the held-out forms, show how much of
-this its learned reward model let through.
+``gate.max_kl``: a candidate saved there would be rejected. Last line one JSON object. A demo's
+own versions, judged by ``benchmarks/gate_truth.py`` with ``--suite-file`` holding the held-out
+forms, show how much of this its learned reward model let through.
 """
 
 from __future__ import annotations
@@ -101,12 +100,9 @@ def main() -> int:
     heldout_forms = prompt_set("heldout")
     suites = {"train_forms": [train_forms[i % len(train_forms)] for i in range(args.eval)],
               "heldout_forms": [heldout_forms[i % len(heldout_forms)] for i in range(args.eval)]}
-    # Not the KL stop: a stopped run would not reach the marks, and the benchmark measures the
-    # controller's overshoot with it.
-    demo_policy = {k.split(".", 1)[1]: v for k, v in DEMO_TUNING.items()
-                   if k.startswith("policy.") and k != "policy.stop_kl"}
+    demo_policy = {k.split(".", 1)[1]: v for k, v in DEMO_TUNING.items() if k.startswith("policy.")}
     demo_policy.update(policy_overrides(args.overrides))
-    if demo_policy.get("stop_kl") is not None:
+    if demo_policy.get("stop_kl") is not None:  # it measures the KL controller's overshoot
         raise SystemExit("--set policy.stop_kl: a stopped run would not reach the marks")
     marks = sorted({max(args.steps * k // 3, 1) for k in (1, 2, 3)})
     max_kl = DEMO_TUNING["gate.max_kl"]

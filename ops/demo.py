@@ -67,7 +67,7 @@ DEMO_TUNING: dict[str, Any] = {
     "reward.poll_seconds": 3.0,
     "reward.min_new_events": 48,
     "policy.steps": 40,
-    "policy.checkpoint_every": 5,
+    "policy.checkpoint_every": 10,
     "policy.rollout_batch_size": 16,
     "policy.minibatch_size": 8,
     "policy.max_new_tokens": 16,
@@ -111,13 +111,10 @@ DEMO_TUNING: dict[str, Any] = {
     "policy.target_kl": 10.0,
     # The gate's cap stays well above target_kl, which the controller overshoots for a while.
     "gate.max_kl": 14.0,
-    # ... for long stretches: a run over the cap at its end wasted all its steps, and the next one,
-    # continuing the same parent with the same coefficient, overshot again (3 candidates in a row
-    # in one sparse run, ops/README.md). A faster controller (kl_horizon 30) overshot as often
-    # (benchmarks/transfer.py). So a run whose 5-step mean KL reaches the stop publishes its last
-    # checkpoint (every 5 steps) under it, with the coefficient the controller raised. The gate
-    # measures a few nats above the rollouts, more on the held-out forms: the stop sits below its cap.
-    "policy.stop_kl": 12.0,
+    # A reward model learned from a few hundred labels can score empty or looping answers high: in
+    # one sparse run 9 of 16 candidates were rejected for them (ops/README.md). PPO never gets
+    # more than a below-average reward for what the gate calls degenerate.
+    "policy.degenerate_penalty": 1.0,
     # Each run continues its parent's KL coefficient, which the controller brings to about 0.05
     # here. A first run starting from the base at the schema's 0.3 spent its 40 steps bringing the
     # coefficient down and ended well short of target_kl: the first version, the one the canary

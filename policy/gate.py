@@ -73,7 +73,7 @@ from looprl.policy.forward import apply_kernels, policy_forward
 from looprl.policy.model import base_checksum, check_memory, load_base, resolve_placement, stop_token_ids
 from looprl.policy.model import heldout_prompts as shipped_heldout_prompts
 from looprl.policy.prompts import build_pool, generator, heldout_prompts, is_heldout, read_prompt_file
-from looprl.policy.rollout import Rollout, sample
+from looprl.policy.rollout import Rollout, answer_tokens, degenerate_flags, sample
 from looprl.policy.scoring import registry_scorer
 from looprl.storage import releases
 from looprl.storage.registry import Registry, RegistryError
@@ -149,7 +149,6 @@ def nonfinite_tensors(adapter_dir: Path) -> list[str]:
 
 TRAIN_FORMS, HELDOUT_FORMS = "train_forms", "heldout_forms"
 SUITE_LABELS = {TRAIN_FORMS: "train forms", HELDOUT_FORMS: "held-out forms"}
-REPEAT_MIN_TOKENS = 4  # shorter answers are judged by gate.min_answer_tokens alone
 
 
 @dataclass
@@ -225,23 +224,6 @@ def _kl_to_base(cfg: LooprlConfig, model, ro: Rollout) -> torch.Tensor:
     with model.disable_adapter():
         ref = policy_forward(model, ro.input_ids, ro.attention_mask, cfg.kernels, p.temperature).logprobs[:, sl]
     return ((logp - ref) * ro.response_mask.to(logp.device)).sum(1).cpu()
-
-
-def answer_tokens(ro: Rollout, stops: list[int]) -> list[list[int]]:
-    """Each answer's generated token ids, the end of turn / stop tokens left out."""
-    stop_set, out = set(stops), []
-    for i in range(len(ro.completions)):
-        n = int(ro.response_mask[i].sum().item())
-        out.append([t for t in ro.input_ids[i, ro.prompt_len:ro.prompt_len + n].tolist() if t not in stop_set])
-    return out
-
-
-def degenerate_flags(tokens: list[list[int]], completions: list[str], min_answer_tokens: int,
-                     min_distinct_token_ratio: float) -> tuple[list[bool], list[bool]]:
-    """(empty or near-empty, repetitive) per answer; the module docstring gives the rule."""
-    short = [len(t) < min_answer_tokens or not c.strip() for t, c in zip(tokens, completions)]
-    repetitive = [len(t) >= REPEAT_MIN_TOKENS and len(set(t)) < min_distinct_token_ratio * len(t) for t in tokens]
-    return short, repetitive
 
 
 def _share(flags: list[bool]) -> float:

@@ -16,6 +16,8 @@ EXPLAINED_VAR = Gauge("looprl_policy_explained_variance_ratio", "explained varia
 TOKENS_PER_S = Gauge("looprl_policy_tokens_per_second", "completion tokens per second of a full PPO step")
 EXPERT_LOAD = Gauge("looprl_policy_expert_load_ratio", "share of sampled-token routes per expert", ["expert"])
 OFFPOLICY = Gauge("looprl_policy_offpolicy_samples", "labelled served answers in the last step's batch")
+DEGENERATE = Gauge("looprl_policy_degenerate_ratio",
+                   "share of the last step's rollouts the gate would call degenerate (empty or looping)")
 IS_WEIGHT = Gauge("looprl_policy_offpolicy_is_weight_ratio", "mean truncated importance weight of the last step's served tokens")
 PHASE = Histogram("looprl_policy_phase_seconds", "time per PPO step phase", ["phase"],
                   buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
@@ -26,7 +28,8 @@ _MAX_EXPERT_LABELS = 64  # bound the label set even for a large MoE
 
 # A job's "last step" values are unknown until it has taken one: NaN, not 0, so a run that fails
 # before its first step pushes no made-up KL or reward (looprl.ops.core.metrics.push_metrics).
-for _gauge in (REWARD, KL, KL_COEF, CLIP, ENTROPY, VALUE_LOSS, EXPLAINED_VAR, TOKENS_PER_S, OFFPOLICY, IS_WEIGHT):
+for _gauge in (REWARD, KL, KL_COEF, CLIP, ENTROPY, VALUE_LOSS, EXPLAINED_VAR, TOKENS_PER_S, OFFPOLICY, IS_WEIGHT,
+               DEGENERATE):
     _gauge.set(float("nan"))
 
 
@@ -42,6 +45,8 @@ def record_step(stats: dict) -> None:
     EXPLAINED_VAR.set(stats["explained_variance"])
     TOKENS_PER_S.set(stats.get("tokens_per_s", 0.0))
     OFFPOLICY.set(stats.get("offpolicy_samples", 0))
+    if stats.get("degenerate_fraction") is not None:
+        DEGENERATE.set(stats["degenerate_fraction"])
     if stats.get("offpolicy_is_weight_mean") is not None:  # no served answers this step: keep it unknown
         IS_WEIGHT.set(stats["offpolicy_is_weight_mean"])
     for i, share in enumerate(stats.get("expert_load", [])[:_MAX_EXPERT_LABELS]):

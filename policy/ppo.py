@@ -142,6 +142,18 @@ def label_scores(labels: Tensor, moments: "RunningMoments", scale: float) -> Ten
     return moments.mean + scale * (2.0 * labels.double() - 1.0) * moments.std
 
 
+def cap_degenerate(scores: Tensor, degenerate: Tensor, moments: "RunningMoments", penalty: float) -> Tensor:
+    """Scores with every degenerate answer's (``degenerate``: (B,) bool) capped at ``penalty``
+    standard deviations below the running mean of the reward model's scores:
+
+        score = min(score, mean - penalty * std)
+
+    so PPO never climbs towards answers the gate rejects, however a reward model learned from a
+    few labels scores them; a degenerate answer already scored lower keeps its score."""
+    floor = torch.full_like(scores, moments.mean - penalty * moments.std)
+    return torch.where(degenerate.to(scores.device), torch.minimum(scores, floor), scores)
+
+
 def truncated_is_weights(old_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor,
                          cap: float) -> tuple[Tensor, Tensor]:
     """Per-token importance weights w = min(pi_old / pi_behaviour, cap) of tokens another policy

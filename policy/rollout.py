@@ -25,6 +25,8 @@ from looprl.ops.core.chat import Chat
 from looprl.policy.forward import _causal_lm, position_ids_for
 from looprl.policy.model import model_device, render_prompt_ids, stop_token_ids
 
+REPEAT_MIN_TOKENS = 4  # shorter answers are judged by gate.min_answer_tokens alone
+
 
 @dataclass
 class Rollout:
@@ -41,6 +43,9 @@ class Rollout:
     # (B, N) the log-probs the served tokens were sampled with, at temperature 1.
     labels: Tensor | None = None
     behaviour_logprobs: Tensor | None = None
+    # (B,) True on answers the gate calls degenerate (`degenerate_flags`), set by the rollout worker;
+    # False on the served rows of a mixed batch.
+    degenerate: Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -59,11 +64,28 @@ class Rollout:
         return dataclasses.replace(
             self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
             response_mask=self.response_mask.to(device), scores=move(self.scores), labels=move(self.labels),
-            behaviour_logprobs=move(self.behaviour_logprobs))
+            behaviour_logprobs=move(self.behaviour_logprobs), degenerate=move(self.degenerate))
 
     def served_rows(self) -> Tensor | None:
         """(B,) True on rows that are served answers; None when the batch holds rollouts only."""
         return None if self.labels is None else ~torch.isnan(self.labels)
+
+
+def answer_tokens(ro: Rollout, stops: list[int]) -> list[list[int]]:
+    """Each answer's generated token ids, the end of turn / stop tokens left out."""
+    stop_set, out = set(stops), []
+    for i in range(len(ro.completions)):
+        n = int(ro.response_mask[i].sum().item())
+        out.append([t for t in ro.input_ids[i, ro.prompt_len:ro.prompt_len + n].tolist() if t not in stop_set])
+    return out
+
+
+def degenerate_flags(tokens: list[list[int]], completions: list[str], min_answer_tokens: int,
+                     min_distinct_token_ratio: float) -> tuple[list[bool], list[bool]]:
+    """(empty or near-empty, repetitive) per answer; the rule of the gate's module docstring (policy/gate.py)."""
+    short = [len(t) < min_answer_tokens or not c.strip() for t, c in zip(tokens, completions)]
+    repetitive = [len(t) >= REPEAT_MIN_TOKENS and len(set(t)) < min_distinct_token_ratio * len(t) for t in tokens]
+    return short, repetitive
 
 
 def encode_prompts(tok, prompts: list[Chat | str], max_prompt_tokens: int) -> tuple[Tensor, Tensor]:

@@ -50,7 +50,7 @@ log = get_logger(__name__)
 KL_STOP_WINDOW = 5  # steps
 _CURVE_KEYS = ("reward_mean", "kl", "kl_coef", "kl_coef_next", "clip_fraction", "entropy", "value_loss",
                "explained_variance", "tokens_per_s", "expert_load_max_over_mean", "offpolicy_samples",
-               "offpolicy_is_weight_mean")
+               "offpolicy_is_weight_mean", "degenerate_fraction")
 
 
 class LocalBackend:

@@ -33,7 +33,7 @@ from looprl.policy.lora import (
     attach_lora, load_lora_state, lora_state, reset_lora, save_adapter, trainable_lora_parameters,
 )
 from looprl.policy.prompts import generator
-from looprl.policy.rollout import Rollout, sample
+from looprl.policy.rollout import Rollout, answer_tokens, degenerate_flags, sample
 
 log = get_logger(__name__)
 
@@ -101,6 +101,10 @@ class RolloutWorker:
             raise ValueError(f"scorer {self.scorer.version} returned {r.scores.shape[0]} scores for {len(prompts)} completions")
         if not torch.isfinite(r.scores).all():
             raise ValueError(f"scorer {self.scorer.version} returned non-finite scores")
+        g = self.cfg.gate  # the gate's rule: policy.degenerate_penalty keeps training from where the gate rejects
+        short, repetitive = degenerate_flags(answer_tokens(r, self.stop_ids), r.completions,
+                                             g.min_answer_tokens, g.min_distinct_token_ratio)
+        r.degenerate = torch.tensor([a or b for a, b in zip(short, repetitive)], dtype=torch.bool)
         r.timings = {"rollout_s": t1 - t0, "score_s": time.perf_counter() - t1}
         return r
 
@@ -124,6 +128,9 @@ def concat_rollouts(parts: list[Rollout]) -> Rollout:
         prompt_len=plen, scores=torch.cat([r.scores for r in parts]),
     )
     out.timings = {k: sum(r.timings.get(k, 0.0) for r in parts) for k in ("rollout_s", "score_s")}
+    if any(r.degenerate is not None for r in parts):
+        out.degenerate = torch.cat([r.degenerate if r.degenerate is not None
+                                    else torch.zeros(r.response_mask.shape[0], dtype=torch.bool) for r in parts])
     if any(r.labels is not None for r in parts):  # served answers in the batch (policy/served.py)
         rows = [r.response_mask.shape[0] for r in parts]
         out.labels = torch.cat([r.labels if r.labels is not None else torch.full((b,), float("nan"))
@@ -246,6 +253,9 @@ class Learner:
         if served is not None:  # a served answer's reward is its user label on the scores' scale
             from_labels = ppo.label_scores(ro.labels, self.score_stats, p.offpolicy_label_reward).to(scores)
             scores = torch.where(served, from_labels, scores)
+        degenerate = ro.degenerate
+        if degenerate is not None and p.degenerate_penalty is not None:  # however the reward model scores them
+            scores = ppo.cap_degenerate(scores, degenerate, self.score_stats, p.degenerate_penalty)
         if p.normalize_scores:
             scores = self.score_stats.standardize(scores).float()
         # the KL penalty to the base applies to served answers too
@@ -307,6 +317,8 @@ class Learner:
             expert_load_cv=float(load.std(unbiased=False) / load.mean()),
             learn_s=time.perf_counter() - t0,
         )
+        if degenerate is not None:
+            stats["degenerate_fraction"] = float(degenerate[on].float().mean())
         if served is not None:
             smask = mask * served[:, None]
             stats.update(

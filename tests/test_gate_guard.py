@@ -14,12 +14,12 @@ from looprl.ops.core.chat import Chat
 from looprl.ops.core.config import load_config
 from looprl.ops.sim.scoring import CheerfulScorer
 from looprl.policy.forward import position_ids_for
-from looprl.policy.gate import (HELDOUT_FORMS, TRAIN_FORMS, GateError, decide, degenerate_flags, evaluate,
+from looprl.policy.gate import (HELDOUT_FORMS, TRAIN_FORMS, GateError, decide, evaluate,
                                 gate_suites)
 from looprl.policy.lora import save_adapter
 from looprl.policy.model import base_checksum, end_of_turn_id, heldout_prompts, load_base, shipped_prompts
 from looprl.policy.prompts import is_heldout
-from looprl.policy.rollout import encode_prompts
+from looprl.policy.rollout import degenerate_flags, encode_prompts
 from looprl.storage.registry import Registry
 
 torch.set_num_threads(1)  # 2 threads on busy shared cores spin and crawl

@@ -120,3 +120,14 @@ def test_whiten_and_explained_variance():
     ret = torch.tensor([[1.0, 2.0, 3.0, 0.0]])
     assert ppo.explained_variance(ret, ret, mask) == pytest.approx(1.0)
     assert ppo.explained_variance(torch.full_like(ret, 2.0), ret, mask) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_degenerate_answers_are_capped_below_the_mean():
+    m = ppo.RunningMoments()
+    m.update(torch.tensor([0.0, 2.0, 4.0]))  # mean 2, std 2
+    scores = torch.tensor([9.0, 9.0, -5.0, 1.5])
+    flags = torch.tensor([True, False, True, True])
+    got = ppo.cap_degenerate(scores, flags, m, penalty=1.0)
+    # a loved degenerate answer drops to mean - 1 std; one already lower keeps its score; others stand
+    assert got.tolist() == [0.0, 9.0, -5.0, 0.0]
+    assert ppo.cap_degenerate(scores, flags, m, penalty=0.0).tolist() == [2.0, 9.0, -5.0, 1.5]

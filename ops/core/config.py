@@ -419,6 +419,12 @@ class PolicyConfig(Section):
     # (Ziegler et al.); horizon in completions (small so short runs adapt; production ~10_000).
     target_kl: float = Field(3.0, gt=0)
     kl_horizon: int = Field(100, ge=1)
+    # A rollout the gate would call degenerate (empty or near-empty, or repetitive: gate.min_answer_tokens,
+    # gate.min_distinct_token_ratio) is rewarded at most this many standard deviations below the
+    # mean reward-model score, whatever the reward model says: a reward model learned from a few
+    # labels can score such answers high, and PPO then trains towards candidates the gate rejects.
+    # None: the reward model's score stands.
+    degenerate_penalty: float | None = Field(None, ge=0)
     # KL stop: once the mean rollout KL of the last 5 steps reaches this, the run ends and publishes
     # its newest checkpoint saved under it (policy/trainer.py), instead of training on into a
     # candidate the gate's gate.max_kl rejects. None: runs always take all their steps.
