@@ -176,10 +176,10 @@ def _start_meta(cfg: LooprlConfig, run: RunDir, scorer, checksum: str, use_ray: 
         "kernels": cfg.kernels.model_dump(mode="json"),
     }
     _check_memory(cfg, scorer, use_ray)  # before the run is recorded: a refused run is never resumed
-    if meta["init_from"]:  # continue the parent's KL controller too, not just its weights
-        last = Registry(cfg.registry_dir).manifest(KIND, meta["init_from"]).metrics.get("kl_coef_last")
-        if isinstance(last, (int, float)) and last > 0:
-            meta["init_kl_coef"] = float(last)
+    if meta["init_from"]:  # continue the KL controller too, not just the parent's weights
+        last = _newest_kl_coef(reg, checksum)
+        if last is not None:
+            meta["init_kl_coef"] = last
     # before run.json: a run that exists has its served answers (resuming never re-reads the log)
     # staleness counts the generations an answer's version lies behind the start on its line
     line = lineage(reg, meta["init_from"])
@@ -189,6 +189,18 @@ def _start_meta(cfg: LooprlConfig, run: RunDir, scorer, checksum: str, use_ray: 
     if served_pool:
         served_answers.save_pool(run.path, served_pool)
     return meta, pool
+
+
+def _newest_kl_coef(reg: Registry, checksum: str) -> float | None:
+    """The KL coefficient the newest run on this base ended with: the controller is one across
+    runs. Not the parent's: a sibling the gate rejected over its KL cap had raised it, and a run
+    restarting from the parent's lower one overshot again (6 of 12 candidates in one sparse demo,
+    ops/README.md)."""
+    for m in reversed(reg.list(KIND)):
+        last = m.metrics.get("kl_coef_last")
+        if m.base_checksum == checksum and isinstance(last, (int, float)) and last > 0:
+            return float(last)
+    return None
 
 
 def _train_locked(cfg: LooprlConfig, run: RunDir, resuming: bool, steps: int | None, scorer, use_ray: bool,
