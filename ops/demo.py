@@ -115,12 +115,12 @@ DEMO_TUNING: dict[str, Any] = {
     # one sparse run 9 of 16 candidates were rejected for them (ops/README.md). PPO never gets
     # more than a below-average reward for what the gate calls degenerate.
     "policy.degenerate_penalty": 1.0,
-    # Each run continues its parent's KL coefficient, which the controller brings to about 0.05
+    # Each run continues the KL coefficient the run before it ended with, about 0.05
     # here. A first run starting from the base at the schema's 0.3 spent its 40 steps bringing the
     # coefficient down and ended well short of target_kl: the first version, the one the canary
     # judges first, learned far less than the next ones (ops/README.md has the runs).
     "policy.init_kl_coef": 0.08,
-    # Without a floor the coefficient decayed from run to run, each continuing its parent's, until
+    # Without a floor the coefficient decayed from run to run, each continuing the last one's, until
     # the children of a promoted version started with almost no leash, overshot the gate's KL cap
     # and were rejected run after run (ops/README.md has the run). About where the first continued
     # runs stayed in budget:

@@ -59,9 +59,10 @@ class AdaptiveKLController:
 
     coef <- max(floor, coef * (1 + clip(KL / target - 1, -0.2, 0.2) * n_steps / horizon))
 
-    The floor keeps a leash on runs that continue one another: each starts from its parent's
-    coefficient, which the controller lowers while the KL is under target, and a child that starts
-    near no leash at all overshoots the target faster than the clipped update can raise it.
+    The floor keeps a leash on runs that continue one another: each starts from the coefficient the
+    run before it ended with, which the controller lowers while the KL is under target, and a run
+    that starts near no leash at all overshoots the target faster than the clipped update can
+    raise it.
     """
 
     def __init__(self, init_kl_coef: float, target: float, horizon: int, floor: float = 0.0):

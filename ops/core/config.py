@@ -413,7 +413,7 @@ class PolicyConfig(Section):
     normalize_scores: bool = True
     init_kl_coef: float = Field(0.3, ge=0)
     # The adaptive controller never takes the coefficient below this, within a run or when a run
-    # continues its parent's (policy/ppo.py AdaptiveKLController). 0: no floor.
+    # continues the last run's (policy/ppo.py AdaptiveKLController). 0: no floor.
     min_kl_coef: float = Field(0.0, ge=0)
     # Per-completion KL(policy || base) in nats that the adaptive controller steers towards
     # (Ziegler et al.); horizon in completions (small so short runs adapt; production ~10_000).
