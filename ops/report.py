@@ -424,7 +424,8 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
         lines.append(f"| {c['version']} | {c['status']} | {c['reward_version'] or '-'} | {len(c['kl'])} "
                      f"| {stop_cell} | {_fmt(c['kl_last'])} |")
     lines += ["", "A run whose 5-step mean KL reached policy.stop_kl published its last checkpoint under it: the "
-              "final KL is that checkpoint's.", "", "![KL](kl.png)", "", *_gate_lines(gates), "## Canary and promotion decisions", "",
+              "final KL is that checkpoint's.", "", "![KL](kl.png)", "", *_gate_lines(gates),
+              "## Canary and promotion decisions", "",
               "| time | action | version | control | votes | reason |", "|---|---|---|---|---|---|"]
     for d in decisions:
         lines.append(f"| {time.strftime('%H:%M:%S', time.localtime(d['at']))} | {d['action']} | {d['version']} "

@@ -46,8 +46,8 @@ from looprl.storage.releases import KIND, VLLM_DIR, continue_point, lineage
 
 log = get_logger(__name__)
 
+KL_STOP_WINDOW = 5  # steps of rollout KL the KL stop averages (policy.stop_kl)
 # Per-step figures kept in the candidate's manifest (the curve, not every diagnostic).
-KL_STOP_WINDOW = 5  # steps
 _CURVE_KEYS = ("reward_mean", "kl", "kl_coef", "kl_coef_next", "clip_fraction", "entropy", "value_loss",
                "explained_variance", "tokens_per_s", "expert_load_max_over_mean", "offpolicy_samples",
                "offpolicy_is_weight_mean", "degenerate_fraction")
@@ -184,8 +184,7 @@ def _start_meta(cfg: LooprlConfig, run: RunDir, scorer, checksum: str, use_ray: 
     # staleness counts the generations an answer's version lies behind the start on its line
     line = lineage(reg, meta["init_from"])
     generations = {version_number(v): i for i, v in enumerate(line)} | {0: len(line)}
-    served_pool = served_answers.load_pool(cfg, version_number(meta["init_from"]), generations,
-                                             con=con)
+    served_pool = served_answers.load_pool(cfg, version_number(meta["init_from"]), generations, con=con)
     if served_pool:
         served_answers.save_pool(run.path, served_pool)
     return meta, pool
