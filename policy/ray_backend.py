@@ -87,6 +87,12 @@ def init_ray(cfg: LooprlConfig, num_cpus: int) -> bool:
         log.info("connected to ray cluster", address=cfg.policy.ray_address)
         return True
     _local_ray_token()
+    # Ray starts its workers at niceness 15, under everything else on the machine. The local
+    # cluster's workers are the PPO learner and rollouts, sharing a small machine with the serving
+    # tier and the reward updater: at 15 they got the CPU only when both left some idle, and on a
+    # busier machine PPO runs crawled (ops/README.md, "PPO workers' priority"). An explicit
+    # RAY_worker_niceness is kept.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     temp = ray_temp_dir(cfg)
     temp.mkdir(parents=True, exist_ok=True)
     _start_loopback_ray(

@@ -49,6 +49,18 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _learning_record(report: Path, ws: Path) -> str:
+    """What a failed learning assert prints: the report's reward-model, policy and canary tables
+    (when each version came, and why the gate or the canary turned it down) and the scheduler's
+    last log lines. CI keeps no workspace, so this is all there is to read afterwards."""
+    text = (report / "report.md").read_text()
+    start = text.find("## Reward model")
+    tables = "\n".join(line for line in text[start:].splitlines() if line.startswith(("#", "|")))
+    scheduler_log = ws / "logs" / "scheduler.log"
+    tail = scheduler_log.read_text()[-2500:] if scheduler_log.exists() else "(no scheduler log)"
+    return f"{tables}\n--- scheduler.log (tail) ---\n{tail}"
+
+
 def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
     ws = tmp_path / "ws"
     # the report measures a version on the answers this test waits for (the demo's bar is higher);
@@ -122,7 +134,8 @@ def test_demo_learns_survives_sigkill_and_stops_cleanly(tmp_path, demo_base):
     assert rows["n"] == rows["d"] == s["feedback_sent"] > 100, (rows, s["feedback_sent"])
 
     # it learned: the model serving all traffic beats the base on held-out prompts
-    assert s["reward_updates"] >= 2 and s["policy_versions"] >= 1, s
-    assert s["promoted"] is not None, "no version was promoted"
-    assert s["base"]["n"] >= MIN_EVAL and s["served"]["n"] >= MIN_EVAL
-    assert s["improvement_p"] >= MIN_IMPROVEMENT_P, (s["base"], s["served"])
+    why = _learning_record(report, ws)
+    assert s["reward_updates"] >= 2 and s["policy_versions"] >= 1, why
+    assert s["promoted"] is not None, f"no version was promoted\n{why}"
+    assert s["base"]["n"] >= MIN_EVAL and s["served"]["n"] >= MIN_EVAL, why
+    assert s["improvement_p"] >= MIN_IMPROVEMENT_P, f"{s['base']} {s['served']}\n{why}"

@@ -26,6 +26,7 @@ from looprl.ops.core.config import is_loopback, load_config
 from looprl.policy import ray_backend
 
 DRIVER = """
+import os
 import sys
 import ray
 from looprl.ops.core.config import load_config
@@ -39,10 +40,13 @@ class Echo:
     def ping(self):
         return "pong"
 
+    def niceness(self):
+        return os.nice(0)
+
 
 echo = Echo.remote()
 assert ray.get(echo.ping.remote(), timeout=300) == "pong"
-print(ray.get_runtime_context().gcs_address, flush=True)
+print(ray.get_runtime_context().gcs_address, ray.get(echo.niceness.remote(), timeout=60), os.nice(0), flush=True)
 sys.stdin.readline()  # the cluster stays up until the tests have looked
 ray.shutdown()
 """
@@ -96,7 +100,7 @@ def _gcs_answer(address: str, token: str | None) -> str:
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    """(gcs address, the session's processes, its HOME)."""
+    """(gcs address, the session's processes, its HOME, (a worker's niceness, the driver's))."""
     ws, home = tmp_path_factory.mktemp("ray-loopback"), tmp_path_factory.mktemp("home")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     env["HOME"] = str(home)
@@ -110,7 +114,8 @@ def session(tmp_path_factory):
                 log = (ws / "driver.err").read_text()[-3000:]
                 pytest.fail(f"local Ray did not start (rc={proc.returncode}):\n{log}")
             driver = psutil.Process(proc.pid)
-            yield line, [driver, *driver.children(recursive=True)], home
+            address, worker_nice, driver_nice = line.split()
+            yield address, [driver, *driver.children(recursive=True)], home, (int(worker_nice), int(driver_nice))
         finally:
             if proc.poll() is None:
                 proc.stdin.write("\n")
@@ -123,7 +128,7 @@ def session(tmp_path_factory):
 
 
 def test_every_socket_of_the_local_ray_session_is_on_loopback(session):
-    gcs_address, procs, _ = session
+    gcs_address, procs, _, _ = session
     assert gcs_address.startswith("127.0.0.1:"), gcs_address
     sockets = _listening(procs)
     names = {name for name, _, _ in sockets}
@@ -143,7 +148,7 @@ def test_the_gcs_refuses_connections_on_the_machines_routable_address(session):
 
 
 def test_the_local_ray_refuses_callers_without_its_token(session):
-    gcs_address, procs, home = session
+    gcs_address, procs, home, _ = session
     gcs = next(p for p in procs if p.name() == "gcs_server")
     env = gcs.environ()
     assert env.get("RAY_AUTH_MODE") == "token" and len(env.get("RAY_AUTH_TOKEN", "")) >= 32
@@ -152,6 +157,12 @@ def test_the_local_ray_refuses_callers_without_its_token(session):
     assert _gcs_answer(gcs_address, env["RAY_AUTH_TOKEN"]) == "accepted"  # the token decides, not the call
     # the token lives in the cluster's environment only, never written to the home directory
     assert not (home / ".ray").exists()
+
+
+def test_the_local_rays_workers_run_at_the_drivers_niceness(session):
+    # Ray's default is 15: PPO then ran only when serving and the reward updater left a core idle
+    worker_nice, driver_nice = session[3]
+    assert worker_nice == driver_nice, session[3]
 
 
 def test_a_local_ray_that_comes_up_beyond_loopback_is_shut_down_and_refused(monkeypatch, tmp_path):
