@@ -41,6 +41,10 @@ def bind_socket(host: str, port: int, key: str = "port") -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror or e}): set {key} to a free port, "
                           "or 0 for any free port") from None
+    # Listening now, before uvicorn starts: the port is logged as listening at once, and a client
+    # reading that line was refused until uvicorn's own listen() (a CI failure in tests/test_ports.py).
+    # Connections wait in the backlog; uvicorn's listen() later only sets the same backlog again.
+    sock.listen(2048)
     return sock
 
 
