@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--slice", type=int, default=16, help="new examples per update")
     ap.add_argument("--replay", type=float, default=4.0, help="replayed examples per new one")
     ap.add_argument("--epochs", type=int, default=16)
+    ap.add_argument("--thumbs-weight", type=float, default=None, help="reward.thumbs_weight (default: the config's)")
     ap.add_argument("--adapters", type=int, default=4, help="reward.ensemble_adapters")
     ap.add_argument("--every", type=int, default=2, help="measure the true skill every N updates")
     ap.add_argument("--max-updates", type=int, default=30)
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(stream)} training examples {kinds}, {len(answers)} eval answers")
 
     model = RewardModel.fresh(cfg, seed=args.seed, adapters=args.adapters)
+    thumbs_weight = rc.thumbs_weight if args.thumbs_weight is None else args.thumbs_weight
 
     curve, history = [], []
     print(f"update 0: true skill {model_skill(model, answers):.3f}")
@@ -138,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         k = min(len(history), round(args.replay * len(new)))
         replay = random.Random(f"{args.seed}:replay:{n}").sample(history, k) if k else []
         train(model, new + replay, lr=rc.learning_rate, batch_size=rc.batch_size, epochs=args.epochs,
-              seed=rc.seed + n + 1, correction_weight=rc.correction_weight, bootstrap_seed=rc.seed)
+              seed=rc.seed + n + 1, correction_weight=rc.correction_weight, thumbs_weight=thumbs_weight,
+              bootstrap_seed=rc.seed)
         history += new
         if (n + 1) % args.every == 0:
             s = model_skill(model, answers)
@@ -148,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'-' if preq.pair_accuracy is None else round(preq.pair_accuracy, 3)} thumbs AUC "
                   f"{'-' if preq.thumbs_auc is None else round(preq.thumbs_auc, 3)} on this slice")
     print(json.dumps({"workspace": str(args.workspace), "drop": sorted(drop), "seed": args.seed,
-                      "adapters": args.adapters, "epochs": args.epochs,
+                      "adapters": args.adapters, "epochs": args.epochs, "thumbs_weight": thumbs_weight,
                       "true_skill": [c["true_skill"] for c in curve], "curve": curve}))
     return 0
 

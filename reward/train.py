@@ -2,7 +2,9 @@
 
 - pairs (preferences, corrections): Bradley–Terry, ``-log sigmoid(r(chosen) - r(rejected))``;
   a correction (the user's edit preferred over the served answer) weighs ``correction_weight``;
-- points (thumbs, ratings): binary cross-entropy of ``sigmoid(r)`` against the label in [0, 1].
+- points (thumbs, ratings): binary cross-entropy of ``sigmoid(r)`` against the label in [0, 1];
+  a thumb weighs ``thumbs_weight`` (a coin flip of the user's P(up), where a pair says which of
+  two answers is better).
 
 Both kinds mix in one minibatch; a minibatch is one forward over all its sequences. With an
 ensemble of K heads the shared features learn from the heads' mean score, and each head has its
@@ -85,10 +87,16 @@ def _losses(scores: torch.Tensor, batch: list[Example]) -> torch.Tensor:
     return torch.stack(losses)
 
 
+def kind_weights(batch: list[Example], correction_weight: float, thumbs_weight: float) -> torch.Tensor:
+    """(B,) loss weight of each example by its kind: corrections and thumbs weighed, the rest 1."""
+    by_kind = {"correction": correction_weight, "thumbs": thumbs_weight}
+    return torch.tensor([by_kind.get(ex.kind, 1.0) for ex in batch])
+
+
 def batch_loss(model: RewardModel, batch: list[Example], *, correction_weight: float = 1.0,
-               bootstrap_seed: int = 0) -> torch.Tensor:
+               thumbs_weight: float = 1.0, bootstrap_seed: int = 0) -> torch.Tensor:
     """Loss of a mixed minibatch (one forward pass over all sequences) for the model's active
-    adapter (``RewardModel.using``), each example weighted ``correction_weight`` if it is a correction.
+    adapter (``RewardModel.using``), each example weighted by its kind (``kind_weights``).
 
     The shared features (LoRA) learn from the ensemble's mean score, as one head would: K heads
     pulling the features each their own way learn them slower, which sparse feedback cannot afford.
@@ -96,7 +104,7 @@ def batch_loss(model: RewardModel, batch: list[Example], *, correction_weight: f
     over examples of weight x loss, then over heads): that is where the heads differ."""
     prompts, texts = _flatten(batch)
     x, mask = model.encode(prompts, texts)
-    kind_w = torch.tensor([correction_weight if ex.kind == "correction" else 1.0 for ex in batch])
+    kind_w = kind_weights(batch, correction_weight, thumbs_weight)
     if model.classifier or model.head.n_heads == 1:
         per = _losses(model.members(x, mask), batch)  # (B, 1)
         return (per * kind_w.to(per.device)[:, None]).mean()
@@ -117,7 +125,7 @@ class TrainStats:
 
 def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size: int, epochs: int, seed: int,
           max_grad_norm: float = 1.0, progress: bool = False, desc: str = "reward update",
-          correction_weight: float = 1.0, bootstrap_seed: int = 0) -> TrainStats:
+          correction_weight: float = 1.0, thumbs_weight: float = 1.0, bootstrap_seed: int = 0) -> TrainStats:
     """A few epochs of AdamW over ``examples`` (shuffled with ``seed``); returns the last-epoch loss
     (the adapters' mean). ``bootstrap_seed`` keys the heads' bootstrap weights: keep it fixed
     across updates. Each adapter trains on its own, with its own optimizer and shuffle."""
@@ -137,7 +145,7 @@ def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size:
                 rng = random.Random(seed if i == 0 else f"{seed}:adapter{i}")
                 losses.append(_train_active(model, examples, stats, bar, lr=lr, batch_size=batch_size, epochs=epochs,
                                             rng=rng, max_grad_norm=max_grad_norm, correction_weight=correction_weight,
-                                            bootstrap_seed=bootstrap_seed))
+                                            thumbs_weight=thumbs_weight, bootstrap_seed=bootstrap_seed))
         stats.loss = sum(losses) / len(losses)
         stats.examples = len(examples)
     finally:
@@ -149,7 +157,7 @@ def train(model: RewardModel, examples: list[Example], *, lr: float, batch_size:
 
 def _train_active(model: RewardModel, examples: list[Example], stats: TrainStats, bar: tqdm | None, *, lr: float,
                   batch_size: int, epochs: int, rng: random.Random, max_grad_norm: float, correction_weight: float,
-                  bootstrap_seed: int) -> float:
+                  thumbs_weight: float, bootstrap_seed: int) -> float:
     """``epochs`` epochs of a fresh AdamW on the active adapter; its last-epoch loss (steps counted in ``stats``)."""
     params = model.adapter_parameters(model.active_adapter)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -161,7 +169,8 @@ def _train_active(model: RewardModel, examples: list[Example], stats: TrainStats
         total, count = 0.0, 0
         for b in range(n_batches):
             batch = order[b * batch_size: (b + 1) * batch_size]
-            loss = batch_loss(model, batch, correction_weight=correction_weight, bootstrap_seed=bootstrap_seed)
+            loss = batch_loss(model, batch, correction_weight=correction_weight, thumbs_weight=thumbs_weight,
+                              bootstrap_seed=bootstrap_seed)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"reward training loss became {loss.item()} (learning rate too high?)")
             opt.zero_grad(set_to_none=True)

@@ -244,7 +244,7 @@ class RewardUpdater:
             stats = train(self.model, train_new + replay, lr=rc.learning_rate, batch_size=rc.batch_size,
                           epochs=rc.epochs_per_update, seed=rc.seed + n, progress=progress,
                           desc=f"reward update {n}", correction_weight=rc.correction_weight,
-                          bootstrap_seed=rc.seed)
+                          thumbs_weight=rc.thumbs_weight, bootstrap_seed=rc.seed)
             EXAMPLES.labels(source="new").inc(len(train_new))
             EXAMPLES.labels(source="replay").inc(len(replay))
 

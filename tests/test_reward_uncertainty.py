@@ -109,6 +109,14 @@ def test_correction_weight_and_bootstrap_weights_in_the_loss(make_cfg):
         assert torch.allclose(batch_loss(rm, [corr], correction_weight=2.0), 2 * plain)
         mixed = batch_loss(rm, [pref, corr], correction_weight=3.0)
         assert torch.allclose(mixed, (plain + 3 * plain) / 2)
+        # A thumb weighs thumbs_weight (0: left out of the loss); pairs and ratings do not change.
+        up = Example("t0", "thumbs", pref.prompt, NOW, completion=pref.chosen, label=1.0)
+        rating = Example("r0", "rating", pref.prompt, NOW, completion=pref.chosen, label=1.0)
+        thumb = batch_loss(rm, [up])
+        assert thumb > 0 and torch.allclose(batch_loss(rm, [rating], thumbs_weight=0.25), thumb)
+        assert torch.allclose(batch_loss(rm, [up], thumbs_weight=0.25), 0.25 * thumb)
+        assert torch.allclose(batch_loss(rm, [pref, up], thumbs_weight=0.0), plain / 2)
+        assert torch.allclose(batch_loss(rm, [pref], thumbs_weight=0.0), plain)
 
     # Bootstrap weights: Poisson(1), a fixed function of (seed, event, head).
     ids = [f"e{i}" for i in range(4000)]
