@@ -155,7 +155,7 @@ PROFILE_TUNING: dict[str, dict[str, Any]] = {
                # The reward model trains on the comparisons and corrections alone. Fitted 16 times over,
                # a few hundred thumbs (coin flips of P(up), two thirds of the labels) pulled it from
                # the preference: replayed on a sparse demo's labels, it ranked the eval users'
-               # answers 0.59-0.61 right with them and 0.77-0.85 without (ops/README.md). The
+               # answers 0.55-0.61 right with them and 0.77-0.85 without (reward/README.md). The
                # thumbs still count for the PPO start, the canary and PPO's served samples.
                "reward.thumbs_weight": 0.0,
                "canary.min_samples": 10, "canary.max_samples": 30,

@@ -372,8 +372,8 @@ class RewardConfig(Section):
     correction_weight: float = Field(2.0, gt=0)
     # Bradley-Terry and cross-entropy weight of a thumb relative to a pair. A thumb is one coin flip
     # of the user's P(thumbs-up) for one answer; a pair says which of two answers is better. With a
-    # few hundred labels, mostly thumbs, the model fits the coin flips (reward/README.md). 0 leaves
-    # thumbs out of training; they still count in the prequential and held-out estimates.
+    # few hundred labels, mostly thumbs, they held the model's ranking near 0.6 (reward/README.md).
+    # 0 leaves thumbs out of training; they still count in the prequential and held-out estimates.
     thumbs_weight: float = Field(1.0, ge=0)
     # At most this share of an update's new examples comes from one user; the rest waits for a
     # later update. An update therefore needs at least 1/share users (see reward/README.md).
