@@ -29,7 +29,7 @@ def url_of(host: str, port: int, path: str = "") -> str:
 
 
 def bind_socket(host: str, port: int, key: str = "port") -> socket.socket:
-    """A TCP socket bound to ``host:port`` (0: a free port; read it with ``getsockname()``).
+    """A TCP socket bound to ``host:port`` and listening (0: a free port; read it with ``getsockname()``).
     A port that cannot be bound is a ``ConfigError`` naming ``key``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (else ~40 ms Nagle stalls).
