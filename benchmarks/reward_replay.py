@@ -19,7 +19,8 @@ Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label 
 Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
 [--epochs 16] [--adapters 4] [--every 2] [--seed 0] [--answers 400] [--threads 1]
 [--published v2,v9]``. The defaults are the sparse profile's reward tuning. Human lines first,
-then one JSON line: the true skill after each ``--every`` slices.
+then one JSON line: the true skill after each ``--every`` slices, and the seconds spent training
+(``train_s``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import random
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -132,16 +134,18 @@ def main(argv: list[str] | None = None) -> int:
     model = RewardModel.fresh(cfg, seed=args.seed, adapters=args.adapters)
     thumbs_weight = rc.thumbs_weight if args.thumbs_weight is None else args.thumbs_weight
 
-    curve, history = [], []
+    curve, history, train_s = [], [], 0.0
     print(f"update 0: true skill {model_skill(model, answers):.3f}")
     for n in range(min(args.max_updates, -(-len(stream) // args.slice))):
         new = stream[n * args.slice:(n + 1) * args.slice]
         preq = evaluate(model, new)
         k = min(len(history), round(args.replay * len(new)))
         replay = random.Random(f"{args.seed}:replay:{n}").sample(history, k) if k else []
+        t0 = time.perf_counter()
         train(model, new + replay, lr=rc.learning_rate, batch_size=rc.batch_size, epochs=args.epochs,
               seed=rc.seed + n + 1, correction_weight=rc.correction_weight, thumbs_weight=thumbs_weight,
               bootstrap_seed=rc.seed)
+        train_s += time.perf_counter() - t0
         history += new
         if (n + 1) % args.every == 0:
             s = model_skill(model, answers)
@@ -150,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"update {n + 1} ({len(history)} labels): true skill {s:.3f}; prequential pairs "
                   f"{'-' if preq.pair_accuracy is None else round(preq.pair_accuracy, 3)} thumbs AUC "
                   f"{'-' if preq.thumbs_auc is None else round(preq.thumbs_auc, 3)} on this slice")
+    print(f"training took {train_s:.1f} s over {len(history)} labels")
     print(json.dumps({"workspace": str(args.workspace), "drop": sorted(drop), "seed": args.seed,
                       "adapters": args.adapters, "epochs": args.epochs, "thumbs_weight": thumbs_weight,
+                      "train_s": round(train_s, 1),
                       "true_skill": [c["true_skill"] for c in curve], "curve": curve}))
     return 0
 

@@ -6,13 +6,13 @@
   a thumb weighs ``thumbs_weight`` (a coin flip of the user's P(up), where a pair says which of
   two answers is better).
 
-Both kinds mix in one minibatch; a minibatch is one forward over all its sequences. With an
-ensemble of K heads the shared features learn from the heads' mean score, and each head has its
-own loss on the (detached) features, every example weighted by that head's bootstrap weight
-(Poisson(1), fixed per (seed, event id, head), so a replayed example keeps its weight); see
-``batch_loss``. One head: the plain loss. A model with several LoRA adapters
-(``reward.ensemble_adapters``) trains each adapter and its heads on its own, as a separate model
-from its own random start and its own shuffle: ``train``.
+Both kinds mix in one minibatch; a minibatch is one forward over its sequences (those of
+examples weighted 0 left out). With an ensemble of K heads the shared features learn from the
+heads' mean score, and each head has its own loss on the (detached) features, every example
+weighted by that head's bootstrap weight (Poisson(1), fixed per (seed, event id, head), so a
+replayed example keeps its weight); see ``batch_loss``. One head: the plain loss. A model with
+several LoRA adapters (``reward.ensemble_adapters``) trains each adapter and its heads on its own,
+as a separate model from its own random start and its own shuffle: ``train``.
 """
 
 from __future__ import annotations
@@ -95,25 +95,34 @@ def kind_weights(batch: list[Example], correction_weight: float, thumbs_weight: 
 
 def batch_loss(model: RewardModel, batch: list[Example], *, correction_weight: float = 1.0,
                thumbs_weight: float = 1.0, bootstrap_seed: int = 0) -> torch.Tensor:
-    """Loss of a mixed minibatch (one forward pass over all sequences) for the model's active
-    adapter (``RewardModel.using``), each example weighted by its kind (``kind_weights``).
+    """Loss of a mixed minibatch (one forward pass over its weighted examples' sequences) for the
+    model's active adapter (``RewardModel.using``), each example weighted by its kind (``kind_weights``).
 
     The shared features (LoRA) learn from the ensemble's mean score, as one head would: K heads
     pulling the features each their own way learn them slower, which sparse feedback cannot afford.
     Each head also learns on its own, on detached features, from its bootstrap-weighted loss (mean
     over examples of weight x loss, then over heads): that is where the heads differ."""
+    kind_w = kind_weights(batch, correction_weight, thumbs_weight)
+    # An example of weight 0 adds nothing to the loss or its gradient, so it skips the forward pass
+    # (the sparse profile's thumbs: about two thirds of its examples). The sums still divide by the
+    # whole batch's size, so loss and gradient are those of every example forwarded. A batch of
+    # weight-0 examples only is forwarded whole: its zero loss keeps a graph, so the optimiser steps
+    # as it did before.
+    size = len(batch)
+    kept = [i for i in range(size) if kind_w[i] != 0]
+    if kept and len(kept) < size:
+        batch, kind_w = [batch[i] for i in kept], kind_w[kept]
     prompts, texts = _flatten(batch)
     x, mask = model.encode(prompts, texts)
-    kind_w = kind_weights(batch, correction_weight, thumbs_weight)
     if model.classifier or model.head.n_heads == 1:
         per = _losses(model.members(x, mask), batch)  # (B, 1)
-        return (per * kind_w.to(per.device)[:, None]).mean()
+        return (per * kind_w.to(per.device)[:, None]).sum() / size
     feats = model.features(x, mask)
     kind_w = kind_w.to(feats.device)
-    shared = (_losses(model.head(feats).mean(dim=-1, keepdim=True), batch)[:, 0] * kind_w).mean()
+    shared = (_losses(model.head(feats).mean(dim=-1, keepdim=True), batch)[:, 0] * kind_w).sum() / size
     per = _losses(model.head(feats.detach()), batch)  # (B, K)
     w = example_weights(batch, per.shape[1], bootstrap_seed, first_head=model.active_adapter * per.shape[1]).to(per.device)
-    return shared + (per * w * kind_w[:, None]).mean(dim=0).mean()
+    return shared + (per * w * kind_w[:, None]).sum(dim=0).mean() / size
 
 
 @dataclass

@@ -151,6 +151,46 @@ def test_correction_weight_and_bootstrap_weights_in_the_loss(make_cfg):
     assert any(g.abs().sum() > 0 for g in got)
     assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(got, lora))
 
+    # Weight 0 (a thumb under thumbs_weight 0): left out of the forward pass, yet the loss and the
+    # gradient are those of the whole batch forwarded, divided by the whole batch's size.
+    batch = [pref, thumbs, corr]
+    kind_w = torch.tensor([1.0, 0.0, 2.0])
+    texts = [pref.chosen, pref.rejected, pref.chosen, pref.chosen, pref.rejected]
+
+    def losses0(s):
+        bt = -F.logsigmoid(s[0] - s[1]) + 0.01 * (s[0] + s[1]) ** 2
+        return torch.stack([bt, F.binary_cross_entropy_with_logits(s[2], torch.ones_like(s[2]), reduction="none"), bt])
+
+    encoded, encode = [], rm4.encode
+
+    def counting_encode(prompts, texts):
+        encoded.append(len(texts))
+        return encode(prompts, texts)
+
+    rm4.encode = counting_encode
+    try:
+        rm4.zero_grad()
+        loss = batch_loss(rm4, batch, correction_weight=2.0, thumbs_weight=0.0, bootstrap_seed=9)
+        loss.backward()
+        assert encoded == [4]  # the two pairs' sequences, not the thumb's
+        got = [p.grad.clone() for p in rm4.parameters() if p.grad is not None]
+        rm4.zero_grad()
+        feats = rm4.features(*encode([pref.prompt] * 5, texts))
+        w = torch.tensor([[bootstrap_weight(e.event_id, k, 9) for k in range(3)] for e in batch], dtype=torch.float32)
+        want = ((losses0(rm4.head(feats).mean(-1)) * kind_w).mean()
+                + (losses0(rm4.head(feats.detach())) * w * kind_w[:, None]).mean(0).mean())
+        want.backward()
+        assert torch.allclose(loss, want, atol=1e-5)
+        ref = [p.grad for p in rm4.parameters() if p.grad is not None]
+        assert len(got) == len(ref) and all(torch.allclose(g, r, atol=1e-6) for g, r in zip(got, ref))
+        # A batch of weight-0 examples only: forwarded, a zero loss whose gradient is zero.
+        rm4.zero_grad()
+        zero = batch_loss(rm4, [thumbs], thumbs_weight=0.0)
+        zero.backward()
+        assert zero.item() == 0 and all(p.grad.abs().sum() == 0 for p in lora)
+    finally:
+        rm4.encode = encode
+
 
 # ----------------------------------------------------------------- statistics (no model)
 def test_auc_standard_error_and_placements_agree_with_the_auc():
