@@ -111,11 +111,11 @@ DEMO_TUNING: dict[str, Any] = {
     "policy.target_kl": 10.0,
     # The gate's cap stays well above target_kl, which the controller overshoots for a while.
     "gate.max_kl": 14.0,
-    # ... but runs that start at the coefficient floor with a reward model PPO climbs fast overshoot
-    # far: on-topic runs lost a third of their candidates at the cap, most with 17-38 nats of rollout
-    # KL, not a noisy read of 14. A run whose 5-step rollout KL reaches 16 ends there and publishes
-    # its newest checkpoint under it (policy/trainer.py); at 12 the noisy 16-rollout KL stopped half
-    # of the good runs too (ops/README.md has both).
+    # ... but a run that starts near the coefficient's floor can run away from it: two on-topic runs
+    # lost a third of their candidates at the cap, most after their rollout KL had passed 16 nats
+    # (up to 38), not on a noisy read of 14. A run whose 5-step rollout KL reaches 16 ends there and
+    # publishes its newest checkpoint under it (policy/trainer.py); a stop at 12 also ended half of
+    # the good runs, on the 16-rollout KL's noise (ops/README.md has both).
     "policy.stop_kl": 16.0,
     # A reward model learned from a few hundred labels can score empty or looping answers high: in
     # one sparse run 9 of 16 candidates were rejected for them (ops/README.md). PPO never gets
