@@ -99,7 +99,7 @@ def test_one_head_versions_still_load_and_a_working_model_grows_heads(make_cfg, 
         work.load_trainable_state(state, source="bad.safetensors")
 
 
-def test_correction_weight_and_bootstrap_weights_in_the_loss(make_cfg):
+def test_correction_weight_and_bootstrap_weights_in_the_loss(make_cfg, monkeypatch):
     rm = RewardModel.fresh(make_cfg(ensemble_heads=1), seed=4)
     pref, = _pairs(1, seed=3)
     corr = Example("c1", "correction", pref.prompt, NOW, chosen=pref.chosen, rejected=pref.rejected)
@@ -167,29 +167,26 @@ def test_correction_weight_and_bootstrap_weights_in_the_loss(make_cfg):
         encoded.append(len(texts))
         return encode(prompts, texts)
 
-    rm4.encode = counting_encode
-    try:
-        rm4.zero_grad()
-        loss = batch_loss(rm4, batch, correction_weight=2.0, thumbs_weight=0.0, bootstrap_seed=9)
-        loss.backward()
-        assert encoded == [4]  # the two pairs' sequences, not the thumb's
-        got = [p.grad.clone() for p in rm4.parameters() if p.grad is not None]
-        rm4.zero_grad()
-        feats = rm4.features(*encode([pref.prompt] * 5, texts))
-        w = torch.tensor([[bootstrap_weight(e.event_id, k, 9) for k in range(3)] for e in batch], dtype=torch.float32)
-        want = ((losses0(rm4.head(feats).mean(-1)) * kind_w).mean()
-                + (losses0(rm4.head(feats.detach())) * w * kind_w[:, None]).mean(0).mean())
-        want.backward()
-        assert torch.allclose(loss, want, atol=1e-5)
-        ref = [p.grad for p in rm4.parameters() if p.grad is not None]
-        assert len(got) == len(ref) and all(torch.allclose(g, r, atol=1e-6) for g, r in zip(got, ref))
-        # A batch of weight-0 examples only: forwarded, a zero loss whose gradient is zero.
-        rm4.zero_grad()
-        zero = batch_loss(rm4, [thumbs], thumbs_weight=0.0)
-        zero.backward()
-        assert zero.item() == 0 and all(p.grad.abs().sum() == 0 for p in lora)
-    finally:
-        rm4.encode = encode
+    monkeypatch.setattr(rm4, "encode", counting_encode)
+    rm4.zero_grad()
+    loss = batch_loss(rm4, batch, correction_weight=2.0, thumbs_weight=0.0, bootstrap_seed=9)
+    loss.backward()
+    assert encoded == [4]  # the two pairs' sequences, not the thumb's
+    got = [p.grad.clone() for p in rm4.parameters() if p.grad is not None]
+    rm4.zero_grad()
+    feats = rm4.features(*encode([pref.prompt] * 5, texts))
+    w = torch.tensor([[bootstrap_weight(e.event_id, k, 9) for k in range(3)] for e in batch], dtype=torch.float32)
+    want = ((losses0(rm4.head(feats).mean(-1)) * kind_w).mean()
+            + (losses0(rm4.head(feats.detach())) * w * kind_w[:, None]).mean(0).mean())
+    want.backward()
+    assert torch.allclose(loss, want, atol=1e-5)
+    ref = [p.grad for p in rm4.parameters() if p.grad is not None]
+    assert len(got) == len(ref) and all(torch.allclose(g, r, atol=1e-6) for g, r in zip(got, ref))
+    # A batch of weight-0 examples only: forwarded, a zero loss whose gradient is zero.
+    rm4.zero_grad()
+    zero = batch_loss(rm4, [thumbs], thumbs_weight=0.0)
+    zero.backward()
+    assert zero.item() == 0 and all(p.grad.abs().sum() == 0 for p in lora)
 
 
 # ----------------------------------------------------------------- statistics (no model)
