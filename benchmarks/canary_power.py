@@ -15,6 +15,10 @@ Configurations: the schema's defaults (``production``), the demo's generous tuni
 the sparse profiles' (``demo-sparse``), both as ``looprl.ops.demo`` tunes them. A promotion rate
 at a negative difference is the chance that a worse version replaces a better one.
 
+The configurations that decide by P(better) at ``max_samples`` (``canary.promote_on_no_regression``
+False) run again with each ``--at-max`` value as ``canary.max_samples_promote_probability``
+(``demo@0.5``: the rule before the demo asked for a lean), a baseline in the same run.
+
 Each configuration runs twice: on thumbs alone (the baseline), and with paired votes
 (``+pairs``: users choosing between the two arms' answers to one question, ``canary.count_pairs``).
 Pairs come at a rate per thumbs vote: the demo profiles' comparisons per thumb
@@ -24,7 +28,7 @@ assumption (the demo's users, who pick the answer they like more, gain more than
 vary less than the rates differ), and ties, which send no vote, are not modelled.
 
 Usage: ``python benchmarks/canary_power.py [--control 0.65] [--diffs=-0.1,-0.05,0,0.05,0.1]
-[--trials 400] [--seed 0] [--pairs-per-vote 1] [--pair-gain 1]``. Human lines first, then one
+[--trials 400] [--seed 0] [--pairs-per-vote 1] [--pair-gain 1] [--at-max 0.5]``. Human lines first, then one
 JSON line with every figure.
 """
 
@@ -53,6 +57,20 @@ def canary_configs(production_pairs: float) -> dict[str, tuple[CanaryConfig, flo
 
     return {"production": (load_config(environ={}).canary, production_pairs), "demo": demo_canary("generous"),
             "demo-sparse": demo_canary("sparse")}
+
+
+def with_at_max(configs: dict[str, tuple[CanaryConfig, float]], at_max: list[float]
+                ) -> dict[str, tuple[CanaryConfig, float]]:
+    """Each configuration that decides by P(better) at max_samples, also with each of ``at_max`` as
+    its ``max_samples_promote_probability`` (named ``config@p``): a baseline in the same run."""
+    out = dict(configs)
+    for name, (cfg, per_vote) in configs.items():
+        if cfg.promote_on_no_regression:
+            continue
+        for p in at_max:
+            if p != cfg.max_samples_promote_probability:
+                out[f"{name}@{p:g}"] = (cfg.model_copy(update={"max_samples_promote_probability": p}), per_vote)
+    return out
 
 
 def simulate(cfg: CanaryConfig, candidate_rate: float, control_rate: float, rng: random.Random,
@@ -88,7 +106,11 @@ def main() -> None:
                     help="production: paired votes per thumbs vote (the demo profiles' follow their fractions)")
     ap.add_argument("--pair-gain", type=float, default=1.0,
                     help="a paired vote picks the candidate with probability 1/2 + gain * difference")
+    ap.add_argument("--at-max", default="0.5",
+                    help="also run the configs that decide by P(better) at max_samples with each of these "
+                         "max_samples_promote_probability values, comma-separated (empty: none)")
     args = ap.parse_args()
+    at_max = [float(x) for x in args.at_max.split(",") if x]
     diffs = [float(x) for x in args.diffs.split(",")]
     if not all(0 <= args.control + d <= 1 for d in diffs):
         raise SystemExit(f"--control {args.control} plus every --diffs value must be a rate in [0, 1]")
@@ -96,9 +118,9 @@ def main() -> None:
     results: dict[str, Any] = {"control_rate": args.control, "trials": args.trials, "pair_gain": args.pair_gain,
                                "configs": {}}
     print(f"control thumbs-up rate {args.control:.2f}; {args.trials} simulated canaries per cell")
-    print(f"{'config':18s} {'votes/arm':>9s}  " + "  ".join(f"{d:+.2f}" for d in diffs)
+    print(f"{'config':22s} {'votes/arm':>9s}  " + "  ".join(f"{d:+.2f}" for d in diffs)
           + "   (promote share by true difference)")
-    for base_name, (cfg, pairs_per_vote) in canary_configs(args.pairs_per_vote).items():
+    for base_name, (cfg, pairs_per_vote) in with_at_max(canary_configs(args.pairs_per_vote), at_max).items():
         for name, per_vote in ((base_name, 0.0), (f"{base_name}+pairs", pairs_per_vote)):
             rows = []
             for d in diffs:
@@ -110,9 +132,10 @@ def main() -> None:
                                         "promote_probability": cfg.promote_probability,
                                         "rollback_probability": cfg.rollback_probability,
                                         "promote_on_no_regression": cfg.promote_on_no_regression,
+                                        "max_samples_promote_probability": cfg.max_samples_promote_probability,
                                         "traffic_share": cfg.traffic_share, "pairs_per_vote": per_vote,
                                         "by_diff": rows}
-            print(f"{name:18s} {cfg.min_samples:>4d}-{cfg.max_samples:<4d}  "
+            print(f"{name:22s} {cfg.min_samples:>4d}-{cfg.max_samples:<4d}  "
                   + "  ".join(f"{r['promote_share']:5.2f}" for r in rows)
                   + "   mean votes " + "/".join(f"{r['mean_votes']:.0f}" for r in rows))
     print(json.dumps(results))

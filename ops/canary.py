@@ -8,7 +8,8 @@ after every poll we compute P(candidate rate > control rate) exactly (no samplin
     P(better) >= canary.promote_probability   -> promote (pointer ``promoted``, all traffic)
     P(worse)  >= canary.rollback_probability  -> roll back (pointer ``canary`` cleared)
     both arms reach canary.max_samples        -> promote: no significant regression in that many votes
-                                                 (canary.promote_on_no_regression; else P(better) >= 0.5)
+                                                 (canary.promote_on_no_regression; else P(better) >=
+                                                 canary.max_samples_promote_probability), or roll back
 
 Paired votes (``canary.count_pairs``): while a canary runs, a comparison's two answers come from
 the two arms (``serving.compare_across_canary``), and the user's choice between them judges both
@@ -214,10 +215,12 @@ def decide(candidate: Arm, control: Arm, cfg: CanaryConfig, pairs: Pairs = Pairs
         return Decision("rollback", f"P(worse)={1 - p:.3f} >= {cfg.rollback_probability}: significant regression",
                         numbers)
     if min(candidate.n, control.n) >= cfg.max_samples:
-        if cfg.promote_on_no_regression or p >= 0.5:
+        if cfg.promote_on_no_regression or p >= cfg.max_samples_promote_probability:
             return Decision("promote", f"max_samples reached without a significant regression (P(better)={p:.3f})",
                             numbers)
-        return Decision("rollback", f"max_samples reached, P(better)={p:.3f} < 0.5", numbers)
+        return Decision("rollback", f"max_samples reached, P(better)={p:.3f} < "
+                                    f"canary.max_samples_promote_probability={cfg.max_samples_promote_probability:g}",
+                        numbers)
     return Decision("wait", f"P(better)={p:.3f} inconclusive", numbers)
 
 

@@ -75,6 +75,24 @@ def test_decide_is_inconclusive_on_equal_rates_until_max_samples():
     assert decide(Arm(110, 300), Arm(150, 300), CFG).action == "rollback"
 
 
+def test_a_lean_is_needed_at_max_samples_when_configured():
+    """max_samples_promote_probability: at max_samples a candidate the users liked more by a hair
+    (P(better) 0.53) is rolled back and the incumbent serves on; a clear lean (0.77) still promotes,
+    and the guardrail canary ignores the setting."""
+    lean = CFG.model_copy(update={"promote_on_no_regression": False, "max_samples_promote_probability": 0.65})
+    hair, clear = (Arm(150, 300), Arm(149, 300)), (Arm(158, 300), Arm(149, 300))
+    d = decide(*hair, lean)
+    assert d.action == "rollback" and 0.5 < d.numbers["prob_better"] < 0.65
+    assert "canary.max_samples_promote_probability=0.65" in d.reason
+    assert decide(*clear, lean).action == "promote"
+    assert decide(*hair, lean.model_copy(update={"max_samples_promote_probability": 0.5})).action == "promote"
+    assert decide(*hair, lean.model_copy(update={"promote_on_no_regression": True})).action == "promote"
+    # below max_samples the setting changes nothing: the test waits
+    assert decide(Arm(75, 150), Arm(74, 150), lean).action == "wait"
+    with pytest.raises(ValueError):
+        CanaryConfig(max_samples_promote_probability=0.4)
+
+
 def test_max_samples_counts_on_the_smaller_arm():
     # A 10 % canary: the control arm fills nine times faster. The candidate's 100 votes are a third
     # of max_samples, so the test goes on, though the control has ten times max_samples.

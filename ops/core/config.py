@@ -687,8 +687,14 @@ class CanaryConfig(Section):
     # 0.2 the control has four times as many by then).
     max_samples: int = Field(400, ge=1)
     # At max_samples without a significant regression: True promotes (a guardrail canary: the
-    # offline gate already judged the candidate better), False decides by P(better) >= 0.5.
+    # offline gate already judged the candidate better), False decides by P(better) >=
+    # max_samples_promote_probability.
     promote_on_no_regression: bool = True
+    # With promote_on_no_regression False: the P(better) a candidate needs at max_samples, else it is
+    # rolled back and the incumbent serves on. 0.5: the version the users liked more, however
+    # slightly. Higher keeps the incumbent when the votes barely lean: a candidate can be as good
+    # on the canary's traffic and worse on questions that traffic does not hold.
+    max_samples_promote_probability: float = Field(0.5, ge=0.5, lt=1)
     # At most this share of an arm's counted thumbs comes from one user, so an arm needs votes
     # from at least 1/share users (production: 0.1 or less; the demo's 8 users need ~0.4).
     max_user_share: float = Field(0.1, gt=0, le=1)
