@@ -101,7 +101,7 @@ DEMO_TUNING: dict[str, Any] = {
     "canary.promote_on_no_regression": False,
     # ... liked more by a lean, not a coin flip. The canary sees product traffic only: of the six
     # canaries that reached max_samples with P(better) from 0.5 to 0.65 in the 27 runs of
-    # ops/README.md's last two sections, three candidates served the eval users' unseen question
+    # ops/README.md's last three sections, three candidates served the eval users' unseen question
     # forms worse, by 0.06 to 0.26 (in one sparse run the served version fell from 0.67 to 0.41 and
     # the run missed its bar), one as well, two better. A rollback also ends the training line:
     # runs go back to the promoted version.
