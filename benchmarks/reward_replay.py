@@ -8,18 +8,22 @@ This script streams the workspace's event log, oldest first, through a fresh rew
 slices as the updater does (test, then train on the slice plus ``--replay`` times as many replayed
 earlier examples, ``--epochs`` epochs; no per-user cap, no publish decision), and after every
 ``--every`` slices scores the eval users' answers from the base model: the *true skill* is the
-share of answer pairs with different P that the model orders as P does (0.5: chance).
+share of answer pairs with different P that the model orders as P does (0.5: chance), also split
+into the pairs whose better answer is the longer one and those where it is the shorter (a model
+that scores how dense something is rather than how much of it there is ranks the first worse).
 
 ``--published v2,v9,...`` instead scores those reward versions as the demo published them (from
 the workspace's registry), so the live models' true skill can be set beside the replay's.
 
 Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label kind out;
-``--adapters 1`` trains one LoRA adapter instead of the sparse profile's independent ones.
+``--adapters 1`` trains one LoRA adapter instead of the sparse profile's independent ones;
+``--features last_match`` reads other features than the config's (``reward.features``).
 
 Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
-[--epochs 16] [--adapters 4] [--every 2] [--seed 0] [--answers 400] [--threads 1]
+[--epochs 16] [--adapters 4] [--features echo] [--every 2] [--seed 0] [--answers 400] [--threads 1]
 [--published v2,v9]``. The defaults are the sparse profile's reward tuning. Human lines first,
-then one JSON line: the true skill after each ``--every`` slices, and the seconds spent training
+then one JSON line: the true skill (all pairs, better answer longer, better answer shorter) after each
+``--every`` slices, and the seconds spent training
 (``train_s``).
 """
 
@@ -37,14 +41,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def true_skill(scores: list[float], p: list[float]) -> float | None:
-    """Share of pairs with different hidden P that ``scores`` orders the same way (ties: half)."""
+def true_skill(scores: list[float], p: list[float], lengths: list[int] | None = None,
+               better_is: str | None = None) -> float | None:
+    """Share of pairs with different hidden P that ``scores`` orders the same way (ties: half).
+    With ``lengths`` and ``better_is`` "longer" (or "shorter"): over the pairs whose answer with the
+    higher P is the longer (shorter) one only, so a model that reads how dense something is in an
+    answer rather than how much of it there is shows as a gap between the two."""
     agree = n = 0.0
     for i in range(len(p)):
         for j in range(i + 1, len(p)):
             dp = p[i] - p[j]
             if dp == 0:
                 continue
+            if better_is is not None and lengths is not None:
+                dl = (lengths[i] - lengths[j]) * (1 if dp > 0 else -1)  # > 0: the better answer is longer
+                if dl == 0 or (dl > 0) != (better_is == "longer"):
+                    continue
             ds = scores[i] - scores[j]
             n += 1
             agree += 1.0 if ds * dp > 0 else (0.5 if ds == 0 else 0.0)
@@ -66,9 +78,17 @@ def eval_answers(workspace: Path, limit: int) -> list[tuple[str, str, float]]:
     return out[:limit]
 
 
-def model_skill(model, answers: list[tuple[str, str, float]]) -> float | None:
-    """The true skill of a reward model on (prompt, completion, hidden P) answers."""
-    return true_skill(model.score([a[0] for a in answers], [a[1] for a in answers]).tolist(), [a[2] for a in answers])
+def model_skill(model, answers: list[tuple[str, str, float]]) -> tuple[float | None, float | None, float | None]:
+    """The true skill of a reward model on (prompt, completion, hidden P) answers: over all pairs,
+    over those whose better answer is the longer (in words), and over those where it is the shorter."""
+    scores = model.score([a[0] for a in answers], [a[1] for a in answers]).tolist()
+    p, lengths = [a[2] for a in answers], [len(a[1].split()) for a in answers]
+    return (true_skill(scores, p), true_skill(scores, p, lengths, "longer"), true_skill(scores, p, lengths, "shorter"))
+
+
+def _fmt_skill(s: tuple[float | None, ...]) -> str:
+    return (f"true skill {s[0]:.3f} ({'-' if s[1] is None else format(s[1], '.3f')} where the better answer is "
+            f"longer, {'-' if s[2] is None else format(s[2], '.3f')} where it is shorter)")
 
 
 def published_skill(cfg, answers: list[tuple[str, str, float]], versions: list[str]) -> int:
@@ -80,8 +100,9 @@ def published_skill(cfg, answers: list[tuple[str, str, float]], versions: list[s
     for v in versions:
         events = reg.manifest(KIND, v).watermark.get("consumed_events")
         s = model_skill(load_reward_model(cfg, v), answers)
-        rows.append({"version": v, "events": events, "true_skill": round(s, 3)})
-        print(f"{v} ({events} events read): true skill {s:.3f}")
+        rows.append({"version": v, "events": events, "true_skill": round(s[0], 3), "true_skill_longer_better": s[1],
+                     "true_skill_shorter_better": s[2]})
+        print(f"{v} ({events} events read): {_fmt_skill(s)}")
     print(json.dumps({"workspace": str(cfg.workspace), "published": rows}))
     return 0
 
@@ -95,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--thumbs-weight", type=float, default=None, help="reward.thumbs_weight (default: the config's)")
     ap.add_argument("--adapters", type=int, default=4, help="reward.ensemble_adapters")
+    ap.add_argument("--features", default=None, help="reward.features (default: the config's)")
     ap.add_argument("--every", type=int, default=2, help="measure the true skill every N updates")
     ap.add_argument("--max-updates", type=int, default=30)
     ap.add_argument("--answers", type=int, default=400, help="eval answers scored for the true skill")
@@ -131,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         kinds[e.kind] = kinds.get(e.kind, 0) + 1
     print(f"{len(stream)} training examples {kinds}, {len(answers)} eval answers")
 
-    model = RewardModel.fresh(cfg, seed=args.seed, adapters=args.adapters)
+    model = RewardModel.fresh(cfg, seed=args.seed, adapters=args.adapters, features=args.features)
     thumbs_weight = rc.thumbs_weight if args.thumbs_weight is None else args.thumbs_weight
 
     curve, history, train_s = [], [], 0.0
-    print(f"update 0: true skill {model_skill(model, answers):.3f}")
+    print(f"update 0: {_fmt_skill(model_skill(model, answers))}")
     for n in range(min(args.max_updates, -(-len(stream) // args.slice))):
         new = stream[n * args.slice:(n + 1) * args.slice]
         preq = evaluate(model, new)
@@ -149,14 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         history += new
         if (n + 1) % args.every == 0:
             s = model_skill(model, answers)
-            curve.append({"update": n + 1, "labels": len(history), "true_skill": round(s, 3),
+            curve.append({"update": n + 1, "labels": len(history), "true_skill": round(s[0], 3),
+                          "true_skill_longer_better": s[1] and round(s[1], 3),
+                          "true_skill_shorter_better": s[2] and round(s[2], 3),
                           "prequential_pair_accuracy": preq.pair_accuracy, "prequential_thumbs_auc": preq.thumbs_auc})
-            print(f"update {n + 1} ({len(history)} labels): true skill {s:.3f}; prequential pairs "
+            print(f"update {n + 1} ({len(history)} labels): {_fmt_skill(s)}; prequential pairs "
                   f"{'-' if preq.pair_accuracy is None else round(preq.pair_accuracy, 3)} thumbs AUC "
                   f"{'-' if preq.thumbs_auc is None else round(preq.thumbs_auc, 3)} on this slice")
     print(f"training took {train_s:.1f} s over {len(history)} labels")
     print(json.dumps({"workspace": str(args.workspace), "drop": sorted(drop), "seed": args.seed,
-                      "adapters": args.adapters, "epochs": args.epochs, "thumbs_weight": thumbs_weight,
+                      "adapters": args.adapters, "features": model.feature_kind, "epochs": args.epochs,
+                      "thumbs_weight": thumbs_weight,
                       "train_s": round(train_s, 1),
                       "true_skill": [c["true_skill"] for c in curve], "curve": curve}))
     return 0

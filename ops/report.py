@@ -40,14 +40,19 @@ from looprl.storage.releases import BASE, KIND, promoted_version
 log = get_logger(__name__)
 
 
-def _rate_stats(rows: list[dict]) -> dict[str, Any]:
+def _rate_stats(rows: list[dict], words: bool = False) -> dict[str, Any]:
+    """Thumbs-up rate of ``rows``; with ``words``, the answers' mean length in words too (the
+    simulator records the text of eval answers only)."""
     n = len(rows)
     ups = sum(1 for r in rows if r["up"])
     p_mean = sum(r["p"] for r in rows) / n if n else None
     rate = ups / n if n else None
     # 95% normal-approximation half-width of the sampled rate (reported, not used for decisions).
     half = 1.96 * math.sqrt(rate * (1 - rate) / n) if n else None
-    return {"n": n, "ups": ups, "rate": rate, "p_mean": p_mean, "ci95": half}
+    out = {"n": n, "ups": ups, "rate": rate, "p_mean": p_mean, "ci95": half}
+    if words:
+        out["answer_words"] = sum(len(str(r.get("completion") or "").split()) for r in rows) / n if n else None
+    return out
 
 
 def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 100,
@@ -62,7 +67,7 @@ def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 10
     by_version: dict[str, list[dict]] = defaultdict(list)
     for r in evals:
         by_version[r["version"]].append(r)
-    eval_stats = {v: _rate_stats(rows) for v, rows in sorted(by_version.items(), key=lambda kv: version_sort_key(kv[0]))}
+    eval_stats = {v: _rate_stats(rows, words=True) for v, rows in sorted(by_version.items(), key=lambda kv: version_sort_key(kv[0]))}
     train_by_version: dict[str, list[dict]] = defaultdict(list)
     for r in trains:
         train_by_version[r["version"]].append(r)
@@ -119,7 +124,7 @@ def per_1000_labels(lift: float | None, labels: int) -> float | None:
 # reward gain on each, and the share of degenerate answers (empty, repetitive).
 GATE_COLUMNS = ("win_rate", "train_forms_win_rate", "heldout_forms_win_rate", "train_forms_reward_gain",
                 "heldout_forms_reward_gain", "train_forms_degenerate_share", "heldout_forms_degenerate_share",
-                "kl_to_base")
+                "train_forms_answer_tokens", "train_forms_incumbent_answer_tokens", "kl_to_base")
 
 
 def _votes(numbers: dict[str, Any]) -> str:
@@ -400,10 +405,11 @@ def write_report(cfg: LooprlConfig, out_dir: Path | None = None, extra: dict[str
         *_label_lines(summary),
         "![thumbs-up rate](thumbs_up.png)", "",
         "### Per adapter version (eval traffic)", "",
-        "| version | n | rate | expected |", "|---|---|---|---|",
+        "| version | n | rate | expected | answer words |", "|---|---|---|---|---|",
     ]
     for v, s in summary["eval"].items():
-        lines.append(f"| {v} | {s['n']} | {_fmt(s['rate'], True)} | {_fmt(s['p_mean'], True)} |")
+        lines.append(f"| {v} | {s['n']} | {_fmt(s['rate'], True)} | {_fmt(s['p_mean'], True)} "
+                     f"| {'-' if s.get('answer_words') is None else format(s['answer_words'], '.1f')} |")
     lines += ["", "## Reward model", "",
               "| update | new events | prequential pair acc. | prequential thumbs AUC | held-out "
               "| published on same held-out | decision | version |",

@@ -44,7 +44,10 @@ sampled from meaningfully):
    ``incumbent_reward_mean``, ``reward_gain`` (candidate - incumbent, reward-model units),
    ``reward_gain_std`` (the same in units of ``reward_std``), ``kl_to_base``,
    ``degenerate_share`` and ``incumbent_degenerate_share``, ``empty_share`` and
-   ``repetitive_share`` (the candidate's); a suite without prompts has ``samples`` 0 only.
+   ``repetitive_share`` (the candidate's), ``answer_tokens`` and ``incumbent_answer_tokens`` (mean
+   tokens per answer, the end of turn not counted: a reward model that learnt a spurious length
+   feature shows as a candidate whose answers grow or shrink against the incumbent's, ops/README.md);
+   a suite without prompts has ``samples`` 0 only.
 
 Every decision is recorded with its numbers in the manifest (through the release contract,
 `looprl.storage.releases`, which refuses to re-gate a version that already reached users) and in
@@ -260,13 +263,14 @@ def decide(gate: GateConfig, numbers: dict, incumbent: str) -> list[str]:
 
 
 def _suite_numbers(suite: str, sl: slice, prompts: list[Chat], s_cand, s_inc, kl, flags_cand, flags_inc,
-                   unit: float) -> dict:
+                   lengths: tuple[list[int], list[int]], unit: float) -> dict:
     c, i = s_cand[sl], s_inc[sl]
     if not len(c):
         return {f"{suite}_samples": 0}
     wins = (c > i).float() + 0.5 * (c == i).float()
     gain = float(c.mean() - i.mean())
     (short, rep), (short_i, rep_i) = ([f[sl] for f in flags] for flags in (flags_cand, flags_inc))
+    len_c, len_i = (ls[sl] for ls in lengths)
     return {f"{suite}_{k}": v for k, v in dict(
         samples=len(c), distinct_prompts=len(set(prompts[sl])), win_rate=float(wins.mean()),
         candidate_reward_mean=float(c.mean()), incumbent_reward_mean=float(i.mean()), reward_gain=gain,
@@ -274,6 +278,7 @@ def _suite_numbers(suite: str, sl: slice, prompts: list[Chat], s_cand, s_inc, kl
         degenerate_share=_share([a or b for a, b in zip(short, rep)]),
         incumbent_degenerate_share=_share([a or b for a, b in zip(short_i, rep_i)]),
         empty_share=_share(short), repetitive_share=_share(rep),
+        answer_tokens=sum(len_c) / len(len_c), incumbent_answer_tokens=sum(len_i) / len(len_i),
     ).items()}
 
 
@@ -331,8 +336,10 @@ def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
     s_inc = scorer.score(prompts, inc.completions).float().cpu()
     wins = (s_cand > s_inc).float() + 0.5 * (s_cand == s_inc).float()
     g = cfg.gate
-    flags_cand, flags_inc = (degenerate_flags(answer_tokens(ro, stops), ro.completions, g.min_answer_tokens,
-                                              g.min_distinct_token_ratio) for ro in (cand, inc))
+    toks_cand, toks_inc = answer_tokens(cand, stops), answer_tokens(inc, stops)
+    flags_cand, flags_inc = (degenerate_flags(toks, ro.completions, g.min_answer_tokens, g.min_distinct_token_ratio)
+                             for toks, ro in ((toks_cand, cand), (toks_inc, inc)))
+    lengths = ([len(t) for t in toks_cand], [len(t) for t in toks_inc])
     unit = float(s_inc.std(correction=0)) or float(torch.cat([s_cand, s_inc]).std(correction=0)) or 1.0
     numbers.update(
         win_rate=float(wins.mean()), min_win_rate=g.min_win_rate, kl_to_base=float(cand_kl.mean()), max_kl=g.max_kl,
@@ -343,7 +350,7 @@ def evaluate(cfg: LooprlConfig, version: str, scorer=None) -> GateReport:
         min_answer_tokens=g.min_answer_tokens,
     )
     for suite, sl in suites.slices().items():
-        numbers.update(_suite_numbers(suite, sl, prompts, s_cand, s_inc, cand_kl, flags_cand, flags_inc, unit))
+        numbers.update(_suite_numbers(suite, sl, prompts, s_cand, s_inc, cand_kl, flags_cand, flags_inc, lengths, unit))
     reasons = decide(g, numbers, incumbent or BASE)
     return GateReport(version, "rejected" if reasons else "gated", reasons, numbers)
 

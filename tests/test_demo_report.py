@@ -40,6 +40,30 @@ def test_summary_measures_the_served_version_against_the_base():
     assert list(s["eval"]) == ["base", "v1", "v3"] and s["eval"]["v1"]["n"] == 200
 
 
+def test_the_eval_answers_length_is_shown_per_version(tmp_path):
+    """A policy that learnt to please a reward model's spurious length feature shows as answers
+    that shrank or grew against the base's (ops/README.md): the report gives each version's mean."""
+    rows = fake_interactions({"base": 0.2, "v1": 0.45}, n=20)
+    for i, r in enumerate(r for r in rows if r["kind"] == "eval" and r["version"] == "v1"):
+        r["completion"] = " the park is great." if i % 2 else " the park is great. we love the park."
+    s = summarize(rows, promoted="v1", min_eval=10)
+    assert s["eval"]["base"]["answer_words"] == 1 and s["eval"]["v1"]["answer_words"] == pytest.approx(6.0)
+    assert "answer_words" not in s["train"]["v1"]  # the simulator keeps no text of train answers
+    cfg = load_config(environ={}, workspace=tmp_path / "ws")
+    (cfg.state_dir / "simulator").mkdir(parents=True)
+    (cfg.state_dir / "simulator" / "interactions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    gate = cfg.state_dir / "gate"
+    gate.mkdir()
+    (gate / "decisions.jsonl").write_text(json.dumps({"version": "v1", "decision": "gated", "numbers": {
+        "win_rate": 0.7, "train_forms_answer_tokens": 4.5, "train_forms_incumbent_answer_tokens": 9.25}}))
+    out, _ = write_report(cfg, tmp_path / "report", min_eval=10)
+    md = (out / "report.md").read_text()
+    assert "| version | n | rate | expected | answer words |" in md
+    assert "| 45.0% | 6.0 |" in md and "| 20.0% | 1.0 |" in md
+    assert "| version | decision | win rate | train forms answer tokens | train forms incumbent answer tokens |" in md
+    assert "| v1 | gated | 0.700 | 4.500 | 9.250 |" in md
+
+
 def test_summary_falls_back_when_the_promoted_version_has_few_eval_samples():
     rows = fake_interactions({"base": 0.2, "v2": 0.5}) + fake_interactions({"v4": 0.9}, n=5, t0=5000)
     s = summarize(rows, promoted="v4", min_eval=20)

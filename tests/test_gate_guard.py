@@ -78,6 +78,9 @@ def test_empty_answers_on_heldout_forms_are_rejected_despite_training_form_gains
     assert not any(r.startswith("train forms") for r in report.reasons), report.reasons
     assert n["heldout_forms_empty_share"] >= 0.5 and n["heldout_forms_incumbent_degenerate_share"] <= 0.1, n
     assert n["train_forms_degenerate_share"] <= cfg.gate.max_degenerate_increase, n
+    # the mean answer lengths show where the answers shrank
+    assert n["heldout_forms_answer_tokens"] < n["heldout_forms_incumbent_answer_tokens"] / 2, n
+    assert n["train_forms_answer_tokens"] > n["heldout_forms_answer_tokens"] + 2, n
     assert any(r.startswith("held-out forms:") and "degenerate" in r and "gate.max_degenerate_increase" in r
                for r in report.reasons), report.reasons
 
