@@ -99,12 +99,12 @@ DEMO_TUNING: dict[str, Any] = {
     # whatever showed no significant regression let a worse version replace a better one
     # (72% -> 60% in one generous run).
     "canary.promote_on_no_regression": False,
-    # ... liked more by a lean, not a coin flip. The canary sees product traffic only: of the six
-    # canaries that reached max_samples with P(better) from 0.5 to 0.65 in the 27 runs of
-    # ops/README.md's last three sections, three candidates served the eval users' unseen question
+    # ... liked more by a lean, not a coin flip. The canary sees product traffic only: of the seven
+    # canaries that reached max_samples with P(better) from 0.5 to 0.65 in the 32 runs of
+    # ops/README.md's last four sections, three candidates served the eval users' unseen question
     # forms worse, by 0.06 to 0.26 (in one sparse run the served version fell from 0.67 to 0.41 and
-    # the run missed its bar), one as well, two better. A rollback also ends the training line:
-    # runs go back to the promoted version.
+    # the run missed its bar), one as well, three better (by 0.04 to 0.25). A rollback also ends the
+    # training line: runs go back to the promoted version.
     "canary.max_samples_promote_probability": 0.65,
     # The per-user caps must leave room for the simulated users: 8 users (~1/8 of an update's
     # feedback each), 4 of them on each canary arm (~1/4 of an arm's thumbs each).

@@ -67,7 +67,8 @@ def summarize(interactions: list[dict], promoted: str | None, min_eval: int = 10
     by_version: dict[str, list[dict]] = defaultdict(list)
     for r in evals:
         by_version[r["version"]].append(r)
-    eval_stats = {v: _rate_stats(rows, words=True) for v, rows in sorted(by_version.items(), key=lambda kv: version_sort_key(kv[0]))}
+    eval_stats = {v: _rate_stats(rows, words=True)
+                  for v, rows in sorted(by_version.items(), key=lambda kv: version_sort_key(kv[0]))}
     train_by_version: dict[str, list[dict]] = defaultdict(list)
     for r in trains:
         train_by_version[r["version"]].append(r)
@@ -121,7 +122,9 @@ def per_1000_labels(lift: float | None, labels: int) -> float | None:
 
 # The gate's numbers the report shows per version, in this order, where the decisions carry them:
 # the win rate on training prompts' forms and on held-out forms training never samples, the
-# reward gain on each, and the share of degenerate answers (empty, repetitive).
+# reward gain on each, the share of degenerate answers (empty, repetitive), and the mean answer
+# length of the candidate and the incumbent on training forms (a shift there shows a policy following
+# a reward model's taste for short or long answers, ops/README.md).
 GATE_COLUMNS = ("win_rate", "train_forms_win_rate", "heldout_forms_win_rate", "train_forms_reward_gain",
                 "heldout_forms_reward_gain", "train_forms_degenerate_share", "heldout_forms_degenerate_share",
                 "train_forms_answer_tokens", "train_forms_incumbent_answer_tokens", "kl_to_base")
