@@ -100,8 +100,9 @@ def published_skill(cfg, answers: list[tuple[str, str, float]], versions: list[s
     for v in versions:
         events = reg.manifest(KIND, v).watermark.get("consumed_events")
         s = model_skill(load_reward_model(cfg, v), answers)
-        rows.append({"version": v, "events": events, "true_skill": round(s[0], 3), "true_skill_longer_better": s[1],
-                     "true_skill_shorter_better": s[2]})
+        rows.append({"version": v, "events": events, "true_skill": round(s[0], 3),
+                     "true_skill_longer_better": s[1] and round(s[1], 3),
+                     "true_skill_shorter_better": s[2] and round(s[2], 3)})
         print(f"{v} ({events} events read): {_fmt_skill(s)}")
     print(json.dumps({"workspace": str(cfg.workspace), "published": rows}))
     return 0
