@@ -10,11 +10,15 @@ seed, it copies the workspace, trains ``--depth`` chained PPO runs against rewar
 held-out forms; ``--samples`` slots) and scores them with ``--preference``.
 
 ``--penalty K`` trains against the reward ensemble's mean minus K times its members' spread (an
-uncertainty-penalised reward) instead of the mean.
+uncertainty-penalised reward) instead of the mean. ``--reward v6:2,v16:3`` trains in phases, as a
+demo does: 2 runs against v6, then 3 against v16; an arm ``NAME:START:policy.target_kl=5+...``
+applies its settings to the first phase's runs only (how much an early, weak reward model may move
+the line).
 
 Usage: ``python benchmarks/line_restart.py WORKSPACE --reward v16 --arms line:v11,fresh:base
 [--depth 3] [--seeds 1,2,3,4] [--penalty 0] [--feedback sparse] [--preference MODULE:FUNCTION]
-[--samples 96] [--jobs 2] [--set policy.target_kl=14 ...]``. Human lines first, then one JSON line: per arm and seed, each run's
+[--samples 96] [--jobs 2] [--set policy.target_kl=14 ...]``. Human lines first, then one JSON line:
+per arm and seed, each run's
 hidden P on both suites, its reward at the first and last step and its KL; per arm the mean hidden
 P of the last run, and its ratio to the first arm's (measured in the same invocation).
 """
@@ -54,8 +58,10 @@ class PenalisedScorer:
         return (mean - self.penalty * std).float()
 
 
-def run_arm(workspace: str, reward: str, start: str, depth: int, seed: int, penalty: float, feedback: str,
-            preference: str, samples: int, overrides: dict[str, str]) -> list[dict]:
+def run_arm(workspace: str, phases: list[tuple[str, int]], start: str, seed: int, penalty: float, feedback: str,
+            preference: str, samples: int, overrides: dict[str, str], first: dict[str, str]) -> list[dict]:
+    """Train the arm's chained runs, phase by phase (``first`` adds to ``overrides`` in the first
+    phase only), and judge every new version with the hidden preference."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -80,16 +86,18 @@ def run_arm(workspace: str, reward: str, start: str, depth: int, seed: int, pena
         reg, pointers = Registry(cfg.registry_dir), cfg.registry_dir / "policy"
         (pointers / "canary").unlink(missing_ok=True)
         current, made = (None if start == "base" else start), []
-        for _ in range(depth):  # each run continues from the one before: point `promoted` at it
-            if current is None:
-                (pointers / "promoted").unlink(missing_ok=True)
-            else:
-                reg.set_pointer("policy", "promoted", current)
-            m = train(cfg, resume=False, scorer=PenalisedScorer(cfg, reward, penalty), use_ray=False).manifest
-            current = m.version
-            made.append(m)
+        for i, (reward, runs) in enumerate(phases):
+            run_cfg = load_config(environ={**env, **first}, workspace=ws) if i == 0 and first else cfg
+            for _ in range(runs):  # each run continues from the one before: point `promoted` at it
+                if current is None:
+                    (pointers / "promoted").unlink(missing_ok=True)
+                else:
+                    reg.set_pointer("policy", "promoted", current)
+                m = train(run_cfg, resume=False, scorer=PenalisedScorer(cfg, reward, penalty), use_ray=False).manifest
+                current = m.version
+                made.append(m)
         (pointers / "promoted").unlink(missing_ok=True)  # sample each version as the gate does, vs the base
-        slices, scorer, rows = gate.gate_suites(cfg).slices(), RecordingScorer(cfg, reward), []
+        slices, scorer, rows = gate.gate_suites(cfg).slices(), RecordingScorer(cfg, phases[-1][0]), []
         for m in made:
             scorer.calls.clear()
             gate.evaluate(cfg, m.version, scorer=scorer)
@@ -107,9 +115,12 @@ def run_arm(workspace: str, reward: str, start: str, depth: int, seed: int, pena
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("workspace", type=Path)
-    ap.add_argument("--reward", required=True, help="reward version every run trains against")
-    ap.add_argument("--arms", required=True, help="NAME:START,... (START: a policy version or 'base')")
-    ap.add_argument("--depth", type=int, default=3, help="chained PPO runs per arm")
+    ap.add_argument("--reward", required=True,
+                    help="reward version every run trains against, or phases VERSION:RUNS,... (e.g. v6:2,v16:3)")
+    ap.add_argument("--arms", required=True,
+                    help="NAME:START[:SECTION.KEY=VALUE+...],... (START: a policy version or 'base'; the settings "
+                         "apply to the first phase's runs of that arm only)")
+    ap.add_argument("--depth", type=int, default=3, help="chained PPO runs per arm, with a single --reward version")
     ap.add_argument("--seeds", default="1,2,3,4")
     ap.add_argument("--penalty", type=float, default=0.0, help="train on mean - K * spread of the reward ensemble")
     ap.add_argument("--feedback", default="sparse", help="the demo's feedback profile (its tuning applies)")
@@ -119,39 +130,54 @@ def main() -> int:
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a setting for every arm's runs over the demo tuning, e.g. policy.target_kl=14")
     args = ap.parse_args()
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key.count(".") != 1:
-            ap.error(f"--set {item!r}: expected SECTION.KEY=VALUE")
-        section, name = key.split(".")
-        overrides[f"LOOPRL_{section.upper()}__{name.upper()}"] = value
-    arms = [tuple(a.split(":", 1)) for a in args.arms.split(",") if a]
-    if not arms or any(len(a) != 2 for a in arms):
-        ap.error("--arms: expected NAME:START,...")
+
+    def settings(items: list[str], what: str) -> dict[str, str]:
+        out = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key.count(".") != 1:
+                ap.error(f"{what} {item!r}: expected SECTION.KEY=VALUE")
+            section, name = key.split(".")
+            out[f"LOOPRL_{section.upper()}__{name.upper()}"] = value
+        return out
+
+    overrides = settings(args.set, "--set")
+    phases = []
+    for part in args.reward.split(","):
+        version, sep, runs = part.partition(":")
+        if sep and not runs.isdigit():
+            ap.error(f"--reward {part!r}: expected VERSION or VERSION:RUNS")
+        phases.append((version, int(runs) if sep else args.depth))
+    arms = []
+    for a in (a for a in args.arms.split(",") if a):
+        name, sep, rest = a.partition(":")
+        start, _, first = rest.partition(":")
+        if not sep or not start:
+            ap.error("--arms: expected NAME:START[:SETTINGS],...")
+        arms.append((name, start, settings([f for f in first.split("+") if f], "--arms")))
     seeds = [int(s) for s in args.seeds.split(",") if s]
     jobs = {}
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for name, start in arms:
+        for name, start, first_phase in arms:
             for seed in seeds:
-                jobs[name, seed] = pool.submit(run_arm, str(args.workspace), args.reward, start, args.depth, seed,
-                                               args.penalty, args.feedback, args.preference, args.samples, overrides)
+                jobs[name, seed] = pool.submit(run_arm, str(args.workspace), phases, start, seed, args.penalty,
+                                               args.feedback, args.preference, args.samples, overrides, first_phase)
         results = {key: f.result() for key, f in jobs.items()}
-    out: dict = {"workspace": str(args.workspace), "reward": args.reward, "depth": args.depth, "penalty": args.penalty,
+    out: dict = {"workspace": str(args.workspace), "phases": phases, "penalty": args.penalty,
                  "set": args.set, "seeds": seeds, "arms": {}}
-    first = None
-    for name, start in arms:
+    baseline = None
+    for name, start, first_phase in arms:
         runs = {seed: results[name, seed] for seed in seeds}
         for seed, rows in runs.items():
             print(f"{name} ({start}) seed {seed}: " + " -> ".join(
                 f"{r['train_forms']:.2f}/{r['heldout_forms']:.2f} ({r['train_forms_answer_words']}/"
                 f"{r['heldout_forms_answer_words']} words, KL {r['kl_last']})" for r in rows))
         last = {s: statistics.mean(rows[-1][s] for rows in runs.values()) for s in ("train_forms", "heldout_forms")}
-        first = first or last
-        ratio = {s: round(last[s] / first[s], 3) for s in last}
+        baseline = baseline or last
+        ratio = {s: round(last[s] / baseline[s], 3) for s in last}
         print(f"{name}: last run's hidden P {last['train_forms']:.3f} training forms, {last['heldout_forms']:.3f} "
               f"held-out forms; x{ratio['train_forms']} / x{ratio['heldout_forms']} of {arms[0][0]}")
-        out["arms"][name] = {"start": start, "runs": {str(s): r for s, r in runs.items()},
+        out["arms"][name] = {"start": start, "first_phase": first_phase, "runs": {str(s): r for s, r in runs.items()},
                              "last_hidden_p": {s: round(v, 3) for s, v in last.items()}, f"ratio_to_{arms[0][0]}": ratio}
     print(json.dumps(out))
     return 0
