@@ -88,12 +88,13 @@ def run_arm(workspace: str, phases: list[tuple[str, int]], start: str, seed: int
         current, made = (None if start == "base" else start), []
         for i, (reward, runs) in enumerate(phases):
             run_cfg = load_config(environ={**env, **first}, workspace=ws) if i == 0 and first else cfg
+            trained_on = PenalisedScorer(cfg, reward, penalty)  # loaded once per phase, not per run
             for _ in range(runs):  # each run continues from the one before: point `promoted` at it
                 if current is None:
                     (pointers / "promoted").unlink(missing_ok=True)
                 else:
                     reg.set_pointer("policy", "promoted", current)
-                m = train(run_cfg, resume=False, scorer=PenalisedScorer(cfg, reward, penalty), use_ray=False).manifest
+                m = train(run_cfg, resume=False, scorer=trained_on, use_ray=False).manifest
                 current = m.version
                 made.append(m)
         (pointers / "promoted").unlink(missing_ok=True)  # sample each version as the gate does, vs the base
@@ -131,14 +132,15 @@ def main() -> int:
                     help="a setting for every arm's runs over the demo tuning, e.g. policy.target_kl=14")
     args = ap.parse_args()
 
+    from looprl.ops.demo import _env_name  # the demo's own SECTION.KEY -> LOOPRL_SECTION__KEY
+
     def settings(items: list[str], what: str) -> dict[str, str]:
         out = {}
         for item in items:
             key, sep, value = item.partition("=")
             if not sep or key.count(".") != 1:
                 ap.error(f"{what} {item!r}: expected SECTION.KEY=VALUE")
-            section, name = key.split(".")
-            out[f"LOOPRL_{section.upper()}__{name.upper()}"] = value
+            out[_env_name(key)] = value
         return out
 
     overrides = settings(args.set, "--set")
