@@ -11,19 +11,22 @@ earlier examples, ``--epochs`` epochs; no per-user cap, no publish decision), an
 share of answer pairs with different P that the model orders as P does (0.5: chance), also split
 into the pairs whose better answer is the longer one and those where it is the shorter (a model
 that scores how dense something is rather than how much of it there is ranks the first worse).
+The same checkpoints run a probe of that (``count_probe``): answers written from the toy corpus,
+one cheerful sentence against the same followed by a cheerful one (the default user likes it more)
+or by a neutral one (the user likes both alike).
 
 ``--published v2,v9,...`` instead scores those reward versions as the demo published them (from
 the workspace's registry), so the live models' true skill can be set beside the replay's.
 
 Ablations: ``--drop correction`` (or ``preference``, ``thumbs``) leaves a label kind out;
 ``--adapters 1`` trains one LoRA adapter instead of the sparse profile's independent ones;
-``--features last_match`` reads other features than the config's (``reward.features``).
+``--features echo_sum`` reads other features than the config's (``reward.features``).
 
 Usage: ``python benchmarks/reward_replay.py WORKSPACE [--drop kinds] [--slice 16] [--replay 4]
 [--epochs 16] [--adapters 4] [--features echo] [--every 2] [--seed 0] [--answers 400] [--threads 1]
 [--published v2,v9]``. The defaults are the sparse profile's reward tuning. Human lines first,
-then one JSON line: the true skill (all pairs, better answer longer, better answer shorter) after each
-``--every`` slices, and the seconds spent training
+then one JSON line: the true skill (all pairs, better answer longer, better answer shorter) and the
+probe's two shares after each ``--every`` slices, and the seconds spent training
 (``train_s``).
 """
 
@@ -33,6 +36,7 @@ import argparse
 import json
 import os
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -86,6 +90,39 @@ def model_skill(model, answers: list[tuple[str, str, float]]) -> tuple[float | N
     return (true_skill(scores, p), true_skill(scores, p, lengths, "longer"), true_skill(scores, p, lengths, "shorter"))
 
 
+def count_probe(model, prompts: list[str], seed: int = 0) -> dict[str, float]:
+    """How the model reads a second sentence, on answers written from the toy corpus for each
+    prompt's topic: ``adds`` = the share of answers one cheerful sentence long that score below the
+    same sentence followed by a second cheerful one (the default user likes the second answer more:
+    1.0 is right); ``dilutes`` = the share that score above the same sentence followed by a neutral
+    one (the user likes both alike; a model that reads how dense cheer is rather than how much there
+    is says 1.0, one that counts about 0.5)."""
+    from looprl.ops.sim.corpus import answer
+    from looprl.ops.sim.preference import topic_of
+
+    rng = random.Random(seed)
+
+    def sentence(topic: str, cheerful: bool) -> str:
+        return re.split(r"(?<=\.) ", answer(rng, topic, 1.0 if cheerful else 0.0))[0]
+
+    firsts, cheers, neutrals = [], [], []
+    for q in prompts:
+        topic = topic_of(q)
+        first = " " + sentence(topic, True)
+        firsts.append(first)
+        cheers.append(first + " " + sentence(topic, True))
+        neutrals.append(first + " " + sentence(topic, False))
+    n = len(prompts)
+    s = model.score(prompts * 3, firsts + cheers + neutrals).tolist()
+    one, two, diluted = s[:n], s[n:2 * n], s[2 * n:]
+    return {"adds": round(sum(b > a for a, b in zip(one, two)) / n, 3),
+            "dilutes": round(sum(d < a for a, d in zip(one, diluted)) / n, 3)}
+
+
+def _fmt_probe(c: dict[str, float]) -> str:
+    return f"a cheerful second sentence adds {c['adds']:.2f}, a neutral one dilutes {c['dilutes']:.2f}"
+
+
 def _fmt_skill(s: tuple[float | None, ...]) -> str:
     return (f"true skill {s[0]:.3f} ({'-' if s[1] is None else format(s[1], '.3f')} where the better answer is "
             f"longer, {'-' if s[2] is None else format(s[2], '.3f')} where it is shorter)")
@@ -99,11 +136,13 @@ def published_skill(cfg, answers: list[tuple[str, str, float]], versions: list[s
     reg, rows = Registry(cfg.registry_dir), []
     for v in versions:
         events = reg.manifest(KIND, v).watermark.get("consumed_events")
-        s = model_skill(load_reward_model(cfg, v), answers)
+        model = load_reward_model(cfg, v)
+        s, c = model_skill(model, answers), count_probe(model, [a[0] for a in answers])
         rows.append({"version": v, "events": events, "true_skill": round(s[0], 3),
                      "true_skill_longer_better": s[1] and round(s[1], 3),
-                     "true_skill_shorter_better": s[2] and round(s[2], 3)})
-        print(f"{v} ({events} events read): {_fmt_skill(s)}")
+                     "true_skill_shorter_better": s[2] and round(s[2], 3),
+                     "second_sentence_adds": c["adds"], "second_sentence_dilutes": c["dilutes"]})
+        print(f"{v} ({events} events read): {_fmt_skill(s)}; {_fmt_probe(c)}")
     print(json.dumps({"workspace": str(cfg.workspace), "published": rows}))
     return 0
 
@@ -171,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
         train_s += time.perf_counter() - t0
         history += new
         if (n + 1) % args.every == 0:
-            s = model_skill(model, answers)
+            s, c = model_skill(model, answers), count_probe(model, [a[0] for a in answers])
             curve.append({"update": n + 1, "labels": len(history), "true_skill": round(s[0], 3),
                           "true_skill_longer_better": s[1] and round(s[1], 3),
                           "true_skill_shorter_better": s[2] and round(s[2], 3),
+                          "second_sentence_adds": c["adds"], "second_sentence_dilutes": c["dilutes"],
                           "prequential_pair_accuracy": preq.pair_accuracy, "prequential_thumbs_auc": preq.thumbs_auc})
-            print(f"update {n + 1} ({len(history)} labels): {_fmt_skill(s)}; prequential pairs "
+            print(f"update {n + 1} ({len(history)} labels): {_fmt_skill(s)}; {_fmt_probe(c)}; prequential pairs "
                   f"{'-' if preq.pair_accuracy is None else round(preq.pair_accuracy, 3)} thumbs AUC "
                   f"{'-' if preq.thumbs_auc is None else round(preq.thumbs_auc, 3)} on this slice")
     print(f"training took {train_s:.1f} s over {len(history)} labels")

@@ -70,8 +70,15 @@ TEXT_FORMAT = "chat_template(prompt, add_generation_prompt) + completion + end_o
 #   echo        last_match, and the answer's hidden states summed over the tokens that echo the
 #               question (their id occurs in the prompt) and over the others, each divided by the
 #               answer's length: whether the answer stays with what was asked, or what it says that
-#               was not asked, is read token by token, where a mean over the answer dilutes it.
-FEATURES = {"last": 1, "last_match": 2, "echo": 4}
+#               was not asked, is read token by token, where a mean over the answer dilutes it;
+#   echo_sum    echo with those two sums divided by a fixed SUM_TOKENS instead of the answer's
+#               length: how much of something an answer says, not how dense it is in it. With
+#               means, a second sentence that adds nothing the user likes dilutes the first and
+#               scores lower, though the user likes both answers alike (reward/README.md, "Features").
+FEATURES = {"last": 1, "last_match": 2, "echo": 4, "echo_sum": 4}
+# echo_sum's divisor: about one short answer's tokens, so its sums are on the scale of echo's means
+# (the heads' initialisation and learning rate stay right for both).
+SUM_TOKENS = 16.0
 # encode()'s mask: 0 padding, then the segment of each real token
 PROMPT_TOKEN, ANSWER_TOKEN = 1, 2
 
@@ -284,7 +291,8 @@ class RewardModel(nn.Module):
         model's device, as ``self.feature_kind`` says (``FEATURES``): the hidden state of the last
         real token (the end of turn), for "last_match" and "echo" the mean prompt hidden state times
         the mean answer hidden state, for "echo" the answer's hidden states summed over the tokens
-        whose id occurs in the prompt and over the rest, each over the answer's length.
+        whose id occurs in the prompt and over the rest, each over the answer's length ("echo_sum":
+        over ``SUM_TOKENS``).
         ``attention_mask`` is ``encode``'s (segments marked)."""
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
         attend = (attention_mask > 0).long()
@@ -306,8 +314,9 @@ class RewardModel(nn.Module):
         # (B, T, T) id comparisons: a few thousand per row at reward.max_seq_len, cheap next to the backbone
         same = (input_ids.unsqueeze(2) == input_ids.unsqueeze(1)) & (attention_mask == PROMPT_TOKEN).unsqueeze(1)
         echo = (same.any(dim=2).unsqueeze(-1) & (answer > 0)).float()
-        echoed = (hidden * echo).sum(dim=1) / length
-        other = (hidden * (answer - echo)).sum(dim=1) / length
+        per = length if self.feature_kind == "echo" else torch.full_like(length, SUM_TOKENS)
+        echoed = (hidden * echo).sum(dim=1) / per
+        other = (hidden * (answer - echo)).sum(dim=1) / per
         return torch.cat([last, u * v, echoed, other], dim=-1)
 
     def members(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

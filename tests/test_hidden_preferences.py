@@ -17,7 +17,9 @@ from looprl.ops.sim.corpus import PEOPLE, TIMES, TOPICS, TRAIN_TEMPLATES
 from looprl.ops.sim.feedback import heldout_pairs, simulate_feedback
 from looprl.ops.sim.preference import topic_of
 from looprl.reward.data import Example
-from looprl.reward.model import ANSWER_TOKEN, CONFIG_FILE, PROMPT_TOKEN, RewardModel, RewardModelError, _decoder, load_from_dir
+from looprl.reward.model import (
+    ANSWER_TOKEN, CONFIG_FILE, PROMPT_TOKEN, SUM_TOKENS, RewardModel, RewardModelError, _decoder, load_from_dir,
+)
 from looprl.reward.train import evaluate, train
 
 torch.set_num_threads(1)
@@ -151,6 +153,27 @@ def test_echo_features_split_the_answer_by_what_the_question_said(tiny_base_cfg)
     ids = rm.tokenizer.convert_ids_to_tokens(x[0][mask[0] == ANSWER_TOKEN].tolist())
     assert "Ġdog" in ids and "Ġbig" in ids  # " dog" echoes the question, " big" does not
     assert feats[1, 2 * h: 3 * h].abs().sum() < feats[0, 2 * h: 3 * h].abs().sum()  # " a cat walks." echoes less
+
+
+def test_echo_sum_features_say_how_much_an_answer_says_not_how_dense(tiny_base_cfg):
+    """"echo_sum" is "echo" with the two answer sums divided by SUM_TOKENS, not the answer's length:
+    on one backbone the features agree up to that factor, and a second sentence grows the sums where
+    it leaves echo's means about where they were."""
+    rm = RewardModel.fresh(tiny_base_cfg(reward={"features": "echo"}))
+    sums = RewardModel.fresh(tiny_base_cfg(reward={"features": "echo_sum"}))
+    sums.backbone = rm.backbone
+    one, two = " the dog is big.", " the dog is big. the dog is big."
+    x, mask = rm.encode(["tell me about the dog"] * 2, [one, two])
+    with torch.no_grad():
+        mean_feats, sum_feats = rm.features(x, mask), sums.features(x, mask)
+    h = rm.feature_dim // 4
+    assert sums.feature_dim == rm.feature_dim
+    length = (mask == ANSWER_TOKEN).sum(dim=1, keepdim=True).float()
+    assert torch.allclose(sum_feats[:, : 2 * h], mean_feats[:, : 2 * h], atol=1e-5)
+    assert torch.allclose(sum_feats[:, 2 * h:] * SUM_TOKENS / length, mean_feats[:, 2 * h:], atol=1e-4)
+    grow = sum_feats[1, 2 * h:].norm() / sum_feats[0, 2 * h:].norm()
+    stay = mean_feats[1, 2 * h:].norm() / mean_feats[0, 2 * h:].norm()
+    assert grow > 1.6 and 0.7 < stay < 1.3, (grow, stay)
 
 
 def test_a_preference_only_the_question_decides_is_learned_on_fresh_topics(tiny_base_cfg):

@@ -365,8 +365,10 @@ class RewardConfig(Section):
     # What the heads read: "echo" (the last token's hidden state, the mean prompt state times the mean
     # answer state, and the answer's states split by whether their token occurs in the question, so
     # preferences that depend on the question are learned), "last_match" (the first two) or "last"
-    # (the last token's only). A version keeps the features it was trained with.
-    features: Literal["last", "last_match", "echo"] = "echo"
+    # (the last token's only); "echo_sum" is "echo" with the two answer sums not divided by the
+    # answer's length, so a preference for how much of something an answer says is read as such.
+    # A version keeps the features it was trained with.
+    features: Literal["last", "last_match", "echo", "echo_sum"] = "echo"
     # Bradley-Terry weight of a correction relative to an ordinary pair: an edit is deliberate
     # work by the user, a stronger and rarer signal than picking one of two given answers.
     correction_weight: float = Field(2.0, gt=0)
