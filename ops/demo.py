@@ -171,6 +171,11 @@ PROFILE_TUNING: dict[str, dict[str, Any]] = {
                # answers 0.55-0.61 right with them and 0.77-0.85 without (reward/README.md). The
                # thumbs still count for the PPO start, the canary and PPO's served samples.
                "reward.thumbs_weight": 0.0,
+               # The heads read how much of something an answer says, not how dense it is in it: a
+               # reward model of means scored a second sentence the users liked more no higher, and
+               # the shorter answer won PPO's KL cost; lines settled on one-sentence answers that top
+               # out near the bar (ops/README.md, "Counting, not density").
+               "reward.features": "echo_sum",
                "canary.min_samples": 10, "canary.max_samples": 30,
                "scheduler.policy_min_reward_skill": 0.55,
                "scheduler.policy_reward_window_labels": 100,

@@ -115,6 +115,9 @@ def test_sparse_profiles_tune_the_loop_for_fewer_labels_and_targeted_sets_a_comp
     # PPO starts on the label floor even where the skill bound never clears (generous: no floor)
     assert sparse.scheduler.policy_start_after_labels == PROFILE_TUNING["sparse"]["scheduler.policy_start_after_labels"] > 0
     assert load_config(environ=generous, workspace=tmp_path).scheduler.policy_start_after_labels == 0
+    # the sparse reward model's heads read sums over the answer; the generous one's keep the means
+    assert sparse.reward.features == "echo_sum"
+    assert load_config(environ=generous, workspace=tmp_path).reward.features == "echo"
     # sparse and generous share the demo's leash and line (each run continues the newest gated
     # version); a user's own choice still wins over both
     g = load_config(environ=generous, workspace=tmp_path)
